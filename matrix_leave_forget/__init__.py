@@ -1,0 +1,135 @@
+"""matrix-leave-forget: Synapse's Room Leaving API with an audit log and room retention.
+
+Load it in ``homeserver.yaml``::
+
+    modules:
+      - module: matrix_leave_forget.LeaveForgetModule
+        config: {}
+"""
+
+import logging
+from typing import Any, List, Optional
+
+from synapse.module_api import ModuleApi, make_deferred_yieldable
+from twisted.internet import defer
+
+from matrix_leave_forget._synapse import SynapseInternals
+from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
+from matrix_leave_forget.handler import MembershipHandler
+from matrix_leave_forget.resource import (
+    ROOMS_PREFIXES,
+    InterceptingMatrixResource,
+    LeaveForgetServlet,
+    MatrixNode,
+)
+from matrix_leave_forget.retention import RetentionSweeper
+from matrix_leave_forget.store import RetentionStore
+
+__version__ = "0.1.0"
+__all__ = ["LeaveForgetModule", "__version__"]
+
+logger = logging.getLogger(__name__)
+
+
+class LeaveForgetModule:
+    """The Synapse module: wires config, store, handler, sweeper and resources.
+
+    Args:
+        config: Parsed by :meth:`parse_config`.
+        api: Synapse's module API.
+    """
+
+    def __init__(self, config: LeaveForgetConfig, api: ModuleApi) -> None:
+        self._config = config
+        self._api = api
+        self._internals = SynapseInternals(api)
+        self.store = RetentionStore(
+            api, api.server_name, self._internals.instance_name, self._internals.signing_key
+        )
+        self.handler = MembershipHandler(api, config, self._internals, self.store)
+        self.sweeper = RetentionSweeper(
+            api, config.retention, self.store, self.handler, self._internals
+        )
+        self._ready = _StartupGate()
+
+        servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
+        self._intercept: Optional[InterceptingMatrixResource] = None
+        if config.mount == MOUNT_INTERCEPT:
+            self._intercept = InterceptingMatrixResource(
+                servlet, self._internals.unrecognized_resource()
+            )
+            api.register_web_resource("/_matrix", self._intercept)
+        else:
+            for prefix in ROOMS_PREFIXES:
+                api.register_web_resource(prefix, servlet)
+        api.register_web_resource(
+            ADMIN_PREFIX,
+            AdminResource(api, self.store, config.retention, self._internals, self._ready.wait),
+        )
+        api.looping_background_call(
+            self.sweeper.sweep, config.retention.sweep_interval_ms, desc="leave_forget_sweep"
+        )
+        # Listeners start right after modules are loaded; check them then.
+        api.delayed_background_call(0, self._after_start, desc="leave_forget_start")
+
+    @staticmethod
+    def parse_config(config: Any) -> LeaveForgetConfig:
+        """Parse the module's ``config:`` block; raises ConfigError naming a bad key."""
+        return parse_config(config)
+
+    async def _after_start(self) -> None:
+        try:
+            version = await self.store.setup()
+        except Exception as exc:
+            logger.exception("Schema setup failed")
+            self._internals.fatal(f"could not create or upgrade its tables: {exc}")
+            return
+        logger.info("matrix-leave-forget schema at version %d", version)
+        if self._intercept is not None:
+            problems = self._check_intercept(self._intercept)
+            if problems:
+                self._internals.fatal(
+                    "mount: intercept is not in place: "
+                    + "; ".join(problems)
+                    + ". Use mount: listener (docs/mounting.md) with this Synapse."
+                )
+                return
+        self._ready.open()
+
+    def _check_intercept(self, intercept: InterceptingMatrixResource) -> List[str]:
+        roots = self._internals.listener_roots()
+        problems = intercept.install(roots)
+        intercepted = 0
+        for root in roots:
+            node = root.children.get(b"_matrix")
+            client = getattr(node, "children", {}).get(b"client")
+            if client is None:
+                continue
+            if node is intercept or not isinstance(node, MatrixNode):
+                problems.append(f"a listener serves the client API through {node!r}")
+            else:
+                intercepted += 1
+        logger.info("Intercepting leave and forget on %d client listener(s)", intercepted)
+        return problems
+
+
+class _StartupGate:
+    """Holds requests until the schema is ready (a few milliseconds after start)."""
+
+    def __init__(self) -> None:
+        self._open = False
+        self._waiters: List["defer.Deferred[None]"] = []
+
+    def open(self) -> None:
+        self._open = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    async def wait(self) -> None:
+        if not self._open:
+            waiter: "defer.Deferred[None]" = defer.Deferred()
+            self._waiters.append(waiter)
+            await make_deferred_yieldable(waiter)
+

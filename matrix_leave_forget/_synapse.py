@@ -1,0 +1,205 @@
+"""The one place where matrix-leave-forget reaches past Synapse's public ModuleApi.
+
+Everything else in the package uses ``synapse.module_api`` only. Each reach
+below says why the public API is not enough, so that a Synapse upgrade that
+breaks one of them breaks it here, visibly, and nowhere else.
+"""
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from signedjson.types import SigningKey
+from synapse.module_api import LoggingTransaction, ModuleApi
+from twisted.web.resource import Resource
+
+# Why: the room-member handler is the code path of Synapse's own
+# /rooms/{roomId}/leave and /forget servlets. ModuleApi.update_room_membership
+# would add displayname/avatar to the event and drop the requester's device and
+# guest marker, so it is not the same leave.
+from synapse.api.errors import ShadowBanError
+
+# Why: Synapse's own limiter honours per-user overrides set through the admin
+# API and exempts application services exactly as the native endpoints do;
+# ModuleApi exposes no limiter.
+from synapse.api.ratelimiting import Ratelimiter
+from synapse.config.ratelimiting import RatelimitSettings
+
+# Why: PUT /leave/{txnId} must replay like Synapse's servlets do (same key:
+# path + user + device), and ModuleApi exposes no transaction cache.
+from synapse.rest.client.transactions import HttpTransactionCache
+
+# Why: unmatched paths under the intercepted /_matrix node must answer exactly
+# like Synapse's placeholder node does (404 M_UNRECOGNIZED, CORS headers).
+from synapse.http.server import UnrecognizedRequestResource
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+    from synapse.types import Requester
+
+logger = logging.getLogger(__name__)
+
+
+class SynapseInternals:
+    """Synapse internals that matrix-leave-forget needs, behind one façade.
+
+    Args:
+        api: The module API handed to the module by Synapse.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        # Why: ModuleApi has no accessor for the handlers, the signing key or
+        # the listening ports; they all hang off the HomeServer object.
+        self._hs: "HomeServer" = api._hs
+        self._api = api
+
+    # -- membership ------------------------------------------------------
+
+    async def leave(
+        self,
+        requester: "Requester",
+        room_id: str,
+        txn_id: Optional[str],
+        content: Optional[Dict[str, Any]],
+    ) -> Optional[str]:
+        """Leave (or reject an invite, or rescind a knock) as Synapse's servlet does.
+
+        Returns:
+            The event id of the new membership event, or None when Synapse
+            answered without sending one (a shadow-banned user, which Synapse
+            pretends succeeded).
+        """
+        handler = self._hs.get_room_member_handler()
+        try:
+            event_id, _ = await handler.update_membership(
+                requester=requester,
+                target=requester.user,
+                room_id=room_id,
+                action="leave",
+                txn_id=txn_id,
+                content=content,
+            )
+        except ShadowBanError:
+            return None
+        return event_id
+
+    async def forget(self, requester: "Requester", room_id: str, schedule_purge: bool) -> None:
+        """Forget a room through Synapse so that its caches and sync state stay right.
+
+        Args:
+            schedule_purge: Whether Synapse's own ``forgotten_room_retention_period``
+                purge may be scheduled; the module passes False for rooms the
+                server does not know, which Synapse would otherwise schedule.
+        """
+        await self._hs.get_room_member_handler().forget(
+            user=requester.user, room_id=room_id, do_not_schedule_purge=not schedule_purge
+        )
+
+    def can_forget_here(self) -> bool:
+        """Whether this process can write room_memberships.forgotten.
+
+        Why: Synapse only wires ``forget`` to the database on the main process;
+        on a worker the store call fails, so the module refuses cleanly instead.
+        """
+        return hasattr(self._hs.get_datastores().main, "forget")
+
+    # -- HTTP plumbing ---------------------------------------------------
+
+    def new_transaction_cache(self) -> HttpTransactionCache:
+        return HttpTransactionCache(self._hs)
+
+    def new_ratelimiter(self, name: str, per_second: float, burst_count: int) -> Ratelimiter:
+        return Ratelimiter(
+            store=self._hs.get_datastores().main,
+            clock=self._hs.get_clock(),
+            cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
+        )
+
+    def unrecognized_resource(self) -> Resource:
+        return UnrecognizedRequestResource()
+
+    def listener_roots(self) -> List[Resource]:
+        """The root resource of each HTTP listener of this process, in start order.
+
+        Why: interception relies on Synapse's create_resource_tree handing the
+        existing /_matrix children to a module resource at /_matrix; only the
+        live sites show whether that happened.
+        """
+        roots: List[Resource] = []
+        for port in self._hs._listening_services:
+            root = getattr(getattr(port, "factory", None), "resource", None)
+            if isinstance(root, Resource) and all(root is not r for r in roots):
+                roots.append(root)
+        return roots
+
+    def fatal(self, message: str) -> None:
+        """Stop this Synapse process, as Synapse itself does on a start-up error.
+
+        Why: the module's start-up checks run after Synapse's start-up code has
+        returned, where an exception would only be logged.
+        """
+        logger.critical("matrix-leave-forget cannot run: %s", message)
+        print(f"matrix-leave-forget cannot run: {message}", file=sys.__stderr__, flush=True)
+        os._exit(1)
+
+    # -- identity --------------------------------------------------------
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The homeserver's signing key: Synapse offers no module API to sign."""
+        return self._hs.signing_key
+
+    @property
+    def instance_name(self) -> str:
+        return self._hs.get_instance_name()
+
+    # -- Synapse's tables ------------------------------------------------
+    # Why: "has every local user forgotten this room" and "does the room still
+    # exist" are questions about Synapse's schema that no ModuleApi answers
+    # inside a transaction. They run inside the module's own transactions so
+    # that the decision and its record are atomic.
+
+    @staticmethod
+    def local_memberships_txn(txn: LoggingTransaction, room_id: str) -> List[Tuple[str, str, bool]]:
+        """Each local user's current membership in room_id and whether they forgot it."""
+        txn.execute(
+            """
+            SELECT lcm.user_id, lcm.membership, COALESCE(rm.forgotten, 0)
+            FROM local_current_membership AS lcm
+            LEFT JOIN room_memberships AS rm USING (room_id, event_id)
+            WHERE lcm.room_id = ?
+            """,
+            (room_id,),
+        )
+        return [(str(u), str(m), bool(f)) for u, m, f in txn.fetchall()]
+
+    @staticmethod
+    def room_exists_txn(txn: LoggingTransaction, room_id: str) -> bool:
+        txn.execute("SELECT 1 FROM rooms WHERE room_id = ?", (room_id,))
+        return txn.fetchone() is not None
+
+    @staticmethod
+    def user_membership_txn(txn: LoggingTransaction, room_id: str, user_id: str) -> Optional[str]:
+        txn.execute(
+            "SELECT membership FROM local_current_membership WHERE room_id = ? AND user_id = ?",
+            (room_id, user_id),
+        )
+        row = txn.fetchone()
+        return str(row[0]) if row else None
+
+    @staticmethod
+    def abandoned_rooms_txn(txn: LoggingTransaction, after: str, limit: int) -> List[str]:
+        """Rooms that local users were in but none of them still joins, is invited or knocks."""
+        txn.execute(
+            """
+            SELECT room_id FROM local_current_membership
+            WHERE room_id > ?
+            GROUP BY room_id
+            HAVING SUM(CASE WHEN membership IN ('join', 'invite', 'knock') THEN 1 ELSE 0 END) = 0
+            ORDER BY room_id
+            LIMIT ?
+            """,
+            (after, limit),
+        )
+        return [str(r[0]) for r in txn.fetchall()]

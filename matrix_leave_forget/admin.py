@@ -1,0 +1,239 @@
+"""The operator admin API under ``/_synapse/client/leave_forget/v1/admin/``.
+
+Server admins only. Every route is documented in the README's "Routes" section.
+"""
+
+import json
+import re
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+import attr
+from synapse.module_api import (
+    DirectServeJsonResource,
+    ModuleApi,
+    SynapseRequest,
+    parse_json_object_from_request,
+)
+from synapse.module_api.errors import Codes, SynapseError
+
+from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
+from matrix_leave_forget.store import (
+    STATE_DRY_RUN,
+    STATE_FORGOTTEN,
+    STATE_PURGED,
+    STATE_PURGING,
+    RetentionStore,
+)
+
+if TYPE_CHECKING:
+    from matrix_leave_forget._synapse import SynapseInternals
+
+ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
+
+# The states a listing can ask for, and which stored states each one covers.
+LISTINGS = {
+    "forgotten": (STATE_FORGOTTEN, STATE_DRY_RUN),
+    "pending": (STATE_FORGOTTEN,),
+    "dry_run": (STATE_DRY_RUN,),
+    "purged": (STATE_PURGING, STATE_PURGED),
+}
+MAX_LIMIT = 1000
+EXPORT_BATCH = 1000
+
+_ROOMS = re.compile(r"^/rooms$")
+_ROOM = re.compile(r"^/rooms/(?P<room_id>[^/]+)$")
+_HOLD = re.compile(r"^/rooms/(?P<room_id>[^/]+)/hold$")
+_AUDIT = re.compile(r"^/audit$")
+_EXPORT = re.compile(r"^/audit/export$")
+
+
+def _arg(request: SynapseRequest, name: str) -> Optional[str]:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", errors="replace") if values else None
+
+
+def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Optional[int]:
+    value = _arg(request, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise SynapseError(400, f"'{name}' must be an integer", Codes.INVALID_PARAM)
+    if number < 0:
+        raise SynapseError(400, f"'{name}' must not be negative", Codes.INVALID_PARAM)
+    return number
+
+
+def _room_arg(raw: str) -> str:
+    room_id = urllib.parse.unquote(raw)
+    if not is_valid_room_id(room_id):
+        raise SynapseError(400, f"{room_id!r} is not a room id", Codes.INVALID_PARAM)
+    return room_id
+
+
+class AdminResource(DirectServeJsonResource):
+    """Serves the admin routes.
+
+    Args:
+        api: The module API (authentication, admin check).
+        store: The retention store.
+        retention: The retention config (configured holds).
+        internals: Reads Synapse's tables (abandoned rooms, local members).
+        ready: Resolves once the module's tables are in place.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        api: ModuleApi,
+        store: RetentionStore,
+        retention: RetentionConfig,
+        internals: "SynapseInternals",
+        ready: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__()
+        self._ready = ready
+        self._api = api
+        self._store = store
+        self._retention = retention
+        self._internals = internals
+
+    async def _async_render(self, request: SynapseRequest) -> Optional[Tuple[int, Any]]:
+        await self._ready()
+        requester = await self._api.get_user_by_req(request)
+        admin_id = requester.user.to_string()
+        if not await self._api.is_user_admin(admin_id):
+            raise SynapseError(403, "You are not a server admin", Codes.FORBIDDEN)
+        path = request.path.decode("ascii", errors="replace")
+        if not path.startswith(ADMIN_PREFIX):
+            raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
+        route = path[len(ADMIN_PREFIX) :]
+        method = request.method
+        if method == b"HEAD":
+            method = b"GET"
+
+        if (match := _HOLD.match(route)) is not None:
+            room_id = _room_arg(match.group("room_id"))
+            if method == b"PUT":
+                body = parse_json_object_from_request(request, allow_empty_body=True)
+                reason = body.get("reason")
+                if reason is not None and not isinstance(reason, str):
+                    raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
+                created = await self._store.put_hold(room_id, admin_id, reason)
+                return 200, {"room_id": room_id, "held": True, "created": created}
+            if method == b"DELETE":
+                lifted = await self._store.lift_hold(room_id, admin_id)
+                if room_id in self._retention.holds:
+                    # Configured holds cannot be lifted through the API.
+                    return 200, {"room_id": room_id, "held": True, "lifted": lifted}
+                return 200, {"room_id": room_id, "held": False, "lifted": lifted}
+        elif method != b"GET":
+            pass
+        elif _ROOMS.match(route):
+            return 200, await self._list_rooms(request)
+        elif (match := _ROOM.match(route)) is not None:
+            return 200, await self._room_detail(_room_arg(match.group("room_id")))
+        elif _AUDIT.match(route):
+            return 200, await self._audit_page(request)
+        elif _EXPORT.match(route):
+            await self._export(request)
+            return None
+        if any(p.match(route) for p in (_ROOMS, _ROOM, _HOLD, _AUDIT, _EXPORT)):
+            raise SynapseError(405, "Unrecognized request", Codes.UNRECOGNIZED)
+        raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
+
+    async def _list_rooms(self, request: SynapseRequest) -> Dict[str, Any]:
+        state = _arg(request, "state") or "forgotten"
+        after = _arg(request, "from")
+        limit = min(_int_arg(request, "limit", 100) or 100, MAX_LIMIT)
+        if state == "held":
+            holds = await self._store.get_holds()
+            held = {h["room_id"]: h for h in holds}
+            for room_id in self._retention.holds:
+                held.setdefault(
+                    room_id, {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
+                )
+            rooms: List[Dict[str, Any]] = [
+                held[r] for r in sorted(held) if after is None or r > after
+            ][:limit]
+        elif state == "abandoned":
+            room_ids = await self._api.run_db_interaction(
+                "leave_forget_abandoned_rooms", self._internals.abandoned_rooms_txn, after or "", limit
+            )
+            rooms = [{"room_id": r} for r in room_ids]
+        elif state in LISTINGS:
+            rows = await self._store.list_rooms(LISTINGS[state], after, limit)
+            rooms = [attr.asdict(r) for r in rows]
+        else:
+            raise SynapseError(
+                400,
+                f"'state' must be one of {', '.join([*LISTINGS, 'held', 'abandoned'])}",
+                Codes.INVALID_PARAM,
+            )
+        result: Dict[str, Any] = {"state": state, "rooms": rooms}
+        if len(rooms) == limit:
+            result["next_from"] = rooms[-1]["room_id"]
+        return result
+
+    async def _room_detail(self, room_id: str) -> Dict[str, Any]:
+        retention = await self._store.get_room(room_id)
+        members = await self._api.run_db_interaction(
+            "leave_forget_local_members", self._internals.local_memberships_txn, room_id
+        )
+        history = await self._store.member_history(room_id)
+        holds = {h["room_id"]: h for h in await self._store.get_holds()}
+        hold = holds.get(room_id)
+        if hold is None and room_id in self._retention.holds:
+            hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
+        return {
+            "room_id": room_id,
+            "retention": attr.asdict(retention) if retention else None,
+            "hold": hold,
+            "local_members": [
+                {
+                    "user_id": user_id,
+                    "membership": membership,
+                    "forgotten": forgotten,
+                    **history.get(user_id, {}),
+                }
+                for user_id, membership, forgotten in members
+            ],
+        }
+
+    async def _audit_page(self, request: SynapseRequest) -> Dict[str, Any]:
+        limit = min(_int_arg(request, "limit", 100) or 100, MAX_LIMIT)
+        entries = await self._store.audit_page(
+            user_id=_arg(request, "user_id"),
+            room_id=_arg(request, "room_id"),
+            since_ts=_int_arg(request, "since", None),
+            until_ts=_int_arg(request, "until", None),
+            after_seq=_int_arg(request, "from", 0) or 0,
+            limit=limit,
+        )
+        result: Dict[str, Any] = {"entries": entries}
+        if len(entries) == limit:
+            result["next_from"] = entries[-1]["seq"]
+        return result
+
+    async def _export(self, request: SynapseRequest) -> None:
+        """Stream every matching entry as JSON lines, paging through the table."""
+        after = _int_arg(request, "from", 0) or 0
+        filters = {
+            "user_id": _arg(request, "user_id"),
+            "room_id": _arg(request, "room_id"),
+            "since_ts": _int_arg(request, "since", None),
+            "until_ts": _int_arg(request, "until", None),
+        }
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/x-ndjson")
+        while True:
+            entries = await self._store.audit_page(after_seq=after, limit=EXPORT_BATCH, **filters)
+            for entry in entries:
+                request.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+            if len(entries) < EXPORT_BATCH:
+                break
+            after = entries[-1]["seq"]
+        request.finish()

@@ -1,0 +1,205 @@
+"""Configuration of matrix-leave-forget, parsed from the module's ``config:`` block.
+
+Every class is a frozen attrs class built by a ``parse`` function that rejects
+unknown keys, wrong types and bad values with a ``ConfigError`` naming the key,
+so that a typo stops Synapse at start-up instead of silently doing nothing.
+"""
+
+import re
+from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
+
+import attr
+from synapse.module_api.errors import ConfigError
+
+MOUNT_INTERCEPT = "intercept"
+MOUNT_LISTENER = "listener"
+MOUNT_MODES = (MOUNT_INTERCEPT, MOUNT_LISTENER)
+
+_DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)?$")
+_DURATION_UNITS_MS = {
+    "ms": 1,
+    "s": 1000,
+    "m": 60 * 1000,
+    "h": 60 * 60 * 1000,
+    "d": 24 * 60 * 60 * 1000,
+    "w": 7 * 24 * 60 * 60 * 1000,
+    "y": 365 * 24 * 60 * 60 * 1000,
+}
+# A room id is "!" + opaque localpart + ":" + server name (Matrix spec,
+# "Room IDs"). Since room version 12 the server name part may be absent.
+_ROOM_ID_RE = re.compile(r"^![^:\s]+(:[^\s]+)?$")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RateLimitConfig:
+    """A token bucket: ``burst_count`` actions at once, refilled at ``per_second``."""
+
+    per_second: float
+    burst_count: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RetentionConfig:
+    """When and how rooms forgotten by every local user are purged.
+
+    Attributes:
+        period_ms: How long a room stays after the last local user forgot it,
+            or None to never purge (the state is still recorded).
+        dry_run: Record what would be purged, purge nothing.
+        holds: Room ids that are never purged, whatever the admin API says.
+        sweep_interval_ms: How often the sweep looks for due purges.
+    """
+
+    period_ms: Optional[int] = None
+    dry_run: bool = False
+    holds: FrozenSet[str] = frozenset()
+    sweep_interval_ms: int = 60 * 1000
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaveForgetConfig:
+    """The whole module configuration.
+
+    Attributes:
+        mount: ``intercept`` (default) or ``listener``; see docs/mounting.md.
+        forget_rate_limit: Per-user limit on forget, or None for no limit.
+        audit_failures: Also record refused requests in the audit log.
+        retention: The retention sweep settings.
+    """
+
+    mount: str = MOUNT_INTERCEPT
+    forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(
+        per_second=0.2, burst_count=10
+    )
+    audit_failures: bool = True
+    retention: RetentionConfig = RetentionConfig()
+
+
+def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})",
+            (path, unknown[0]) if path else (unknown[0],),
+        )
+
+
+def _path(path: str, key: str) -> Tuple[str, ...]:
+    return tuple(p for p in (path, key) if p)
+
+
+def _mapping(value: Any, path: Tuple[str, ...]) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("must be a mapping", path)
+    return value
+
+
+def _bool(section: Mapping[str, Any], key: str, default: bool, path: str) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError("must be true or false", _path(path, key))
+    return value
+
+
+def parse_duration_ms(value: Any, path: Tuple[str, ...]) -> int:
+    """Parse a duration the way Synapse does: an int of milliseconds or "10s", "7d"…
+
+    Args:
+        value: The configured value.
+        path: Where the value sits in the config, for the error message.
+
+    Raises:
+        ConfigError: if the value is not a positive duration.
+    """
+    if isinstance(value, bool):
+        raise ConfigError("must be a duration such as 30s or 7d", path)
+    if isinstance(value, int):
+        millis = value
+    elif isinstance(value, str) and _DURATION_RE.match(value.strip()):
+        match = _DURATION_RE.match(value.strip())
+        assert match is not None
+        millis = int(match.group(1)) * _DURATION_UNITS_MS[match.group(2) or "ms"]
+    else:
+        raise ConfigError("must be a duration such as 30s or 7d", path)
+    if millis <= 0:
+        raise ConfigError("must be a positive duration", path)
+    return millis
+
+
+def is_valid_room_id(room_id: str) -> bool:
+    """Whether room_id has the grammar of a Matrix room id."""
+    return bool(_ROOM_ID_RE.match(room_id)) and len(room_id.encode()) <= 255
+
+
+def _parse_rate_limit(value: Any, path: str) -> Optional[RateLimitConfig]:
+    if value is None:
+        return None
+    section = _mapping(value, (path,))
+    _check_keys(section, ("per_second", "burst_count"), path)
+    per_second = section.get("per_second", 0.2)
+    burst_count = section.get("burst_count", 10)
+    if isinstance(per_second, bool) or not isinstance(per_second, (int, float)):
+        raise ConfigError("must be a number", (path, "per_second"))
+    if per_second <= 0:
+        raise ConfigError("must be greater than 0", (path, "per_second"))
+    if isinstance(burst_count, bool) or not isinstance(burst_count, int):
+        raise ConfigError("must be an integer", (path, "burst_count"))
+    if burst_count < 1:
+        raise ConfigError("must be at least 1", (path, "burst_count"))
+    return RateLimitConfig(per_second=float(per_second), burst_count=burst_count)
+
+
+def _parse_retention(value: Any) -> RetentionConfig:
+    path = "retention"
+    section = _mapping(value, (path,))
+    _check_keys(section, ("period", "dry_run", "holds", "sweep_interval"), path)
+    period = section.get("period")
+    period_ms = (
+        None
+        if period is None or period is False or period == "off"
+        else parse_duration_ms(period, (path, "period"))
+    )
+    holds_value = section.get("holds", [])
+    if not isinstance(holds_value, list):
+        raise ConfigError("must be a list of room ids", (path, "holds"))
+    for index, room_id in enumerate(holds_value):
+        if not isinstance(room_id, str) or not is_valid_room_id(room_id):
+            raise ConfigError(
+                f"{room_id!r} is not a room id", (path, "holds", str(index))
+            )
+    return RetentionConfig(
+        period_ms=period_ms,
+        dry_run=_bool(section, "dry_run", False, path),
+        holds=frozenset(holds_value),
+        sweep_interval_ms=parse_duration_ms(
+            section.get("sweep_interval", "1m"), (path, "sweep_interval")
+        ),
+    )
+
+
+def parse_config(config: Any) -> LeaveForgetConfig:
+    """Build a LeaveForgetConfig from the module's ``config:`` block.
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    section = _mapping(config, ())
+    _check_keys(
+        section, ("mount", "forget_rate_limit", "audit_failures", "retention"), ""
+    )
+    mount = section.get("mount", MOUNT_INTERCEPT)
+    if mount not in MOUNT_MODES:
+        raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))
+    forget_rate_limit = (
+        _parse_rate_limit(section["forget_rate_limit"], "forget_rate_limit")
+        if "forget_rate_limit" in section
+        else LeaveForgetConfig().forget_rate_limit
+    )
+    return LeaveForgetConfig(
+        mount=mount,
+        forget_rate_limit=forget_rate_limit,
+        audit_failures=_bool(section, "audit_failures", True, ""),
+        retention=_parse_retention(section.get("retention")),
+    )

@@ -1,0 +1,193 @@
+"""The membership handler: the rules of leave and forget.
+
+The HTTP resource authenticates and parses; this handler decides. It has
+Synapse create, sign, persist and federate the ``m.room.member`` event through
+the same room-member handler as Synapse's own servlet, forgets through Synapse
+so that its caches and sync stay right, and records what happened in the
+retention store.
+"""
+
+import logging
+from typing import TYPE_CHECKING, Optional
+
+import attr
+
+from synapse.module_api import LoggingTransaction, ModuleApi
+from synapse.module_api.errors import Codes, SynapseError
+
+from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
+from matrix_leave_forget.store import AuditFields, RetentionStore
+
+if TYPE_CHECKING:
+    from synapse.types import Requester
+
+    from matrix_leave_forget._synapse import SynapseInternals
+
+logger = logging.getLogger(__name__)
+
+# Memberships that keep a room alive for a local user: the purge must wait.
+LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
+
+
+class MembershipHandler:
+    """Performs leave and forget for a requester and records them.
+
+    Args:
+        api: The module API.
+        config: The module configuration.
+        internals: The façade over Synapse internals.
+        store: The retention store.
+    """
+
+    def __init__(
+        self,
+        api: ModuleApi,
+        config: LeaveForgetConfig,
+        internals: "SynapseInternals",
+        store: RetentionStore,
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._internals = internals
+        self._store = store
+        limit = config.forget_rate_limit
+        self._forget_limiter = (
+            internals.new_ratelimiter(
+                "matrix_leave_forget.forget", limit.per_second, limit.burst_count
+            )
+            if limit is not None
+            else None
+        )
+
+    async def leave(
+        self,
+        requester: "Requester",
+        room_id: str,
+        reason: Optional[str],
+        txn_id: Optional[str] = None,
+    ) -> Optional[str]:
+        """Leave room_id, reject an invite to it or rescind a knock on it.
+
+        Args:
+            requester: Who is leaving, with their device.
+            room_id: The room, already percent-decoded.
+            reason: The ``reason`` for the membership event, if any.
+            txn_id: The client's transaction id for ``PUT .../leave/{txnId}``.
+
+        Returns:
+            The new membership event's id (None if Synapse sent none).
+
+        Raises:
+            SynapseError: exactly as Synapse's own endpoint would.
+        """
+        content = {"reason": reason} if reason is not None else None
+        try:
+            event_id = await self._internals.leave(requester, room_id, txn_id, content)
+        except SynapseError as error:
+            await self._record_failure(requester, "leave", room_id, reason, error)
+            raise
+        await self._record(
+            requester,
+            AuditFields(action="leave", outcome="ok", room_id=room_id, reason=reason, event_id=event_id),
+        )
+        return event_id
+
+    async def forget(self, requester: "Requester", room_id: str) -> None:
+        """Forget room_id for the requester, who must have left it (or been kicked or banned).
+
+        Raises:
+            SynapseError: 400 ``M_UNKNOWN`` while the user is still in the room (as
+                Synapse), 429 when the per-user forget limit is exceeded, 400
+                ``M_UNKNOWN`` on a process that cannot forget (a worker).
+        """
+        if self._forget_limiter is not None:
+            await self._forget_limiter.ratelimit(requester)
+        if not self._internals.can_forget_here():
+            raise SynapseError(
+                400,
+                "forget is only served by Synapse's main process: route "
+                "/rooms/{roomId}/forget to it",
+                Codes.UNKNOWN,
+            )
+        user_id = requester.user.to_string()
+        membership = await self._api.run_db_interaction(
+            "leave_forget_membership_before_forget",
+            self._internals.user_membership_txn,
+            room_id,
+            user_id,
+        )
+        try:
+            # A room the user never had a membership in is answered 200 as
+            # Synapse does, but Synapse must not schedule a purge for it.
+            await self._internals.forget(requester, room_id, schedule_purge=membership is not None)
+        except SynapseError as error:
+            await self._record_failure(requester, "forget", room_id, None, error)
+            raise
+        fields = AuditFields(
+            action="forget",
+            outcome="ok" if membership is not None else "noop",
+            user_id=user_id,
+            room_id=room_id,
+            device_id=requester.device_id,
+        )
+        if membership is None:
+            await self._record(requester, fields)
+            return
+        try:
+            _, room = await self._store.record_forget(
+                fields,
+                room_id,
+                self.why_not_forgotten_txn,
+                self._config.retention.period_ms,
+            )
+        except Exception:
+            # The forget happened; the client must hear so. The gap is logged
+            # loudly for the operator rather than turned into a 500.
+            logger.exception("Could not record forget of %s by %s", room_id, user_id)
+            return
+        if room is not None:
+            logger.info(
+                "Room %s is now forgotten by every local user (purge due at %s)",
+                room_id,
+                room.purge_due_at,
+            )
+
+    def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
+        """None if every local user has forgotten room_id, else the reason it is still remembered."""
+        if not self._internals.room_exists_txn(txn, room_id):
+            return "unknown room"
+        members = self._internals.local_memberships_txn(txn, room_id)
+        if not members:
+            return "no local members"
+        for user_id, membership, forgotten in members:
+            if membership in LIVE_MEMBERSHIPS:
+                return f"{user_id} has membership {membership}"
+            if not forgotten:
+                return f"{user_id} has not forgotten the room"
+        return None
+
+    async def _record(self, requester: "Requester", fields: AuditFields) -> None:
+        fields = attr.evolve(
+            fields, user_id=requester.user.to_string(), device_id=requester.device_id
+        )
+        try:
+            await self._store.append(fields)
+        except Exception:
+            logger.exception("Could not record %s of %s", fields.action, fields.room_id)
+
+    async def _record_failure(
+        self,
+        requester: "Requester",
+        action: str,
+        room_id: str,
+        reason: Optional[str],
+        error: SynapseError,
+    ) -> None:
+        # Garbage room ids are not worth a row each; a well-formed one is.
+        if not self._config.audit_failures or not is_valid_room_id(room_id):
+            return
+        await self._record(
+            requester,
+            AuditFields(action=action, outcome=error.errcode, room_id=room_id, reason=reason),
+        )
+

@@ -1,0 +1,119 @@
+"""The module's tables and their ordered migrations.
+
+Migrations run inside one transaction at start-up on every process that loads
+the module. On PostgreSQL a transaction-scoped advisory lock makes concurrent
+starts (main process and workers) take turns; SQLite has a single writer. Each
+migration is a list of statements valid on both engines; a version is applied
+once and recorded in ``leave_forget_schema_version``. Synapse's own tables are
+never altered.
+"""
+
+from typing import Any, List, Sequence
+
+# Arbitrary, fixed: the advisory lock key for this module's migrations.
+_MIGRATION_LOCK_KEY = 0x4C46_4D31  # "LFM1"
+
+MIGRATIONS: Sequence[Sequence[str]] = (
+    # 1: the audit chain and per-room retention state.
+    (
+        """
+        CREATE TABLE leave_forget_audit (
+            seq BIGINT NOT NULL PRIMARY KEY,
+            ts BIGINT NOT NULL,
+            origin TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            action TEXT NOT NULL,
+            user_id TEXT,
+            room_id TEXT,
+            reason TEXT,
+            event_id TEXT,
+            device_id TEXT,
+            outcome TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            signatures TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX leave_forget_audit_user ON leave_forget_audit (user_id, seq)",
+        "CREATE INDEX leave_forget_audit_room ON leave_forget_audit (room_id, seq)",
+        "CREATE INDEX leave_forget_audit_ts ON leave_forget_audit (ts)",
+        """
+        CREATE TABLE leave_forget_rooms (
+            room_id TEXT NOT NULL PRIMARY KEY,
+            state TEXT NOT NULL,
+            forgotten_at BIGINT,
+            purge_due_at BIGINT,
+            purge_started_at BIGINT,
+            purged_at BIGINT,
+            cancelled_at BIGINT,
+            note TEXT,
+            updated_at BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX leave_forget_rooms_due ON leave_forget_rooms (state, purge_due_at)",
+    ),
+    # 2: operator holds, kept apart from the state so a hold survives a purge
+    # being cancelled and re-armed.
+    (
+        """
+        CREATE TABLE leave_forget_holds (
+            room_id TEXT NOT NULL PRIMARY KEY,
+            held_by TEXT NOT NULL,
+            reason TEXT,
+            created_at BIGINT NOT NULL
+        )
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def is_postgres(txn: Any) -> bool:
+    """Whether a Synapse LoggingTransaction talks to PostgreSQL."""
+    return "psycopg" in txn.database_engine.module.__name__
+
+
+def current_version(txn: Any) -> int:
+    """The applied schema version, 0 for an empty database."""
+    txn.execute(
+        "CREATE TABLE IF NOT EXISTS leave_forget_schema_version ("
+        " lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE CHECK (lock = 'X'),"
+        " version INTEGER NOT NULL)"
+    )
+    txn.execute("SELECT version FROM leave_forget_schema_version")
+    row = txn.fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_migrations(txn: Any, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to ``target``; safe to run on every start.
+
+    Returns:
+        The version now in place.
+
+    Raises:
+        RuntimeError: if the database holds a newer schema than this code knows,
+            which means an older module is running against a newer database.
+    """
+    if is_postgres(txn):
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK_KEY,))
+    version = current_version(txn)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"matrix-leave-forget schema is at version {version}, newer than this "
+            f"module's {SCHEMA_VERSION}: upgrade the module"
+        )
+    applied: List[int] = []
+    for number in range(version + 1, target + 1):
+        for statement in MIGRATIONS[number - 1]:
+            txn.execute(statement)
+        applied.append(number)
+    if applied:
+        if version == 0:
+            txn.execute(
+                "INSERT INTO leave_forget_schema_version (version) VALUES (?)", (target,)
+            )
+        else:
+            txn.execute("UPDATE leave_forget_schema_version SET version = ?", (target,))
+    return max(version, target)

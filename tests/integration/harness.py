@@ -1,0 +1,459 @@
+"""Start a real, pip-installed Synapse as a subprocess and talk HTTP to it.
+
+The harness writes its own ``homeserver.yaml`` (no ``--generate-config``, which
+is slow and interactive about stats), generates a signing key with signedjson,
+starts ``python -m synapse.app.homeserver`` and waits on ``/health``. Every
+listener binds to 127.0.0.1 on a port chosen by the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import attr
+import yaml
+from signedjson.key import generate_signing_key, write_signing_keys
+
+SERVER_NAME = "test.local"
+SHARED_SECRET = "matrix-leave-forget-test-secret"
+
+# Generous limits so that only the tests that mean to hit a limiter do.
+RELAXED_RATELIMIT = {"per_second": 10000, "burst_count": 10000}
+
+
+def free_port() -> int:
+    """Ask the kernel for a free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Response:
+    """What an HTTP request to Synapse came back with."""
+
+    status: int
+    body: Any
+    raw: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def errcode(self) -> Optional[str]:
+        if isinstance(self.body, dict):
+            return self.body.get("errcode")
+        return None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class User:
+    """A registered user and one of their access tokens."""
+
+    user_id: str
+    access_token: str
+    device_id: Optional[str]
+    is_guest: bool = False
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: Optional[str] = None,
+    raw_body: Optional[bytes] = None,
+    headers: Optional[Mapping[str, str]] = None,
+    timeout: float = 30.0,
+) -> Response:
+    """Send one HTTP request to 127.0.0.1:port and decode a JSON answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    send_headers = dict(headers or {})
+    if token is not None:
+        send_headers["Authorization"] = f"Bearer {token}"
+    payload: Optional[bytes] = raw_body
+    if payload is None and body is not None:
+        payload = json.dumps(body).encode()
+    if payload is not None:
+        send_headers.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=payload, headers=send_headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+    try:
+        decoded: Any = json.loads(raw) if raw else None
+    except ValueError:
+        decoded = None
+    return Response(resp.status, decoded, raw, resp_headers)
+
+
+def quote_room(room_id: str) -> str:
+    """Percent-encode a room id for a path segment, as Matrix clients do."""
+    return urllib.parse.quote(room_id, safe="")
+
+
+class SynapseProcess:
+    """One Synapse homeserver process with matrix-leave-forget configured.
+
+    Args:
+        module_config: The ``config:`` block given to the module, or None to
+            start Synapse without the module.
+        extra_config: Top-level ``homeserver.yaml`` keys merged over the
+            defaults (one level deep for mappings).
+        database: ``"sqlite"`` or a mapping of psycopg2 connection args.
+    """
+
+    def __init__(
+        self,
+        module_config: Optional[Dict[str, Any]] = None,
+        extra_config: Optional[Dict[str, Any]] = None,
+        database: Any = "sqlite",
+        workdir: Optional[str] = None,
+    ) -> None:
+        self.module_config = module_config
+        self.extra_config = extra_config or {}
+        self.database = database
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="mlf-synapse-")
+        self.client_port = free_port()
+        self.module_port = free_port()
+        self.metrics_port = free_port()
+        self.config_path = os.path.join(self.workdir, "homeserver.yaml")
+        self.log_path = os.path.join(self.workdir, "homeserver.log")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self._write_config()
+
+    # -- configuration ---------------------------------------------------
+
+    def homeserver_config(self) -> Dict[str, Any]:
+        """The full homeserver.yaml this process runs with."""
+        key_path = os.path.join(self.workdir, "signing.key")
+        if not os.path.exists(key_path):
+            with open(key_path, "w") as f:
+                write_signing_keys(f, [generate_signing_key("a_test")])
+        if self.database == "sqlite":
+            database: Dict[str, Any] = {
+                "name": "sqlite3",
+                "args": {"database": os.path.join(self.workdir, "homeserver.db")},
+            }
+        else:
+            database = {"name": "psycopg2", "args": dict(self.database)}
+        config: Dict[str, Any] = {
+            "server_name": SERVER_NAME,
+            "public_baseurl": f"http://127.0.0.1:{self.client_port}/",
+            "pid_file": os.path.join(self.workdir, "homeserver.pid"),
+            "listeners": [
+                {
+                    "port": self.client_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": True,
+                    "resources": [{"names": ["client", "federation"]}],
+                },
+                {
+                    # The module's own listener, as in `mount: listener`.
+                    "port": self.module_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": True,
+                    "resources": [],
+                },
+                {
+                    "port": self.metrics_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "metrics",
+                },
+            ],
+            "enable_metrics": True,
+            "database": database,
+            "log_config": self._write_log_config(),
+            "media_store_path": os.path.join(self.workdir, "media_store"),
+            "signing_key_path": key_path,
+            "registration_shared_secret": SHARED_SECRET,
+            "macaroon_secret_key": "macaroon-" + SHARED_SECRET,
+            "form_secret": "form-" + SHARED_SECRET,
+            "report_stats": False,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "allow_guest_access": True,
+            "enable_registration": False,
+            "server_notices": {
+                "system_mxid_localpart": "notices",
+                "system_mxid_display_name": "Server Notices",
+                "room_name": "Server Notices",
+            },
+            "rc_message": RELAXED_RATELIMIT,
+            "rc_registration": RELAXED_RATELIMIT,
+            "rc_login": {
+                "address": RELAXED_RATELIMIT,
+                "account": RELAXED_RATELIMIT,
+                "failed_attempts": RELAXED_RATELIMIT,
+            },
+            "rc_joins": {"local": RELAXED_RATELIMIT, "remote": RELAXED_RATELIMIT},
+            "rc_joins_per_room": RELAXED_RATELIMIT,
+            "rc_invites": {
+                "per_room": RELAXED_RATELIMIT,
+                "per_user": RELAXED_RATELIMIT,
+                "per_issuer": RELAXED_RATELIMIT,
+            },
+            "rc_room_creation": RELAXED_RATELIMIT,
+            "rc_presence": {"per_user": RELAXED_RATELIMIT},
+        }
+        if self.module_config is not None:
+            config["modules"] = [
+                {
+                    "module": "matrix_leave_forget.LeaveForgetModule",
+                    "config": self.module_config,
+                }
+            ]
+        for key, value in self.extra_config.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                merged = dict(config[key])
+                merged.update(value)
+                config[key] = merged
+            else:
+                config[key] = value
+        return config
+
+    def _write_log_config(self) -> str:
+        path = os.path.join(self.workdir, "log.yaml")
+        log_config = {
+            "version": 1,
+            "formatters": {
+                "precise": {
+                    "format": "%(asctime)s - %(name)s - %(lineno)d - "
+                    "%(levelname)s - %(request)s - %(message)s"
+                }
+            },
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "formatter": "precise",
+                    "filename": self.log_path,
+                    "filters": ["context"],
+                }
+            },
+            "filters": {
+                "context": {"()": "synapse.logging.context.LoggingContextFilter"}
+            },
+            "loggers": {
+                "synapse.storage.SQL": {"level": "WARNING"},
+                "synapse.access": {"level": "INFO"},
+                "matrix_leave_forget": {"level": "DEBUG"},
+            },
+            "root": {"level": "INFO", "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }
+        with open(path, "w") as f:
+            yaml.safe_dump(log_config, f)
+        return path
+
+    def _write_config(self) -> None:
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.homeserver_config(), f)
+
+    def reconfigure(
+        self,
+        module_config: Optional[Dict[str, Any]] = None,
+        extra_config: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        """Change the configuration; takes effect at the next start."""
+        if module_config is not None:
+            self.module_config = module_config
+        if extra_config is not None:
+            self.extra_config = extra_config
+        self._write_config()
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start Synapse and wait until it answers /health."""
+        env = dict(os.environ)
+        env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
+        self._stderr_path = os.path.join(self.workdir, "stderr.log")
+        stderr = open(self._stderr_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", self.config_path],
+            stdout=stderr,
+            stderr=stderr,
+            cwd=self.workdir,
+            env=env,
+        )
+        stderr.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Synapse exited with {self.process.returncode}:\n"
+                    + self.tail_logs()
+                )
+            try:
+                if request(self.client_port, "GET", "/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("Synapse did not start in time:\n" + self.tail_logs())
+
+    def wait_for_exit(self, timeout: float = 60.0) -> int:
+        """Wait for a Synapse that is expected to exit by itself."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop Synapse (SIGTERM by default, SIGKILL to simulate a crash)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir and not os.environ.get("MLF_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def tail_logs(self, lines: int = 60) -> str:
+        out: List[str] = []
+        for path in (getattr(self, "_stderr_path", ""), self.log_path):
+            if path and os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    out.extend(f.readlines()[-lines:])
+        return "".join(out)
+
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    # -- HTTP helpers ----------------------------------------------------
+
+    def client(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the ordinary client listener."""
+        return request(self.client_port, method, path, body, **kw)
+
+    def module(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the module's own (`resources: []`) listener."""
+        return request(self.module_port, method, path, body, **kw)
+
+    def register(self, localpart: str, admin: bool = False) -> User:
+        """Register a user through the shared-secret admin API."""
+        nonce = self.client("GET", "/_synapse/admin/v1/register").body["nonce"]
+        password = "pw-" + localpart
+        digest = hmac.new(
+            SHARED_SECRET.encode(),
+            b"\x00".join(
+                p.encode()
+                for p in (nonce, localpart, password, "admin" if admin else "notadmin")
+            ),
+            digestmod=hashlib.sha1,
+        ).hexdigest()
+        resp = self.client(
+            "POST",
+            "/_synapse/admin/v1/register",
+            {
+                "nonce": nonce,
+                "username": localpart,
+                "password": password,
+                "admin": admin,
+                "mac": digest,
+            },
+        )
+        if resp.status != 200:
+            raise RuntimeError(f"registration failed: {resp.status} {resp.body}")
+        return User(resp.body["user_id"], resp.body["access_token"], resp.body["device_id"])
+
+    def register_guest(self) -> User:
+        resp = self.client("POST", "/_matrix/client/v3/register?kind=guest", {})
+        if resp.status != 200:
+            raise RuntimeError(f"guest registration failed: {resp.status} {resp.body}")
+        return User(
+            resp.body["user_id"], resp.body["access_token"], resp.body.get("device_id"), True
+        )
+
+    def login(self, user: User) -> User:
+        """A second access token (and device) for the same user."""
+        localpart = user.user_id[1:].split(":")[0]
+        resp = self.client(
+            "POST",
+            "/_matrix/client/v3/login",
+            {
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": localpart},
+                "password": "pw-" + localpart,
+            },
+        )
+        assert resp.status == 200, resp.body
+        return User(user.user_id, resp.body["access_token"], resp.body["device_id"])
+
+    def create_room(self, user: User, **content: Any) -> str:
+        resp = self.client("POST", "/_matrix/client/v3/createRoom", content, token=user.access_token)
+        if resp.status != 200:
+            raise RuntimeError(f"createRoom failed: {resp.status} {resp.body}")
+        return str(resp.body["room_id"])
+
+    def membership(self, user: User, room_id: str, action: str, body: Any = None) -> Response:
+        """A native membership call (join/invite/kick/ban/knock) on the client port."""
+        if action == "knock":
+            path = f"/_matrix/client/v3/knock/{quote_room(room_id)}"
+        elif action == "join":
+            path = f"/_matrix/client/v3/join/{quote_room(room_id)}"
+        else:
+            path = f"/_matrix/client/v3/rooms/{quote_room(room_id)}/{action}"
+        return self.client("POST", path, body or {}, token=user.access_token)
+
+    def member_event(self, admin: User, room_id: str, user_id: str) -> Optional[Dict[str, Any]]:
+        """The current m.room.member event for user_id, read through the admin API."""
+        resp = self.client(
+            "GET",
+            f"/_synapse/admin/v1/rooms/{quote_room(room_id)}/state",
+            token=admin.access_token,
+        )
+        if resp.status != 200:
+            return None
+        for event in resp.body["state"]:
+            if event["type"] == "m.room.member" and event["state_key"] == user_id:
+                return dict(event)
+        return None
+
+    def sync_rooms(self, user: User) -> Dict[str, Any]:
+        """The rooms section of an initial /sync."""
+        resp = self.client(
+            "GET",
+            "/_matrix/client/v3/sync?timeout=0&filter="
+            + urllib.parse.quote(json.dumps({"room": {"include_leave": True}})),
+            token=user.access_token,
+        )
+        assert resp.status == 200, resp.body
+        return dict(resp.body.get("rooms", {}))
+
+    def metrics(self) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
+        try:
+            conn.request("GET", "/_synapse/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
