@@ -102,6 +102,56 @@ def request(
     return Response(resp.status, decoded, raw, resp_headers)
 
 
+def pg_connect_args(dbname: Optional[str]) -> Dict[str, Any]:
+    """psycopg2 connection args for the test PostgreSQL server (PG* variables)."""
+    args: Dict[str, Any] = {
+        "user": os.environ.get("PGUSER", "postgres"),
+        "host": os.environ.get("PGHOST", "127.0.0.1"),
+        "port": int(os.environ.get("PGPORT", "5432")),
+        "database": dbname or "postgres",
+        "cp_min": 1,
+        "cp_max": 5,
+    }
+    if os.environ.get("PGPASSWORD"):
+        args["password"] = os.environ["PGPASSWORD"]
+    return args
+
+
+def _pg_admin_connection() -> Any:
+    import psycopg2
+
+    args = pg_connect_args("postgres")
+    args.pop("cp_min")
+    args.pop("cp_max")
+    conn = psycopg2.connect(**args)
+    conn.autocommit = True
+    return conn
+
+
+def create_pg_database() -> str:
+    """A fresh database with the encoding and collation Synapse requires."""
+    name = "mlf_" + os.urandom(6).hex()
+    conn = _pg_admin_connection()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' "
+                "TEMPLATE template0"
+            )
+    finally:
+        conn.close()
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    conn = _pg_admin_connection()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        conn.close()
+
+
 def quote_room(room_id: str) -> str:
     """Percent-encode a room id for a path segment, as Matrix clients do."""
     return urllib.parse.quote(room_id, safe="")
@@ -115,19 +165,22 @@ class SynapseProcess:
             start Synapse without the module.
         extra_config: Top-level ``homeserver.yaml`` keys merged over the
             defaults (one level deep for mappings).
-        database: ``"sqlite"`` or a mapping of psycopg2 connection args.
+        database: ``"sqlite"``, ``"postgres"`` (a fresh database on the server
+            named by the PG* environment variables) or None to follow
+            ``MLF_TEST_DATABASE`` (default sqlite).
     """
 
     def __init__(
         self,
         module_config: Optional[Dict[str, Any]] = None,
         extra_config: Optional[Dict[str, Any]] = None,
-        database: Any = "sqlite",
+        database: Optional[str] = None,
         workdir: Optional[str] = None,
     ) -> None:
         self.module_config = module_config
         self.extra_config = extra_config or {}
-        self.database = database
+        self.database = database or os.environ.get("MLF_TEST_DATABASE", "sqlite")
+        self.pg_database: Optional[str] = None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="mlf-synapse-")
         self.client_port = free_port()
@@ -136,6 +189,8 @@ class SynapseProcess:
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         self.log_path = os.path.join(self.workdir, "homeserver.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
+        if self.database == "postgres":
+            self.pg_database = create_pg_database()
         self._write_config()
 
     # -- configuration ---------------------------------------------------
@@ -152,7 +207,7 @@ class SynapseProcess:
                 "args": {"database": os.path.join(self.workdir, "homeserver.db")},
             }
         else:
-            database = {"name": "psycopg2", "args": dict(self.database)}
+            database = {"name": "psycopg2", "args": pg_connect_args(self.pg_database)}
         config: Dict[str, Any] = {
             "server_name": SERVER_NAME,
             "public_baseurl": f"http://127.0.0.1:{self.client_port}/",
@@ -333,6 +388,9 @@ class SynapseProcess:
 
     def cleanup(self) -> None:
         self.stop()
+        if self.pg_database is not None and not os.environ.get("MLF_KEEP_WORKDIR"):
+            drop_pg_database(self.pg_database)
+            self.pg_database = None
         if self._own_workdir and not os.environ.get("MLF_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
