@@ -54,6 +54,7 @@ class LeaveForgetModule:
         self._ready = _StartupGate()
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
+        self._servlet = servlet
         self._intercept: Optional[InterceptingMatrixResource] = None
         if config.mount == MOUNT_INTERCEPT:
             self._intercept = InterceptingMatrixResource(
@@ -79,13 +80,6 @@ class LeaveForgetModule:
         return parse_config(config)
 
     async def _after_start(self) -> None:
-        try:
-            version = await self.store.setup()
-        except Exception as exc:
-            logger.exception("Schema setup failed")
-            self._internals.fatal(f"could not create or upgrade its tables: {exc}")
-            return
-        logger.info("matrix-leave-forget schema at version %d", version)
         if self._intercept is not None:
             problems = self._check_intercept(self._intercept)
             if problems:
@@ -95,7 +89,37 @@ class LeaveForgetModule:
                     + ". Use mount: listener (docs/mounting.md) with this Synapse."
                 )
                 return
+        else:
+            self._check_listener()
+        try:
+            version = await self.store.setup()
+        except Exception as exc:
+            logger.exception("Schema setup failed")
+            self._internals.fatal(f"could not create or upgrade its tables: {exc}")
+            return
+        logger.info("matrix-leave-forget schema at version %d", version)
         self._ready.open()
+
+    def _check_listener(self) -> None:
+        """Warn when no listener of this process can reach the module's resources."""
+        reachable = 0
+        for root in self._internals.listener_roots():
+            node: Any = root
+            for segment in (b"_matrix", b"client", b"v3", b"rooms"):
+                # Below a leaf (Synapse's client API is one) children are unreachable.
+                if node is None or getattr(node, "isLeaf", False):
+                    node = None
+                    break
+                node = node.children.get(segment)
+            reachable += node is self._servlet
+        if reachable:
+            logger.info("Serving leave and forget on %d listener(s)", reachable)
+        else:
+            logger.error(
+                "mount: listener, but no listener of this process reaches the module: "
+                "add an http listener with 'resources: []' and route leave and forget "
+                "to it (docs/mounting.md)"
+            )
 
     def _check_intercept(self, intercept: InterceptingMatrixResource) -> List[str]:
         roots = self._internals.listener_roots()

@@ -27,6 +27,7 @@ import attr
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_NAME = "test.local"
 SHARED_SECRET = "matrix-leave-forget-test-secret"
 
@@ -342,6 +343,10 @@ class SynapseProcess:
         """Start Synapse and wait until it answers /health."""
         env = dict(os.environ)
         env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
+        # So that Synapse can load test-only modules from tests/.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
+        )
         self._stderr_path = os.path.join(self.workdir, "stderr.log")
         stderr = open(self._stderr_path, "ab")
         self.process = subprocess.Popen(

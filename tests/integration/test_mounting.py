@@ -1,0 +1,136 @@
+"""The two mount modes: what each serves where, and intercept's start-up check."""
+
+from typing import Any, Dict, List, Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.harness import SynapseProcess, free_port, quote_room, request
+
+OUR_MODULE = "matrix_leave_forget.LeaveForgetModule"
+OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"
+ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
+
+
+def _modules(order: List[str], mount: str = "intercept") -> List[Dict[str, Any]]:
+    configs = {
+        OUR_MODULE: {"mount": mount},
+        OTHER_MODULE: {"path": "/_matrix/custom"},
+    }
+    return [{"module": name, "config": configs[name]} for name in order]
+
+
+class _ServerPerTest(SynchronousTestCase):
+    """Each test starts its own Synapse: these tests are about start-up."""
+
+    def start(self, extra: Dict[str, Any], module_config: Optional[Dict[str, Any]] = None) -> SynapseProcess:
+        hs = SynapseProcess(module_config, extra)
+        self.addCleanup(hs.cleanup)
+        hs.start()
+        return hs
+
+    def audit_actions(self, hs: SynapseProcess, admin_token: str) -> List[str]:
+        resp = hs.client("GET", ADMIN_AUDIT, token=admin_token)
+        self.assertEqual(resp.status, 200, resp.body)
+        return [e["action"] for e in resp.body["entries"]]
+
+
+class InterceptTests(_ServerPerTest):
+    def test_each_listener_keeps_its_own_resources(self) -> None:
+        """Intercept mode gives every listener its own /_matrix node: a listener
+        with resources: [] still serves neither the client nor the federation
+        API, while the client listener serves both and routes leave through the
+        module (an audit entry appears)."""
+        hs = self.start({}, {"mount": "intercept"})
+        admin = hs.register("admin", admin=True)
+        room = hs.create_room(admin)
+        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"])
+        self.assertEqual(hs.client("GET", "/_matrix/client/versions").status, 200)
+        self.assertEqual(hs.client("GET", "/_matrix/federation/v1/version").status, 200)
+        for path in ("/_matrix/client/versions", "/_matrix/federation/v1/version"):
+            resp = hs.module("GET", path)
+            self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"), path)
+
+    def test_federation_only_listener_gets_no_client_api(self) -> None:
+        """A federation-only listener must not start serving client leave once
+        /_matrix is claimed by the module."""
+        fed_port = free_port()
+        hs = SynapseProcess({"mount": "intercept"})
+        self.addCleanup(hs.cleanup)
+        config = hs.homeserver_config()
+        config["listeners"].append(
+            {"port": fed_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
+             "resources": [{"names": ["federation"]}]}
+        )
+        hs.reconfigure(extra_config={"listeners": config["listeners"]})
+        hs.start()
+        admin = hs.register("admin", admin=True)
+        room = hs.create_room(admin)
+        resp = request(fed_port, "POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))
+        self.assertEqual(request(fed_port, "GET", "/_matrix/federation/v1/version").status, 200)
+        self.assertEqual(self.audit_actions(hs, admin.access_token), [])
+
+    def test_module_listed_before_still_served(self) -> None:
+        """Another module's resource under /_matrix, listed before ours, is
+        handed to our node and keeps working; leave is still intercepted."""
+        hs = self.start({"modules": _modules([OTHER_MODULE, OUR_MODULE])})
+        resp = hs.client("GET", "/_matrix/custom")
+        self.assertEqual((resp.status, resp.body), (200, {"hello": "from another module"}))
+        admin = hs.register("admin", admin=True)
+        room = hs.create_room(admin)
+        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"])
+
+    def test_start_fails_loudly_when_interception_breaks(self) -> None:
+        """A resource tree the module cannot route (another module registering
+        under /_matrix after ours) stops Synapse at start-up with a message that
+        says why and what to do, instead of silently serving leave natively."""
+        hs = SynapseProcess(None, {"modules": _modules([OUR_MODULE, OTHER_MODULE])})
+        self.addCleanup(hs.cleanup)
+        try:
+            hs.start()
+        except RuntimeError:
+            pass  # exited before /health answered
+        # /health may answer in the instant before the check runs; the process
+        # must exit on its own all the same.
+        self.assertEqual(hs.wait_for_exit(30), 1)
+        message = hs.tail_logs()
+        self.assertIn("mount: intercept is not in place", message)
+        self.assertIn("custom", message)
+
+
+class ListenerTests(_ServerPerTest):
+    def test_served_under_every_client_version_on_the_module_listener(self) -> None:
+        """In listener mode the module answers leave under api/v1, r0, v3 and
+        unstable, the four prefixes Synapse itself serves leave under, so no
+        client path bypasses the audit once the proxy routes them."""
+        hs = self.start({}, {"mount": "listener"})
+        admin = hs.register("admin", admin=True)
+        for version in ("api/v1", "r0", "v3", "unstable"):
+            room = hs.create_room(admin)
+            resp = hs.module("POST", f"/_matrix/client/{version}/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+            self.assertEqual(resp.status, 200, (version, resp.body))
+        self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"] * 4)
+
+    def test_client_listener_stays_native(self) -> None:
+        """The fact the deployment advice rests on: on a listener that serves
+        `client`, leave is Synapse's own (no audit entry), which is why the
+        reverse proxy must route leave and forget to the module's listener."""
+        hs = self.start({}, {"mount": "listener"})
+        admin = hs.register("admin", admin=True)
+        room = hs.create_room(admin)
+        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.audit_actions(hs, admin.access_token), [])
+
+    def test_other_paths_on_the_module_listener_are_unrecognized(self) -> None:
+        """Only leave and forget are served on the module's listener: any other
+        room path is a 404 M_UNRECOGNIZED, like Synapse's own unknown paths."""
+        hs = self.start({}, {"mount": "listener"})
+        admin = hs.register("admin", admin=True)
+        room = hs.create_room(admin)
+        resp = hs.module("GET", f"/_matrix/client/v3/rooms/{quote_room(room)}/messages", token=admin.access_token)
+        self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))
