@@ -1,10 +1,48 @@
 """Base class for tests that run against a real Synapse subprocess."""
 
-from typing import Any, ClassVar, Dict, Optional
+import atexit
+from typing import Any, ClassVar, Dict, Optional, Type
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.harness import Response, SynapseProcess, quote_room, request
+
+
+class ClassFixtures:
+    """Runs setUpClass/tearDownClass around each class's tests.
+
+    trial's suites never call them (unittest's do), so the first test of a
+    class sets the class up, and the class is torn down when a test of another
+    class starts, or when the process exits. Classes set up idempotently, so a
+    unittest-style runner calling setUpClass first does no harm.
+    """
+
+    current: ClassVar[Optional[Type["SynapseTestCase"]]] = None
+
+    @classmethod
+    def enter(cls, test_class: Type["SynapseTestCase"]) -> None:
+        if cls.current is test_class:
+            return
+        cls.leave()
+        failure = test_class.__dict__.get("_boot_failure")
+        if failure is not None:
+            # Do not boot again (and wait again) for every test of a broken class.
+            raise RuntimeError(f"Synapse did not start for {test_class.__name__}: {failure}")
+        try:
+            test_class.setUpClass()
+        except Exception as exc:
+            test_class._boot_failure = f"{type(exc).__name__}: {exc}"
+            raise
+        cls.current = test_class
+
+    @classmethod
+    def leave(cls) -> None:
+        if cls.current is not None:
+            test_class, cls.current = cls.current, None
+            test_class.tearDownClass()
+
+
+atexit.register(ClassFixtures.leave)
 
 
 class SynapseTestCase(SynchronousTestCase):
@@ -14,13 +52,21 @@ class SynapseTestCase(SynchronousTestCase):
     MODULE_CONFIG / EXTRA_CONFIG. ``self.hs`` is the running SynapseProcess.
     """
 
+    _boot_failure: ClassVar[Optional[str]] = None
+
     MODE: ClassVar[str] = "intercept"
     MODULE_CONFIG: ClassVar[Dict[str, Any]] = {}
     EXTRA_CONFIG: ClassVar[Dict[str, Any]] = {}
     hs: ClassVar[SynapseProcess]
 
+    def setUp(self) -> None:
+        super().setUp()
+        ClassFixtures.enter(type(self))
+
     @classmethod
     def setUpClass(cls) -> None:
+        if "hs" in cls.__dict__:
+            return
         cls.hs = SynapseProcess(
             {"mount": cls.MODE, **cls.MODULE_CONFIG}, dict(cls.EXTRA_CONFIG)
         )
@@ -28,11 +74,14 @@ class SynapseTestCase(SynchronousTestCase):
             cls.hs.start()
         except Exception:
             cls.hs.cleanup()
+            del cls.hs
             raise
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls.hs.cleanup()
+        if "hs" in cls.__dict__:
+            cls.hs.cleanup()
+            del cls.hs
 
     @property
     def module_port(self) -> int:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import attr
 import yaml
@@ -511,6 +511,19 @@ class SynapseProcess:
         )
         assert resp.status == 200, resp.body
         return dict(resp.body.get("rooms", {}))
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Poll ``predicate`` every 50 ms until it holds; fail after ``timeout`` s.
+
+        For background work with no event to wait on (the retention sweep).
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout} s")
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError("Synapse exited:\n" + self.tail_logs())
+            time.sleep(0.05)
 
     def metrics(self) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
