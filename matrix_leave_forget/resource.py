@@ -15,22 +15,24 @@ Two ways to reach the servlet (see docs/mounting.md):
 
 import logging
 import re
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from synapse.module_api import (
     DirectServeJsonResource,
     ModuleApi,
+    Requester,
     SynapseRequest,
     parse_json_object_from_request,
 )
 from synapse.module_api.errors import Codes, SynapseError
 from twisted.web.resource import IResource, Resource
 
-from matrix_leave_forget.handler import MembershipHandler
+from matrix_leave_forget import metrics
+from matrix_leave_forget.handler import MembershipHandler, client_errcode
 
 if TYPE_CHECKING:
-    from synapse.types import Requester
 
     from matrix_leave_forget._synapse import SynapseInternals
 
@@ -98,17 +100,31 @@ class LeaveForgetServlet(DirectServeJsonResource):
         action = match.group("action")
         room_id = _unquote(match.group("room_id")) or ""
 
-        requester = await self._api.get_user_by_req(request, allow_guest=action == "leave")
-        if txn_id is None:
-            return await self._do(request, requester, action, room_id, None)
-        return await self._txns.fetch_or_execute_request(
-            request, requester, self._do, request, requester, action, room_id, _unquote(txn_id)
-        )
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            requester = await self._api.get_user_by_req(request, allow_guest=action == "leave")
+            if txn_id is None:
+                result = await self._do(request, requester, action, room_id, None)
+            else:
+                result = await self._txns.fetch_or_execute_request(
+                    request, requester, self._do, request, requester, action, room_id,
+                    _unquote(txn_id),
+                )
+            outcome = "ok"
+            return result
+        except SynapseError as error:
+            outcome = client_errcode(error)
+            raise
+        finally:
+            labels = (self._api.server_name, action, outcome)
+            metrics.requests_total.labels(*labels).inc()
+            metrics.request_seconds.labels(*labels).observe(time.monotonic() - started)
 
     async def _do(
         self,
         request: SynapseRequest,
-        requester: "Requester",
+        requester: Requester,
         action: str,
         room_id: str,
         txn_id: Optional[str],
@@ -159,7 +175,7 @@ class MatrixNode(Resource):
         return child if child is not None else self._unrecognized
 
     def render(self, request: Any) -> Any:
-        return self._unrecognized.render(request)
+        return self._unrecognized.render(request)  # type: ignore[no-untyped-call]
 
 
 class InterceptingMatrixResource(MatrixNode):

@@ -8,10 +8,13 @@ Synapse no longer has them.
 """
 
 import logging
+import time
 from typing import TYPE_CHECKING, Dict
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
+from matrix_leave_forget import metrics
+from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.handler import MembershipHandler
 from matrix_leave_forget.store import STATE_PURGING, RetentionStore
@@ -67,8 +70,10 @@ class RetentionSweeper:
             How many rooms ended in each outcome, for logs and tests.
         """
         counts: Dict[str, int] = {}
-        now = self._api.get_current_time_msec()
+        now = now_ms()
+        server_name = self._api.server_name
         for room_id in await self._store.get_due(now, SWEEP_BATCH):
+            started = time.monotonic()
             outcome = await self._store.decide_purge(
                 room_id,
                 self._handler.why_not_forgotten_txn,
@@ -78,6 +83,8 @@ class RetentionSweeper:
             if outcome == "purge":
                 await self._request_purge(room_id)
             counts[outcome] = counts.get(outcome, 0) + 1
+            metrics.purges_total.labels(server_name, outcome).inc()
+            metrics.purge_seconds.labels(server_name, outcome).observe(time.monotonic() - started)
         for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
             exists = await self._api.run_db_interaction(
                 "leave_forget_room_exists", self._internals.room_exists_txn, room_id
@@ -85,6 +92,7 @@ class RetentionSweeper:
             if not exists:
                 await self._store.mark_purged(room_id)
                 counts["purged"] = counts.get("purged", 0) + 1
+                metrics.purges_total.labels(server_name, "purged").inc()
             elif not self._resubmitted.get(room_id):
                 # Started before a restart (or Synapse lost the task): ask again;
                 # Synapse ignores a second request for a room being deleted.

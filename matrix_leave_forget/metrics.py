@@ -1,0 +1,42 @@
+"""Prometheus metrics, exposed through Synapse's own metrics listener.
+
+Synapse serves prometheus_client's default registry on its ``metrics``
+listener (``enable_metrics: true``), so metrics defined here appear there with
+no extra set-up. Every series carries ``server_name``, as Synapse's own do, so
+several homeservers in one process stay apart.
+"""
+
+from prometheus_client import Counter, Histogram
+
+# Leave and forget latencies run from a few ms (forget) to seconds (a leave
+# that federates to a large room); purge decisions are single transactions.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PURGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+requests_total = Counter(
+    "synapse_leave_forget_requests_total",
+    "Leave and forget requests served by matrix-leave-forget, by outcome "
+    "(ok, noop, or the Matrix errcode of a refusal).",
+    ["server_name", "action", "outcome"],
+)
+
+request_seconds = Histogram(
+    "synapse_leave_forget_request_seconds",
+    "Time to serve a leave or forget request, by outcome.",
+    ["server_name", "action", "outcome"],
+    buckets=_REQUEST_BUCKETS,
+)
+
+purges_total = Counter(
+    "synapse_leave_forget_purges_total",
+    "Retention decisions on rooms due for purge, by outcome "
+    "(purge, dry_run, held, cancelled, purged).",
+    ["server_name", "outcome"],
+)
+
+purge_seconds = Histogram(
+    "synapse_leave_forget_purge_seconds",
+    "Time to decide (and request) one due purge, by outcome.",
+    ["server_name", "outcome"],
+    buckets=_PURGE_BUCKETS,
+)
