@@ -143,7 +143,7 @@ class _StartupGate:
 
     def __init__(self) -> None:
         self._open = False
-        self._waiters: List["defer.Deferred[None]"] = []
+        self._waiters: List[defer.Deferred[None]] = []
 
     def open(self) -> None:
         self._open = True
@@ -153,7 +153,7 @@ class _StartupGate:
 
     async def wait(self) -> None:
         if not self._open:
-            waiter: "defer.Deferred[None]" = defer.Deferred()
+            waiter: defer.Deferred[None] = defer.Deferred()
             self._waiters.append(waiter)
             await make_deferred_yieldable(waiter)
 

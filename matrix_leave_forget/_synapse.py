@@ -11,8 +11,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from signedjson.types import SigningKey
-from synapse.module_api import LoggingTransaction, ModuleApi
-from twisted.web.resource import Resource
 
 # Why: the room-member handler is the code path of Synapse's own
 # /rooms/{roomId}/leave and /forget servlets. ModuleApi.update_room_membership
@@ -26,17 +24,18 @@ from synapse.api.errors import ShadowBanError
 from synapse.api.ratelimiting import Ratelimiter
 from synapse.config.ratelimiting import RatelimitSettings
 
-# Why: PUT /leave/{txnId} must replay like Synapse's servlets do (same key:
-# path + user + device), and ModuleApi exposes no transaction cache.
-from synapse.rest.client.transactions import HttpTransactionCache
-
 # Why: unmatched paths under the intercepted /_matrix node must answer exactly
 # like Synapse's placeholder node does (404 M_UNRECOGNIZED, CORS headers).
 from synapse.http.server import UnrecognizedRequestResource
+from synapse.module_api import LoggingTransaction, ModuleApi, Requester
+
+# Why: PUT /leave/{txnId} must replay like Synapse's servlets do (same key:
+# path + user + device), and ModuleApi exposes no transaction cache.
+from synapse.rest.client.transactions import HttpTransactionCache
+from twisted.web.resource import Resource
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
-    from synapse.types import Requester
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +50,14 @@ class SynapseInternals:
     def __init__(self, api: ModuleApi) -> None:
         # Why: ModuleApi has no accessor for the handlers, the signing key or
         # the listening ports; they all hang off the HomeServer object.
-        self._hs: "HomeServer" = api._hs
+        self._hs: HomeServer = api._hs
         self._api = api
 
     # -- membership ------------------------------------------------------
 
     async def leave(
         self,
-        requester: "Requester",
+        requester: Requester,
         room_id: str,
         txn_id: Optional[str],
         content: Optional[Dict[str, Any]],
@@ -84,7 +83,7 @@ class SynapseInternals:
             return None
         return event_id
 
-    async def forget(self, requester: "Requester", room_id: str, schedule_purge: bool) -> None:
+    async def forget(self, requester: Requester, room_id: str, schedule_purge: bool) -> None:
         """Forget a room through Synapse so that its caches and sync state stay right.
 
         Args:
@@ -95,14 +94,6 @@ class SynapseInternals:
         await self._hs.get_room_member_handler().forget(
             user=requester.user, room_id=room_id, do_not_schedule_purge=not schedule_purge
         )
-
-    def can_forget_here(self) -> bool:
-        """Whether this process can write room_memberships.forgotten.
-
-        Why: Synapse only wires ``forget`` to the database on the main process;
-        on a worker the store call fails, so the module refuses cleanly instead.
-        """
-        return hasattr(self._hs.get_datastores().main, "forget")
 
     # -- HTTP plumbing ---------------------------------------------------
 
@@ -189,17 +180,22 @@ class SynapseInternals:
         return str(row[0]) if row else None
 
     @staticmethod
-    def abandoned_rooms_txn(txn: LoggingTransaction, after: str, limit: int) -> List[str]:
-        """Rooms that local users were in but none of them still joins, is invited or knocks."""
-        txn.execute(
-            """
+    def abandoned_rooms_txn(
+        txn: LoggingTransaction, after: str, limit: int, paramstyle: str = "?"
+    ) -> List[str]:
+        """Rooms that local users were in but none of them still joins, is invited or knocks.
+
+        Args:
+            paramstyle: ``?`` for Synapse's LoggingTransaction (which converts
+                it); the offline CLI passes ``%s`` on a raw psycopg2 cursor.
+        """
+        sql = """
             SELECT room_id FROM local_current_membership
             WHERE room_id > ?
             GROUP BY room_id
             HAVING SUM(CASE WHEN membership IN ('join', 'invite', 'knock') THEN 1 ELSE 0 END) = 0
             ORDER BY room_id
             LIMIT ?
-            """,
-            (after, limit),
-        )
+            """
+        txn.execute(sql.replace("?", paramstyle), (after, limit))
         return [str(r[0]) for r in txn.fetchall()]

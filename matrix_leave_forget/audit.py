@@ -13,6 +13,7 @@ chain cannot be rebuilt by someone without that key.
 """
 
 import hashlib
+import time
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 import attr
@@ -39,6 +40,14 @@ ENTRY_FIELDS: Sequence[str] = (
     "outcome",
     "prev_hash",
 )
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, as Synapse stamps events.
+
+    (ModuleApi.get_current_time_msec is newer than the oldest supported Synapse.)
+    """
+    return int(time.time() * 1000)
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:

@@ -11,15 +11,13 @@ import logging
 from typing import TYPE_CHECKING, Optional
 
 import attr
-
-from synapse.module_api import LoggingTransaction, ModuleApi
+from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.store import AuditFields, RetentionStore
 
 if TYPE_CHECKING:
-    from synapse.types import Requester
 
     from matrix_leave_forget._synapse import SynapseInternals
 
@@ -61,7 +59,7 @@ class MembershipHandler:
 
     async def leave(
         self,
-        requester: "Requester",
+        requester: Requester,
         room_id: str,
         reason: Optional[str],
         txn_id: Optional[str] = None,
@@ -92,23 +90,26 @@ class MembershipHandler:
         )
         return event_id
 
-    async def forget(self, requester: "Requester", room_id: str) -> None:
+    async def forget(self, requester: Requester, room_id: str) -> None:
         """Forget room_id for the requester, who must have left it (or been kicked or banned).
 
         Raises:
             SynapseError: 400 ``M_UNKNOWN`` while the user is still in the room (as
-                Synapse), 429 when the per-user forget limit is exceeded, 400
-                ``M_UNKNOWN`` on a process that cannot forget (a worker).
+                Synapse), 429 when the per-user forget limit is exceeded, 404
+                ``M_UNRECOGNIZED`` on a worker (as Synapse, which serves forget
+                on the main process only).
         """
+        if self._api.worker_app is not None:
+            # Synapse registers its own forget servlet on the main process only
+            # and answers 404 M_UNRECOGNIZED on a worker; say why as well.
+            raise SynapseError(
+                404,
+                "forget is served by Synapse's main process only: route "
+                "/rooms/{roomId}/forget there",
+                Codes.UNRECOGNIZED,
+            )
         if self._forget_limiter is not None:
             await self._forget_limiter.ratelimit(requester)
-        if not self._internals.can_forget_here():
-            raise SynapseError(
-                400,
-                "forget is only served by Synapse's main process: route "
-                "/rooms/{roomId}/forget to it",
-                Codes.UNKNOWN,
-            )
         user_id = requester.user.to_string()
         membership = await self._api.run_db_interaction(
             "leave_forget_membership_before_forget",
@@ -166,7 +167,7 @@ class MembershipHandler:
                 return f"{user_id} has not forgotten the room"
         return None
 
-    async def _record(self, requester: "Requester", fields: AuditFields) -> None:
+    async def _record(self, requester: Requester, fields: AuditFields) -> None:
         fields = attr.evolve(
             fields, user_id=requester.user.to_string(), device_id=requester.device_id
         )
@@ -177,7 +178,7 @@ class MembershipHandler:
 
     async def _record_failure(
         self,
-        requester: "Requester",
+        requester: Requester,
         action: str,
         room_id: str,
         reason: Optional[str],
@@ -188,6 +189,22 @@ class MembershipHandler:
             return
         await self._record(
             requester,
-            AuditFields(action=action, outcome=error.errcode, room_id=room_id, reason=reason),
+            AuditFields(
+                action=action, outcome=client_errcode(error), room_id=room_id, reason=reason
+            ),
         )
 
+
+def client_errcode(error: SynapseError) -> str:
+    """The errcode the client is sent for error.
+
+    Not always ``error.errcode``: Synapse's UnstableSpecAuthError (e.g. leaving a
+    room one is not in) keeps an unstable code there, ORG.MATRIX.MSC3848.NOT_JOINED,
+    and sends the stable one (M_FORBIDDEN).
+    """
+    try:
+        code = error.error_dict(None).get("errcode") or error.errcode
+    except Exception:
+        code = error.errcode
+    # Codes is a str Enum: its value is what goes on the wire.
+    return str(getattr(code, "value", code))
