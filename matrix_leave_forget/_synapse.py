@@ -107,6 +107,17 @@ class SynapseInternals:
             cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
         )
 
+    def extra_leave_content_keys(self) -> Tuple[str, ...]:
+        """Request-body keys Synapse's own leave copies into the event besides ``reason``.
+
+        Why: these follow experimental features switched on in Synapse's config,
+        which ModuleApi does not expose.
+        """
+        experimental = getattr(self._hs.config, "experimental", None)
+        if getattr(experimental, "msc4293_enabled", False):
+            return ("org.matrix.msc4293.redact_events",)
+        return ()
+
     def unrecognized_resource(self) -> Resource:
         return UnrecognizedRequestResource()
 

@@ -8,7 +8,7 @@ retention store.
 """
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
@@ -63,6 +63,7 @@ class MembershipHandler:
         room_id: str,
         reason: Optional[str],
         txn_id: Optional[str] = None,
+        extra_content: Optional[Dict[str, Any]] = None,
     ) -> Optional[str]:
         """Leave room_id, reject an invite to it or rescind a knock on it.
 
@@ -71,6 +72,8 @@ class MembershipHandler:
             room_id: The room, already percent-decoded.
             reason: The ``reason`` for the membership event, if any.
             txn_id: The client's transaction id for ``PUT .../leave/{txnId}``.
+            extra_content: Further content keys Synapse itself would copy from
+                the request body (experimental MSC4293 ``redact_events``).
 
         Returns:
             The new membership event's id (None if Synapse sent none).
@@ -78,7 +81,9 @@ class MembershipHandler:
         Raises:
             SynapseError: exactly as Synapse's own endpoint would.
         """
-        content = {"reason": reason} if reason is not None else None
+        content: Optional[Dict[str, Any]] = {"reason": reason} if reason is not None else None
+        if extra_content:
+            content = {**(content or {}), **extra_content}
         try:
             event_id = await self._internals.leave(requester, room_id, txn_id, content)
         except SynapseError as error:
@@ -132,7 +137,9 @@ class MembershipHandler:
             device_id=requester.device_id,
         )
         if membership is None:
-            await self._record(requester, fields)
+            # As for refusals, a garbage room id is not worth a row.
+            if is_valid_room_id(room_id):
+                await self._record(requester, fields)
             return
         try:
             _, room = await self._store.record_forget(

@@ -84,6 +84,7 @@ class LeaveForgetServlet(DirectServeJsonResource):
         self._ready = ready
         self._handler = handler
         self._txns = internals.new_transaction_cache()
+        self._extra_content_keys = internals.extra_leave_content_keys()
 
     async def _async_render(self, request: SynapseRequest) -> Tuple[int, Dict[str, Any]]:
         await self._ready()
@@ -138,7 +139,10 @@ class LeaveForgetServlet(DirectServeJsonResource):
         # the event: the spec types `reason` as a string. null means absent.
         if reason is not None and not isinstance(reason, str):
             raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
-        await self._handler.leave(requester, room_id, reason, txn_id)
+        extra_content = {
+            key: body[key] for key in self._extra_content_keys if key in body
+        }
+        await self._handler.leave(requester, room_id, reason, txn_id, extra_content)
         return 200, {}
 
 

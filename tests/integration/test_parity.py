@@ -1118,3 +1118,33 @@ class InterceptLimitTests(LimitScenarios, TwoSidedTestCase):
     MODULE_CONFIG = {"forget_rate_limit": TIGHT_LIMIT}
     EXTRA_CONFIG = {**BASE_CONFIG, "rc_message": TIGHT_LIMIT}
     EXEMPT_ADMINS = True
+
+
+class ExperimentalContentScenarios(_MixinBase):
+    """Content keys Synapse copies only when an experimental feature is on."""
+
+    def test_msc4293_redact_events_is_copied_like_native(self) -> None:
+        """With msc4293_enabled, Synapse copies org.matrix.msc4293.redact_events
+        from the leave body into the event; the module does the same."""
+        body = {"reason": "bye", "org.matrix.msc4293.redact_events": True}
+        native = self.run_on(self.native_side, joined, lambda s: s.leave(body))
+        module = self.run_on(self.module_side, joined, lambda s: s.leave(body))
+        self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]))
+        self.assertEqual(
+            native.state["content"].get("org.matrix.msc4293.redact_events"), True
+        )
+        self.assertEqual(module.state["content"], native.state["content"])
+
+
+class ListenerExperimentalTests(ExperimentalContentScenarios, TwoSidedTestCase):
+    """MSC4293 content with mount: listener."""
+
+    MODE = "listener"
+    EXTRA_CONFIG = {**BASE_CONFIG, "experimental_features": {"msc4293_enabled": True}}
+
+
+class InterceptExperimentalTests(ExperimentalContentScenarios, TwoSidedTestCase):
+    """MSC4293 content with mount: intercept."""
+
+    MODE = "intercept"
+    EXTRA_CONFIG = {**BASE_CONFIG, "experimental_features": {"msc4293_enabled": True}}
