@@ -66,6 +66,16 @@ def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Opti
     return number
 
 
+def _limit_arg(request: SynapseRequest) -> int:
+    limit = _int_arg(request, "limit", 100)
+    assert limit is not None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise SynapseError(
+            400, f"'limit' must be between 1 and {MAX_LIMIT}", Codes.INVALID_PARAM
+        )
+    return limit
+
+
 def _room_arg(raw: str) -> str:
     room_id = urllib.parse.unquote(raw)
     if not is_valid_room_id(room_id):
@@ -148,7 +158,7 @@ class AdminResource(DirectServeJsonResource):
     async def _list_rooms(self, request: SynapseRequest) -> Dict[str, Any]:
         state = _arg(request, "state") or "forgotten"
         after = _arg(request, "from")
-        limit = min(_int_arg(request, "limit", 100) or 100, MAX_LIMIT)
+        limit = _limit_arg(request)
         if state == "held":
             holds = await self._store.get_holds()
             held = {h["room_id"]: h for h in holds}
@@ -204,7 +214,7 @@ class AdminResource(DirectServeJsonResource):
         }
 
     async def _audit_page(self, request: SynapseRequest) -> Dict[str, Any]:
-        limit = min(_int_arg(request, "limit", 100) or 100, MAX_LIMIT)
+        limit = _limit_arg(request)
         entries = await self._store.audit_page(
             user_id=_arg(request, "user_id"),
             room_id=_arg(request, "room_id"),
@@ -221,16 +231,21 @@ class AdminResource(DirectServeJsonResource):
     async def _export(self, request: SynapseRequest) -> None:
         """Stream every matching entry as JSON lines, paging through the table."""
         after = _int_arg(request, "from", 0) or 0
-        filters = {
-            "user_id": _arg(request, "user_id"),
-            "room_id": _arg(request, "room_id"),
-            "since_ts": _int_arg(request, "since", None),
-            "until_ts": _int_arg(request, "until", None),
-        }
+        user_id = _arg(request, "user_id")
+        room_id = _arg(request, "room_id")
+        since_ts = _int_arg(request, "since", None)
+        until_ts = _int_arg(request, "until", None)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         while True:
-            entries = await self._store.audit_page(after_seq=after, limit=EXPORT_BATCH, **filters)
+            entries = await self._store.audit_page(
+                user_id=user_id,
+                room_id=room_id,
+                since_ts=since_ts,
+                until_ts=until_ts,
+                after_seq=after,
+                limit=EXPORT_BATCH,
+            )
             for entry in entries:
                 request.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
             if len(entries) < EXPORT_BATCH:

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # How many rooms one sweep handles; the rest wait for the next sweep.
 SWEEP_BATCH = 1000
+# How long a requested purge may take before it is requested again.
+PURGE_RETRY_MS = 10 * 60 * 1000
 
 
 class RetentionSweeper:
@@ -58,7 +60,8 @@ class RetentionSweeper:
         self._store = store
         self._handler = handler
         self._internals = internals
-        self._resubmitted: Dict[str, bool] = {}
+        # When this process last asked Synapse to purge each room in "purging".
+        self._requested_at: Dict[str, int] = {}
 
     def is_held_txn(self, txn: LoggingTransaction, room_id: str) -> bool:
         return room_id in self._config.holds or self._store.is_held_txn(txn, room_id)
@@ -91,20 +94,22 @@ class RetentionSweeper:
             )
             if not exists:
                 await self._store.mark_purged(room_id)
+                self._requested_at.pop(room_id, None)
                 counts["purged"] = counts.get("purged", 0) + 1
                 metrics.purges_total.labels(server_name, "purged").inc()
-            elif not self._resubmitted.get(room_id):
-                # Started before a restart (or Synapse lost the task): ask again;
-                # Synapse ignores a second request for a room being deleted.
+            elif now - self._requested_at.get(room_id, 0) > PURGE_RETRY_MS:
+                # Started before a restart, or Synapse's purge failed or was
+                # lost: ask again. Synapse ignores a request for a room it is
+                # already deleting.
                 await self._request_purge(room_id)
         if counts:
             logger.info("Retention sweep: %s", counts)
         return counts
 
     async def _request_purge(self, room_id: str) -> None:
-        self._resubmitted[room_id] = True
+        self._requested_at[room_id] = now_ms()
         try:
             await self._api.delete_room(room_id)
         except Exception:
             logger.exception("Synapse refused to purge %s; will retry", room_id)
-            self._resubmitted[room_id] = False
+            self._requested_at.pop(room_id, None)

@@ -97,6 +97,13 @@ def run_migrations(txn: Any, target: int = SCHEMA_VERSION) -> int:
             which means an older module is running against a newer database.
     """
     if is_postgres(txn):
+        # Synapse runs transactions at REPEATABLE READ, whose snapshot is taken
+        # by the first query: here the lock's SELECT, i.e. *before* the lock is
+        # granted. A process that waited for another to finish migrating would
+        # then not see its version row and re-run its DDL ("relation already
+        # exists"). At READ COMMITTED every statement after the lock sees the
+        # other's commit. This must precede every query of the transaction.
+        txn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         txn.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK_KEY,))
     version = current_version(txn)
     if version > SCHEMA_VERSION:

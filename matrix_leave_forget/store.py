@@ -13,7 +13,7 @@ import attr
 from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget.audit import ENTRY_FIELDS, GENESIS_HASH, seal_entry
+from matrix_leave_forget.audit import ENTRY_FIELDS, GENESIS_HASH, now_ms, seal_entry
 from matrix_leave_forget.schema import is_postgres, run_migrations
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class RetentionStore:
             {
                 **attr.asdict(fields),
                 "seq": seq,
-                "ts": self._api.get_current_time_msec(),
+                "ts": now_ms(),
                 "origin": self._origin,
                 "instance": self._instance,
                 "prev_hash": prev_hash,
@@ -164,7 +164,10 @@ class RetentionStore:
                 "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
             )
             row = txn.fetchone()
-            if row is not None and row[0] in (STATE_FORGOTTEN, STATE_PURGING, STATE_PURGED):
+            # A room already "forgotten" is re-armed: someone rejoined (or was
+            # invited, or knocked) and is now the last to forget it, and the room
+            # must stay a full period after that forget, not the earlier one.
+            if row is not None and row[0] in (STATE_PURGING, STATE_PURGED):
                 return entry, None
             now = int(entry["ts"])
             due = now + retention_period_ms if retention_period_ms is not None else None
@@ -371,16 +374,7 @@ class RetentionStore:
         return await self._api.run_db_interaction("leave_forget_lift_hold", txn_fn)
 
     async def get_holds(self) -> List[Dict[str, Any]]:
-        def txn_fn(txn: LoggingTransaction) -> List[Dict[str, Any]]:
-            txn.execute(
-                "SELECT room_id, held_by, reason, created_at FROM leave_forget_holds ORDER BY room_id"
-            )
-            return [
-                {"room_id": r[0], "held_by": r[1], "reason": r[2], "created_at": r[3]}
-                for r in txn.fetchall()
-            ]
-
-        return await self._api.run_db_interaction("leave_forget_get_holds", txn_fn)
+        return await self._api.run_db_interaction("leave_forget_get_holds", select_holds_txn)
 
     # -- operator queries --------------------------------------------------
 
@@ -388,18 +382,9 @@ class RetentionStore:
         self, states: Iterable[str], after: Optional[str], limit: int
     ) -> List[RoomRetention]:
         """Rooms in any of ``states``, by room id, paged by keyset."""
-        states = list(states)
-
-        def txn_fn(txn: LoggingTransaction) -> List[RoomRetention]:
-            txn.execute(
-                f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms "
-                f"WHERE state IN ({', '.join('?' for _ in states)}) AND room_id > ? "
-                "ORDER BY room_id LIMIT ?",
-                (*states, after or "", limit),
-            )
-            return [RoomRetention(*r) for r in txn.fetchall()]
-
-        return await self._api.run_db_interaction("leave_forget_list_rooms", txn_fn)
+        return await self._api.run_db_interaction(
+            "leave_forget_list_rooms", list_rooms_txn, list(states), after, limit
+        )
 
     async def audit_page(
         self,
@@ -494,3 +479,35 @@ def select_audit_txn(
         args.append(limit)
     txn.execute(sql.replace("?", paramstyle), args)
     return [row_to_entry(r) for r in txn.fetchall()]
+
+
+def list_rooms_txn(
+    txn: Any,
+    states: Sequence[str],
+    after: Optional[str],
+    limit: int,
+    paramstyle: str = "?",
+) -> List[RoomRetention]:
+    """Rooms in any of ``states``, by room id after ``after``; shared with the offline CLI.
+
+    Args:
+        txn: A DB-API cursor (see select_audit_txn for ``paramstyle``).
+    """
+    sql = (
+        f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms "
+        f"WHERE state IN ({', '.join('?' for _ in states)}) AND room_id > ? "
+        "ORDER BY room_id LIMIT ?"
+    )
+    txn.execute(sql.replace("?", paramstyle), (*states, after or "", limit))
+    return [RoomRetention(*r) for r in txn.fetchall()]
+
+
+def select_holds_txn(txn: Any) -> List[Dict[str, Any]]:
+    """Every hold placed through the admin API, by room id; shared with the offline CLI."""
+    txn.execute(
+        "SELECT room_id, held_by, reason, created_at FROM leave_forget_holds ORDER BY room_id"
+    )
+    return [
+        {"room_id": r[0], "held_by": r[1], "reason": r[2], "created_at": r[3]}
+        for r in txn.fetchall()
+    ]

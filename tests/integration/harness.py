@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 import attr
 import yaml
@@ -101,6 +101,29 @@ def request(
     except ValueError:
         decoded = None
     return Response(resp.status, decoded, raw, resp_headers)
+
+
+# Longer than any single wait for background work is expected to take.
+PURGE_TIMEOUT = 15.0
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = PURGE_TIMEOUT, what: str = "") -> T:
+    """Poll predicate every 50 ms until it returns something truthy; fail at the deadline.
+
+    For background work that signals nothing (the retention sweep).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate!r}; last: {value!r}"
+            )
+        time.sleep(0.05)
 
 
 def pg_connect_args(dbname: Optional[str]) -> Dict[str, Any]:
@@ -511,19 +534,6 @@ class SynapseProcess:
         )
         assert resp.status == 200, resp.body
         return dict(resp.body.get("rooms", {}))
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-        """Poll ``predicate`` every 50 ms until it holds; fail after ``timeout`` s.
-
-        For background work with no event to wait on (the retention sweep).
-        """
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout} s")
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError("Synapse exited:\n" + self.tail_logs())
-            time.sleep(0.05)
 
     def metrics(self) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)

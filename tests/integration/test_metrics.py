@@ -1,8 +1,9 @@
 """Prometheus metrics, scraped from Synapse's own metrics listener."""
 
 import re
+
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import quote_room
+from tests.integration.harness import quote_room, wait_until
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -52,7 +53,7 @@ class MetricsTests(SynapseTestCase):
             body = self.hs.client("GET", path, token=admin.access_token).body
             return bool(body["retention"]) and body["retention"]["state"] == "dry_run"
 
-        self.hs.wait_until(decided, timeout=20)
+        wait_until(decided, what="the sweep's dry run")
         text = self.hs.metrics()
         self.assertGreaterEqual(
             _sample(text, "synapse_leave_forget_purges_total", outcome="dry_run"), 1

@@ -1,0 +1,878 @@
+"""Room retention and the audit log, against real Synapse processes.
+
+Each class is one Synapse (two for the federated class) with its own module
+config. Retention periods are short (1-3 s) and the sweep runs every 100 ms;
+tests wait for the sweep by polling the admin API with a deadline
+(:func:`wait_until`), never with a bare sleep. "The sweep has been past a room"
+is proved with a *sentinel*: a room forgotten by everyone after the room under
+test, whose purge (or dry run) shows that a sweep ran after the room under
+test fell due.
+
+On one server, a room that every local user has left is dead: nobody can
+rejoin it, invite to it or knock on it (Synapse answers 404 "no servers that
+are in the room"). Cancellation of a pending purge by a rejoin, a new invite or
+a knock therefore only happens for rooms that live on other servers too;
+:class:`FederatedRetentionTests` runs a second homeserver and federates with it
+over loopback TLS. On one server, an invite or knock that is pending when the
+last member forgets keeps the room from ever becoming "forgotten"; the
+single-server tests cover that.
+"""
+
+import datetime
+import ipaddress
+import itertools
+import json
+import os
+import signal
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+from matrix_leave_forget.audit import now_ms
+from tests.integration.base import SynapseTestCase
+from tests.integration.harness import (
+    PURGE_TIMEOUT,
+    Response,
+    SynapseProcess,
+    User,
+    free_port,
+    quote_room,
+    request,
+    wait_until,
+)
+
+ADMIN = "/_synapse/client/leave_forget/v1/admin"
+RELAXED_FORGET = {"per_second": 1000, "burst_count": 1000}
+FAST_RETENTION = {"period": "1s", "sweep_interval": "100ms"}
+
+
+_unique = itertools.count(1)
+
+
+
+
+class RetentionHelpers(SynapseTestCase):
+    """Helpers shared by the retention test classes (no tests of its own)."""
+
+    MODE = "listener"
+    admin: ClassVar[User]
+    _boot_failure: ClassVar[Optional[str]] = None
+    _up: ClassVar[bool] = False
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        # Idempotent: a unittest-style runner calls it before the first setUp does.
+        if cls.__dict__.get("_up"):
+            return
+        cls.boot()
+        cls._up = True
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.__dict__.get("_up"):
+            cls._up = False
+            cls.shutdown()
+
+    @classmethod
+    def boot(cls) -> None:
+        super().setUpClass()
+        try:
+            cls.admin = cls.hs.register("admin", admin=True)
+        except Exception:
+            cls.hs.cleanup()
+            raise
+
+    @classmethod
+    def shutdown(cls) -> None:
+        super().tearDownClass()
+
+    # -- users and rooms -------------------------------------------------
+
+    def user(self, prefix: str = "u", admin: bool = False) -> User:
+        return self.hs.register(f"{prefix}{next(_unique)}{os.urandom(2).hex()}", admin=admin)
+
+    def leave(self, user: User, room_id: str, reason: Optional[str] = None) -> Response:
+        body = {"reason": reason} if reason is not None else {}
+        resp = self.via_module("POST", room_id, "leave", body, token=user.access_token)
+        self.assertEqual(resp.status, 200, resp.body)
+        return resp
+
+    def forget(self, user: User, room_id: str) -> Response:
+        resp = self.via_module("POST", room_id, "forget", {}, token=user.access_token)
+        self.assertEqual(resp.status, 200, resp.body)
+        return resp
+
+    def leave_and_forget(self, users: Sequence[User], room_id: str) -> None:
+        for user in users:
+            self.leave(user, room_id)
+        for user in users:
+            self.forget(user, room_id)
+
+    def join(self, user: User, room_id: str) -> None:
+        resp = self.hs.membership(user, room_id, "join")
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def joined_room(self, members: int = 2) -> Tuple[str, List[User]]:
+        """A room with a non-admin creator and ``members`` local users in it."""
+        users = [self.user("m") for _ in range(members)]
+        room_id = self.hs.create_room(users[0], preset="public_chat")
+        for user in users[1:]:
+            self.join(user, room_id)
+        return room_id, users
+
+    def forgotten_room(self, members: int = 2) -> str:
+        """A room with a non-admin creator and ``members`` local users, all left and forgotten."""
+        room_id, users = self.joined_room(members)
+        self.leave_and_forget(users, room_id)
+        self.assertEqual(self.state(room_id), "forgotten")
+        return room_id
+
+    def synapse_has_room(self, room_id: str) -> bool:
+        resp = self.hs.client(
+            "GET", f"/_synapse/admin/v1/rooms/{quote_room(room_id)}", token=self.admin.access_token
+        )
+        self.assertIn(resp.status, (200, 404), resp.body)
+        return resp.status == 200
+
+    # -- the module's admin API -------------------------------------------
+
+    def admin_api(
+        self, method: str, path: str, body: Any = None, token: Optional[str] = None, **kw: Any
+    ) -> Response:
+        return request(
+            self.module_port,
+            method,
+            ADMIN + path,
+            body,
+            token=self.admin.access_token if token is None else token,
+            **kw,
+        )
+
+    def admin_ok(self, method: str, path: str, body: Any = None) -> Any:
+        resp = self.admin_api(method, path, body)
+        self.assertEqual(resp.status, 200, resp.body)
+        return resp.body
+
+    def detail(self, room_id: str) -> Dict[str, Any]:
+        return dict(self.admin_ok("GET", f"/rooms/{quote_room(room_id)}"))
+
+    def retention(self, room_id: str) -> Optional[Dict[str, Any]]:
+        return self.detail(room_id)["retention"]
+
+    def state(self, room_id: str) -> Optional[str]:
+        retention = self.retention(room_id)
+        return None if retention is None else str(retention["state"])
+
+    def listing(self, state: str) -> List[Dict[str, Any]]:
+        """Every room of a listing, following next_from."""
+        rooms: List[Dict[str, Any]] = []
+        after = ""
+        while True:
+            query = f"/rooms?state={state}&limit=50" + (
+                f"&from={quote_room(after)}" if after else ""
+            )
+            body = self.admin_ok("GET", query)
+            self.assertEqual(body["state"], state)
+            rooms.extend(body["rooms"])
+            if "next_from" not in body:
+                return rooms
+            after = body["next_from"]
+
+    def listed(self, state: str) -> List[str]:
+        return [r["room_id"] for r in self.listing(state)]
+
+    def audit(self, **filters: str) -> List[Dict[str, Any]]:
+        """Every audit entry matching filters, in seq order, following next_from."""
+        entries: List[Dict[str, Any]] = []
+        after = 0
+        while True:
+            query = "&".join(
+                [f"{k}={quote_room(v)}" for k, v in filters.items()]
+                + [f"from={after}", "limit=100"]
+            )
+            body = self.admin_ok("GET", f"/audit?{query}")
+            entries.extend(body["entries"])
+            if "next_from" not in body:
+                return entries
+            after = body["next_from"]
+
+    def purge_outcomes(self, room_id: str) -> List[str]:
+        return [e["outcome"] for e in self.audit(room_id=room_id) if e["action"] == "purge"]
+
+    def wait_state(
+        self, room_id: str, state: str, timeout: float = PURGE_TIMEOUT
+    ) -> Dict[str, Any]:
+        def reached() -> Optional[Dict[str, Any]]:
+            retention = self.retention(room_id)
+            return retention if retention and retention["state"] == state else None
+
+        return wait_until(reached, timeout, f"{room_id} to be {state}")
+
+    def sweep_past(self) -> str:
+        """Forget a fresh room and wait for its purge: every room due earlier was swept."""
+        sentinel = self.forgotten_room(members=1)
+        self.wait_state(sentinel, "purged")
+        return sentinel
+
+    def assert_purged(self, room_id: str) -> None:
+        retention = self.wait_state(room_id, "purged")
+        self.assertEqual(self.purge_outcomes(room_id), ["started", "purged"])
+        self.assertGreaterEqual(retention["purge_started_at"], retention["purge_due_at"])
+        self.assertGreaterEqual(retention["purged_at"], retention["purge_started_at"])
+        self.assertFalse(self.synapse_has_room(room_id))
+
+
+class RetentionTests(RetentionHelpers):
+    """Audit entries, purges, holds and the admin API in `listener` mode."""
+
+    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": FAST_RETENTION}
+
+    def test_audit_entry_for_every_served_leave_and_forget(self) -> None:
+        """Each leave and forget the module serves, succeeded or refused, leaves one audit entry."""
+        alice, bob = self.user("alice"), self.user("bob")
+        room = self.hs.create_room(alice, preset="public_chat")
+        self.join(bob, room)
+        unknown = f"!unknown{os.urandom(4).hex()}:test.local"
+        expected = []
+
+        def call(user: User, action: str, room_id: str, status: int, **kw: Any) -> Response:
+            resp = self.via_module(
+                kw.pop("method", "POST"),
+                room_id,
+                action,
+                kw.pop("body", {}),
+                token=user.access_token,
+                **kw,
+            )
+            self.assertEqual(resp.status, status, resp.body)
+            return resp
+
+        before = now_ms()
+        call(bob, "leave", room, 200, body={"reason": "moving on"})
+        expected.append((bob, "leave", room, "ok", "moving on"))
+        # Read while alice is still in: once everyone left, Synapse drops the room's state.
+        bob_leave_event = self.hs.member_event(self.admin, room, bob.user_id)
+        self.assertEqual(bob_leave_event["content"]["membership"], "leave")
+        resp = call(alice, "forget", room, 400)  # still joined
+        expected.append((alice, "forget", room, resp.errcode, None))
+        resp = call(bob, "leave", room, 403)  # already left
+        expected.append((bob, "leave", room, resp.errcode, None))
+        call(bob, "forget", room, 200)
+        expected.append((bob, "forget", room, "ok", None))
+        txn_path = f"/_matrix/client/v3/rooms/{quote_room(room)}/leave/txn{os.urandom(3).hex()}"
+        call(alice, "leave", room, 200, method="PUT", path=txn_path, body={"reason": "done"})
+        expected.append((alice, "leave", room, "ok", "done"))
+        # A replayed transaction is answered from Synapse's cache, not served again.
+        call(alice, "leave", room, 200, method="PUT", path=txn_path, body={"reason": "done"})
+        call(alice, "forget", room, 200)
+        expected.append((alice, "forget", room, "ok", None))
+        resp = call(alice, "leave", unknown, 404)
+        self.assertEqual(resp.errcode, "M_UNKNOWN")
+        expected.append((alice, "leave", unknown, "M_UNKNOWN", None))
+        call(alice, "forget", unknown, 200)  # as Synapse: 200 for a room never known
+        expected.append((alice, "forget", unknown, "noop", None))
+        # Garbage room ids are not worth a row, refused (leave) or not (forget).
+        call(alice, "leave", "garbage", 404)
+        call(alice, "forget", "garbage", 200)
+        after = now_ms()
+
+        entries = [e for e in self.audit() if e["user_id"] in (alice.user_id, bob.user_id)]
+        self.assertEqual(
+            [(e["user_id"], e["action"], e["room_id"], e["outcome"], e["reason"]) for e in entries],
+            [(u.user_id, a, r, o, why) for u, a, r, o, why in expected],
+        )
+        self.assertEqual(
+            [e["seq"] for e in entries], sorted({e["seq"] for e in entries}), "seq not increasing"
+        )
+        for entry, (user, action, _, outcome, _) in zip(entries, expected, strict=True):
+            self.assertEqual(entry["device_id"], user.device_id)
+            self.assertEqual(entry["origin"], self.hs.homeserver_config()["server_name"])
+            self.assertTrue(before - 1000 <= entry["ts"] <= after + 1000, entry)
+            self.assertTrue(entry["hash"] and entry["signatures"], entry)
+            if action == "leave" and outcome == "ok":
+                self.assertTrue(entry["event_id"].startswith("$"), entry)
+            else:
+                self.assertIsNone(entry["event_id"], entry)
+        # The recorded leave event is the one Synapse persisted.
+        bob_leave = self.audit(user_id=bob.user_id, room_id=room)[0]
+        self.assertEqual(bob_leave["event_id"], bob_leave_event["event_id"])
+        self.assertEqual(bob_leave_event["content"].get("reason"), "moving on")
+        # Filters agree with the full log.
+        self.assertEqual(
+            [e["seq"] for e in self.audit(user_id=alice.user_id)],
+            [e["seq"] for e in entries if e["user_id"] == alice.user_id],
+        )
+        self.assertEqual(
+            [e["seq"] for e in self.audit(room_id=unknown)],
+            [e["seq"] for e in entries if e["room_id"] == unknown],
+        )
+        in_window = self.audit(since=str(entries[0]["ts"]), until=str(entries[-1]["ts"] + 1))
+        self.assertTrue({e["seq"] for e in entries} <= {e["seq"] for e in in_window})
+
+    def test_export_streams_the_same_entries(self) -> None:
+        """GET audit/export returns the audit entries as JSON lines, filters applied."""
+        alice = self.user("alice")
+        room = self.hs.create_room(alice)
+        self.leave(alice, room, reason="export me")
+        self.forget(alice, room)
+        resp = self.admin_api("GET", f"/audit/export?user_id={quote_room(alice.user_id)}")
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.headers["content-type"], "application/x-ndjson")
+        lines = [json.loads(line) for line in resp.raw.decode().splitlines()]
+        self.assertEqual(lines, self.audit(user_id=alice.user_id))
+        self.assertEqual([e["action"] for e in lines], ["leave", "forget"])
+
+    def test_room_forgotten_by_all_is_purged(self) -> None:
+        """A room every local user left and forgot is purged once the period has passed."""
+        alice, bob = self.user("alice"), self.user("bob")
+        room = self.hs.create_room(alice, preset="public_chat")
+        self.join(bob, room)
+        self.leave_and_forget([alice], room)
+        self.assertIsNone(self.retention(room), "forgotten by one of two is not pending")
+        self.leave_and_forget([bob], room)
+
+        retention = self.retention(room)
+        self.assertIsNotNone(retention)
+        self.assertEqual(retention["state"], "forgotten")
+        self.assertEqual(retention["purge_due_at"] - retention["forgotten_at"], 1000)
+        self.assertIn(room, self.listed("pending"))
+        self.assertIn(room, self.listed("forgotten"))
+        self.assertNotIn(room, self.listed("purged"))
+
+        self.assert_purged(room)
+        self.assertIn(room, self.listed("purged"))
+        self.assertNotIn(room, self.listed("pending"))
+        self.assertNotIn(room, self.listed("forgotten"))
+        self.assertNotIn(room, self.listed("abandoned"))
+        purges = [e for e in self.audit(room_id=room) if e["action"] == "purge"]
+        self.assertEqual([e["user_id"] for e in purges], [None, None])
+        # The audit log keeps the members' history after Synapse dropped the room.
+        self.assertEqual(
+            [(e["user_id"], e["action"]) for e in self.audit(room_id=room)][:4],
+            [
+                (alice.user_id, "leave"),
+                (alice.user_id, "forget"),
+                (bob.user_id, "leave"),
+                (bob.user_id, "forget"),
+            ],
+        )
+
+    def test_pending_local_invite_prevents_purge(self) -> None:
+        """A local user's pending invite keeps the room from being forgotten by all, so unpurged."""
+        alice, carol = self.user("alice"), self.user("carol")
+        room = self.hs.create_room(alice, preset="private_chat")
+        resp = self.hs.membership(alice, room, "invite", {"user_id": carol.user_id})
+        self.assertEqual(resp.status, 200, resp.body)
+        self.leave_and_forget([alice], room)
+        self.assertIsNone(self.retention(room))
+
+        self.sweep_past()
+        self.assertIsNone(self.retention(room))
+        self.assertEqual(self.purge_outcomes(room), [])
+        self.assertTrue(self.synapse_has_room(room))
+        self.assertNotIn(room, self.listed("abandoned"))
+        members = {m["user_id"]: m for m in self.detail(room)["local_members"]}
+        self.assertEqual(members[carol.user_id]["membership"], "invite")
+
+        # Rejecting the invite and forgetting makes carol the last to forget.
+        self.leave(carol, room, reason="no thanks")
+        self.forget(carol, room)
+        self.assertEqual(self.state(room), "forgotten")
+        self.assert_purged(room)
+
+    def test_pending_local_knock_prevents_purge(self) -> None:
+        """A local user's pending knock keeps the room from being forgotten by all, so unpurged."""
+        alice, carol = self.user("alice"), self.user("carol")
+        room = self.hs.create_room(
+            alice,
+            room_version="10",
+            initial_state=[
+                {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
+            ],
+        )
+        resp = self.hs.membership(carol, room, "knock", {"reason": "let me in"})
+        self.assertEqual(resp.status, 200, resp.body)
+        self.leave_and_forget([alice], room)
+        self.assertIsNone(self.retention(room))
+
+        self.sweep_past()
+        self.assertIsNone(self.retention(room))
+        self.assertEqual(self.purge_outcomes(room), [])
+        self.assertTrue(self.synapse_has_room(room))
+        members = {m["user_id"]: m for m in self.detail(room)["local_members"]}
+        self.assertEqual(members[carol.user_id]["membership"], "knock")
+
+        # Rescinding the knock and forgetting makes carol the last to forget.
+        self.leave(carol, room)
+        self.forget(carol, room)
+        self.assertEqual(self.state(room), "forgotten")
+        self.assert_purged(room)
+
+    def test_admin_hold_prevents_purge_until_lifted(self) -> None:
+        """A hold placed through the admin API keeps a due room; lifting it lets the purge run."""
+        room = self.forgotten_room()
+        path = f"/rooms/{quote_room(room)}/hold"
+        self.assertEqual(
+            self.admin_ok("PUT", path, {"reason": "legal hold"}),
+            {"room_id": room, "held": True, "created": True},
+        )
+        self.assertEqual(
+            self.admin_ok("PUT", path, {"reason": "again"}),
+            {"room_id": room, "held": True, "created": False},
+        )
+        held = {r["room_id"]: r for r in self.listing("held")}
+        self.assertEqual(held[room]["held_by"], self.admin.user_id)
+        self.assertEqual(held[room]["reason"], "legal hold")
+        self.assertEqual(self.detail(room)["hold"]["reason"], "legal hold")
+
+        self.sweep_past()
+        retention = self.retention(room)
+        self.assertEqual(retention["state"], "forgotten")
+        self.assertLess(retention["purge_due_at"], now_ms(), "the room is past due")
+        self.assertEqual(self.purge_outcomes(room), [])
+        self.assertTrue(self.synapse_has_room(room))
+        self.assertIn(room, self.listed("pending"))
+
+        self.assertEqual(
+            self.admin_ok("DELETE", path), {"room_id": room, "held": False, "lifted": True}
+        )
+        self.assertEqual(
+            self.admin_ok("DELETE", path), {"room_id": room, "held": False, "lifted": False}
+        )
+        self.assertNotIn(room, self.listed("held"))
+        self.assert_purged(room)
+        self.assertEqual(
+            [
+                (e["action"], e["outcome"], e["user_id"], e["reason"])
+                for e in self.audit(room_id=room)
+                if e["action"] in ("hold", "unhold")
+            ],
+            [
+                ("hold", "ok", self.admin.user_id, "legal hold"),
+                ("unhold", "ok", self.admin.user_id, None),
+            ],
+        )
+
+    def test_forget_of_unknown_or_garbage_room_creates_no_retention_state(self) -> None:
+        """Forgetting a room the server never knew (or a non-room id) arms no purge."""
+        alice = self.user("alice")
+        unknown = f"!never{os.urandom(4).hex()}:test.local"
+        garbage = f"not-a-room-{os.urandom(2).hex()}"
+        self.forget(alice, unknown)
+        self.forget(alice, garbage)
+        self.assertIsNone(self.retention(unknown))
+
+        self.sweep_past()
+        self.assertIsNone(self.retention(unknown))
+        resp = self.admin_api("GET", f"/rooms/{quote_room(garbage)}")
+        self.assertEqual((resp.status, resp.errcode), (400, "M_INVALID_PARAM"))
+        for state in ("forgotten", "pending", "dry_run", "purged", "abandoned", "held"):
+            listed = self.listed(state)
+            self.assertNotIn(unknown, listed, state)
+            self.assertNotIn(garbage, listed, state)
+        self.assertEqual(
+            [(e["action"], e["outcome"]) for e in self.audit(room_id=unknown)],
+            [("forget", "noop")],
+        )
+        self.assertEqual(self.audit(room_id=garbage), [])
+
+    def test_abandoned_listing_and_member_detail(self) -> None:
+        """abandoned lists rooms all local users left; the detail shows their leaves and forgets."""
+        alice, bob = self.user("alice"), self.user("bob")
+        left = self.hs.create_room(alice, preset="public_chat")
+        self.join(bob, left)
+        still_joined = self.hs.create_room(alice, preset="public_chat")
+        self.join(bob, still_joined)
+        self.leave(alice, left, reason="alice out")
+        self.leave(bob, left, reason="bob out")
+        self.forget(alice, left)
+        self.leave(alice, still_joined)
+
+        abandoned = self.listed("abandoned")
+        self.assertIn(left, abandoned)
+        self.assertNotIn(still_joined, abandoned)
+        self.assertIsNone(self.retention(left), "bob has not forgotten")
+        self.assertNotIn(left, self.listed("forgotten"))
+
+        detail = self.detail(left)
+        self.assertEqual(detail["room_id"], left)
+        self.assertIsNone(detail["hold"])
+        members = {m["user_id"]: m for m in detail["local_members"]}
+        self.assertEqual(set(members), {alice.user_id, bob.user_id})
+        audit = {(e["user_id"], e["action"]): e for e in self.audit(room_id=left)}
+        a, b = members[alice.user_id], members[bob.user_id]
+        self.assertEqual((a["membership"], a["forgotten"]), ("leave", True))
+        self.assertEqual((b["membership"], b["forgotten"]), ("leave", False))
+        self.assertEqual(a["leave_reason"], "alice out")
+        self.assertEqual(b["leave_reason"], "bob out")
+        self.assertEqual(a["leave_ts"], audit[(alice.user_id, "leave")]["ts"])
+        self.assertEqual(a["forget_ts"], audit[(alice.user_id, "forget")]["ts"])
+        self.assertEqual(b["leave_ts"], audit[(bob.user_id, "leave")]["ts"])
+        self.assertLessEqual(a["leave_ts"], a["forget_ts"])
+        self.assertEqual(a["leave_event_id"], audit[(alice.user_id, "leave")]["event_id"])
+        self.assertNotIn("forget_ts", b)
+
+        # Once bob forgets too, the room is pending and (until purged) still abandoned.
+        self.forget(bob, left)
+        self.assertEqual(self.state(left), "forgotten")
+
+    def test_listing_validation(self) -> None:
+        """An unknown listing state or a bad paging argument is a 400, not a 500."""
+        for query in ("/rooms?state=bogus", "/rooms?limit=x", "/rooms?limit=-1", "/audit?from=x"):
+            resp = self.admin_api("GET", query)
+            self.assertEqual((resp.status, resp.errcode), (400, "M_INVALID_PARAM"), query)
+
+    def test_admin_routes_refuse_non_admins_and_anonymous(self) -> None:
+        """Every admin route answers 403 M_FORBIDDEN to a non-admin and 401 without a token."""
+        mallory = self.user("mallory")
+        room = self.forgotten_room(members=1)
+        routes = [
+            ("GET", "/rooms?state=forgotten", None),
+            ("GET", f"/rooms/{quote_room(room)}", None),
+            ("GET", "/audit", None),
+            ("GET", "/audit/export", None),
+            ("PUT", f"/rooms/{quote_room(room)}/hold", {"reason": "mine"}),
+            ("DELETE", f"/rooms/{quote_room(room)}/hold", None),
+            ("GET", "/no-such-route", None),  # no probing of routes either
+        ]
+        for method, path, body in routes:
+            resp = self.admin_api(method, path, body, token=mallory.access_token)
+            self.assertEqual((resp.status, resp.errcode), (403, "M_FORBIDDEN"), (method, path))
+            resp = request(self.module_port, method, ADMIN + path, body)
+            self.assertEqual((resp.status, resp.errcode), (401, "M_MISSING_TOKEN"), (method, path))
+            resp = self.admin_api(method, path, body, token="not-a-token")
+            self.assertEqual((resp.status, resp.errcode), (401, "M_UNKNOWN_TOKEN"), (method, path))
+        self.assertIsNone(self.detail(room)["hold"], "the refused PUT placed no hold")
+        self.assertEqual(
+            [e for e in self.audit(room_id=room) if e["action"] in ("hold", "unhold")], []
+        )
+
+
+class DryRunTests(RetentionHelpers):
+    """`dry_run: true`: due rooms are recorded, never purged."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {**FAST_RETENTION, "dry_run": True},
+    }
+
+    def test_dry_run_purges_nothing(self) -> None:
+        """A due room goes to dry_run with an audit entry; Synapse keeps it, sweep after sweep."""
+        room = self.forgotten_room()
+        retention = self.wait_state(room, "dry_run")
+        self.assertGreaterEqual(retention["purge_started_at"], retention["purge_due_at"])
+        self.assertIsNone(retention["purged_at"])
+        self.assertEqual(self.purge_outcomes(room), ["dry_run"])
+        self.assertTrue(self.synapse_has_room(room))
+        self.assertIn(room, self.listed("dry_run"))
+        self.assertIn(room, self.listed("forgotten"))
+        self.assertNotIn(room, self.listed("pending"))
+        self.assertNotIn(room, self.listed("purged"))
+
+        # Later sweeps (shown by a later room reaching dry_run) leave it alone.
+        later = self.forgotten_room(members=1)
+        self.wait_state(later, "dry_run")
+        self.assertEqual(self.state(room), "dry_run")
+        self.assertEqual(self.purge_outcomes(room), ["dry_run"])
+        self.assertTrue(self.synapse_has_room(room))
+        self.assertTrue(self.synapse_has_room(later))
+        self.assertEqual(self.listed("purged"), [])
+
+
+class RestartTests(RetentionHelpers):
+    """Pending purges survive a restart of Synapse; configured holds."""
+
+    RETENTION: ClassVar[Dict[str, Any]] = {"period": "3s", "sweep_interval": "100ms"}
+    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
+
+    def restart(self, sig: int = signal.SIGTERM, holds: Sequence[str] = ()) -> None:
+        self.hs.stop(sig)
+        retention = dict(self.RETENTION, holds=list(holds)) if holds else self.RETENTION
+        self.hs.reconfigure(
+            module_config={"mount": self.MODE, **self.MODULE_CONFIG, "retention": retention}
+        )
+        self.hs.start()
+
+    def assert_pending(self, room_id: str) -> None:
+        """Guard: the room is still waiting for its purge (the test was fast enough)."""
+        retention = self.retention(room_id)
+        self.assertEqual(retention["state"], "forgotten")
+        self.assertGreater(retention["purge_due_at"], now_ms(), "still pending at the stop")
+
+    def _restart_loses_nothing(self, sig: int) -> None:
+        # Rooms are set up first and forgotten together, so that the period
+        # runs from just before the stop.
+        prepared = [self.joined_room() for _ in range(3)]
+        for room, users in prepared:
+            self.leave_and_forget(users, room)
+        rooms = [room for room, _ in prepared]
+        for room in rooms:
+            self.assert_pending(room)
+        self.restart(sig)
+        for room in rooms:
+            self.assert_purged(room)
+
+    def test_restart_with_pending_purges_sigterm(self) -> None:
+        """Rooms pending purge when Synapse is stopped (SIGTERM) are purged after it restarts."""
+        self._restart_loses_nothing(signal.SIGTERM)
+
+    def test_restart_with_pending_purges_sigkill(self) -> None:
+        """Rooms pending purge when Synapse is killed (SIGKILL) are purged after it restarts."""
+        self._restart_loses_nothing(signal.SIGKILL)
+
+    def test_config_hold_prevents_purge(self) -> None:
+        """A room in retention.holds is never purged; the admin API cannot lift a config hold."""
+        room, users = self.joined_room()
+        self.leave_and_forget(users, room)
+        self.assert_pending(room)
+        self.restart(holds=[room])
+        try:
+            self.sweep_past()
+            retention = self.retention(room)
+            self.assertEqual(retention["state"], "forgotten")
+            self.assertLess(retention["purge_due_at"], now_ms(), "the room is past due")
+            self.assertEqual(self.purge_outcomes(room), [])
+            self.assertTrue(self.synapse_has_room(room))
+            held = {r["room_id"]: r for r in self.listing("held")}
+            self.assertEqual(held[room]["held_by"], "config")
+            self.assertEqual(self.detail(room)["hold"]["held_by"], "config")
+            self.assertEqual(
+                self.admin_ok("DELETE", f"/rooms/{quote_room(room)}/hold"),
+                {"room_id": room, "held": True, "lifted": False},
+            )
+        finally:
+            self.restart(holds=[])
+        # Taken out of the config, the hold is gone and the overdue room is purged.
+        self.assert_purged(room)
+
+
+def _write_self_signed_cert(workdir: str) -> Dict[str, str]:
+    """A throwaway TLS certificate for 127.0.0.1 (federation requires TLS)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    paths = {
+        "tls_certificate_path": os.path.join(workdir, "tls.crt"),
+        "tls_private_key_path": os.path.join(workdir, "tls.key"),
+    }
+    with open(paths["tls_certificate_path"], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["tls_private_key_path"], "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    return paths
+
+
+class FederatingSynapseProcess(SynapseProcess):
+    """A SynapseProcess that federates over loopback: named 127.0.0.1:<TLS port>."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.federation_port = free_port()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def server_name(self) -> str:
+        return f"127.0.0.1:{self.federation_port}"
+
+    def homeserver_config(self) -> Dict[str, Any]:
+        config = super().homeserver_config()
+        config.update(_write_self_signed_cert(self.workdir))
+        config["server_name"] = self.server_name
+        config["listeners"] = [
+            *config["listeners"],
+            {
+                "port": self.federation_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": True,
+                "resources": [{"names": ["federation"]}],
+            },
+        ]
+        config["federation_verify_certificates"] = False
+        config["ip_range_blacklist"] = []
+        config["federation_ip_range_blacklist"] = []
+        return config
+
+
+class FederatedRetentionTests(RetentionHelpers):
+    """Rooms that live on on a remote server: a rejoin, invite or knock cancels a pending purge."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {"period": "2s", "sweep_interval": "100ms"},
+    }
+    remote: ClassVar[FederatingSynapseProcess]
+    rita: ClassVar[User]
+
+    @classmethod
+    def boot(cls) -> None:
+        cls.hs = FederatingSynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG})
+        cls.remote = FederatingSynapseProcess(None)
+        try:
+            cls.hs.start()
+            cls.remote.start()
+            cls.admin = cls.hs.register("admin", admin=True)
+            cls.rita = cls.remote.register("rita")
+        except Exception:
+            cls.shutdown()
+            raise
+
+    @classmethod
+    def shutdown(cls) -> None:
+        cls.hs.cleanup()
+        cls.remote.cleanup()
+
+    def remote_room(self, **content: Any) -> str:
+        return self.remote.create_room(self.rita, **content)
+
+    def federated(self, user: User, room_id: str, action: str, body: Any = None) -> None:
+        """Join or knock on a room through the remote server."""
+        via = quote_room(self.remote.server_name)
+        path = f"/_matrix/client/v3/{action}/{quote_room(room_id)}?server_name={via}"
+        resp = self.hs.client("POST", path, body or {}, token=user.access_token)
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def invite(self, user: User, room_id: str) -> None:
+        resp = self.remote.membership(self.rita, room_id, "invite", {"user_id": user.user_id})
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def local_membership(self, room_id: str, user: User) -> Optional[str]:
+        for member in self.detail(room_id)["local_members"]:
+            if member["user_id"] == user.user_id:
+                return str(member["membership"])
+        return None
+
+    def assert_cancelled_by(self, room_id: str, user: User, membership: str) -> None:
+        """The pending purge was cancelled at its due time because of user's membership."""
+        retention = self.wait_state(room_id, "active")
+        self.assertIsNone(retention["purge_due_at"])
+        self.assertIsNone(retention["purge_started_at"])
+        self.assertIsNotNone(retention["cancelled_at"])
+        self.assertEqual(retention["note"], f"{user.user_id} has membership {membership}")
+        cancels = [e for e in self.audit(room_id=room_id) if e["action"] == "purge"]
+        self.assertEqual(
+            [(e["outcome"], e["reason"]) for e in cancels],
+            [("cancelled", f"{user.user_id} has membership {membership}")],
+        )
+        self.assertTrue(self.synapse_has_room(room_id))
+        self.assertNotIn(room_id, self.listed("pending"))
+        self.assertNotIn(room_id, self.listed("purged"))
+
+    def assert_still_pending(self, room_id: str) -> None:
+        """Guard: the event under test arrived before the purge fell due."""
+        retention = self.retention(room_id)
+        self.assertEqual(retention["state"], "forgotten")
+        self.assertGreater(retention["purge_due_at"], now_ms(), "test too slow for the period")
+
+    def test_rejoin_cancels_pending_purge(self) -> None:
+        """A local user rejoining after every local user forgot cancels the purge; room stays."""
+        alice, bob = self.user("alice"), self.user("bob")
+        room = self.remote_room(preset="public_chat")
+        self.federated(alice, room, "join")
+        self.federated(bob, room, "join")
+        self.leave_and_forget([alice, bob], room)
+        self.assertEqual(self.state(room), "forgotten")
+        self.federated(alice, room, "join")
+        self.assert_still_pending(room)
+        self.assert_cancelled_by(room, alice, "join")
+        self.assertEqual(self.local_membership(room, alice), "join")
+
+    def test_new_invite_cancels_pending_purge(self) -> None:
+        """An invite of a local user arriving after every local user forgot cancels the purge."""
+        alice, carol = self.user("alice"), self.user("carol")
+        room = self.remote_room(preset="public_chat")
+        self.federated(alice, room, "join")
+        self.leave_and_forget([alice], room)
+        self.assertEqual(self.state(room), "forgotten")
+        self.invite(carol, room)
+        self.assert_still_pending(room)
+        self.assert_cancelled_by(room, carol, "invite")
+
+    def test_knock_cancels_pending_purge(self) -> None:
+        """A local user knocking after every local user forgot cancels the purge."""
+        alice, carol = self.user("alice"), self.user("carol")
+        room = self.remote_room(
+            room_version="10",
+            initial_state=[
+                {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
+            ],
+        )
+        self.invite(alice, room)
+        self.federated(alice, room, "join")
+        self.leave_and_forget([alice], room)
+        self.assertEqual(self.state(room), "forgotten")
+        self.federated(carol, room, "knock", {"reason": "let me back"})
+        self.assert_still_pending(room)
+        self.assert_cancelled_by(room, carol, "knock")
+
+    def test_forget_again_after_rejoin_restarts_the_period(self) -> None:
+        """Rejoin, leave and forget again: the room stays a full period after the latest forget."""
+        alice = self.user("alice")
+        room = self.remote_room(preset="public_chat")
+        self.federated(alice, room, "join")
+        self.leave_and_forget([alice], room)
+        first = self.retention(room)
+        self.federated(alice, room, "join")
+        self.leave(alice, room)
+        before_second_forget = now_ms()
+        self.forget(alice, room)
+        second = self.retention(room)
+        self.assertEqual(second["state"], "forgotten")
+        self.assertGreaterEqual(second["forgotten_at"], before_second_forget - 1000)
+        self.assertGreater(second["forgotten_at"], first["forgotten_at"])
+        self.assertEqual(second["purge_due_at"] - second["forgotten_at"], 2000)
+        self.assert_purged(room)
+        self.assertGreaterEqual(self.retention(room)["purge_started_at"], second["purge_due_at"])
+
+
+class InterceptModeTests(RetentionHelpers):
+    """`mount: intercept`: the admin API and the audit answer on the client listener."""
+
+    MODE = "intercept"
+    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": FAST_RETENTION}
+
+    def test_admin_api_on_client_port(self) -> None:
+        """Leave and forget on the client port are audited, and the admin API answers there too."""
+        self.assertEqual(self.module_port, self.hs.client_port)
+        alice = self.user("alice")
+        room = self.hs.create_room(alice)
+        self.leave(alice, room, reason="intercepted")
+        self.forget(alice, room)
+        resp = self.hs.client(
+            "GET",
+            f"{ADMIN}/audit?user_id={quote_room(alice.user_id)}",
+            token=self.admin.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(
+            [(e["action"], e["outcome"], e["reason"]) for e in resp.body["entries"]],
+            [("leave", "ok", "intercepted"), ("forget", "ok", None)],
+        )
+        self.assertEqual(self.state(room), "forgotten")
+        resp = self.hs.client("GET", f"{ADMIN}/audit", token=alice.access_token)
+        self.assertEqual((resp.status, resp.errcode), (403, "M_FORBIDDEN"))
+        resp = self.hs.client("GET", f"{ADMIN}/audit")
+        self.assertEqual((resp.status, resp.errcode), (401, "M_MISSING_TOKEN"))
+        self.assert_purged(room)

@@ -1,0 +1,242 @@
+"""Unit tests of the module's config parsing (no Synapse process)."""
+
+from typing import Any, Dict, Tuple
+
+from synapse.module_api.errors import ConfigError
+from twisted.trial.unittest import SynchronousTestCase
+
+from matrix_leave_forget import LeaveForgetModule
+from matrix_leave_forget.config import (
+    MOUNT_INTERCEPT,
+    MOUNT_LISTENER,
+    LeaveForgetConfig,
+    RateLimitConfig,
+    RetentionConfig,
+    parse_config,
+    parse_duration_ms,
+)
+from tests.integration.harness import SynapseProcess
+
+
+class ParseConfigDefaultsTests(SynchronousTestCase):
+    def test_empty_mapping_gives_defaults(self) -> None:
+        """An empty config block parses to the documented defaults."""
+        config = LeaveForgetModule.parse_config({})
+        self.assertEqual(config, LeaveForgetConfig())
+        self.assertEqual(config.mount, MOUNT_INTERCEPT)
+        self.assertEqual(config.forget_rate_limit, RateLimitConfig(per_second=0.2, burst_count=10))
+        self.assertTrue(config.audit_failures)
+        self.assertEqual(config.retention, RetentionConfig())
+        self.assertIsNone(config.retention.period_ms)
+        self.assertFalse(config.retention.dry_run)
+        self.assertEqual(config.retention.holds, frozenset())
+        self.assertEqual(config.retention.sweep_interval_ms, 60_000)
+
+    def test_none_gives_defaults(self) -> None:
+        """A missing (null) config block parses to the same defaults as {}."""
+        self.assertEqual(LeaveForgetModule.parse_config(None), LeaveForgetConfig())
+        self.assertEqual(parse_config(None), LeaveForgetConfig())
+
+    def test_null_sections_give_defaults(self) -> None:
+        """`retention:` with no value keeps retention defaults; null rate limit disables it."""
+        config = parse_config({"retention": None, "forget_rate_limit": None})
+        self.assertEqual(config.retention, RetentionConfig())
+        self.assertIsNone(config.forget_rate_limit)
+
+    def test_full_config(self) -> None:
+        """Every key, set to a valid non-default value, lands in the parsed config."""
+        config = parse_config(
+            {
+                "mount": "listener",
+                "forget_rate_limit": {"per_second": 2, "burst_count": 3},
+                "audit_failures": False,
+                "retention": {
+                    "period": "7d",
+                    "dry_run": True,
+                    "holds": ["!a:test.local", "!b:test.local"],
+                    "sweep_interval": "200ms",
+                },
+            }
+        )
+        self.assertEqual(config.mount, MOUNT_LISTENER)
+        self.assertEqual(config.forget_rate_limit, RateLimitConfig(per_second=2.0, burst_count=3))
+        self.assertIsInstance(config.forget_rate_limit.per_second, float)
+        self.assertFalse(config.audit_failures)
+        self.assertEqual(
+            config.retention,
+            RetentionConfig(
+                period_ms=7 * 24 * 3600 * 1000,
+                dry_run=True,
+                holds=frozenset({"!a:test.local", "!b:test.local"}),
+                sweep_interval_ms=200,
+            ),
+        )
+
+    def test_rate_limit_partial_keeps_other_default(self) -> None:
+        """A rate limit block with one key keeps the default for the other."""
+        config = parse_config({"forget_rate_limit": {"burst_count": 1}})
+        self.assertEqual(config.forget_rate_limit, RateLimitConfig(per_second=0.2, burst_count=1))
+
+    def test_period_off(self) -> None:
+        """period: off / false / null means never purge."""
+        for value in ("off", False, None):
+            self.assertIsNone(parse_config({"retention": {"period": value}}).retention.period_ms)
+
+    def test_room_version_12_room_id_hold(self) -> None:
+        """A room id without a server name (room version 12) is accepted as a hold."""
+        room = "!" + "a" * 43
+        self.assertEqual(
+            parse_config({"retention": {"holds": [room]}}).retention.holds, frozenset({room})
+        )
+
+
+class DurationTests(SynchronousTestCase):
+    def test_durations(self) -> None:
+        """Durations parse as Synapse's do: bare ints are ms, strings take a unit."""
+        cases = {
+            "500ms": 500,
+            "2s": 2000,
+            "1m": 60_000,
+            "1h": 3_600_000,
+            "7d": 7 * 86_400_000,
+            "1w": 7 * 86_400_000,
+            "1y": 365 * 86_400_000,
+            "250": 250,
+            " 2s ": 2000,
+            1500: 1500,
+        }
+        for value, millis in cases.items():
+            self.assertEqual(parse_duration_ms(value, ("x",)), millis, value)
+            self.assertEqual(
+                parse_config({"retention": {"period": value}}).retention.period_ms, millis, value
+            )
+            self.assertEqual(
+                parse_config({"retention": {"sweep_interval": value}}).retention.sweep_interval_ms,
+                millis,
+                value,
+            )
+
+    def test_bad_durations(self) -> None:
+        """Non-durations, zero, negatives, booleans and floats are refused with the path."""
+        for value in ("7 days", "2 s", "1.5s", "s", "", "-5", "10x", -5, 0, "0s", True, 1.5, [1]):
+            with self.assertRaises(ConfigError, msg=repr(value)) as caught:
+                parse_duration_ms(value, ("retention", "period"))
+            self.assertEqual(tuple(caught.exception.path), ("retention", "period"))
+
+
+class BadConfigTests(SynchronousTestCase):
+    """Each bad config raises a ConfigError whose path names the offending key."""
+
+    def assert_refused(self, config: Any, path: Tuple[str, ...]) -> ConfigError:
+        with self.assertRaises(ConfigError, msg=repr(config)) as caught:
+            LeaveForgetModule.parse_config(config)
+        error = caught.exception
+        self.assertEqual(tuple(error.path or ()), path, f"{config!r}: {error.msg}")
+        self.assertIsInstance(error.msg, str)
+        self.assertTrue(error.msg)
+        return error
+
+    def test_not_a_mapping(self) -> None:
+        """A config block that is not a mapping is refused."""
+        for config in (["mount"], "listener", 3):
+            self.assert_refused(config, ())
+
+    def test_unknown_top_level_key(self) -> None:
+        """An unknown top-level key is refused and named in path and message."""
+        error = self.assert_refused({"mount": "listener", "retension": {}}, ("retension",))
+        self.assertIn("retension", error.msg)
+        self.assertIn("retention", error.msg)  # lists what is allowed
+
+    def test_bad_mount(self) -> None:
+        """mount must be intercept or listener."""
+        for value in ("bogus", "", None, 1, True, ["listener"]):
+            error = self.assert_refused({"mount": value}, ("mount",))
+            self.assertIn("intercept", error.msg)
+            self.assertIn("listener", error.msg)
+
+    def test_bad_rate_limit(self) -> None:
+        """per_second must be a positive number and burst_count an integer >= 1."""
+        cases: Dict[str, Tuple[Any, Tuple[str, ...]]] = {
+            "per_second negative": ({"per_second": -1}, ("forget_rate_limit", "per_second")),
+            "per_second zero": ({"per_second": 0}, ("forget_rate_limit", "per_second")),
+            "per_second string": ({"per_second": "x"}, ("forget_rate_limit", "per_second")),
+            "per_second bool": ({"per_second": True}, ("forget_rate_limit", "per_second")),
+            "burst_count zero": ({"burst_count": 0}, ("forget_rate_limit", "burst_count")),
+            "burst_count negative": ({"burst_count": -3}, ("forget_rate_limit", "burst_count")),
+            "burst_count float": ({"burst_count": 1.5}, ("forget_rate_limit", "burst_count")),
+            "burst_count string": ({"burst_count": "10"}, ("forget_rate_limit", "burst_count")),
+            "unknown key": ({"per_minute": 1}, ("forget_rate_limit", "per_minute")),
+            "not a mapping": ("fast", ("forget_rate_limit",)),
+        }
+        for value, path in cases.values():
+            self.assert_refused({"forget_rate_limit": value}, path)
+
+    def test_bad_retention_period(self) -> None:
+        """retention.period refuses "7 days", negatives, zero and booleans."""
+        for value in ("7 days", -5, 0, True, "1.5h", [], {}):
+            error = self.assert_refused({"retention": {"period": value}}, ("retention", "period"))
+            self.assertIn("duration", error.msg)
+
+    def test_bad_sweep_interval(self) -> None:
+        """retention.sweep_interval must be a positive duration (0 would spin)."""
+        for value in (0, "0ms", -1, "soon", False, None):
+            self.assert_refused(
+                {"retention": {"sweep_interval": value}}, ("retention", "sweep_interval")
+            )
+
+    def test_bad_holds(self) -> None:
+        """retention.holds must be a list of room ids; the bad element is named by index."""
+        for value in ("!a:test.local", {"!a:test.local": 1}, 3, True):
+            error = self.assert_refused({"retention": {"holds": value}}, ("retention", "holds"))
+            self.assertIn("list", error.msg)
+        for holds, index in (
+            (["not a room id"], "0"),
+            (["!ok:test.local", "#alias:test.local"], "1"),
+            (["!ok:test.local", "@user:test.local"], "1"),
+            ([5], "0"),
+            ([None], "0"),
+            (["!has space:test.local"], "0"),
+            (["!" + "a" * 300 + ":test.local"], "0"),
+        ):
+            error = self.assert_refused(
+                {"retention": {"holds": holds}}, ("retention", "holds", index)
+            )
+            self.assertIn("room id", error.msg)
+
+    def test_bad_booleans(self) -> None:
+        """audit_failures and retention.dry_run must be real booleans, not "yes" or 1."""
+        for value in ("yes", "true", 1, 0, None):
+            self.assert_refused({"audit_failures": value}, ("audit_failures",))
+            self.assert_refused({"retention": {"dry_run": value}}, ("retention", "dry_run"))
+
+    def test_bad_retention_section(self) -> None:
+        """retention must be a mapping with known keys only."""
+        self.assert_refused({"retention": "7d"}, ("retention",))
+        self.assert_refused({"retention": ["7d"]}, ("retention",))
+        error = self.assert_refused({"retention": {"periode": "7d"}}, ("retention", "periode"))
+        self.assertIn("periode", error.msg)
+        self.assertIn("sweep_interval", error.msg)
+
+    def test_nested_unknown_keys(self) -> None:
+        """Unknown keys are caught at every level, alongside valid keys."""
+        self.assert_refused(
+            {"retention": {"period": "1d", "holds": [], "bogus": 1}}, ("retention", "bogus")
+        )
+        self.assert_refused(
+            {"forget_rate_limit": {"per_second": 1, "burst": 5}}, ("forget_rate_limit", "burst")
+        )
+
+
+class SynapseRefusesBadConfigTests(SynchronousTestCase):
+    def test_synapse_refuses_to_start_and_names_the_key(self) -> None:
+        """A real Synapse with `mount: bogus` exits at start-up, and its output names `mount`."""
+        hs = SynapseProcess({"mount": "bogus"})
+        try:
+            with self.assertRaises(RuntimeError) as caught:
+                hs.start(timeout=60)
+        finally:
+            hs.cleanup()
+        message = str(caught.exception)
+        self.assertIn("Synapse exited", message)
+        self.assertIn("mount", message)
+        self.assertIn("matrix_leave_forget", message)
