@@ -156,4 +156,3 @@ class _StartupGate:
             waiter: defer.Deferred[None] = defer.Deferred()
             self._waiters.append(waiter)
             await make_deferred_yieldable(waiter)
-

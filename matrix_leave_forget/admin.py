@@ -70,9 +70,7 @@ def _limit_arg(request: SynapseRequest) -> int:
     limit = _int_arg(request, "limit", 100)
     assert limit is not None
     if not 1 <= limit <= MAX_LIMIT:
-        raise SynapseError(
-            400, f"'limit' must be between 1 and {MAX_LIMIT}", Codes.INVALID_PARAM
-        )
+        raise SynapseError(400, f"'limit' must be between 1 and {MAX_LIMIT}", Codes.INVALID_PARAM)
     return limit
 
 
@@ -164,14 +162,18 @@ class AdminResource(DirectServeJsonResource):
             held = {h["room_id"]: h for h in holds}
             for room_id in self._retention.holds:
                 held.setdefault(
-                    room_id, {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
+                    room_id,
+                    {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None},
                 )
             rooms: List[Dict[str, Any]] = [
                 held[r] for r in sorted(held) if after is None or r > after
             ][:limit]
         elif state == "abandoned":
             room_ids = await self._api.run_db_interaction(
-                "leave_forget_abandoned_rooms", self._internals.abandoned_rooms_txn, after or "", limit
+                "leave_forget_abandoned_rooms",
+                self._internals.abandoned_rooms_txn,
+                after or "",
+                limit,
             )
             rooms = [{"room_id": r} for r in room_ids]
         elif state in LISTINGS:

@@ -56,9 +56,7 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
     return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
 
 
-def seal_entry(
-    fields: Mapping[str, Any], origin: str, signing_key: SigningKey
-) -> Dict[str, Any]:
+def seal_entry(fields: Mapping[str, Any], origin: str, signing_key: SigningKey) -> Dict[str, Any]:
     """Complete an entry with its hash and the homeserver's signature.
 
     Args:
@@ -149,7 +147,9 @@ def iter_verify(
             except (SignatureVerifyException, KeyError, TypeError) as exc:
                 problem = f"bad signature: {exc}"
         if problem is not None:
-            yield VerifyResult(checked, prev, seq if isinstance(seq, int) else expected_seq, problem)
+            yield VerifyResult(
+                checked, prev, seq if isinstance(seq, int) else expected_seq, problem
+            )
             return
         checked += 1
         prev = str(entry["hash"])
@@ -174,7 +174,5 @@ def verify_chain(
     entries: Iterable[Mapping[str, Any]], origin: str, verify_keys: Mapping[str, VerifyKey]
 ) -> VerifyResult:
     """Check a whole chain; see iter_verify."""
-    result = VerifyResult(0, GENESIS_HASH)
-    for result in iter_verify(entries, origin, verify_keys):
-        pass
-    return result
+    *_, last = iter_verify(entries, origin, verify_keys)
+    return last

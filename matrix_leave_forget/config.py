@@ -68,9 +68,7 @@ class LeaveForgetConfig:
     """
 
     mount: str = MOUNT_INTERCEPT
-    forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(
-        per_second=0.2, burst_count=10
-    )
+    forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
 
@@ -166,9 +164,7 @@ def _parse_retention(value: Any) -> RetentionConfig:
         raise ConfigError("must be a list of room ids", (path, "holds"))
     for index, room_id in enumerate(holds_value):
         if not isinstance(room_id, str) or not is_valid_room_id(room_id):
-            raise ConfigError(
-                f"{room_id!r} is not a room id", (path, "holds", str(index))
-            )
+            raise ConfigError(f"{room_id!r} is not a room id", (path, "holds", str(index)))
     return RetentionConfig(
         period_ms=period_ms,
         dry_run=_bool(section, "dry_run", False, path),
@@ -186,9 +182,7 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         ConfigError: naming the first bad key.
     """
     section = _mapping(config, ())
-    _check_keys(
-        section, ("mount", "forget_rate_limit", "audit_failures", "retention"), ""
-    )
+    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention"), "")
     mount = section.get("mount", MOUNT_INTERCEPT)
     if mount not in MOUNT_MODES:
         raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))

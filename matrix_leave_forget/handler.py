@@ -18,7 +18,6 @@ from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.store import AuditFields, RetentionStore
 
 if TYPE_CHECKING:
-
     from matrix_leave_forget._synapse import SynapseInternals
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,9 @@ class MembershipHandler:
             raise
         await self._record(
             requester,
-            AuditFields(action="leave", outcome="ok", room_id=room_id, reason=reason, event_id=event_id),
+            AuditFields(
+                action="leave", outcome="ok", room_id=room_id, reason=reason, event_id=event_id
+            ),
         )
         return event_id
 
@@ -161,7 +162,7 @@ class MembershipHandler:
             )
 
     def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
-        """None if every local user has forgotten room_id, else the reason it is still remembered."""
+        """None if every local user has forgotten room_id, else why it is still remembered."""
         if not self._internals.room_exists_txn(txn, room_id):
             return "unknown room"
         members = self._internals.local_memberships_txn(txn, room_id)

@@ -33,7 +33,6 @@ from matrix_leave_forget import metrics
 from matrix_leave_forget.handler import MembershipHandler, client_errcode
 
 if TYPE_CHECKING:
-
     from matrix_leave_forget._synapse import SynapseInternals
 
 logger = logging.getLogger(__name__)
@@ -109,7 +108,13 @@ class LeaveForgetServlet(DirectServeJsonResource):
                 result = await self._do(request, requester, action, room_id, None)
             else:
                 result = await self._txns.fetch_or_execute_request(
-                    request, requester, self._do, request, requester, action, room_id,
+                    request,
+                    requester,
+                    self._do,
+                    request,
+                    requester,
+                    action,
+                    room_id,
                     _unquote(txn_id),
                 )
             outcome = "ok"
@@ -139,9 +144,7 @@ class LeaveForgetServlet(DirectServeJsonResource):
         # the event: the spec types `reason` as a string. null means absent.
         if reason is not None and not isinstance(reason, str):
             raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
-        extra_content = {
-            key: body[key] for key in self._extra_content_keys if key in body
-        }
+        extra_content = {key: body[key] for key in self._extra_content_keys if key in body}
         await self._handler.leave(requester, room_id, reason, txn_id, extra_content)
         return 200, {}
 
@@ -238,6 +241,6 @@ class InterceptingMatrixResource(MatrixNode):
                 "child batches were seen: this Synapse builds its resource tree differently"
             )
             return problems
-        for root, batch in zip(adopters, self._batches):
+        for root, batch in zip(adopters, self._batches, strict=True):
             root.putChild(b"_matrix", MatrixNode(self._servlet, self._unrecognized, batch))
         return problems

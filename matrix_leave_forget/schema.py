@@ -118,9 +118,7 @@ def run_migrations(txn: Any, target: int = SCHEMA_VERSION) -> int:
         applied.append(number)
     if applied:
         if version == 0:
-            txn.execute(
-                "INSERT INTO leave_forget_schema_version (version) VALUES (?)", (target,)
-            )
+            txn.execute("INSERT INTO leave_forget_schema_version (version) VALUES (?)", (target,))
         else:
             txn.execute("UPDATE leave_forget_schema_version SET version = ?", (target,))
     return max(version, target)

@@ -74,9 +74,7 @@ class RetentionStore:
         signing_key: The homeserver's signing key.
     """
 
-    def __init__(
-        self, api: ModuleApi, origin: str, instance: str, signing_key: SigningKey
-    ) -> None:
+    def __init__(self, api: ModuleApi, origin: str, instance: str, signing_key: SigningKey) -> None:
         self._api = api
         self._origin = origin
         self._instance = instance
@@ -160,9 +158,7 @@ class RetentionStore:
             entry = self._append_txn(txn, fields)
             if forgotten_check(txn, room_id) is not None:
                 return entry, None
-            txn.execute(
-                "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
-            )
+            txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
             row = txn.fetchone()
             # A room already "forgotten" is re-armed: someone rejoined (or was
             # invited, or knocked) and is now the last to forget it, and the room
@@ -201,9 +197,7 @@ class RetentionStore:
 
     @staticmethod
     def _get_room_txn(txn: LoggingTransaction, room_id: str) -> Optional[RoomRetention]:
-        txn.execute(
-            f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
-        )
+        txn.execute(f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
         row = txn.fetchone()
         return RoomRetention(*row) if row else None
 
@@ -229,9 +223,7 @@ class RetentionStore:
 
         def txn_fn(txn: LoggingTransaction) -> bool:
             self._lock_chain_txn(txn)
-            txn.execute(
-                "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
-            )
+            txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
             row = txn.fetchone()
             if row is None or row[0] not in (STATE_FORGOTTEN, STATE_DRY_RUN):
                 return False
@@ -264,7 +256,8 @@ class RetentionStore:
     async def get_in_state(self, state: str, limit: int) -> List[str]:
         def txn_fn(txn: LoggingTransaction) -> List[str]:
             txn.execute(
-                "SELECT room_id FROM leave_forget_rooms WHERE state = ? ORDER BY updated_at LIMIT ?",
+                "SELECT room_id FROM leave_forget_rooms WHERE state = ? "
+                "ORDER BY updated_at LIMIT ?",
                 (state, limit),
             )
             return [str(r[0]) for r in txn.fetchall()]
@@ -296,7 +289,9 @@ class RetentionStore:
             if why_not is not None:
                 entry = self._append_txn(
                     txn,
-                    AuditFields(action="purge", outcome="cancelled", room_id=room_id, reason=why_not),
+                    AuditFields(
+                        action="purge", outcome="cancelled", room_id=room_id, reason=why_not
+                    ),
                 )
                 txn.execute(
                     "UPDATE leave_forget_rooms SET state = ?, cancelled_at = ?, note = ?, "
@@ -347,7 +342,9 @@ class RetentionStore:
                 return False
             entry = self._append_txn(
                 txn,
-                AuditFields(action="hold", outcome="ok", user_id=held_by, room_id=room_id, reason=reason),
+                AuditFields(
+                    action="hold", outcome="ok", user_id=held_by, room_id=room_id, reason=reason
+                ),
             )
             txn.execute(
                 "INSERT INTO leave_forget_holds (room_id, held_by, reason, created_at) "
@@ -435,7 +432,7 @@ class RetentionStore:
 
 def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
     """An audit row as the entry that was hashed and signed."""
-    entry = dict(zip(AUDIT_COLUMNS, row))
+    entry = dict(zip(AUDIT_COLUMNS, row, strict=True))
     entry["signatures"] = json.loads(entry["signatures"])
     for key in ("seq", "ts"):
         entry[key] = int(entry[key])

@@ -67,9 +67,7 @@ class SynapseTestCase(SynchronousTestCase):
     def setUpClass(cls) -> None:
         if "hs" in cls.__dict__:
             return
-        cls.hs = SynapseProcess(
-            {"mount": cls.MODE, **cls.MODULE_CONFIG}, dict(cls.EXTRA_CONFIG)
-        )
+        cls.hs = SynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG}, dict(cls.EXTRA_CONFIG))
         try:
             cls.hs.start()
         except Exception:

@@ -329,9 +329,7 @@ class SynapseProcess:
                     "filters": ["context"],
                 }
             },
-            "filters": {
-                "context": {"()": "synapse.logging.context.LoggingContextFilter"}
-            },
+            "filters": {"context": {"()": "synapse.logging.context.LoggingContextFilter"}},
             "loggers": {
                 "synapse.storage.SQL": {"level": "WARNING"},
                 "synapse.access": {"level": "INFO"},
@@ -367,9 +365,7 @@ class SynapseProcess:
         env = dict(os.environ)
         env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
         # So that Synapse can load test-only modules from tests/.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
         self._stderr_path = os.path.join(self.workdir, "stderr.log")
         stderr = open(self._stderr_path, "ab")
         self.process = subprocess.Popen(
@@ -384,8 +380,7 @@ class SynapseProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"Synapse exited with {self.process.returncode}:\n"
-                    + self.tail_logs()
+                    f"Synapse exited with {self.process.returncode}:\n" + self.tail_logs()
                 )
             try:
                 if request(self.client_port, "GET", "/health", timeout=2).status == 200:
@@ -451,8 +446,7 @@ class SynapseProcess:
         digest = hmac.new(
             SHARED_SECRET.encode(),
             b"\x00".join(
-                p.encode()
-                for p in (nonce, localpart, password, "admin" if admin else "notadmin")
+                p.encode() for p in (nonce, localpart, password, "admin" if admin else "notadmin")
             ),
             digestmod=hashlib.sha1,
         ).hexdigest()
@@ -495,7 +489,9 @@ class SynapseProcess:
         return User(user.user_id, resp.body["access_token"], resp.body["device_id"])
 
     def create_room(self, user: User, **content: Any) -> str:
-        resp = self.client("POST", "/_matrix/client/v3/createRoom", content, token=user.access_token)
+        resp = self.client(
+            "POST", "/_matrix/client/v3/createRoom", content, token=user.access_token
+        )
         if resp.status != 200:
             raise RuntimeError(f"createRoom failed: {resp.status} {resp.body}")
         return str(resp.body["room_id"])
@@ -542,4 +538,3 @@ class SynapseProcess:
             return conn.getresponse().read().decode()
         finally:
             conn.close()
-

@@ -25,9 +25,15 @@ class MetricsTests(SynapseTestCase):
         the request counter and the latency histogram with their outcome."""
         user = self.hs.register("metrics_user")
         room = self.hs.create_room(user)
-        self.assertEqual(self.via_module("POST", room, "forget", token=user.access_token).status, 400)
-        self.assertEqual(self.via_module("POST", room, "leave", {}, token=user.access_token).status, 200)
-        self.assertEqual(self.via_module("POST", room, "forget", token=user.access_token).status, 200)
+        self.assertEqual(
+            self.via_module("POST", room, "forget", token=user.access_token).status, 400
+        )
+        self.assertEqual(
+            self.via_module("POST", room, "leave", {}, token=user.access_token).status, 200
+        )
+        self.assertEqual(
+            self.via_module("POST", room, "forget", token=user.access_token).status, 200
+        )
 
         text = self.hs.metrics()
         counter = "synapse_leave_forget_requests_total"
@@ -35,7 +41,9 @@ class MetricsTests(SynapseTestCase):
         self.assertGreaterEqual(_sample(text, counter, action="forget", outcome="ok"), 1)
         self.assertGreaterEqual(_sample(text, counter, action="forget", outcome="M_UNKNOWN"), 1)
         self.assertGreaterEqual(
-            _sample(text, "synapse_leave_forget_request_seconds_count", action="leave", outcome="ok"),
+            _sample(
+                text, "synapse_leave_forget_request_seconds_count", action="leave", outcome="ok"
+            ),
             1,
         )
 
@@ -45,7 +53,9 @@ class MetricsTests(SynapseTestCase):
         user = self.hs.register("metrics_purger")
         room = self.hs.create_room(user)
         self.via_module("POST", room, "leave", {}, token=user.access_token)
-        self.assertEqual(self.via_module("POST", room, "forget", token=user.access_token).status, 200)
+        self.assertEqual(
+            self.via_module("POST", room, "forget", token=user.access_token).status, 200
+        )
         admin = self.hs.register("metrics_admin", admin=True)
         path = f"/_synapse/client/leave_forget/v1/admin/rooms/{quote_room(room)}"
 

@@ -22,7 +22,9 @@ def _modules(order: List[str], mount: str = "intercept") -> List[Dict[str, Any]]
 class _ServerPerTest(SynchronousTestCase):
     """Each test starts its own Synapse: these tests are about start-up."""
 
-    def start(self, extra: Dict[str, Any], module_config: Optional[Dict[str, Any]] = None) -> SynapseProcess:
+    def start(
+        self, extra: Dict[str, Any], module_config: Optional[Dict[str, Any]] = None
+    ) -> SynapseProcess:
         hs = SynapseProcess(module_config, extra)
         self.addCleanup(hs.cleanup)
         hs.start()
@@ -43,7 +45,12 @@ class InterceptTests(_ServerPerTest):
         hs = self.start({}, {"mount": "intercept"})
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
-        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        resp = hs.client(
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+            {},
+            token=admin.access_token,
+        )
         self.assertEqual(resp.status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"])
         self.assertEqual(hs.client("GET", "/_matrix/client/versions").status, 200)
@@ -60,14 +67,25 @@ class InterceptTests(_ServerPerTest):
         self.addCleanup(hs.cleanup)
         config = hs.homeserver_config()
         config["listeners"].append(
-            {"port": fed_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
-             "resources": [{"names": ["federation"]}]}
+            {
+                "port": fed_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "resources": [{"names": ["federation"]}],
+            }
         )
         hs.reconfigure(extra_config={"listeners": config["listeners"]})
         hs.start()
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
-        resp = request(fed_port, "POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        resp = request(
+            fed_port,
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+            {},
+            token=admin.access_token,
+        )
         self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))
         self.assertEqual(request(fed_port, "GET", "/_matrix/federation/v1/version").status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), [])
@@ -80,7 +98,12 @@ class InterceptTests(_ServerPerTest):
         self.assertEqual((resp.status, resp.body), (200, {"hello": "from another module"}))
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
-        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        resp = hs.client(
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+            {},
+            token=admin.access_token,
+        )
         self.assertEqual(resp.status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"])
 
@@ -111,7 +134,12 @@ class ListenerTests(_ServerPerTest):
         admin = hs.register("admin", admin=True)
         for version in ("api/v1", "r0", "v3", "unstable"):
             room = hs.create_room(admin)
-            resp = hs.module("POST", f"/_matrix/client/{version}/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+            resp = hs.module(
+                "POST",
+                f"/_matrix/client/{version}/rooms/{quote_room(room)}/leave",
+                {},
+                token=admin.access_token,
+            )
             self.assertEqual(resp.status, 200, (version, resp.body))
         self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave"] * 4)
 
@@ -122,7 +150,12 @@ class ListenerTests(_ServerPerTest):
         hs = self.start({}, {"mount": "listener"})
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
-        resp = hs.client("POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=admin.access_token)
+        resp = hs.client(
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+            {},
+            token=admin.access_token,
+        )
         self.assertEqual(resp.status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), [])
 
@@ -132,5 +165,7 @@ class ListenerTests(_ServerPerTest):
         hs = self.start({}, {"mount": "listener"})
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
-        resp = hs.module("GET", f"/_matrix/client/v3/rooms/{quote_room(room)}/messages", token=admin.access_token)
+        resp = hs.module(
+            "GET", f"/_matrix/client/v3/rooms/{quote_room(room)}/messages", token=admin.access_token
+        )
         self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))

@@ -1130,9 +1130,7 @@ class ExperimentalContentScenarios(_MixinBase):
         native = self.run_on(self.native_side, joined, lambda s: s.leave(body))
         module = self.run_on(self.module_side, joined, lambda s: s.leave(body))
         self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]))
-        self.assertEqual(
-            native.state["content"].get("org.matrix.msc4293.redact_events"), True
-        )
+        self.assertEqual(native.state["content"].get("org.matrix.msc4293.redact_events"), True)
         self.assertEqual(module.state["content"], native.state["content"])
 
 

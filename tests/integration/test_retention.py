@@ -47,8 +47,6 @@ FAST_RETENTION = {"period": "1s", "sweep_interval": "100ms"}
 _unique = itertools.count(1)
 
 
-
-
 class RetentionHelpers(SynapseTestCase):
     """Helpers shared by the retention test classes (no tests of its own)."""
 
