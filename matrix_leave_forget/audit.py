@@ -144,7 +144,7 @@ def iter_verify(
                     origin,
                     _only_known_key(entry["signatures"], origin, verify_keys),
                 )
-            except (SignatureVerifyException, KeyError, TypeError) as exc:
+            except (SignatureVerifyException, KeyError, TypeError, AttributeError) as exc:
                 problem = f"bad signature: {exc}"
         if problem is not None:
             yield VerifyResult(

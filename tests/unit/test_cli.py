@@ -1,0 +1,660 @@
+"""The offline CLI, in-process, against synthetic SQLite databases (no Synapse process).
+
+Each test builds a database holding the module's tables (from schema.MIGRATIONS)
+and a chain sealed exactly as the store seals it, writes a homeserver.yaml
+pointing at it, and calls ``cli.main`` with stdout and stderr captured. The
+integration suite (tests/integration/test_cli.py) runs the same CLI as a
+subprocess against a real Synapse's database.
+"""
+
+import argparse
+import io
+import json
+import os
+import sqlite3
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from signedjson.key import (
+    encode_signing_key_base64,
+    encode_verify_key_base64,
+    generate_signing_key,
+    get_verify_key,
+    write_signing_keys,
+)
+from signedjson.types import SigningKey
+from twisted.trial.unittest import SynchronousTestCase
+
+from matrix_leave_forget import cli
+from matrix_leave_forget.admin import LISTINGS
+from matrix_leave_forget.audit import ENTRY_FIELDS
+from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION
+from matrix_leave_forget.store import AUDIT_COLUMNS, select_audit_txn
+from tests.unit.test_audit import make_chain
+
+ORIGIN = "example.org"
+
+
+class _Tty(io.StringIO):
+    """A stream that says it is a terminal, as an operator's stderr would."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def create_database(
+    path: str,
+    entries: Sequence[Dict[str, Any]],
+    rooms: Sequence[Tuple[Any, ...]] = (),
+    holds: Sequence[Tuple[Any, ...]] = (),
+) -> None:
+    """A database with the module's tables at the current schema, holding ``entries``."""
+    conn = sqlite3.connect(path)
+    try:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute(
+            "CREATE TABLE leave_forget_schema_version (lock CHAR(1) NOT NULL DEFAULT 'X' "
+            "UNIQUE CHECK (lock = 'X'), version INTEGER NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO leave_forget_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
+        )
+        for entry in entries:
+            insert_entry(conn, entry)
+        for row in rooms:
+            conn.execute(f"INSERT INTO leave_forget_rooms VALUES ({', '.join('?' * 9)})", row)
+        for row in holds:
+            conn.execute("INSERT INTO leave_forget_holds VALUES (?, ?, ?, ?)", row)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def insert_entry(conn: sqlite3.Connection, entry: Dict[str, Any]) -> None:
+    """Store an entry as RetentionStore._append_txn does."""
+    conn.execute(
+        f"INSERT INTO leave_forget_audit ({', '.join(AUDIT_COLUMNS)}) "
+        f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})",
+        [entry[c] for c in ENTRY_FIELDS]
+        + [entry["hash"], json.dumps(entry["signatures"], sort_keys=True)],
+    )
+
+
+class CliTestCase(SynchronousTestCase):
+    """A temporary homeserver: signing key, database and homeserver.yaml."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.key = generate_signing_key("a1")
+        self.key_path = os.path.join(self.dir, "signing.key")
+        with open(self.key_path, "w") as f:
+            write_signing_keys(f, [self.key])
+        self.db_path = os.path.join(self.dir, "homeserver.db")
+        self.config_path = os.path.join(self.dir, "homeserver.yaml")
+        self.write_config()
+
+    def write_config(self, **overrides: Any) -> str:
+        """(Re)write homeserver.yaml; a None override removes the key."""
+        config: Dict[str, Any] = {
+            "server_name": ORIGIN,
+            "signing_key_path": self.key_path,
+            "database": {
+                "name": "sqlite3",
+                "args": {"database": self.db_path, "cp_min": 1, "cp_max": 1},
+            },
+        }
+        config.update(overrides)
+        config = {k: v for k, v in config.items() if v is not None}
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        return self.config_path
+
+    def chain(self, count: int, key: Optional[SigningKey] = None) -> List[Dict[str, Any]]:
+        """Create the database holding a valid chain of ``count`` entries; return them."""
+        entries = make_chain(count, key or self.key)
+        create_database(self.db_path, entries)
+        return entries
+
+    def run_cli(self, *argv: str, stderr: Optional[io.StringIO] = None) -> Tuple[int, str, str]:
+        """``matrix-leave-forget -c homeserver.yaml argv...``: (exit status, stdout, stderr)."""
+        out, err = io.StringIO(), stderr if stderr is not None else io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        try:
+            code = cli.main(["-c", self.config_path, *argv])
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+        return code, out.getvalue(), err.getvalue()
+
+    def assertCliError(self, argv: Sequence[str], message: str) -> None:
+        """Exit status 2 and one line on stderr containing ``message``, no traceback."""
+        code, out, err = self.run_cli(*argv)
+        self.assertEqual(code, 2, err)
+        self.assertEqual(out, "")
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("matrix-leave-forget: error: ", err)
+        self.assertIn(message, err)
+        self.assertNotIn("Traceback", err)
+
+    def tamper(self, sql: str, *args: Any) -> None:
+        """Change the database behind the module's back."""
+        conn = sqlite3.connect(self.db_path)
+        conn.execute(sql, args)
+        conn.commit()
+        conn.close()
+
+
+class ConfigErrorTest(CliTestCase):
+    """Every operator mistake is one line on stderr and exit status 2, never a traceback."""
+
+    def test_missing_config_file(self) -> None:
+        """A config path that does not exist is a one-line error, exit 2."""
+        self.config_path = os.path.join(self.dir, "nope.yaml")
+        self.assertCliError(["verify"], f"cannot read config {self.config_path}")
+
+    def test_invalid_yaml(self) -> None:
+        """Broken YAML is a one-line error naming the file and line, exit 2."""
+        with open(self.config_path, "w") as f:
+            f.write("server_name: example.org\ndatabase: [unclosed\n")
+        self.assertCliError(["log"], f"{self.config_path} is not valid YAML")
+        self.assertCliError(["log"], "line 3")
+
+    def test_yaml_that_is_not_a_mapping(self) -> None:
+        """A YAML list where a homeserver.yaml mapping belongs is refused, exit 2."""
+        with open(self.config_path, "w") as f:
+            f.write("- just\n- a list\n")
+        self.assertCliError(["log"], "must hold a YAML mapping")
+
+    def test_unsupported_database(self) -> None:
+        """A database driver Synapse does not support is named in the error, exit 2."""
+        self.write_config(database={"name": "mysql", "args": {}})
+        self.assertCliError(["rooms"], "unsupported database 'mysql'")
+
+    def test_no_database_configured(self) -> None:
+        """A config without database settings is refused, exit 2."""
+        self.write_config(database=None)
+        self.assertCliError(["rooms"], "no database is configured")
+
+    def test_missing_sqlite_file(self) -> None:
+        """A database path that does not exist is reported, never created."""
+        self.assertCliError(["log"], f"SQLite database {self.db_path} does not exist")
+        self.assertFalse(os.path.exists(self.db_path))
+
+    def test_database_without_the_module_tables(self) -> None:
+        """A Synapse database the module never ran on is a clear error, exit 2."""
+        sqlite3.connect(self.db_path).execute(
+            "CREATE TABLE rooms (room_id TEXT)"
+        ).connection.close()
+        self.assertCliError(["verify"], "has no matrix-leave-forget tables")
+
+    def test_unreachable_postgres(self) -> None:
+        """A PostgreSQL server that refuses connections is a one-line database error, exit 2."""
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            from twisted.trial.unittest import SkipTest
+
+            raise SkipTest("psycopg2 is not installed")
+        self.write_config(
+            database={
+                "name": "psycopg2",
+                "args": {"host": "127.0.0.1", "port": 1, "user": "x", "database": "x", "cp_min": 1},
+            }
+        )
+        self.assertCliError(["log"], "error: database: ")
+
+    def test_missing_signing_key_only_matters_to_verify(self) -> None:
+        """Without the signing key file, verify fails cleanly (exit 2) but log still works."""
+        self.chain(2)
+        os.unlink(self.key_path)
+        self.assertCliError(["verify"], f"cannot read signing key {self.key_path}")
+        code, out, _ = self.run_cli("log")
+        self.assertEqual(code, 0)
+        self.assertEqual(len(out.splitlines()), 3)
+
+    def test_usage_errors_exit_2(self) -> None:
+        """Bad arguments (unknown state, bad timestamp, bad verify key) exit 2 without traceback."""
+        self.chain(1)
+        for argv in (
+            ["rooms", "--state", "nonsense"],
+            ["log", "--since", "yesterday"],
+            ["log", "--limit", "-1"],
+            [],
+        ):
+            code, out, err = self.run_cli(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertNotIn("Traceback", err)
+        self.assertCliError(["verify", "--verify-key", "garbage"], "not a verify key")
+
+
+class ConfigReadingTest(CliTestCase):
+    """homeserver.yaml is read as Synapse reads it; the database only ever read."""
+
+    def test_split_config_directory(self) -> None:
+        """-c DIR reads every *.yaml in it, later files overriding earlier ones, as Synapse does."""
+        self.chain(2)
+        os.unlink(self.config_path)
+        confd = os.path.join(self.dir, "conf.d")
+        os.makedirs(confd)
+        with open(os.path.join(confd, "00-base.yaml"), "w") as f:
+            yaml.safe_dump({"server_name": "wrong.org", "signing_key_path": self.key_path}, f)
+        with open(os.path.join(confd, "10-db.yaml"), "w") as f:
+            yaml.safe_dump(
+                {"server_name": ORIGIN, "database": {"args": {"database": self.db_path}}}, f
+            )
+        self.config_path = confd
+        code, out, err = self.run_cli("verify")
+        self.assertEqual(code, 0, out + err)
+
+    def test_databases_section_picks_the_main_store(self) -> None:
+        """With `databases:`, the entry holding the main data store is the one read."""
+        self.chain(2)
+        self.write_config(
+            database=None,
+            databases={
+                "state_db": {"name": "mysql", "data_stores": ["state"]},
+                "main_db": {
+                    "name": "sqlite3",
+                    "data_stores": ["main"],
+                    "args": {"database": self.db_path},
+                },
+            },
+        )
+        self.assertEqual(self.run_cli("verify")[0], 0)
+
+    def test_default_signing_key_path_beside_the_config(self) -> None:
+        """Without signing_key_path, the key is <config dir>/<server_name>.signing.key."""
+        self.chain(2)
+        os.rename(self.key_path, os.path.join(self.dir, f"{ORIGIN}.signing.key"))
+        self.write_config(signing_key_path=None)
+        self.assertEqual(self.run_cli("verify")[0], 0)
+
+    def test_inline_signing_key(self) -> None:
+        """A signing key given inline (`signing_key:`) is used as Synapse uses it."""
+        self.chain(2)
+        inline = f"ed25519 a1 {encode_signing_key_base64(self.key)}"
+        self.write_config(signing_key=inline, signing_key_path="/nonexistent")
+        self.assertEqual(self.run_cli("verify")[0], 0)
+
+    def test_old_signing_keys_verify_entries_from_before_a_rotation(self) -> None:
+        """Entries signed by a key since rotated verify when it is listed in old_signing_keys."""
+        old_key = generate_signing_key("old")
+        self.chain(3, key=old_key)
+        code, out, _ = self.run_cli("verify")
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED at entry 1: bad signature: no signature by example.org", out)
+        self.write_config(
+            old_signing_keys={
+                "ed25519:old": {
+                    "key": encode_verify_key_base64(get_verify_key(old_key)),
+                    "expired_ts": 0,
+                }
+            }
+        )
+        code, out, _ = self.run_cli("verify")
+        self.assertEqual(code, 0, out)
+        self.assertIn("(ed25519:a1, ed25519:old)", out)
+
+    def test_database_is_opened_read_only(self) -> None:
+        """The CLI's connection cannot write, and a run leaves the database file unchanged."""
+        self.chain(3)
+        with open(self.db_path, "rb") as f:
+            before = f.read()
+        db = cli.open_database(cli.load_config([self.config_path]))
+        try:
+            with self.assertRaises(sqlite3.OperationalError):
+                db.cursor().execute("DELETE FROM leave_forget_audit")
+        finally:
+            db.close()
+        for argv in (["verify"], ["log"], ["rooms"], ["export"]):
+            self.assertEqual(self.run_cli(*argv)[0], 0)
+        with open(self.db_path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+
+class VerifyTest(CliTestCase):
+    """verify: reports, streaming, robustness against mangled rows, keys, progress."""
+
+    def test_verify_ok(self) -> None:
+        """verify exits 0 on a good chain and prints the count and the head hash."""
+        entries = self.chain(5)
+        code, out, err = self.run_cli("verify")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("OK: 5 audit entries checked", out)
+        self.assertIn(f"Head hash: {entries[-1]['hash']}", out)
+
+    def test_verify_messages_count_in_good_english(self) -> None:
+        """One entry is 'entry', not 'entries', in both the success and the failure message."""
+        self.chain(2)
+        self.assertIn("OK: 2 audit entries checked", self.run_cli("verify")[1])
+        self.tamper("UPDATE leave_forget_audit SET reason = 'x' WHERE seq = 2")
+        out = self.run_cli("verify")[1]
+        self.assertIn("1 audit entry before it is valid; last good hash: ", out)
+        self.tamper("DELETE FROM leave_forget_audit WHERE seq = 2")
+        self.assertIn("OK: 1 audit entry checked", self.run_cli("verify")[1])
+
+    def test_verify_empty_log(self) -> None:
+        """An empty audit log verifies (nothing to contradict it)."""
+        self.chain(0)
+        code, out, _ = self.run_cli("verify")
+        self.assertEqual(code, 0)
+        self.assertIn("OK: 0 audit entries checked", out)
+        self.assertIn("Head hash: (empty log)", out)
+
+    def test_verify_json_and_csv_before_or_after_the_command(self) -> None:
+        """--json and --csv work as global flags or after the subcommand, with the same report."""
+        entries = self.chain(3)
+        for argv in (["--json", "verify"], ["verify", "--json"]):
+            code, out, _ = self.run_cli(*argv)
+            self.assertEqual(code, 0)
+            report = json.loads(out)
+            self.assertEqual(
+                report,
+                {
+                    "ok": True,
+                    "checked": 3,
+                    "head_hash": entries[-1]["hash"],
+                    "bad_seq": None,
+                    "problem": None,
+                    "origin": ORIGIN,
+                    "key_ids": ["ed25519:a1"],
+                },
+            )
+        code, out, _ = self.run_cli("--csv", "verify")
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "ok,checked,head_hash,bad_seq,problem,origin,key_ids",
+                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]"',
+            ],
+        )
+
+    def test_verify_streams_in_batches(self) -> None:
+        """verify pages through the log (keyset by seq) and still finds a bad entry late in it."""
+        self.patch(cli, "BATCH", 3)
+        entries = self.chain(10)
+        fetched: List[int] = []
+        real_select = select_audit_txn
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            fetched.append(kwargs["limit"])
+            return real_select(*args, **kwargs)
+
+        self.patch(cli, "select_audit_txn", spy)
+        self.assertEqual(self.run_cli("verify")[0], 0)
+        self.assertEqual(fetched, [3, 3, 3, 3])  # never the whole table at once
+        self.tamper("UPDATE leave_forget_audit SET reason = 'x' WHERE seq = 8")
+        code, out, _ = self.run_cli("verify")
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED at entry 8: contents do not match the stored hash", out)
+        self.assertIn(
+            f"7 audit entries before it are valid; last good hash: {entries[6]['hash']}", out
+        )
+
+    def test_unreadable_row_is_named(self) -> None:
+        """A row whose signatures are not JSON is named by seq (exit 1), after the rows before."""
+        self.patch(cli, "BATCH", 3)
+        self.chain(8)
+        self.tamper("UPDATE leave_forget_audit SET signatures = 'not json' WHERE seq = 5")
+        code, out, err = self.run_cli("verify")
+        self.assertEqual(code, 1, err)
+        self.assertIn("FAILED at entry 5: the row cannot be read", out)
+        self.assertIn("4 audit entries before it are valid", out)
+
+    def test_mangled_signatures_are_a_failure_not_a_crash(self) -> None:
+        """Signatures edited into valid JSON of the wrong shape fail verify at that seq."""
+        self.chain(4)
+        self.tamper("UPDATE leave_forget_audit SET signatures = '[]' WHERE seq = 3")
+        code, out, err = self.run_cli("verify")
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED at entry 3: bad signature", out)
+        self.assertNotIn("Traceback", err)
+
+    def test_verify_key_instead_of_the_signing_key(self) -> None:
+        """--verify-key verifies with a public key alone; the signing key file is not read."""
+        self.chain(3)
+        public = f"ed25519:a1 {encode_verify_key_base64(get_verify_key(self.key))}"
+        os.unlink(self.key_path)
+        self.assertEqual(self.run_cli("verify", "--verify-key", public)[0], 0)
+        other = f"ed25519:a1 {encode_verify_key_base64(get_verify_key(generate_signing_key('a1')))}"
+        code, out, _ = self.run_cli("verify", "--verify-key", other)
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED at entry 1: bad signature", out)
+
+    def test_progress_only_when_stderr_is_a_terminal(self) -> None:
+        """A person at a terminal sees \\r progress on stderr; a pipe gets none; stdout is clean."""
+        self.patch(cli.Progress, "INTERVAL", 0.0)
+        self.chain(5)
+        code, out, err = self.run_cli("verify")
+        self.assertEqual((code, err), (0, ""))
+        tty = _Tty()
+        code, tty_out, _ = self.run_cli("verify", stderr=tty)
+        self.assertEqual(code, 0)
+        self.assertEqual(tty_out, out)
+        drawn = tty.getvalue()
+        self.assertIn("\rVerifying: 5 entries [", drawn)
+        self.assertIn("100%", drawn)
+        self.assertTrue(drawn.endswith("\r\x1b[K"), repr(drawn))
+
+
+class LogAndExportTest(CliTestCase):
+    """log and export: formats, filters, paging."""
+
+    def test_log_table(self) -> None:
+        """log prints an aligned table with ISO times; empty optional columns are left out."""
+        self.chain(4)
+        code, out, _ = self.run_cli("log", "--room", f"!room1:{ORIGIN}")
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual(
+            lines[0].split(), ["SEQ", "TIME", "ACTION", "OUTCOME", "USER", "ROOM", "DEVICE"]
+        )
+        self.assertEqual([line.split()[0] for line in lines[1:]], ["1", "3"])
+        self.assertEqual(lines[1].split()[1], "2023-11-14T22:13:21.000Z")
+
+    def test_log_table_escapes_terminal_control_characters(self) -> None:
+        """A reason with escape sequences or bidi overrides is shown escaped, never interpreted."""
+        entries = make_chain(2, self.key)
+        entries[1]["reason"] = "bye\x1b[2J\u202eevil\n"
+        create_database(self.db_path, entries)
+        code, out, _ = self.run_cli("log")
+        self.assertEqual(code, 0)
+        self.assertIn("bye\\x1b[2J\\u202eevil\\n", out)
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\u202e", out)
+        code, out, _ = self.run_cli("log", "--json")
+        self.assertEqual(json.loads(out)["entries"][1]["reason"], "bye\x1b[2J\u202eevil\n")
+
+    def test_log_limit_and_paging_hint(self) -> None:
+        """--limit stops early; the table says on stderr how to continue, JSON gives next_from."""
+        self.chain(5)
+        code, out, err = self.run_cli("log", "--limit", "2")
+        self.assertEqual(len(out.splitlines()), 3)
+        self.assertIn("continue with --from 2", err)
+        code, out, err = self.run_cli("log", "--json", "--limit", "2", "--from", "2")
+        self.assertEqual(json.loads(out)["next_from"], 4)
+        self.assertEqual(err, "")
+        code, out, _ = self.run_cli("log", "--json", "--limit", "0")
+        self.assertEqual(len(json.loads(out)["entries"]), 5)
+
+    def test_log_time_filters_accept_iso_dates(self) -> None:
+        """--since/--until take milliseconds or ISO 8601 (UTC unless an offset is given)."""
+        entries = self.chain(5)  # ts = 1700000000000 + seq * 1000
+        code, out, _ = self.run_cli(
+            "log", "--json", "--since", "2023-11-14T22:13:22Z", "--until", str(entries[3]["ts"])
+        )
+        self.assertEqual([e["seq"] for e in json.loads(out)["entries"]], [2, 3])
+
+    def test_export_json_lines_to_a_file(self) -> None:
+        """export -o writes one sort_keys JSON entry per line and reports the count on stderr."""
+        entries = self.chain(4)
+        target = os.path.join(self.dir, "out.jsonl")
+        code, out, err = self.run_cli("export", "-o", target)
+        self.assertEqual((code, out), (0, ""))
+        self.assertIn(f"exported 4 entries to {target}", err)
+        with open(target) as f:
+            self.assertEqual(
+                f.read(), "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+            )
+
+    def test_export_csv_to_stdout(self) -> None:
+        """export --csv streams CSV with every audit column."""
+        self.chain(3)
+        code, out, _ = self.run_cli("export", "--csv", "--user", f"@user1:{ORIGIN}")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], ",".join(AUDIT_COLUMNS))
+        self.assertEqual([line.split(",")[0] for line in lines[1:]], ["1"])
+
+    def test_export_into_a_missing_directory(self) -> None:
+        """An export target that cannot be created is a one-line error, exit 2."""
+        self.chain(1)
+        self.assertCliError(
+            ["export", "-o", os.path.join(self.dir, "missing", "out.jsonl")], "cannot write"
+        )
+
+
+class RoomsTest(CliTestCase):
+    """rooms: each state listed as the admin API lists it."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        rooms = [
+            (f"!a:{ORIGIN}", "forgotten", 1000, 5000, None, None, None, None, 1000),
+            (f"!b:{ORIGIN}", "dry_run", 1000, 5000, 6000, None, None, None, 6000),
+            (f"!c:{ORIGIN}", "forgotten", 2000, None, None, None, None, None, 2000),
+            (f"!d:{ORIGIN}", "purged", 1000, 5000, 6000, 7000, None, None, 7000),
+            (f"!e:{ORIGIN}", "active", 1000, None, None, None, 3000, "@x came back", 3000),
+        ]
+        holds = [(f"!h:{ORIGIN}", f"@admin:{ORIGIN}", "legal", 1000)]
+        create_database(self.db_path, make_chain(1, self.key), rooms, holds)
+
+    def listing(self, *argv: str) -> Dict[str, Any]:
+        """The JSON of ``rooms --json argv...``."""
+        code, out, err = self.run_cli("rooms", "--json", *argv)
+        self.assertEqual(code, 0, err)
+        result: Dict[str, Any] = json.loads(out)
+        return result
+
+    def test_states_as_the_admin_api(self) -> None:
+        """Each --state lists the stored states the admin API's listing of that name covers."""
+        ids = {s: [r["room_id"] for r in self.listing("--state", s)["rooms"]] for s in LISTINGS}
+        self.assertEqual(
+            ids,
+            {
+                "forgotten": [f"!a:{ORIGIN}", f"!b:{ORIGIN}", f"!c:{ORIGIN}"],
+                "pending": [f"!a:{ORIGIN}", f"!c:{ORIGIN}"],
+                "dry_run": [f"!b:{ORIGIN}"],
+                "purged": [f"!d:{ORIGIN}"],
+            },
+        )
+        self.assertEqual(self.listing()["state"], "forgotten")
+
+    def test_paging(self) -> None:
+        """--limit and --from page by room id, with next_from as in the admin API."""
+        first = self.listing("--limit", "2")
+        self.assertEqual(first["next_from"], f"!b:{ORIGIN}")
+        rest = self.listing("--limit", "2", "--from", first["next_from"])
+        self.assertEqual([r["room_id"] for r in rest["rooms"]], [f"!c:{ORIGIN}"])
+        self.assertNotIn("next_from", rest)
+
+    def test_held_merges_configured_holds(self) -> None:
+        """--state held lists API holds and the module config's retention.holds."""
+        self.write_config(
+            modules=[
+                {
+                    "module": cli.MODULE_NAME,
+                    "config": {"retention": {"holds": [f"!cfg:{ORIGIN}", f"!h:{ORIGIN}"]}},
+                }
+            ]
+        )
+        rooms = self.listing("--state", "held")["rooms"]
+        self.assertEqual(
+            rooms,
+            [
+                {
+                    "room_id": f"!cfg:{ORIGIN}",
+                    "held_by": "config",
+                    "reason": None,
+                    "created_at": None,
+                },
+                {
+                    "room_id": f"!h:{ORIGIN}",
+                    "held_by": f"@admin:{ORIGIN}",
+                    "reason": "legal",
+                    "created_at": 1000,
+                },
+            ],
+        )
+
+    def test_bad_module_config_is_reported(self) -> None:
+        """A module config the module itself would reject is a one-line error for --state held."""
+        self.write_config(
+            modules=[{"module": cli.MODULE_NAME, "config": {"retention": {"holds": "nope"}}}]
+        )
+        self.assertCliError(["rooms", "--state", "held"], "module config retention.holds")
+
+    def test_abandoned_reads_synapse_membership(self) -> None:
+        """--state abandoned lists rooms where no local user joins, is invited or knocks."""
+        conn = sqlite3.connect(self.db_path)
+        conn.execute(
+            "CREATE TABLE local_current_membership (room_id TEXT, user_id TEXT, "
+            "event_id TEXT, membership TEXT)"
+        )
+        conn.executemany(
+            "INSERT INTO local_current_membership VALUES (?, ?, ?, ?)",
+            [
+                ("!left:x", "@a:x", "$1", "leave"),
+                ("!left:x", "@b:x", "$2", "ban"),
+                ("!live:x", "@a:x", "$3", "leave"),
+                ("!live:x", "@b:x", "$4", "invite"),
+            ],
+        )
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.listing("--state", "abandoned")["rooms"], [{"room_id": "!left:x"}])
+
+    def test_table_and_csv(self) -> None:
+        """The table shows readable times and drops empty columns; CSV keeps every column raw."""
+        code, out, _ = self.run_cli("rooms", "--state", "purged")
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split()[:3], ["ROOM", "STATE", "FORGOTTEN"])
+        self.assertNotIn("CANCELLED", lines[0])
+        self.assertIn("1970-01-01T00:00:07.000Z", lines[1])
+        code, out, _ = self.run_cli("rooms", "--csv", "--state", "purged")
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "room_id,state,forgotten_at,purge_due_at,purge_started_at,purged_at,"
+                "cancelled_at,updated_at,note",
+                f"!d:{ORIGIN},purged,1000,5000,6000,7000,,7000,",
+            ],
+        )
+
+
+class HelpersTest(SynchronousTestCase):
+    """Time parsing and formatting, and when progress is drawn."""
+
+    def test_parse_timestamp(self) -> None:
+        """Timestamps are milliseconds or ISO 8601; naive times are UTC; others are refused."""
+        self.assertEqual(cli.parse_timestamp("1700000000000"), 1700000000000)
+        self.assertEqual(cli.parse_timestamp("2023-11-14T22:13:20Z"), 1700000000000)
+        self.assertEqual(cli.parse_timestamp("2023-11-14T22:13:20"), 1700000000000)
+        self.assertEqual(cli.parse_timestamp("2023-11-14T23:13:20+01:00"), 1700000000000)
+        self.assertEqual(cli.parse_timestamp("2023-11-14"), 1699920000000)
+        with self.assertRaises(argparse.ArgumentTypeError):
+            cli.parse_timestamp("last tuesday")
+
+    def test_format_ts_round_trips_through_parse_timestamp(self) -> None:
+        """What the table prints for a time can be pasted back into --since."""
+        for ms in (0, 1700000000123, 1999999999999):
+            self.assertEqual(cli.parse_timestamp(cli.format_ts(ms)), ms)
+        self.assertEqual(cli.format_ts(None), "-")
+
+    def test_progress_is_silent_off_a_terminal(self) -> None:
+        """Progress writes nothing to a stream that is not a terminal."""
+        self.assertFalse(cli.Progress.wanted(io.StringIO()))
+        self.assertTrue(cli.Progress.wanted(_Tty()))
