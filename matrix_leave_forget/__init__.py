@@ -17,6 +17,7 @@ from matrix_leave_forget._synapse import SynapseInternals
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
 from matrix_leave_forget.handler import MembershipHandler
+from matrix_leave_forget.reconcile import Reconciler
 from matrix_leave_forget.resource import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
@@ -49,6 +50,9 @@ class LeaveForgetModule:
         )
         self.handler = MembershipHandler(api, config, self._internals, self.store)
         self.sweeper = RetentionSweeper(
+            api, config.retention, self.store, self.handler, self._internals
+        )
+        self.reconciler = Reconciler(
             api, config.retention, self.store, self.handler, self._internals
         )
         self._ready = _StartupGate()
@@ -99,6 +103,8 @@ class LeaveForgetModule:
             return
         logger.info("matrix-leave-forget schema at version %d", version)
         self._ready.open()
+        if self._api.should_run_background_tasks():
+            await self.reconciler.run()
 
     def _check_listener(self) -> None:
         """Warn when no listener of this process can reach the module's resources."""

@@ -5,6 +5,7 @@ below says why the public API is not enough, so that a Synapse upgrade that
 breaks one of them breaks it here, visibly, and nowhere else.
 """
 
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,13 @@ from synapse.api.errors import ShadowBanError
 # ModuleApi exposes no limiter.
 from synapse.api.ratelimiting import Ratelimiter
 from synapse.config.ratelimiting import RatelimitSettings
+
+# Why: ModuleApi.delete_room schedules Synapse's purge task under these names
+# and offers no way to follow it; the sweep reads the tasks to know.
+from synapse.handlers.pagination import (
+    PURGE_ROOM_ACTION_NAME,
+    SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME,
+)
 
 # Why: unmatched paths under the intercepted /_matrix node must answer exactly
 # like Synapse's placeholder node does (404 M_UNRECOGNIZED, CORS headers).
@@ -106,6 +114,27 @@ class SynapseInternals:
             clock=self._hs.get_clock(),
             cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
         )
+
+    async def purge_task_status(self, room_id: str) -> Tuple[Optional[str], Optional[str]]:
+        """The state of Synapse's latest purge task for room_id, and its error.
+
+        Returns ("active", None) while a purge is scheduled or running,
+        ("failed", error), ("complete", None), or (None, None) if Synapse has no
+        purge task for the room (never asked, or forgotten across a restart).
+
+        Why: ModuleApi.delete_room starts a purge but offers no way to follow it.
+        """
+        tasks = await self._hs.get_task_scheduler().get_tasks(
+            actions=[PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME],
+            resource_id=room_id,
+        )
+        if not tasks:
+            return None, None
+        latest = max(tasks, key=lambda task: task.timestamp)
+        status = str(getattr(latest.status, "value", latest.status))
+        if status in ("active", "scheduled"):
+            return "active", None
+        return status, latest.error
 
     def extra_leave_content_keys(self) -> Tuple[str, ...]:
         """Request-body keys Synapse's own leave copies into the event besides ``reason``.
@@ -210,3 +239,61 @@ class SynapseInternals:
             """
         txn.execute(sql.replace("?", paramstyle), (after, limit))
         return [str(r[0]) for r in txn.fetchall()]
+
+    @staticmethod
+    def forgotten_by_all_rooms_txn(txn: LoggingTransaction, limit: int) -> List[str]:
+        """Rooms whose local users all left (or were banned) and forgot them, per Synapse."""
+        txn.execute(
+            """
+            SELECT lcm.room_id FROM local_current_membership AS lcm
+            LEFT JOIN room_memberships AS rm USING (room_id, event_id)
+            GROUP BY lcm.room_id
+            HAVING SUM(
+                CASE WHEN lcm.membership IN ('leave', 'ban') AND rm.forgotten = 1
+                THEN 0 ELSE 1 END
+            ) = 0
+            LIMIT ?
+            """,
+            (limit,),
+        )
+        return [str(r[0]) for r in txn.fetchall()]
+
+    @staticmethod
+    def self_leaves_since_txn(
+        txn: LoggingTransaction, since_ts: int, server_name: str, limit: int
+    ) -> List[Tuple[str, str, str, int, Optional[str]]]:
+        """Leave events local users sent themselves since ``since_ts``, oldest first.
+
+        Returns (event_id, room_id, user_id, origin_server_ts, reason) tuples; the
+        scan uses Synapse's events_ts index.
+        """
+        txn.execute(
+            """
+            SELECT e.event_id, e.room_id, rm.user_id, e.origin_server_ts, ej.json
+            FROM events AS e
+            JOIN room_memberships AS rm USING (event_id)
+            JOIN event_json AS ej USING (event_id)
+            WHERE e.origin_server_ts >= ? AND e.type = 'm.room.member'
+                AND rm.membership = 'leave' AND rm.sender = rm.user_id
+                AND rm.user_id LIKE ?
+            ORDER BY e.origin_server_ts
+            LIMIT ?
+            """,
+            (since_ts, "%:" + server_name, limit),
+        )
+        leaves = []
+        for event_id, room_id, user_id, ts, event_json in txn.fetchall():
+            try:
+                reason = json.loads(event_json).get("content", {}).get("reason")
+            except (ValueError, AttributeError):
+                reason = None
+            leaves.append(
+                (
+                    str(event_id),
+                    str(room_id),
+                    str(user_id),
+                    int(ts),
+                    reason if isinstance(reason, str) else None,
+                )
+            )
+        return leaves

@@ -27,6 +27,10 @@ STATE_PURGED = "purged"  # Synapse no longer has the room
 
 AUDIT_COLUMNS: Sequence[str] = (*ENTRY_FIELDS, "hash", "signatures")
 
+# Outcome of entries written by start-up reconciliation, for actions Synapse
+# performed but whose audit write was lost (a crash between the two).
+OUTCOME_RECOVERED = "recovered"
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class AuditFields:
@@ -428,6 +432,81 @@ class RetentionStore:
             return history
 
         return await self._api.run_db_interaction("leave_forget_member_history", txn_fn)
+
+    # -- reconciliation after a crash ------------------------------------
+
+    async def last_audit_ts(self) -> Optional[int]:
+        """The time of the newest audit entry, or None for an empty log."""
+
+        def txn_fn(txn: LoggingTransaction) -> Optional[int]:
+            txn.execute("SELECT ts FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
+            row = txn.fetchone()
+            return int(row[0]) if row else None
+
+        return await self._api.run_db_interaction("leave_forget_last_audit_ts", txn_fn)
+
+    async def record_recovered_leave(
+        self, event_id: str, room_id: str, user_id: str, reason: Optional[str]
+    ) -> bool:
+        """Record a leave Synapse has but the audit log lacks; False if it was recorded."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            self._lock_chain_txn(txn)
+            txn.execute(
+                "SELECT 1 FROM leave_forget_audit WHERE user_id = ? AND event_id = ?",
+                (user_id, event_id),
+            )
+            if txn.fetchone() is not None:
+                return False
+            self._append_txn(
+                txn,
+                AuditFields(
+                    action="leave",
+                    outcome=OUTCOME_RECOVERED,
+                    user_id=user_id,
+                    room_id=room_id,
+                    reason=reason,
+                    event_id=event_id,
+                ),
+            )
+            return True
+
+        return await self._api.run_db_interaction("leave_forget_recover_leave", txn_fn)
+
+    async def record_recovered_forgotten(
+        self,
+        room_id: str,
+        forgotten_check: ForgottenCheck,
+        retention_period_ms: Optional[int],
+    ) -> bool:
+        """Mark a room Synapse shows forgotten by all; False if its state already says so."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            self._lock_chain_txn(txn)
+            room = self._get_room_txn(txn, room_id)
+            if room is not None and room.state != STATE_ACTIVE:
+                return False
+            if forgotten_check(txn, room_id) is not None:
+                return False
+            entry = self._append_txn(
+                txn, AuditFields(action="forget", outcome=OUTCOME_RECOVERED, room_id=room_id)
+            )
+            now = int(entry["ts"])
+            self._upsert_room_txn(
+                txn,
+                room_id,
+                state=STATE_FORGOTTEN,
+                forgotten_at=now,
+                purge_due_at=now + retention_period_ms if retention_period_ms else None,
+                purge_started_at=None,
+                purged_at=None,
+                cancelled_at=None,
+                note="found forgotten by every local user at start-up",
+                updated_at=now,
+            )
+            return True
+
+        return await self._api.run_db_interaction("leave_forget_recover_forgotten", txn_fn)
 
 
 def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
