@@ -9,7 +9,7 @@ Synapse no longer has them.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, Tuple
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
@@ -26,8 +26,11 @@ logger = logging.getLogger(__name__)
 
 # How many rooms one sweep handles; the rest wait for the next sweep.
 SWEEP_BATCH = 1000
-# How long a requested purge may take before it is requested again.
-PURGE_RETRY_MS = 10 * 60 * 1000
+# Purges this process keeps in flight at once.
+MAX_CONCURRENT_PURGES = 1
+# Back-off before asking again after Synapse's purge of a room failed.
+PURGE_RETRY_MS = 5 * 1000
+MAX_PURGE_RETRY_MS = 60 * 60 * 1000
 
 
 class RetentionSweeper:
@@ -60,8 +63,9 @@ class RetentionSweeper:
         self._store = store
         self._handler = handler
         self._internals = internals
-        # When this process last asked Synapse to purge each room in "purging".
-        self._requested_at: Dict[str, int] = {}
+        # Per room in "purging": how often this process asked Synapse to purge
+        # it, and when it last did.
+        self._attempts: Dict[str, Tuple[int, int]] = {}
 
     def is_held_txn(self, txn: LoggingTransaction, room_id: str) -> bool:
         return room_id in self._config.holds or self._store.is_held_txn(txn, room_id)
@@ -83,33 +87,61 @@ class RetentionSweeper:
                 self.is_held_txn,
                 self._config.dry_run,
             )
-            if outcome == "purge":
-                await self._request_purge(room_id)
             counts[outcome] = counts.get(outcome, 0) + 1
             metrics.purges_total.labels(server_name, outcome).inc()
             metrics.purge_seconds.labels(server_name, outcome).observe(time.monotonic() - started)
+        purged = await self._drive_purges()
+        if purged:
+            counts["purged"] = purged
+            metrics.purges_total.labels(server_name, "purged").inc(purged)
+        if counts:
+            logger.info("Retention sweep: %s", counts)
+        return counts
+
+    async def _drive_purges(self) -> int:
+        """Move rooms in "purging" along, one Synapse purge at a time.
+
+        Synapse purges in several transactions and is heavy on the database,
+        so the module keeps at most MAX_CONCURRENT_PURGES in flight. Rooms are
+        taken in the order they were decided. A purge Synapse lost (a restart)
+        is requested again at once; one that failed, after a back-off.
+
+        Returns:
+            How many rooms were found gone from Synapse and recorded as purged.
+        """
+        purged = 0
+        in_flight = 0
+        now = now_ms()
         for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
             exists = await self._api.run_db_interaction(
                 "leave_forget_room_exists", self._internals.room_exists_txn, room_id
             )
             if not exists:
                 await self._store.mark_purged(room_id)
-                self._requested_at.pop(room_id, None)
-                counts["purged"] = counts.get("purged", 0) + 1
-                metrics.purges_total.labels(server_name, "purged").inc()
-            elif now - self._requested_at.get(room_id, 0) > PURGE_RETRY_MS:
-                # Started before a restart, or Synapse's purge failed or was
-                # lost: ask again. Synapse ignores a request for a room it is
-                # already deleting.
-                await self._request_purge(room_id)
-        if counts:
-            logger.info("Retention sweep: %s", counts)
-        return counts
+                self._attempts.pop(room_id, None)
+                purged += 1
+                continue
+            status, error = await self._internals.purge_task_status(room_id)
+            if status == "active":
+                in_flight += 1
+                continue
+            if in_flight >= MAX_CONCURRENT_PURGES:
+                continue
+            attempts, last_at = self._attempts.get(room_id, (0, 0))
+            if status == "failed":
+                backoff = min(PURGE_RETRY_MS * 2 ** max(attempts - 1, 0), MAX_PURGE_RETRY_MS)
+                if now - last_at < backoff:
+                    continue
+                logger.warning("Synapse's purge of %s failed (%s); retrying", room_id, error)
+            if await self._request_purge(room_id):
+                self._attempts[room_id] = (attempts + 1, now)
+                in_flight += 1
+        return purged
 
-    async def _request_purge(self, room_id: str) -> None:
-        self._requested_at[room_id] = now_ms()
+    async def _request_purge(self, room_id: str) -> bool:
         try:
             await self._api.delete_room(room_id)
         except Exception:
             logger.exception("Synapse refused to purge %s; will retry", room_id)
-            self._requested_at.pop(room_id, None)
+            return False
+        return True
