@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from signedjson.types import SigningKey
 
@@ -41,11 +41,15 @@ from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 # path + user + device), and ModuleApi exposes no transaction cache.
 from synapse.rest.client.transactions import HttpTransactionCache
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
+
+# Room ids per IN (...) list: well under SQLite's oldest variable limit (999).
+_IN_LIST_MAX = 500
 
 
 class SynapseInternals:
@@ -151,14 +155,31 @@ class SynapseInternals:
         return UnrecognizedRequestResource()
 
     def listener_roots(self) -> List[Resource]:
-        """The root resource of each HTTP listener of this process, in start order.
+        """The root resource of each HTTP listener of this process, in config order.
 
         Why: interception relies on Synapse's create_resource_tree handing the
         existing /_matrix children to a module resource at /_matrix; only the
-        live sites show whether that happened.
+        live sites show whether that happened. The main process records its
+        ports in _listening_services; a generic worker does not, so there the
+        listening ports are taken from the reactor and put in config order.
         """
+        ports = list(self._hs._listening_services)
+        if self._api.worker_app is not None:
+            ports = [
+                reader
+                # Every reactor Synapse runs on is an IReactorFDSet.
+                for reader in self._hs.get_reactor().getReaders()  # type: ignore[attr-defined]
+                if isinstance(getattr(reader, "factory", None), Site)
+            ]
+            listeners = self._hs.config.worker.worker_listeners
+            order = {
+                getattr(listener, "port", None) or getattr(listener, "path", None): index
+                for index, listener in enumerate(listeners)
+                if listener.type == "http"
+            }
+            ports.sort(key=lambda port: order.get(_port_key(port), len(order)))
         roots: List[Resource] = []
-        for port in self._hs._listening_services:
+        for port in ports:
             root = getattr(getattr(port, "factory", None), "resource", None)
             if isinstance(root, Resource) and all(root is not r for r in roots):
                 roots.append(root)
@@ -209,6 +230,81 @@ class SynapseInternals:
     def room_exists_txn(txn: LoggingTransaction, room_id: str) -> bool:
         txn.execute("SELECT 1 FROM rooms WHERE room_id = ?", (room_id,))
         return txn.fetchone() is not None
+
+    @staticmethod
+    def has_local_members_txn(txn: LoggingTransaction, room_id: str) -> bool:
+        txn.execute("SELECT 1 FROM local_current_membership WHERE room_id = ? LIMIT 1", (room_id,))
+        return txn.fetchone() is not None
+
+    @staticmethod
+    def remembering_member_txn(
+        txn: LoggingTransaction, room_id: str, live: Sequence[str]
+    ) -> Optional[Tuple[str, str]]:
+        """A local member who still has room_id: (user_id, membership), or None.
+
+        A member with a ``live`` membership is preferred; otherwise one who has
+        not forgotten the room. Each query stops at the first match, so a large
+        room costs no more than a small one unless every member forgot it.
+        """
+        txn.execute(
+            "SELECT user_id, membership FROM local_current_membership "
+            f"WHERE room_id = ? AND membership IN ({', '.join('?' for _ in live)}) LIMIT 1",
+            (room_id, *live),
+        )
+        row = txn.fetchone()
+        if row is None:
+            txn.execute(
+                "SELECT lcm.user_id, lcm.membership FROM local_current_membership AS lcm "
+                "LEFT JOIN room_memberships AS rm "
+                "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
+                "WHERE lcm.room_id = ? AND COALESCE(rm.forgotten, 0) = 0 LIMIT 1",
+                (room_id,),
+            )
+            row = txn.fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    @staticmethod
+    def remembering_members_txn(
+        txn: LoggingTransaction, room_ids: Sequence[str], live: Sequence[str]
+    ) -> Tuple[Set[str], Set[str], Dict[str, Tuple[str, str]]]:
+        """remembering_member_txn for many rooms, set-based.
+
+        Returns:
+            The rooms Synapse knows, the rooms with local members, and for each
+            room a local member who still has it (live memberships first).
+        """
+        known: Set[str] = set()
+        with_members: Set[str] = set()
+        members: Dict[str, Tuple[str, str]] = {}
+        postgres = "psycopg" in txn.database_engine.module.__name__
+        for start in range(0, len(room_ids), _IN_LIST_MAX):
+            chunk = list(room_ids[start : start + _IN_LIST_MAX])
+            if postgres:
+                in_list, args = "= ANY(?)", [chunk]
+            else:
+                in_list, args = f"IN ({', '.join('?' for _ in chunk)})", chunk
+            txn.execute(f"SELECT room_id FROM rooms WHERE room_id {in_list}", args)
+            known.update(str(r[0]) for r in txn.fetchall())
+            txn.execute(
+                f"SELECT DISTINCT room_id FROM local_current_membership WHERE room_id {in_list}",
+                args,
+            )
+            with_members.update(str(r[0]) for r in txn.fetchall())
+            txn.execute(
+                "SELECT lcm.room_id, lcm.user_id, lcm.membership "
+                "FROM local_current_membership AS lcm "
+                "LEFT JOIN room_memberships AS rm "
+                "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
+                f"WHERE lcm.room_id {in_list} AND ("
+                f"lcm.membership IN ({', '.join('?' for _ in live)}) "
+                "OR COALESCE(rm.forgotten, 0) = 0)",
+                [*args, *live],
+            )
+            for room_id, user_id, membership in txn.fetchall():
+                current = members.get(str(room_id))
+                if current is None or (current[1] not in live and membership in live):
+                    members[str(room_id)] = (str(user_id), str(membership))
+        return known, with_members, members
 
     @staticmethod
     def user_membership_txn(txn: LoggingTransaction, room_id: str, user_id: str) -> Optional[str]:
@@ -297,3 +393,9 @@ class SynapseInternals:
                 )
             )
         return leaves
+
+
+def _port_key(port: Any) -> Any:
+    """What a listening port is configured by: its TCP port number or socket path."""
+    host = port.getHost()
+    return getattr(host, "port", None) or getattr(host, "name", None)

@@ -1,0 +1,421 @@
+"""A Synapse worker deployment for the tests: redis, a main process and one generic worker.
+
+:class:`WorkerDeployment` starts, all on 127.0.0.1 with kernel-chosen ports:
+
+* ``redis-server`` as a subprocess, with no persistence (no RDB, no AOF);
+* the main process (:class:`MainProcess`, a :class:`SynapseProcess` on a fresh
+  PostgreSQL database) with redis enabled, an HTTP replication listener and an
+  ``instance_map`` naming the main process and the worker;
+* one generic worker (:class:`WorkerProcess`), ``python -m
+  synapse.app.generic_worker -c homeserver.yaml -c worker1.yaml``, with a client
+  listener, a ``resources: []`` listener for the module and a replication
+  listener.
+
+The module is loaded on both from the shared ``homeserver.yaml`` in ``mount:
+listener`` mode: a worker deployment already routes paths in the reverse
+proxy, so the module's listener costs one more rule there, and the worker then
+serves leave through the module without depending on how Synapse builds a
+worker's resource tree (intercept mode leans on that, see docs/mounting.md).
+
+What a worker deployment adds to the configuration is built by
+:func:`main_fragment` and :func:`worker_fragment`; the processes run with
+exactly those parts (plus the harness's test-only settings), and
+docs/workers.md shows them for the ports in :data:`DOC_PORTS` (a test checks
+both). ``python -m tests.integration.workers`` prints them in the doc's form.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import attr
+import yaml
+
+from tests.integration.harness import (
+    REPO_ROOT,
+    Response,
+    SynapseProcess,
+    free_port,
+    pg_connect_args,
+    request,
+)
+
+MODULE = "matrix_leave_forget.LeaveForgetModule"
+WORKER_NAME = "worker1"
+# Synapse's instance name for the main process (what the audit log records).
+MAIN_INSTANCE = "master"
+LOOPBACK = "127.0.0.1"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Ports:
+    """Every port of the deployment."""
+
+    main_client: int
+    main_module: int
+    main_replication: int
+    worker_client: int
+    worker_module: int
+    worker_replication: int
+    redis: int
+
+
+# The ports docs/workers.md shows (8008 and 8090 as in docs/mounting.md).
+DOC_PORTS = Ports(
+    main_client=8008,
+    main_module=8090,
+    main_replication=9093,
+    worker_client=8083,
+    worker_module=8091,
+    worker_replication=9094,
+    redis=6379,
+)
+
+
+def _http_listener(port: int, resources: List[Dict[str, Any]]) -> Dict[str, Any]:
+    listener: Dict[str, Any] = {
+        "port": port,
+        "bind_addresses": [LOOPBACK],
+        "type": "http",
+        "tls": False,
+    }
+    if resources != [{"names": ["replication"]}]:
+        # Client traffic arrives through the reverse proxy.
+        listener["x_forwarded"] = True
+    listener["resources"] = resources
+    return listener
+
+
+def main_fragment(ports: Ports) -> Dict[str, Any]:
+    """The parts of ``homeserver.yaml`` (shared by every process) for this deployment."""
+    return {
+        "listeners": [
+            _http_listener(ports.main_client, [{"names": ["client", "federation"]}]),
+            # The module's listener on the main process: forget is routed here.
+            _http_listener(ports.main_module, []),
+            _http_listener(ports.main_replication, [{"names": ["replication"]}]),
+        ],
+        "redis": {"enabled": True, "host": LOOPBACK, "port": ports.redis},
+        "instance_map": {
+            "main": {"host": LOOPBACK, "port": ports.main_replication},
+            WORKER_NAME: {"host": LOOPBACK, "port": ports.worker_replication},
+        },
+        "modules": [{"module": MODULE, "config": {"mount": "listener"}}],
+    }
+
+
+def worker_fragment(ports: Ports) -> Dict[str, Any]:
+    """The worker's own config file (besides ``worker_log_config``)."""
+    return {
+        "worker_app": "synapse.app.generic_worker",
+        "worker_name": WORKER_NAME,
+        "worker_listeners": [
+            _http_listener(ports.worker_client, [{"names": ["client"]}]),
+            # The module's listener on the worker: leave is routed here.
+            _http_listener(ports.worker_module, []),
+            _http_listener(ports.worker_replication, [{"names": ["replication"]}]),
+        ],
+    }
+
+
+def to_yaml(fragment: Dict[str, Any]) -> str:
+    """A fragment as it appears in docs/workers.md (key order kept)."""
+    return yaml.safe_dump(fragment, sort_keys=False, default_flow_style=None)
+
+
+def _wait_for(ready: Any, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} while starting")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout} s")
+        time.sleep(0.05)
+
+
+def _stop_process(process: Optional[subprocess.Popen[bytes]]) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(30)
+
+
+def _tail(path: str, lines: int) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+class RedisServer:
+    """``redis-server`` on a loopback port, in the foreground, persisting nothing."""
+
+    def __init__(self, workdir: str, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.log_path = os.path.join(workdir, "redis.log")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 15.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not on PATH: Synapse workers need redis "
+                "(Debian/Ubuntu: apt-get install redis-server)"
+            )
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--bind", LOOPBACK,
+                "--port", str(self.port),
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--dir", self.workdir,
+                "--logfile", "",
+            ],
+            stdout=log,
+            stderr=log,
+        )  # fmt: skip
+        log.close()
+        try:
+            _wait_for(self.ping, self.process, "redis-server", timeout)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{_tail(self.log_path, 20)}") from None
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+        self.process = None
+
+
+class MainProcess(SynapseProcess):
+    """The harness's Synapse, on PostgreSQL, plus what :func:`main_fragment` adds.
+
+    The harness's own listeners (client, module, metrics) stay; the replication
+    listener, ``redis`` and ``instance_map`` are added.
+    """
+
+    def __init__(self, module_config: Dict[str, Any], redis_port: int, workdir: str) -> None:
+        # Needed by homeserver_config(), which the harness calls in __init__.
+        self.redis_port = redis_port
+        self.replication_port = free_port()
+        self.worker_client_port = free_port()
+        self.worker_module_port = free_port()
+        self.worker_replication_port = free_port()
+        # Cheap password hashing: the tests register dozens of users.
+        super().__init__(module_config, {"bcrypt_rounds": 4}, database="postgres", workdir=workdir)
+
+    @property
+    def ports(self) -> Ports:
+        return Ports(
+            main_client=self.client_port,
+            main_module=self.module_port,
+            main_replication=self.replication_port,
+            worker_client=self.worker_client_port,
+            worker_module=self.worker_module_port,
+            worker_replication=self.worker_replication_port,
+            redis=self.redis_port,
+        )
+
+    def homeserver_config(self) -> Dict[str, Any]:
+        config = super().homeserver_config()
+        fragment = main_fragment(self.ports)
+        config["listeners"] = config["listeners"] + [fragment["listeners"][-1]]
+        config["redis"] = fragment["redis"]
+        config["instance_map"] = fragment["instance_map"]
+        return config
+
+
+class WorkerProcess:
+    """One generic worker reading the main's ``homeserver.yaml`` and its own file."""
+
+    def __init__(self, main: MainProcess) -> None:
+        self.main = main
+        self.name = WORKER_NAME
+        self.client_port = main.worker_client_port
+        self.module_port = main.worker_module_port
+        self.config_path = os.path.join(main.workdir, f"{WORKER_NAME}.yaml")
+        self.log_path = os.path.join(main.workdir, f"{WORKER_NAME}.log")
+        self._stderr_path = os.path.join(main.workdir, f"{WORKER_NAME}.stderr.log")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self._write_config()
+
+    def worker_config(self) -> Dict[str, Any]:
+        config = worker_fragment(self.main.ports)
+        config["worker_log_config"] = self._write_log_config()
+        return config
+
+    def _write_log_config(self) -> str:
+        # The harness's logging, into a file of the worker's own.
+        with open(self.main.homeserver_config()["log_config"]) as f:
+            log_config = yaml.safe_load(f)
+        log_config["handlers"]["file"]["filename"] = self.log_path
+        path = os.path.join(self.main.workdir, f"{WORKER_NAME}.log.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(log_config, f)
+        return path
+
+    def _write_config(self) -> None:
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.worker_config(), f)
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = dict(os.environ)
+        env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+        stderr = open(self._stderr_path, "ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "synapse.app.generic_worker",
+                "-c",
+                self.main.config_path,
+                "-c",
+                self.config_path,
+            ],
+            stdout=stderr,
+            stderr=stderr,
+            cwd=self.main.workdir,
+            env=env,
+        )
+        stderr.close()
+
+        def healthy() -> bool:
+            try:
+                return request(self.client_port, "GET", "/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        try:
+            _wait_for(healthy, self.process, f"Synapse worker {WORKER_NAME}", timeout)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{self.tail_logs()}") from None
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+        self.process = None
+
+    def tail_logs(self, lines: int = 60) -> str:
+        return _tail(self._stderr_path, lines) + _tail(self.log_path, lines)
+
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def client(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the worker's client listener."""
+        return request(self.client_port, method, path, body, **kw)
+
+    def module(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the worker's module (``resources: []``) listener."""
+        return request(self.module_port, method, path, body, **kw)
+
+
+def _require_prerequisites() -> None:
+    """Fail with a message that says what is missing, before starting anything."""
+    if importlib.util.find_spec("txredisapi") is None:
+        raise RuntimeError(
+            "Synapse's redis support is not installed in this Python "
+            f"({sys.executable}): pip install 'matrix-synapse[redis]'"
+        )
+    if shutil.which("redis-server") is None:
+        raise RuntimeError(
+            "redis-server is not on PATH: Synapse workers need redis "
+            "(Debian/Ubuntu: apt-get install redis-server)"
+        )
+
+
+class WorkerDeployment:
+    """redis + main process + one generic worker, with the module on both.
+
+    Args:
+        module_config: The module's ``config:`` (``mount: listener`` unless it
+            says otherwise).
+
+    Raises:
+        RuntimeError: with what is missing, if PostgreSQL, redis-server or
+            Synapse's redis extra is not available.
+    """
+
+    def __init__(self, module_config: Dict[str, Any]) -> None:
+        _require_prerequisites()
+        redis_port = free_port()
+        # Every process's files (configs, logs, signing key, redis's dir) live here.
+        self.workdir = tempfile.mkdtemp(prefix="mlf-workers-")
+        try:
+            self.main = MainProcess(
+                {"mount": "listener", **module_config}, redis_port, self.workdir
+            )
+        except Exception as exc:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if type(exc).__module__.startswith("psycopg2"):
+                args = pg_connect_args(None)
+                raise RuntimeError(
+                    "Synapse workers need PostgreSQL, which is not reachable as "
+                    f"{args['user']}@{args['host']}:{args['port']} (PG* variables): "
+                    f"{type(exc).__name__}: {str(exc).strip()}"
+                ) from None
+            raise
+        self.redis = RedisServer(self.main.workdir, redis_port)
+        self.worker = WorkerProcess(self.main)
+
+    @property
+    def ports(self) -> Ports:
+        return self.main.ports
+
+    def start(self) -> None:
+        """Start redis, then the main process, then the worker."""
+        self.redis.start()
+        self.main.start()
+        self.worker.start()
+
+    def cleanup(self) -> None:
+        """Stop everything and drop the database and the working directory."""
+        try:
+            self.worker.stop()
+            self.main.stop()
+            self.redis.stop()
+        finally:
+            self.main.cleanup()
+            if not os.environ.get("MLF_KEEP_WORKDIR"):
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def doc_blocks(ports: Ports = DOC_PORTS) -> str:
+    """The configuration parts in docs/workers.md's form."""
+    return (
+        "# homeserver.yaml (read by every process)\n"
+        + to_yaml(main_fragment(ports))
+        + f"\n# {WORKER_NAME}.yaml\n"
+        + to_yaml(worker_fragment(ports))
+    )
+
+
+if __name__ == "__main__":
+    print(doc_blocks(), end="")
