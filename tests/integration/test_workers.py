@@ -524,7 +524,10 @@ class InterceptWorkerTests(SynapseTestCase):
         user = self.hs.register("leaver")
         room = self.hs.create_room(user)
         resp = self.worker.client(
-            "POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=user.access_token
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+            {},
+            token=user.access_token,
         )
         self.assertEqual(resp.status, 200, resp.body)
         entries = self.hs.client(
