@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The size limit of a whole Matrix event, so a reason any event could carry fits.
+MAX_STORED_REASON_BYTES = 64 * 1024
+
 # Memberships that keep a room alive for a local user: the purge must wait.
 LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
 
@@ -177,7 +180,10 @@ class MembershipHandler:
 
     async def _record(self, requester: Requester, fields: AuditFields) -> None:
         fields = attr.evolve(
-            fields, user_id=requester.user.to_string(), device_id=requester.device_id
+            fields,
+            user_id=requester.user.to_string(),
+            device_id=requester.device_id,
+            reason=storable_reason(fields.reason),
         )
         try:
             await self._store.append(fields)
@@ -201,6 +207,23 @@ class MembershipHandler:
                 action=action, outcome=client_errcode(error), room_id=room_id, reason=reason
             ),
         )
+
+
+def storable_reason(reason: Optional[str]) -> Optional[str]:
+    """A reason as the audit log keeps it: valid UTF-8, at most what an event holds.
+
+    A refused request's reason never went into an event, so it can be as large
+    as the request and can hold lone surrogates (valid JSON, not valid UTF-8);
+    stored whole, the first would let anyone grow the append-only log by
+    megabytes a request and the second would fail the write.
+    """
+    if reason is None:
+        return None
+    data = reason.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+    if len(data) > MAX_STORED_REASON_BYTES:
+        data = data[: MAX_STORED_REASON_BYTES - len("…".encode())]
+        return data.decode("utf-8", "ignore") + "…"
+    return data.decode("utf-8")
 
 
 def client_errcode(error: SynapseError) -> str:
