@@ -158,16 +158,21 @@ class AdminResource(DirectServeJsonResource):
         after = _arg(request, "from")
         limit = _limit_arg(request)
         if state == "held":
-            holds = await self._store.get_holds()
-            held = {h["room_id"]: h for h in holds}
+            # A page of the admin API's holds merged with the configured ones
+            # (few): the first `limit` of the union are among these.
+            held = {h["room_id"]: h for h in await self._store.get_holds_page(after, limit)}
             for room_id in self._retention.holds:
-                held.setdefault(
-                    room_id,
-                    {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None},
-                )
-            rooms: List[Dict[str, Any]] = [
-                held[r] for r in sorted(held) if after is None or r > after
-            ][:limit]
+                if after is None or room_id > after:
+                    held.setdefault(
+                        room_id,
+                        {
+                            "room_id": room_id,
+                            "held_by": "config",
+                            "reason": None,
+                            "created_at": None,
+                        },
+                    )
+            rooms: List[Dict[str, Any]] = [held[r] for r in sorted(held)][:limit]
         elif state == "abandoned":
             room_ids = await self._api.run_db_interaction(
                 "leave_forget_abandoned_rooms",
@@ -196,8 +201,7 @@ class AdminResource(DirectServeJsonResource):
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
         )
         history = await self._store.member_history(room_id)
-        holds = {h["room_id"]: h for h in await self._store.get_holds()}
-        hold = holds.get(room_id)
+        hold = await self._store.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
         return {

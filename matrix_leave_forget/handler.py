@@ -8,14 +8,14 @@ retention store.
 """
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
-from matrix_leave_forget.store import AuditFields, RetentionStore
+from matrix_leave_forget.store import AuditFields, MembershipRead, RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -27,6 +27,14 @@ MAX_STORED_REASON_BYTES = 64 * 1024
 
 # Memberships that keep a room alive for a local user: the purge must wait.
 LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
+_LIVE = tuple(sorted(LIVE_MEMBERSHIPS))
+
+
+def _still_has(user_id: str, membership: str) -> str:
+    """Why a room is not forgotten by all, given a local member who still has it."""
+    if membership in LIVE_MEMBERSHIPS:
+        return f"{user_id} has membership {membership}"
+    return f"{user_id} has not forgotten the room"
 
 
 class MembershipHandler:
@@ -120,37 +128,55 @@ class MembershipHandler:
         if self._forget_limiter is not None:
             await self._forget_limiter.ratelimit(requester)
         user_id = requester.user.to_string()
-        membership = await self._api.run_db_interaction(
-            "leave_forget_membership_before_forget",
-            self._internals.user_membership_txn,
-            room_id,
-            user_id,
-        )
-        try:
+        membership: MembershipRead
+        if self._internals.synapse_purges_forgotten_rooms():
             # A room the user never had a membership in is answered 200 as
-            # Synapse does, but Synapse must not schedule a purge for it.
-            await self._internals.forget(requester, room_id, schedule_purge=membership is not None)
+            # Synapse does, but Synapse must not schedule its own purge for
+            # it: that needs the membership before the forget.
+            before = await self._api.run_db_interaction(
+                "leave_forget_membership_before_forget",
+                self._internals.user_membership_txn,
+                room_id,
+                user_id,
+            )
+            schedule_purge = before is not None
+
+            def read_before(txn: LoggingTransaction) -> Optional[str]:
+                return before
+
+            membership = read_before
+        else:
+            # Synapse schedules no purge: the membership (which forgetting
+            # leaves as it is) is read in the transaction that records the
+            # forget, saving a round trip.
+            schedule_purge = False
+
+            def read_in_txn(txn: LoggingTransaction) -> Optional[str]:
+                return self._internals.user_membership_txn(txn, room_id, user_id)
+
+            membership = read_in_txn
+
+        try:
+            await self._internals.forget(requester, room_id, schedule_purge=schedule_purge)
         except SynapseError as error:
             await self._record_failure(requester, "forget", room_id, None, error)
             raise
         fields = AuditFields(
             action="forget",
-            outcome="ok" if membership is not None else "noop",
+            outcome="ok",
             user_id=user_id,
             room_id=room_id,
             device_id=requester.device_id,
         )
-        if membership is None:
-            # As for refusals, a garbage room id is not worth a row.
-            if is_valid_room_id(room_id):
-                await self._record(requester, fields)
-            return
         try:
             _, room = await self._store.record_forget(
                 fields,
                 room_id,
                 self.why_not_forgotten_txn,
                 self._config.retention.period_ms,
+                membership,
+                # As for refusals, a garbage room id is not worth a row.
+                record_noop=is_valid_room_id(room_id),
             )
         except Exception:
             # The forget happened; the client must hear so. The gap is logged
@@ -168,15 +194,31 @@ class MembershipHandler:
         """None if every local user has forgotten room_id, else why it is still remembered."""
         if not self._internals.room_exists_txn(txn, room_id):
             return "unknown room"
-        members = self._internals.local_memberships_txn(txn, room_id)
-        if not members:
+        member = self._internals.remembering_member_txn(txn, room_id, _LIVE)
+        if member is not None:
+            return _still_has(*member)
+        if not self._internals.has_local_members_txn(txn, room_id):
             return "no local members"
-        for user_id, membership, forgotten in members:
-            if membership in LIVE_MEMBERSHIPS:
-                return f"{user_id} has membership {membership}"
-            if not forgotten:
-                return f"{user_id} has not forgotten the room"
         return None
+
+    def why_not_forgotten_many_txn(
+        self, txn: LoggingTransaction, room_ids: Sequence[str]
+    ) -> Dict[str, str]:
+        """why_not_forgotten_txn for many rooms, set-based.
+
+        Returns:
+            {room_id: why} for the rooms that are still remembered.
+        """
+        known, with_members, members = self._internals.remembering_members_txn(txn, room_ids, _LIVE)
+        reasons: Dict[str, str] = {}
+        for room_id in room_ids:
+            if room_id not in known:
+                reasons[room_id] = "unknown room"
+            elif room_id in members:
+                reasons[room_id] = _still_has(*members[room_id])
+            elif room_id not in with_members:
+                reasons[room_id] = "no local members"
+        return reasons
 
     async def _record(self, requester: Requester, fields: AuditFields) -> None:
         fields = attr.evolve(

@@ -9,7 +9,7 @@ several homeservers in one process stay apart.
 from prometheus_client import Counter, Histogram
 
 # Leave and forget latencies run from a few ms (forget) to seconds (a leave
-# that federates to a large room); purge decisions are single transactions.
+# that federates to a large room); purge decisions are batched, per room.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PURGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
@@ -36,7 +36,8 @@ purges_total = Counter(
 
 purge_seconds = Histogram(
     "synapse_leave_forget_purge_seconds",
-    "Time to decide (and request) one due purge, by outcome.",
+    "Time to decide one due room, by outcome: a decision transaction's time "
+    "divided by the rooms it decided, observed once per transaction and outcome.",
     ["server_name", "outcome"],
     buckets=_PURGE_BUCKETS,
 )

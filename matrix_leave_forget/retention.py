@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Dict, Tuple
 
-from synapse.module_api import LoggingTransaction, ModuleApi
+from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
 from matrix_leave_forget.audit import now_ms
@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# How many rooms one sweep handles; the rest wait for the next sweep.
+# How many rooms in "purging" one sweep looks at.
 SWEEP_BATCH = 1000
+# Due rooms decided per transaction. Each transaction holds the audit chain's
+# lock (so leave and forget wait for it): 1000 rooms is tens of milliseconds.
+DECIDE_BATCH = 1000
+# Bound on one sweep's decision transactions (10^6 due rooms); the rest wait.
+MAX_DECIDE_TRANSACTIONS = 1000
 # Purges this process keeps in flight at once.
 MAX_CONCURRENT_PURGES = 1
 # Back-off before asking again after Synapse's purge of a room failed.
@@ -66,9 +71,8 @@ class RetentionSweeper:
         # Per room in "purging": how often this process asked Synapse to purge
         # it, and when it last did.
         self._attempts: Dict[str, Tuple[int, int]] = {}
-
-    def is_held_txn(self, txn: LoggingTransaction, room_id: str) -> bool:
-        return room_id in self._config.holds or self._store.is_held_txn(txn, room_id)
+        # What the last sweep's decisions cost (ms), for logs and benchmarks.
+        self.last_stats: Dict[str, float] = {}
 
     async def sweep(self) -> Dict[str, int]:
         """One pass: decide every due room, then check on purges in progress.
@@ -79,23 +83,52 @@ class RetentionSweeper:
         counts: Dict[str, int] = {}
         now = now_ms()
         server_name = self._api.server_name
-        for room_id in await self._store.get_due(now, SWEEP_BATCH):
-            started = time.monotonic()
-            outcome = await self._store.decide_purge(
-                room_id,
-                self._handler.why_not_forgotten_txn,
-                self.is_held_txn,
+        started = time.monotonic()
+        stats: Dict[str, float] = {"transactions": 0}
+        # Each transaction decides a batch of due rooms (oldest first) and
+        # takes them out of "forgotten", so every one makes progress; `now`
+        # is fixed, so the loop ends with the rooms due when it began.
+        for _ in range(MAX_DECIDE_TRANSACTIONS):
+            batch_started = time.monotonic()
+            batch = await self._store.decide_due(
+                now,
+                DECIDE_BATCH,
+                self._handler.why_not_forgotten_many_txn,
+                self._config.holds,
                 self._config.dry_run,
             )
-            counts[outcome] = counts.get(outcome, 0) + 1
-            metrics.purges_total.labels(server_name, outcome).inc()
-            metrics.purge_seconds.labels(server_name, outcome).observe(time.monotonic() - started)
+            per_room = (time.monotonic() - batch_started) / max(
+                1, len(batch.decided) + len(batch.cancelled)
+            )
+            stats["transactions"] += 1
+            for key, value in batch.timings_ms.items():
+                stats[key] = round(stats.get(key, 0.0) + value, 2)
+            decided = "dry_run" if self._config.dry_run else "purge"
+            for outcome, n in ((decided, len(batch.decided)), ("cancelled", len(batch.cancelled))):
+                if n:
+                    counts[outcome] = counts.get(outcome, 0) + n
+                    metrics.purges_total.labels(server_name, outcome).inc(n)
+                    metrics.purge_seconds.labels(server_name, outcome).observe(per_room)
+            if not batch.more:
+                break
+        held = await self._store.count_due_held(now, self._config.holds)
+        if held:
+            counts["held"] = held
+            metrics.purges_total.labels(server_name, "held").inc(held)
+        stats["decide_ms"] = round((time.monotonic() - started) * 1000, 1)
         purged = await self._drive_purges()
         if purged:
             counts["purged"] = purged
             metrics.purges_total.labels(server_name, "purged").inc(purged)
+        stats["sweep_ms"] = round((time.monotonic() - started) * 1000, 1)
+        self.last_stats = stats
         if counts:
-            logger.info("Retention sweep: %s", counts)
+            logger.info(
+                "Retention sweep: %s (decided in %d ms, %d transaction(s))",
+                counts,
+                stats["decide_ms"],
+                stats["transactions"],
+            )
         return counts
 
     async def _drive_purges(self) -> int:

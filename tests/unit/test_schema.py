@@ -23,6 +23,7 @@ from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION, run_migration
 MODULE_TABLES_BY_VERSION = {
     1: {"leave_forget_audit", "leave_forget_rooms"},
     2: {"leave_forget_holds"},
+    3: set(),  # an index only
 }
 
 
