@@ -22,8 +22,6 @@ from typing import (
     Tuple,
 )
 
-from typing_extensions import LiteralString
-
 from signedjson.types import SigningKey
 
 # Why: the room-member handler is the code path of Synapse's own
@@ -64,6 +62,7 @@ from twisted.web.server import Site
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
+    from typing_extensions import LiteralString
 
 logger = logging.getLogger(__name__)
 

@@ -166,7 +166,7 @@ class GroupCommit:
             self._draining = True
             run_in_background_process(self._api, "leave_forget_group_commit", self._drain)
         # Waiting on a copy: cancelling this caller must not cancel job.turn.
-        waiter: "defer.Deferred[None]" = defer.Deferred()
+        waiter: defer.Deferred[None] = defer.Deferred()
         job.turn.chainDeferred(waiter)
         await make_deferred_yieldable(waiter)
         return job.outcome()
@@ -178,11 +178,11 @@ class GroupCommit:
                 del self._waiting[: len(batch)]
                 try:
                     await self._run_batch(batch)
-                except BaseException as error:  # never leave a caller waiting
+                except Exception as error:  # never leave a caller waiting
+                    logger.exception("Audit group commit failed")
                     for job in batch:
                         if not job.done:
                             job.finish(error=error)
-                    raise
                 finally:
                     wake([job.turn for job in batch])
         finally:
