@@ -78,9 +78,19 @@ def request(
     raw_body: Optional[bytes] = None,
     headers: Optional[Mapping[str, str]] = None,
     timeout: float = 30.0,
+    source_ip: Optional[str] = None,
 ) -> Response:
-    """Send one HTTP request to 127.0.0.1:port and decode a JSON answer."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """Send one HTTP request to 127.0.0.1:port and decode a JSON answer.
+
+    ``source_ip`` binds the client side to another loopback address, so that a
+    proxy's forwarding of the client address can be seen.
+    """
+    conn = http.client.HTTPConnection(
+        "127.0.0.1",
+        port,
+        timeout=timeout,
+        source_address=(source_ip, 0) if source_ip else None,
+    )
     send_headers = dict(headers or {})
     if token is not None:
         send_headers["Authorization"] = f"Bearer {token}"

@@ -19,7 +19,6 @@ with a message naming the Debian package to install (`nginx`, `caddy`).
 """
 
 import http.client
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from tests.integration.harness import (
     User,
     free_port,
     quote_room,
+    request,
     wait_until,
 )
 
@@ -91,38 +91,9 @@ def render_shipped(filename: str, ports: Mapping[str, int]) -> str:
     return _PLACEHOLDER.sub(lambda m: f"127.0.0.1:{ports[PLACEHOLDERS[m.group(1)]]}", text)
 
 
-def proxy_request(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    token: Optional[str] = None,
-    headers: Optional[Mapping[str, str]] = None,
-    timeout: float = 30.0,
-) -> Response:
+def proxy_request(port: int, method: str, path: str, body: Any = None, **kw: Any) -> Response:
     """One HTTP request to 127.0.0.1:port, sent from CLIENT_IP, path sent as given."""
-    conn = http.client.HTTPConnection(
-        "127.0.0.1", port, timeout=timeout, source_address=(CLIENT_IP, 0)
-    )
-    send_headers = dict(headers or {})
-    if token is not None:
-        send_headers["Authorization"] = f"Bearer {token}"
-    payload = None if body is None else json.dumps(body).encode()
-    if payload is not None:
-        send_headers["Content-Type"] = "application/json"
-    try:
-        conn.request(method, path, body=payload, headers=send_headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        resp_headers = {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
-    try:
-        decoded: Any = json.loads(raw) if raw else None
-    except ValueError:
-        decoded = None
-    return Response(resp.status, decoded, raw, resp_headers)
+    return request(port, method, path, body, source_ip=CLIENT_IP, **kw)
 
 
 class ProxyProcess:
