@@ -409,11 +409,19 @@ class SynapseInternals:
 
     @staticmethod
     def forgotten_by_all_rooms_txn(txn: LoggingTransaction, limit: int) -> List[str]:
-        """Rooms whose local users all left (or were banned) and forgot them, per Synapse."""
+        """Rooms whose local users all left (or were banned) and forgot them, per Synapse.
+
+        Rooms the module already has in a retention state other than ``active``
+        are left out, so that each start-up looks only at rooms still to do.
+        """
         txn.execute(
             """
             SELECT lcm.room_id FROM local_current_membership AS lcm
             LEFT JOIN room_memberships AS rm USING (room_id, event_id)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM leave_forget_rooms AS lfr
+                WHERE lfr.room_id = lcm.room_id AND lfr.state != 'active'
+            )
             GROUP BY lcm.room_id
             HAVING SUM(
                 CASE WHEN lcm.membership IN ('leave', 'ban') AND rm.forgotten = 1
