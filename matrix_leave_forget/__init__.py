@@ -72,9 +72,6 @@ class LeaveForgetModule:
             ADMIN_PREFIX,
             AdminResource(api, self.store, config.retention, self._internals, self._ready.wait),
         )
-        api.looping_background_call(
-            self.sweeper.sweep, config.retention.sweep_interval_ms, desc="leave_forget_sweep"
-        )
         # Listeners start right after modules are loaded; check them then.
         api.delayed_background_call(0, self._after_start, desc="leave_forget_start")
 
@@ -103,6 +100,10 @@ class LeaveForgetModule:
             return
         logger.info("matrix-leave-forget schema at version %d", version)
         self._ready.open()
+        # Sweeps start only now: the first one must find the module's tables.
+        self._api.looping_background_call(
+            self.sweeper.sweep, self._config.retention.sweep_interval_ms, desc="leave_forget_sweep"
+        )
         if self._api.should_run_background_tasks():
             await self.reconciler.run()
 

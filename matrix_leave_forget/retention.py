@@ -129,6 +129,8 @@ class RetentionSweeper:
                 stats["decide_ms"],
                 stats["transactions"],
             )
+        else:
+            logger.debug("Retention sweep: nothing due")
         return counts
 
     async def _drive_purges(self) -> int:

@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import SynapseProcess, free_port, quote_room, request
+from tests.integration.harness import SynapseProcess, free_port, quote_room, request, wait_until
 
 OUR_MODULE = "matrix_leave_forget.LeaveForgetModule"
 OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"
@@ -169,3 +169,13 @@ class ListenerTests(_ServerPerTest):
             "GET", f"/_matrix/client/v3/rooms/{quote_room(room)}/messages", token=admin.access_token
         )
         self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))
+
+
+class FirstStartTests(_ServerPerTest):
+    def test_first_sweep_waits_for_the_schema(self) -> None:
+        """On a fresh database the retention sweep, however frequent, starts
+        only once the module's tables exist: it used to run before them and
+        log an exception on every first start."""
+        hs = self.start({}, {"retention": {"period": "1h", "sweep_interval": "1ms"}})
+        wait_until(lambda: "Retention sweep:" in hs.log_text(), what="a sweep to finish")
+        self.assertNotIn("Traceback", hs.log_text())
