@@ -9,7 +9,7 @@ Synapse no longer has them.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Set, Tuple
 
 from synapse.module_api import ModuleApi
 
@@ -36,6 +36,9 @@ MAX_CONCURRENT_PURGES = 1
 # Back-off before asking again after Synapse's purge of a room failed.
 PURGE_RETRY_MS = 5 * 1000
 MAX_PURGE_RETRY_MS = 60 * 60 * 1000
+# Synapse's worker locks expire this long after their holder's last renewal
+# (synapse.storage.databases.main.lock._LOCK_TIMEOUT), plus its reaper's interval.
+SYNAPSE_LOCK_TIMEOUT_S = 120 + 12
 
 
 class RetentionSweeper:
@@ -71,6 +74,8 @@ class RetentionSweeper:
         # Per room in "purging": how often this process asked Synapse to purge
         # it, and when it last did.
         self._attempts: Dict[str, Tuple[int, int]] = {}
+        # Rooms whose purge Synapse resumed from an earlier process, once reported.
+        self._resumed: Set[str] = set()
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: Dict[str, float] = {}
 
@@ -148,17 +153,32 @@ class RetentionSweeper:
         in_flight = 0
         now = now_ms()
         for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
+            # A running purge may already have deleted the room's row (Synapse
+            # purges in several transactions): the room is purged once the
+            # task is no longer running, not as soon as the row is gone.
+            status, error = await self._internals.purge_task_status(room_id)
+            if status == "active":
+                if room_id not in self._attempts and room_id not in self._resumed:
+                    self._resumed.add(room_id)
+                    # After a crash Synapse's purge lock outlives the process
+                    # that held it; Synapse lets it expire rather than guess.
+                    logger.warning(
+                        "Synapse's purge of %s was under way when an earlier process "
+                        "stopped; Synapse resumes it, after a crash only once that "
+                        "process's purge lock expires (up to %d s)",
+                        room_id,
+                        SYNAPSE_LOCK_TIMEOUT_S,
+                    )
+                in_flight += 1
+                continue
             exists = await self._api.run_db_interaction(
                 "leave_forget_room_exists", self._internals.room_exists_txn, room_id
             )
             if not exists:
                 await self._store.mark_purged(room_id)
                 self._attempts.pop(room_id, None)
+                self._resumed.discard(room_id)
                 purged += 1
-                continue
-            status, error = await self._internals.purge_task_status(room_id)
-            if status == "active":
-                in_flight += 1
                 continue
             if in_flight >= MAX_CONCURRENT_PURGES:
                 continue

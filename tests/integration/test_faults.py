@@ -15,8 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
-from twisted.trial.unittest import SkipTest
-
+from matrix_leave_forget.retention import SYNAPSE_LOCK_TIMEOUT_S
 from tests.integration.harness import User, pg_connect_args, quote_room, request, wait_until
 from tests.integration.test_retention import RELAXED_FORGET, RetentionHelpers
 
@@ -154,14 +153,9 @@ class FaultTests(RetentionHelpers):
         self.verify_with_cli()
 
     def test_sigkill_mid_purge_resumes(self) -> None:
-        """Killed while Synapse purges rooms, restarted: every room whose purge
-        was pending or started is purged, and recorded as purged."""
-        if self.hs.pg_database is not None:
-            raise SkipTest(
-                "on PostgreSQL a purge task Synapse was running when killed was seen to "
-                "stay ACTIVE after the restart, and delete_room refuses the room while it "
-                "is (Synapse's task scheduler, not the module); runs on SQLite"
-            )
+        """Killed while Synapse purges a room (holding its purge lock), restarted:
+        the module reports the interrupted purge, and every room whose purge was
+        pending or started is purged and recorded as purged."""
         retention = {"period": "2s", "sweep_interval": "100ms"}
         self.restart(retention)
         rooms = [self.joined_room() for _ in range(8)]
@@ -173,15 +167,28 @@ class FaultTests(RetentionHelpers):
                 self.forget(user, room)
         room_ids = [room for room, _ in rooms]
 
-        def mid_purge() -> bool:
-            states = [r["state"] for r in self.listing("purged") if r["room_id"] in room_ids]
-            return "purging" in states and states.count("purged") < len(room_ids)
+        def purge_lock_held() -> List[Tuple[Any, ...]]:
+            return synapse_rows(
+                self.hs,
+                "SELECT lock_key FROM worker_read_write_locks WHERE lock_name = ?",
+                ("purge_pagination_lock",),
+            )
 
-        wait_until(mid_purge, what="a purge in progress")
+        # The worst moment: a crash leaves Synapse's lock behind in the database.
+        interrupted = wait_until(purge_lock_held, what="Synapse to hold a purge lock")[0][0]
         self.restart(retention)
+        if purge_lock_held():
+            # The purge did not finish before the kill landed: Synapse resumes
+            # it once the dead process's lock expires. Until then the module
+            # says so, and keeps the room in "purging" even if its row is gone.
+            wait_until(
+                lambda: f"purge of {interrupted} was under way" in self.hs.log_text(),
+                what="the interrupted purge to be reported",
+            )
+            self.assertEqual(self.retention(interrupted)["state"], "purging")
         for room in room_ids:
-            # Synapse purges a few rooms at a time; on a busy 2-core machine
-            # the last one can take a while.
-            self.wait_state(room, "purged", timeout=120)
+            # Synapse resumes the interrupted purge once the dead process's
+            # lock expires; the other rooms queue behind it.
+            self.wait_state(room, "purged", timeout=SYNAPSE_LOCK_TIMEOUT_S + 90)
             self.assert_purged(room)
         self.verify_with_cli()
