@@ -359,20 +359,7 @@ class RetentionStore:
             # must stay a full period after that forget, not the earlier one.
             if row is not None and row[0] in (STATE_PURGING, STATE_PURGED):
                 return entry, None
-            now = int(entry["ts"])
-            due = now + retention_period_ms if retention_period_ms is not None else None
-            self._upsert_room_txn(
-                txn,
-                room_id,
-                state=STATE_FORGOTTEN,
-                forgotten_at=now,
-                purge_due_at=due,
-                purge_started_at=None,
-                purged_at=None,
-                cancelled_at=None,
-                note=None,
-                updated_at=now,
-            )
+            self._mark_forgotten_txn(txn, room_id, int(entry["ts"]), retention_period_ms, None)
             return entry, self._get_room_txn(txn, room_id)
 
         return await self._records.run(txn_fn)
@@ -387,6 +374,28 @@ class RetentionStore:
             f"VALUES ({', '.join('?' for _ in columns)}) "
             f"ON CONFLICT (room_id) DO UPDATE SET {updates}",
             [room_id, *values.values()],
+        )
+
+    def _mark_forgotten_txn(
+        self,
+        txn: LoggingTransaction,
+        room_id: str,
+        now: int,
+        retention_period_ms: Optional[int],
+        note: Optional[str],
+    ) -> None:
+        """(Re)start the room's period as forgotten by every local user at ``now``."""
+        self._upsert_room_txn(
+            txn,
+            room_id,
+            state=STATE_FORGOTTEN,
+            forgotten_at=now,
+            purge_due_at=now + retention_period_ms if retention_period_ms is not None else None,
+            purge_started_at=None,
+            purged_at=None,
+            cancelled_at=None,
+            note=note,
+            updated_at=now,
         )
 
     @staticmethod
@@ -758,18 +767,12 @@ class RetentionStore:
             entry = self._append_txn(
                 txn, AuditFields(action="forget", outcome=OUTCOME_RECOVERED, room_id=room_id)
             )
-            now = int(entry["ts"])
-            self._upsert_room_txn(
+            self._mark_forgotten_txn(
                 txn,
                 room_id,
-                state=STATE_FORGOTTEN,
-                forgotten_at=now,
-                purge_due_at=now + retention_period_ms if retention_period_ms else None,
-                purge_started_at=None,
-                purged_at=None,
-                cancelled_at=None,
-                note="found forgotten by every local user at start-up",
-                updated_at=now,
+                int(entry["ts"]),
+                retention_period_ms,
+                "found forgotten by every local user at start-up",
             )
             return True
 
