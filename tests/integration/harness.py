@@ -191,7 +191,39 @@ def quote_room(room_id: str) -> str:
     return urllib.parse.quote(room_id, safe="")
 
 
-class SynapseProcess:
+class ListeningProcess:
+    """What tests need of a Synapse process, main or worker: its logs and its two listeners.
+
+    Subclasses set ``client_port``, ``module_port``, ``log_path`` and ``_stderr_path``.
+    """
+
+    client_port: int
+    module_port: int
+    log_path: str
+    _stderr_path: str = ""
+
+    def tail_logs(self, lines: int = 60) -> str:
+        out: List[str] = []
+        for path in (self._stderr_path, self.log_path):
+            if path and os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    out.extend(f.readlines()[-lines:])
+        return "".join(out)
+
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def client(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the ordinary client listener."""
+        return request(self.client_port, method, path, body, **kw)
+
+    def module(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        """A request to the module's own (`resources: []`) listener."""
+        return request(self.module_port, method, path, body, **kw)
+
+
+class SynapseProcess(ListeningProcess):
     """One Synapse homeserver process with matrix-leave-forget configured.
 
     Args:
@@ -426,28 +458,6 @@ class SynapseProcess:
             self.pg_database = None
         if self._own_workdir and not os.environ.get("MLF_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def tail_logs(self, lines: int = 60) -> str:
-        out: List[str] = []
-        for path in (getattr(self, "_stderr_path", ""), self.log_path):
-            if path and os.path.exists(path):
-                with open(path, errors="replace") as f:
-                    out.extend(f.readlines()[-lines:])
-        return "".join(out)
-
-    def log_text(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    # -- HTTP helpers ----------------------------------------------------
-
-    def client(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        """A request to the ordinary client listener."""
-        return request(self.client_port, method, path, body, **kw)
-
-    def module(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        """A request to the module's own (`resources: []`) listener."""
-        return request(self.module_port, method, path, body, **kw)
 
     def register(self, localpart: str, admin: bool = False) -> User:
         """Register a user through the shared-secret admin API."""

@@ -154,14 +154,9 @@ class Pair:
     forget_room: str
 
 
-class WorkerTests(SynapseTestCase):
-    """Leave, forget, the audit chain and retention across a main process and a worker."""
+class _DeploymentTestCase(SynapseTestCase):
+    """Starts one main process and one worker, both with the module, per test class."""
 
-    MODE = "listener"
-    MODULE_CONFIG = {
-        "forget_rate_limit": None,
-        "retention": {"period": "1s", "sweep_interval": "100ms"},
-    }
     if os.environ.get("MLF_TEST_DATABASE", "sqlite") != "postgres":
         skip = (
             "Synapse workers need PostgreSQL: set MLF_TEST_DATABASE=postgres "
@@ -170,24 +165,25 @@ class WorkerTests(SynapseTestCase):
 
     deployment: ClassVar[WorkerDeployment]
     worker: ClassVar[WorkerProcess]
-    admin: ClassVar[User]
-    owner: ClassVar[User]
 
     @classmethod
     def setUpClass(cls) -> None:
         if "deployment" in cls.__dict__:
             return
-        deployment = WorkerDeployment(dict(cls.MODULE_CONFIG))
+        deployment = WorkerDeployment({"mount": cls.MODE, **cls.MODULE_CONFIG})
         try:
             deployment.start()
             cls.hs = deployment.main
             cls.worker = deployment.worker
-            cls.admin = deployment.main.register("admin", admin=True)
-            cls.owner = deployment.main.register("owner")
+            cls.set_up_deployment()
         except BaseException:
             deployment.cleanup()
             raise
         cls.deployment = deployment
+
+    @classmethod
+    def set_up_deployment(cls) -> None:
+        """What the whole class needs on the running deployment."""
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -195,6 +191,24 @@ class WorkerTests(SynapseTestCase):
             cls.deployment.cleanup()
             del cls.deployment
             del cls.hs
+
+
+class WorkerTests(_DeploymentTestCase):
+    """Leave, forget, the audit chain and retention across a main process and a worker."""
+
+    MODE = "listener"
+    MODULE_CONFIG = {
+        "forget_rate_limit": None,
+        "retention": {"period": "1s", "sweep_interval": "100ms"},
+    }
+
+    admin: ClassVar[User]
+    owner: ClassVar[User]
+
+    @classmethod
+    def set_up_deployment(cls) -> None:
+        cls.admin = cls.hs.register("admin", admin=True)
+        cls.owner = cls.hs.register("owner")
 
     # -- helpers ------------------------------------------------------------
 
@@ -483,37 +497,11 @@ class WorkerTests(SynapseTestCase):
         self.assertNotIn("Retention sweep", self.worker.log_text())
 
 
-class InterceptWorkerTests(SynapseTestCase):
+class InterceptWorkerTests(_DeploymentTestCase):
     """mount: intercept on a generic worker, which records no listening ports."""
 
     MODE = "intercept"
     MODULE_CONFIG = {"forget_rate_limit": None}
-    if os.environ.get("MLF_TEST_DATABASE", "sqlite") != "postgres":
-        skip = WorkerTests.skip
-
-    deployment: ClassVar[WorkerDeployment]
-    worker: ClassVar[WorkerProcess]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        if "deployment" in cls.__dict__:
-            return
-        deployment = WorkerDeployment({"mount": "intercept", **cls.MODULE_CONFIG})
-        try:
-            deployment.start()
-            cls.hs = deployment.main
-            cls.worker = deployment.worker
-        except BaseException:
-            deployment.cleanup()
-            raise
-        cls.deployment = deployment
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if "deployment" in cls.__dict__:
-            cls.deployment.cleanup()
-            del cls.deployment
-            del cls.hs
 
     def test_worker_intercepts_leave_on_its_client_listener(self) -> None:
         """The start-up check finds the worker's listeners (a worker keeps no list

@@ -41,7 +41,7 @@ import yaml
 
 from tests.integration.harness import (
     REPO_ROOT,
-    Response,
+    ListeningProcess,
     SynapseProcess,
     free_port,
     pg_connect_args,
@@ -250,7 +250,7 @@ class MainProcess(SynapseProcess):
         return config
 
 
-class WorkerProcess:
+class WorkerProcess(ListeningProcess):
     """One generic worker reading the main's ``homeserver.yaml`` and its own file."""
 
     def __init__(self, main: MainProcess) -> None:
@@ -320,21 +320,6 @@ class WorkerProcess:
     def stop(self) -> None:
         _stop_process(self.process)
         self.process = None
-
-    def tail_logs(self, lines: int = 60) -> str:
-        return _tail(self._stderr_path, lines) + _tail(self.log_path, lines)
-
-    def log_text(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def client(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        """A request to the worker's client listener."""
-        return request(self.client_port, method, path, body, **kw)
-
-    def module(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        """A request to the worker's module (``resources: []``) listener."""
-        return request(self.module_port, method, path, body, **kw)
 
 
 def _require_prerequisites() -> None:
