@@ -298,34 +298,35 @@ def layout(n_members: int) -> Tuple[int, int]:
     return int(n_members / 2.5 / 0.85), max(50, n_members // 20)
 
 
-def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
-    """About n_members local membership rows over n_members / 2.5 rooms, of every kind.
+class SeedRows:
+    """Rows for Synapse's tables and the module's, written to the sink in batches."""
 
-    Returns:
-        Counts, and sample room ids per kind for the queries.
-    """
-    n_rooms, n_users = layout(n_members)
-    rooms_rows: List[Tuple[Any, ...]] = []
-    lcm_rows: List[Tuple[Any, ...]] = []
-    rm_rows: List[Tuple[Any, ...]] = []
-    retention_rows: List[Tuple[Any, ...]] = []
-    hold_rows: List[Tuple[Any, ...]] = []
-    samples: Dict[str, List[str]] = {}
-    counts: Dict[str, int] = {}
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.rooms: List[Tuple[Any, ...]] = []
+        self.lcm: List[Tuple[Any, ...]] = []
+        self.rm: List[Tuple[Any, ...]] = []
+        self.retention: List[Tuple[Any, ...]] = []
+        self.holds: List[Tuple[Any, ...]] = []
 
-    def flush() -> None:
+    def flush_if_full(self) -> None:
+        if len(self.lcm) >= 50000:
+            self.flush()
+
+    def flush(self) -> None:
+        sink = self.sink
         sink.insert(
             "rooms",
             ("room_id", "is_public", "creator", "room_version", "has_auth_chain_index"),
-            rooms_rows,
+            self.rooms,
         )
         sink.insert(
-            "local_current_membership", ("room_id", "user_id", "event_id", "membership"), lcm_rows
+            "local_current_membership", ("room_id", "user_id", "event_id", "membership"), self.lcm
         )
         sink.insert(
             "room_memberships",
             ("event_id", "user_id", "sender", "room_id", "membership", "forgotten"),
-            rm_rows,
+            self.rm,
         )
         sink.insert(
             "leave_forget_rooms",
@@ -340,11 +341,25 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 "note",
                 "updated_at",
             ),
-            retention_rows,
+            self.retention,
         )
-        sink.insert("leave_forget_holds", ("room_id", "held_by", "reason", "created_at"), hold_rows)
-        for rows in (rooms_rows, lcm_rows, rm_rows, retention_rows, hold_rows):
+        sink.insert(
+            "leave_forget_holds", ("room_id", "held_by", "reason", "created_at"), self.holds
+        )
+        for rows in (self.rooms, self.lcm, self.rm, self.retention, self.holds):
             rows.clear()
+
+
+def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
+    """About n_members local membership rows over n_members / 2.5 rooms, of every kind.
+
+    Returns:
+        Counts, and sample room ids per kind for the queries.
+    """
+    n_rooms, n_users = layout(n_members)
+    rows = SeedRows(sink)
+    samples: Dict[str, List[str]] = {}
+    counts: Dict[str, int] = {}
 
     for i in range(n_rooms):
         kind = KIND_BY_MOD20[i % 20]
@@ -355,7 +370,7 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
         members = members_of(i, n_users)
         forgotten_at = now - (i % 30) * DAY_MS
         if kind not in (PURGED, PURGING):
-            rooms_rows.append((rid, False, user_id(members[0]), "10", True))
+            rows.rooms.append((rid, False, user_id(members[0]), "10", True))
             for k, m in enumerate(members):
                 if kind == ACTIVE:
                     membership, forgotten = ("join" if k == 0 or i % 3 else "leave"), 0
@@ -366,10 +381,10 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 else:
                     membership, forgotten = "leave", 1
                 eid = f"$m{i}_{k}"
-                lcm_rows.append((rid, user_id(m), eid, membership))
-                rm_rows.append((eid, user_id(m), user_id(m), rid, membership, forgotten))
+                rows.lcm.append((rid, user_id(m), eid, membership))
+                rows.rm.append((eid, user_id(m), user_id(m), rid, membership, forgotten))
         if kind == FORGOTTEN:
-            retention_rows.append(
+            rows.retention.append(
                 (
                     rid,
                     "forgotten",
@@ -383,7 +398,7 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 )
             )
         elif kind == DRY_RUN:
-            retention_rows.append(
+            rows.retention.append(
                 (
                     rid,
                     "dry_run",
@@ -397,7 +412,7 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 )
             )
         elif kind == CANCELLED:
-            retention_rows.append(
+            rows.retention.append(
                 (
                     rid,
                     "active",
@@ -411,7 +426,7 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 )
             )
         elif kind == PURGED:
-            retention_rows.append(
+            rows.retention.append(
                 (
                     rid,
                     "purged",
@@ -425,15 +440,14 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
                 )
             )
         elif kind == PURGING:
-            retention_rows.append(
+            rows.retention.append(
                 (rid, "purging", forgotten_at, forgotten_at + DAY_MS, now, None, None, None, now)
             )
         if kind == FORGOTTEN and i % 100 == 12:
-            hold_rows.append((rid, user_id(0), "litigation", forgotten_at))
+            rows.holds.append((rid, user_id(0), "litigation", forgotten_at))
             samples.setdefault("held", []).append(rid)
-        if len(lcm_rows) >= 50000:
-            flush()
-    flush()
+        rows.flush_if_full()
+    rows.flush()
     lcm = sink.execute("SELECT COUNT(*) FROM local_current_membership")[0][0]
     retention = sink.execute("SELECT COUNT(*) FROM leave_forget_rooms")[0][0]
     holds = sink.execute("SELECT COUNT(*) FROM leave_forget_holds")[0][0]
@@ -465,45 +479,8 @@ def seed_sweep(sink: Sink, n: int, now: int) -> Dict[str, int]:
     Of the due rooms, 1 % are held through the admin API, 1 % have a member who
     rejoined (the sweep must cancel them) and 0.5 % are unknown to Synapse.
     """
-    rooms_rows: List[Tuple[Any, ...]] = []
-    lcm_rows: List[Tuple[Any, ...]] = []
-    rm_rows: List[Tuple[Any, ...]] = []
-    retention_rows: List[Tuple[Any, ...]] = []
-    hold_rows: List[Tuple[Any, ...]] = []
+    rows = SeedRows(sink)
     counts = {"due": 0, "held": 0, "rejoined": 0, "unknown": 0, "not_due": 0}
-
-    def flush() -> None:
-        sink.insert(
-            "rooms",
-            ("room_id", "is_public", "creator", "room_version", "has_auth_chain_index"),
-            rooms_rows,
-        )
-        sink.insert(
-            "local_current_membership", ("room_id", "user_id", "event_id", "membership"), lcm_rows
-        )
-        sink.insert(
-            "room_memberships",
-            ("event_id", "user_id", "sender", "room_id", "membership", "forgotten"),
-            rm_rows,
-        )
-        sink.insert(
-            "leave_forget_rooms",
-            (
-                "room_id",
-                "state",
-                "forgotten_at",
-                "purge_due_at",
-                "purge_started_at",
-                "purged_at",
-                "cancelled_at",
-                "note",
-                "updated_at",
-            ),
-            retention_rows,
-        )
-        sink.insert("leave_forget_holds", ("room_id", "held_by", "reason", "created_at"), hold_rows)
-        for rows in (rooms_rows, lcm_rows, rm_rows, retention_rows, hold_rows):
-            rows.clear()
 
     n_users = max(50, n // 10)
     for i in range(2 * n):
@@ -514,24 +491,23 @@ def seed_sweep(sink: Sink, n: int, now: int) -> Dict[str, int]:
         unknown = due and i % 200 == 7
         rejoined = due and i % 100 == 3
         if not unknown:
-            rooms_rows.append((rid, False, user_id(0), "10", True))
+            rows.rooms.append((rid, False, user_id(0), "10", True))
         for k in range(2):
             uid = user_id((i * 2 + k) % n_users)
             eid = f"$s{i}_{k}"
             membership, forgotten = ("join", 0) if rejoined and k == 0 else ("leave", 1)
             if not unknown:
-                lcm_rows.append((rid, uid, eid, membership))
-                rm_rows.append((eid, uid, uid, rid, membership, forgotten))
-        retention_rows.append(
+                rows.lcm.append((rid, uid, eid, membership))
+                rows.rm.append((eid, uid, uid, rid, membership, forgotten))
+        rows.retention.append(
             (rid, "forgotten", forgotten_at, purge_due_at, None, None, None, None, forgotten_at)
         )
         if due and i % 100 == 5:
-            hold_rows.append((rid, user_id(0), "bench hold", now))
+            rows.holds.append((rid, user_id(0), "bench hold", now))
             counts["held"] += 1
         counts["due" if due else "not_due"] += 1
         counts["rejoined"] += rejoined
         counts["unknown"] += unknown
-        if len(lcm_rows) >= 50000:
-            flush()
-    flush()
+        rows.flush_if_full()
+    rows.flush()
     return counts
