@@ -163,9 +163,10 @@ class RetentionSweeper:
                     # After a crash Synapse's purge lock outlives the process
                     # that held it; Synapse lets it expire rather than guess.
                     logger.warning(
-                        "Synapse's purge of %s was under way when an earlier process "
-                        "stopped; Synapse resumes it, after a crash only once that "
-                        "process's purge lock expires (up to %d s)",
+                        "Synapse is already purging %s, a purge this process did not "
+                        "request (resumed after a restart, or asked through Synapse's "
+                        "admin API); after a crash Synapse resumes it only once the "
+                        "stopped process's purge lock expires (up to %d s)",
                         room_id,
                         SYNAPSE_LOCK_TIMEOUT_S,
                     )

@@ -182,7 +182,7 @@ class FaultTests(RetentionHelpers):
             # it once the dead process's lock expires. Until then the module
             # says so, and keeps the room in "purging" even if its row is gone.
             wait_until(
-                lambda: f"purge of {interrupted} was under way" in self.hs.log_text(),
+                lambda: f"Synapse is already purging {interrupted}," in self.hs.log_text(),
                 what="the interrupted purge to be reported",
             )
             self.assertEqual(self.retention(interrupted)["state"], "purging")
