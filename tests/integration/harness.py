@@ -3,7 +3,7 @@
 The harness writes its own ``homeserver.yaml`` (no ``--generate-config``, which
 is slow and interactive about stats), generates a signing key with signedjson,
 starts ``python -m synapse.app.homeserver`` and waits on ``/health``. Every
-listener binds to 127.0.0.1 on a port chosen by the kernel.
+listener binds to 127.0.0.1 on a port :func:`free_port` picked.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hmac
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, TypeVar
 
 import attr
 import yaml
@@ -35,11 +36,40 @@ SHARED_SECRET = "matrix-leave-forget-test-secret"
 RELAXED_RATELIMIT = {"per_second": 10000, "burst_count": 10000}
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Below the kernel's ephemeral range: a port the kernel hands out for binding to 0
+# is also one it hands to outgoing connections (the tests', Synapse's, PostgreSQL
+# clients'), which can take it between the choice and Synapse's bind.
+_PORTS = (max(1024, _ephemeral_low() - 12000), _ephemeral_low())
+_handed_out: Set[int] = set()
+_random = random.SystemRandom()
+
+
 def free_port() -> int:
-    """Ask the kernel for a free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on the loopback interface, free now and not handed out before here.
+
+    Concurrent test processes (tox envs in parallel) pick at random, so they
+    rarely meet; when they do, :meth:`SynapseProcess.start` picks again.
+    """
+    for _ in range(1000):
+        port = _random.randrange(*_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {_PORTS} on 127.0.0.1")
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -189,6 +219,14 @@ def drop_pg_database(name: str) -> None:
 def quote_room(room_id: str) -> str:
     """Percent-encode a room id for a path segment, as Matrix clients do."""
     return urllib.parse.quote(room_id, safe="")
+
+
+# Starts of one Synapse before a port taken by another process fails the test.
+BIND_ATTEMPTS = 4
+
+
+class PortTakenError(Exception):
+    """Synapse could not bind a listener port: another process took it first."""
 
 
 class ListeningProcess:
@@ -403,13 +441,35 @@ class SynapseProcess(ListeningProcess):
     # -- lifecycle -------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start Synapse and wait until it answers /health."""
+        """Start Synapse and wait until it answers /health.
+
+        If another process took one of its ports in the meantime, Synapse
+        exits at once; it is started again on fresh ports (a few times).
+        """
+        # Listeners a test configured itself keep their ports.
+        attempts = 1 if "listeners" in self.extra_config else BIND_ATTEMPTS
+        for _ in range(attempts - 1):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                self.reassign_ports()
+                self._write_config()
+        self._start_once(timeout)
+
+    def reassign_ports(self) -> None:
+        """Pick fresh ports for every listener (after a bind failure)."""
+        self.client_port = free_port()
+        self.module_port = free_port()
+        self.metrics_port = free_port()
+
+    def _start_once(self, timeout: float) -> None:
         env = dict(os.environ)
         env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
         # So that Synapse can load test-only modules from tests/.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
         self._stderr_path = os.path.join(self.workdir, "stderr.log")
         stderr = open(self._stderr_path, "ab")
+        stderr_start = stderr.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "synapse.app.homeserver", "-c", self.config_path],
             stdout=stderr,
@@ -421,6 +481,11 @@ class SynapseProcess(ListeningProcess):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                with open(self._stderr_path, "rb") as f:
+                    f.seek(stderr_start)
+                    if b"Address already in use" in f.read():
+                        self.process = None
+                        raise PortTakenError()
                 raise RuntimeError(
                     f"Synapse exited with {self.process.returncode}:\n" + self.tail_logs()
                 )

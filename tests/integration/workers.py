@@ -229,6 +229,14 @@ class MainProcess(SynapseProcess):
         # Cheap password hashing: the tests register dozens of users.
         super().__init__(module_config, {"bcrypt_rounds": 4}, database="postgres", workdir=workdir)
 
+    def reassign_ports(self) -> None:
+        super().reassign_ports()
+        # The worker's ports too: the main's config names them (instance_map).
+        self.replication_port = free_port()
+        self.worker_client_port = free_port()
+        self.worker_module_port = free_port()
+        self.worker_replication_port = free_port()
+
     @property
     def ports(self) -> Ports:
         return Ports(
@@ -256,13 +264,19 @@ class WorkerProcess(ListeningProcess):
     def __init__(self, main: MainProcess) -> None:
         self.main = main
         self.name = WORKER_NAME
-        self.client_port = main.worker_client_port
-        self.module_port = main.worker_module_port
         self.config_path = os.path.join(main.workdir, f"{WORKER_NAME}.yaml")
         self.log_path = os.path.join(main.workdir, f"{WORKER_NAME}.log")
         self._stderr_path = os.path.join(main.workdir, f"{WORKER_NAME}.stderr.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
-        self._write_config()
+
+    # The main process may have moved to fresh ports when it started.
+    @property
+    def client_port(self) -> int:
+        return self.main.worker_client_port
+
+    @property
+    def module_port(self) -> int:
+        return self.main.worker_module_port
 
     def worker_config(self) -> Dict[str, Any]:
         config = worker_fragment(self.main.ports)
@@ -284,6 +298,7 @@ class WorkerProcess(ListeningProcess):
             yaml.safe_dump(self.worker_config(), f)
 
     def start(self, timeout: float = 60.0) -> None:
+        self._write_config()
         env = dict(os.environ)
         env.setdefault("SYNAPSE_ASYNC_IO_REACTOR", "0")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
