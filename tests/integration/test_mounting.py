@@ -159,6 +159,42 @@ class ListenerTests(_ServerPerTest):
         self.assertEqual(resp.status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), [])
 
+    def test_federation_and_replication_listeners_serve_the_module_too(self) -> None:
+        """The fact docs/mounting.md warns about: Synapse gives module resources to
+        every HTTP listener, so in listener mode a federation-only and a
+        replication-only listener serve (and audit) leave as well, and the
+        federation listener serves the module's admin API."""
+        extra_ports = {"federation": free_port(), "replication": free_port()}
+        hs = SynapseProcess({"mount": "listener"})
+        self.addCleanup(hs.cleanup)
+        listeners = hs.homeserver_config()["listeners"] + [
+            {
+                "port": port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "resources": [{"names": [name]}],
+            }
+            for name, port in extra_ports.items()
+        ]
+        hs.reconfigure(extra_config={"listeners": listeners})
+        hs.start()
+        self.assertIn("Serving leave and forget on 3 listener(s)", hs.log_text())
+        admin = hs.register("admin", admin=True)
+        for name, port in extra_ports.items():
+            room = hs.create_room(admin)
+            resp = request(
+                port,
+                "POST",
+                f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+                {},
+                token=admin.access_token,
+            )
+            self.assertEqual(resp.status, 200, (name, resp.body))
+        self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave", "leave"])
+        resp = request(extra_ports["federation"], "GET", ADMIN_AUDIT, token=admin.access_token)
+        self.assertEqual(resp.status, 200, resp.body)
+
     def test_other_paths_on_the_module_listener_are_unrecognized(self) -> None:
         """Only leave and forget are served on the module's listener: any other
         room path is a 404 M_UNRECOGNIZED, like Synapse's own unknown paths."""
