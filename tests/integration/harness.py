@@ -166,6 +166,19 @@ def wait_until(predicate: Callable[[], T], timeout: float = PURGE_TIMEOUT, what:
         time.sleep(0.05)
 
 
+def run_cli(
+    config_path: str, *args: str, timeout: float = 120, cwd: Optional[str] = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``matrix-leave-forget -c config_path args...`` as its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "matrix_leave_forget.cli", "-c", config_path, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def pg_connect_args(dbname: Optional[str]) -> Dict[str, Any]:
     """psycopg2 connection args for the test PostgreSQL server (PG* variables)."""
     args: Dict[str, Any] = {

@@ -12,7 +12,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
@@ -34,6 +33,7 @@ from tests.integration.harness import (
     drop_pg_database,
     pg_connect_args,
     quote_room,
+    run_cli,
 )
 from tests.unit.test_audit import reseal_from
 
@@ -131,12 +131,7 @@ class CliTest(SynapseTestCase):
     @staticmethod
     def cli(config_path: str, *args: str) -> "subprocess.CompletedProcess[str]":
         """Run ``matrix-leave-forget -c config_path args...`` as its own process."""
-        return subprocess.run(
-            [sys.executable, "-m", "matrix_leave_forget.cli", "-c", config_path, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_cli(config_path, *args)
 
     def run_ok(self, *args: str, config_path: str = "") -> str:
         """Run the CLI, insist on exit 0 and no traceback, and return its stdout."""

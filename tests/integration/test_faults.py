@@ -9,14 +9,19 @@ or started purge completes.
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from matrix_leave_forget.retention import SYNAPSE_LOCK_TIMEOUT_S
-from tests.integration.harness import User, pg_connect_args, quote_room, request, wait_until
+from tests.integration.harness import (
+    User,
+    pg_connect_args,
+    quote_room,
+    request,
+    run_cli,
+    wait_until,
+)
 from tests.integration.test_retention import RELAXED_FORGET, RetentionHelpers
 
 
@@ -57,12 +62,7 @@ class FaultTests(RetentionHelpers):
         self.hs.start()
 
     def verify_with_cli(self) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "matrix_leave_forget.cli", "-c", self.hs.config_path, "verify"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_cli(self.hs.config_path, "verify")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
     def burst(self, rooms: List[Tuple[str, List[User]]], kill_after: int) -> int:

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,6 +52,7 @@ from tests.integration.harness import (
     User,
     quote_room,
     request,
+    run_cli,
 )
 
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
@@ -397,14 +397,7 @@ class LoadScenario(_MixinBase):
         self.assertEqual(result.checked, len(served))
         self.assertEqual(result.head_hash, entries[-1]["hash"])
 
-        cli = subprocess.run(
-            [sys.executable, "-m", "matrix_leave_forget.cli", "-c", hs.config_path]
-            + ["--json", "verify"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO_ROOT,
-        )
+        cli = run_cli(hs.config_path, "--json", "verify", cwd=REPO_ROOT)
         self.assertEqual(cli.returncode, 0, cli.stdout + cli.stderr)
         report = json.loads(cli.stdout)
         self.assertEqual(

@@ -16,8 +16,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -31,7 +29,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.audit import verify_chain, verify_keys_from_signing_key
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import REPO_ROOT, SERVER_NAME, Response, User, quote_room, request
+from tests.integration.harness import (
+    REPO_ROOT,
+    SERVER_NAME,
+    Response,
+    User,
+    quote_room,
+    request,
+    run_cli,
+)
 from tests.integration.workers import (
     DOC_PORTS,
     MAIN_INSTANCE,
@@ -458,12 +464,7 @@ class WorkerTests(_DeploymentTestCase):
         for log in (self.hs.log_text(), self.worker.log_text()):
             self.assertNotIn("Could not record", log)
 
-        verify = subprocess.run(
-            [sys.executable, "-m", "matrix_leave_forget.cli", "-c", self.hs.config_path, "verify"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        verify = run_cli(self.hs.config_path, "verify", timeout=60)
         self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
 
     def test_retention_sweeps_run_on_the_main_process_only(self) -> None:
