@@ -4,7 +4,15 @@ from typing import Any, Dict, List, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import SynapseProcess, free_port, quote_room, request, wait_until
+from tests.integration.harness import (
+    Response,
+    SynapseProcess,
+    User,
+    free_port,
+    quote_room,
+    request,
+    wait_until,
+)
 
 OUR_MODULE = "matrix_leave_forget.LeaveForgetModule"
 OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"
@@ -29,6 +37,37 @@ class _ServerPerTest(SynchronousTestCase):
         self.addCleanup(hs.cleanup)
         hs.start()
         return hs
+
+    def start_with_listeners(
+        self, module_config: Dict[str, Any], ports_by_name: Dict[str, int]
+    ) -> SynapseProcess:
+        """Start Synapse with, besides the harness's listeners, one plain HTTP
+        listener per entry serving only that named resource."""
+        hs = SynapseProcess(module_config)
+        self.addCleanup(hs.cleanup)
+        listeners = hs.homeserver_config()["listeners"] + [
+            {
+                "port": port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "resources": [{"names": [name]}],
+            }
+            for name, port in ports_by_name.items()
+        ]
+        hs.reconfigure(extra_config={"listeners": listeners})
+        hs.start()
+        return hs
+
+    @staticmethod
+    def leave_on(port: int, room_id: str, user: User) -> Response:
+        return request(
+            port,
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/leave",
+            {},
+            token=user.access_token,
+        )
 
     def audit_actions(self, hs: SynapseProcess, admin_token: str) -> List[str]:
         resp = hs.client("GET", ADMIN_AUDIT, token=admin_token)
@@ -63,29 +102,9 @@ class InterceptTests(_ServerPerTest):
         """A federation-only listener must not start serving client leave once
         /_matrix is claimed by the module."""
         fed_port = free_port()
-        hs = SynapseProcess({"mount": "intercept"})
-        self.addCleanup(hs.cleanup)
-        config = hs.homeserver_config()
-        config["listeners"].append(
-            {
-                "port": fed_port,
-                "bind_addresses": ["127.0.0.1"],
-                "type": "http",
-                "tls": False,
-                "resources": [{"names": ["federation"]}],
-            }
-        )
-        hs.reconfigure(extra_config={"listeners": config["listeners"]})
-        hs.start()
+        hs = self.start_with_listeners({"mount": "intercept"}, {"federation": fed_port})
         admin = hs.register("admin", admin=True)
-        room = hs.create_room(admin)
-        resp = request(
-            fed_port,
-            "POST",
-            f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
-            {},
-            token=admin.access_token,
-        )
+        resp = self.leave_on(fed_port, hs.create_room(admin), admin)
         self.assertEqual((resp.status, resp.errcode), (404, "M_UNRECOGNIZED"))
         self.assertEqual(request(fed_port, "GET", "/_matrix/federation/v1/version").status, 200)
         self.assertEqual(self.audit_actions(hs, admin.access_token), [])
@@ -165,31 +184,11 @@ class ListenerTests(_ServerPerTest):
         replication-only listener serve (and audit) leave as well, and the
         federation listener serves the module's admin API."""
         extra_ports = {"federation": free_port(), "replication": free_port()}
-        hs = SynapseProcess({"mount": "listener"})
-        self.addCleanup(hs.cleanup)
-        listeners = hs.homeserver_config()["listeners"] + [
-            {
-                "port": port,
-                "bind_addresses": ["127.0.0.1"],
-                "type": "http",
-                "tls": False,
-                "resources": [{"names": [name]}],
-            }
-            for name, port in extra_ports.items()
-        ]
-        hs.reconfigure(extra_config={"listeners": listeners})
-        hs.start()
+        hs = self.start_with_listeners({"mount": "listener"}, extra_ports)
         self.assertIn("Serving leave and forget on 3 listener(s)", hs.log_text())
         admin = hs.register("admin", admin=True)
         for name, port in extra_ports.items():
-            room = hs.create_room(admin)
-            resp = request(
-                port,
-                "POST",
-                f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
-                {},
-                token=admin.access_token,
-            )
+            resp = self.leave_on(port, hs.create_room(admin), admin)
             self.assertEqual(resp.status, 200, (name, resp.body))
         self.assertEqual(self.audit_actions(hs, admin.access_token), ["leave", "leave"])
         resp = request(extra_ports["federation"], "GET", ADMIN_AUDIT, token=admin.access_token)
