@@ -56,6 +56,22 @@ class RetentionConfig:
     sweep_interval_ms: int = 60 * 1000
 
 
+# Refused requests may append this many entries per user at once, then one a minute.
+DEFAULT_REFUSAL_BUDGET = RateLimitConfig(per_second=1 / 60, burst_count=10)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AuditConfig:
+    """The audit log's settings (the ``audit:`` section).
+
+    Attributes:
+        refusal_budget: Per-user budget of entries for refused requests; beyond
+            it refusals are counted, not appended one by one (docs/audit.md).
+    """
+
+    refusal_budget: RateLimitConfig = DEFAULT_REFUSAL_BUDGET
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class LeaveForgetConfig:
     """The whole module configuration.
@@ -71,6 +87,7 @@ class LeaveForgetConfig:
     forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -175,6 +192,27 @@ def _parse_retention(value: Any) -> RetentionConfig:
     )
 
 
+def _parse_audit(value: Any) -> AuditConfig:
+    path = "audit"
+    section = _mapping(value, (path,))
+    _check_keys(section, ("refusal_budget",), path)
+    budget = section.get("refusal_budget")
+    if budget is None:
+        refusal_budget = DEFAULT_REFUSAL_BUDGET
+    else:
+        # Missing sub-keys take this section's defaults, not forget's.
+        defaults = {
+            "per_second": DEFAULT_REFUSAL_BUDGET.per_second,
+            "burst_count": DEFAULT_REFUSAL_BUDGET.burst_count,
+        }
+        parsed = _parse_rate_limit(
+            {**defaults, **_mapping(budget, (path, "refusal_budget"))}, "audit.refusal_budget"
+        )
+        assert parsed is not None
+        refusal_budget = parsed
+    return AuditConfig(refusal_budget=refusal_budget)
+
+
 def parse_config(config: Any) -> LeaveForgetConfig:
     """Build a LeaveForgetConfig from the module's ``config:`` block.
 
@@ -182,7 +220,7 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         ConfigError: naming the first bad key.
     """
     section = _mapping(config, ())
-    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention"), "")
+    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention", "audit"), "")
     mount = section.get("mount", MOUNT_INTERCEPT)
     if mount not in MOUNT_MODES:
         raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))
@@ -196,4 +234,5 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         forget_rate_limit=forget_rate_limit,
         audit_failures=_bool(section, "audit_failures", True, ""),
         retention=_parse_retention(section.get("retention")),
+        audit=_parse_audit(section.get("audit")),
     )

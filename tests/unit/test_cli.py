@@ -67,7 +67,11 @@ def create_database(
         for row in rooms:
             conn.execute(f"INSERT INTO leave_forget_rooms VALUES ({', '.join('?' * 9)})", row)
         for row in holds:
-            conn.execute("INSERT INTO leave_forget_holds VALUES (?, ?, ?, ?)", row)
+            conn.execute(
+                "INSERT INTO leave_forget_holds (room_id, held_by, reason, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                row,
+            )
         conn.commit()
     finally:
         conn.close()
