@@ -28,6 +28,8 @@ _DURATION_UNITS_MS = {
 # A room id is "!" + opaque localpart + ":" + server name (Matrix spec,
 # "Room IDs"). Since room version 12 the server name part may be absent.
 _ROOM_ID_RE = re.compile(r"^![^:\s]+(:[^\s]+)?$")
+# A user id is "@" + localpart + ":" + server name (Matrix spec, "User Identifiers").
+_USER_ID_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -67,9 +69,16 @@ class AuditConfig:
     Attributes:
         refusal_budget: Per-user budget of entries for refused requests; beyond
             it refusals are counted, not appended one by one (docs/audit.md).
+        checkpoint_room: The room signed checkpoints of the chain are sent
+            into, or None for checkpoints in Synapse's log only.
+        checkpoint_sender: The local user who sends them (joined to the room).
+        checkpoint_interval_ms: How often the head is checkpointed (if it moved).
     """
 
     refusal_budget: RateLimitConfig = DEFAULT_REFUSAL_BUDGET
+    checkpoint_room: Optional[str] = None
+    checkpoint_sender: Optional[str] = None
+    checkpoint_interval_ms: int = 60 * 60 * 1000
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -195,7 +204,11 @@ def _parse_retention(value: Any) -> RetentionConfig:
 def _parse_audit(value: Any) -> AuditConfig:
     path = "audit"
     section = _mapping(value, (path,))
-    _check_keys(section, ("refusal_budget",), path)
+    _check_keys(
+        section,
+        ("refusal_budget", "checkpoint_room", "checkpoint_sender", "checkpoint_interval"),
+        path,
+    )
     budget = section.get("refusal_budget")
     if budget is None:
         refusal_budget = DEFAULT_REFUSAL_BUDGET
@@ -210,7 +223,26 @@ def _parse_audit(value: Any) -> AuditConfig:
         )
         assert parsed is not None
         refusal_budget = parsed
-    return AuditConfig(refusal_budget=refusal_budget)
+    room = section.get("checkpoint_room")
+    if room is not None and (not isinstance(room, str) or not is_valid_room_id(room)):
+        raise ConfigError(f"{room!r} is not a room id", (path, "checkpoint_room"))
+    sender = section.get("checkpoint_sender")
+    if sender is not None and (not isinstance(sender, str) or not _USER_ID_RE.match(sender)):
+        raise ConfigError(f"{sender!r} is not a user id", (path, "checkpoint_sender"))
+    if (room is None) != (sender is None):
+        missing = "checkpoint_sender" if sender is None else "checkpoint_room"
+        raise ConfigError(
+            "checkpoint_room and checkpoint_sender go together: set both or neither",
+            (path, missing),
+        )
+    return AuditConfig(
+        refusal_budget=refusal_budget,
+        checkpoint_room=room,
+        checkpoint_sender=sender,
+        checkpoint_interval_ms=parse_duration_ms(
+            section.get("checkpoint_interval", "1h"), (path, "checkpoint_interval")
+        ),
+    )
 
 
 def parse_config(config: Any) -> LeaveForgetConfig:

@@ -327,6 +327,16 @@ class RetentionStore:
         if is_postgres(txn):
             txn.execute("LOCK TABLE leave_forget_audit IN SHARE ROW EXCLUSIVE MODE")
 
+    async def head(self) -> Tuple[int, str]:
+        """The chain's head: (seq, hash) of the newest entry, (0, "") for an empty log."""
+
+        def txn_fn(txn: LoggingTransaction) -> Tuple[int, str]:
+            txn.execute("SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
+            row = txn.fetchone()
+            return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+        return await self._api.run_db_interaction("leave_forget_audit_head", txn_fn)
+
     async def append(self, fields: AuditFields) -> Dict[str, Any]:
         """Append one audit entry (group-committed with concurrent ones)."""
 

@@ -8,16 +8,27 @@ a guest's flood of refused leaves with 200 KB reasons writes a bounded log.
 """
 
 import json
+import os
 import re
+import sqlite3
 import time
-from typing import Any, ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit import unescape_entry, verify_chain, verify_keys_from_signing_key
+from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, check_checkpoint, checked_heads
 from matrix_leave_forget.refusals import REFUSED_REASON_PREFIX_CHARS
+from matrix_leave_forget.store import STORED_COLUMNS, row_to_entry
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import SERVER_NAME, User, quote_room, run_cli
+from tests.integration.harness import (
+    SERVER_NAME,
+    User,
+    pg_connect_args,
+    quote_room,
+    run_cli,
+    wait_until,
+)
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 
@@ -175,3 +186,115 @@ class GrowthBoundTests(AuditTestCase):
         assert match is not None
         self.assertEqual(float(match.group(1)), 90.0)
         self.assert_chain_verifies()
+
+
+def run_sql(hs: Any, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+    """Run one statement on the stopped server's database (SQLite or PostgreSQL), committed."""
+    if hs.pg_database is None:
+        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
+    else:
+        import psycopg2
+
+        params = pg_connect_args(hs.pg_database)
+        params.pop("cp_min")
+        params.pop("cp_max")
+        conn = psycopg2.connect(**params)
+        sql = sql.replace("?", "%s")
+    try:
+        cur = conn.cursor()
+        cur.execute(sql, tuple(args))
+        rows = list(cur.fetchall()) if cur.description else []
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+class CheckpointTests(AuditTestCase):
+    """Signed checkpoints of the head, sent into a room the operator names."""
+
+    room_id: ClassVar[str]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if "hs" in cls.__dict__:
+            return
+        super().setUpClass()
+        # The operator's checkpoint room, then the module told about it.
+        cls.room_id = cls.hs.create_room(cls.admin, preset="private_chat")
+        cls.hs.stop()
+        cls.hs.reconfigure(
+            module_config={
+                **cls.hs.module_config,
+                "audit": {
+                    "checkpoint_room": cls.room_id,
+                    "checkpoint_sender": cls.admin.user_id,
+                    "checkpoint_interval": "100ms",
+                },
+            }
+        )
+        cls.hs.start()
+
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """The checkpoint events' contents in the room, oldest first."""
+        resp = self.hs.client(
+            "GET",
+            f"/_matrix/client/v3/rooms/{quote_room(self.room_id)}/messages?dir=b&limit=1000",
+            token=self.admin.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.raw[:300])
+        return [
+            e["content"] for e in reversed(resp.body["chunk"]) if e["type"] == CHECKPOINT_EVENT_TYPE
+        ]
+
+    def keys(self) -> Dict[str, Any]:
+        with open(f"{self.hs.workdir}/signing.key") as f:
+            return verify_keys_from_signing_key(read_signing_keys(f)[0])
+
+    def test_head_is_checkpointed_into_the_room_and_the_log(self) -> None:
+        """After a leave, a checkpoint of the new head (seq and hash, signed by the
+        server) appears in the room and in Synapse's log."""
+        user = self.hs.register(f"cp{time.monotonic_ns()}")
+        room_id = self.hs.create_room(self.admin, preset="public_chat")
+        self.assertEqual(self.hs.membership(user, room_id, "join").status, 200)
+        resp = self.via_module("POST", room_id, "leave", {}, token=user.access_token)
+        self.assertEqual(resp.status, 200, resp.raw[:300])
+        entries = self.entries()
+        head = (entries[-1]["seq"], entries[-1]["hash"])
+        latest = wait_until(
+            lambda: [c for c in self.checkpoints() if (c["seq"], c["hash"]) == head],
+            what="a checkpoint of the head in the room",
+        )[-1]
+        self.assertEqual(check_checkpoint(latest, SERVER_NAME, self.keys()), head)
+        self.assertIn(f'"hash":"{head[1]}"', self.hs.log_text())
+        forged = {**latest, "seq": latest["seq"] + 1}
+        with self.assertRaises(ValueError):
+            check_checkpoint(forged, SERVER_NAME, self.keys())
+
+    def test_truncation_below_a_checkpoint_is_detected(self) -> None:
+        """The issue's case: the newest entries deleted from the database. The prefix
+        left is a valid chain on its own; against the room's checkpoints it fails as
+        truncated. (Last test of the class: it leaves the log truncated.)"""
+        user = self.hs.register(f"trunc{time.monotonic_ns()}")
+        for _ in range(3):
+            room_id = self.hs.create_room(self.admin, preset="public_chat")
+            self.assertEqual(self.hs.membership(user, room_id, "join").status, 200)
+            resp = self.via_module("POST", room_id, "leave", {}, token=user.access_token)
+            self.assertEqual(resp.status, 200, resp.raw[:300])
+        head_seq = self.entries()[-1]["seq"]
+        wait_until(
+            lambda: any(c["seq"] == head_seq for c in self.checkpoints()),
+            what="a checkpoint of the head",
+        )
+        heads, problems = checked_heads(self.checkpoints(), SERVER_NAME, self.keys())
+        self.assertEqual(problems, [])
+        self.hs.stop()
+        run_sql(self.hs, "DELETE FROM leave_forget_audit WHERE seq > ?", (head_seq - 2,))
+        rows = run_sql(self.hs, f"SELECT {', '.join(STORED_COLUMNS)} FROM leave_forget_audit")
+        entries = sorted((row_to_entry(r) for r in rows), key=lambda e: int(e["seq"]))
+        self.assertTrue(verify_chain(entries, SERVER_NAME, self.keys()).ok)
+        result = verify_chain(entries, SERVER_NAME, self.keys(), None, heads)
+        self.assertFalse(result.ok)
+        self.assertIn("truncated", result.problem or "")
+        self.assertEqual(result.bad_seq, head_seq - 1)
+        self.hs.start()
