@@ -6,6 +6,8 @@ set to the previous entry's hash).
 """
 
 import copy
+import io
+import json
 from typing import Any, Dict, List, Optional
 
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
@@ -29,6 +31,13 @@ from matrix_leave_forget.audit import (
     verify_chain,
     verify_key_id,
     verify_keys_from_signing_key,
+)
+from matrix_leave_forget.checkpoint import (
+    CHECKPOINT_EVENT_TYPE,
+    check_checkpoint,
+    checked_heads,
+    make_checkpoint,
+    read_checkpoints,
 )
 from matrix_leave_forget.refusals import (
     REFUSED_REASON_PREFIX_CHARS,
@@ -634,3 +643,58 @@ class RefusalTest(SynchronousTestCase):
         now[0] += 10
         budget.take("@new:x")
         self.assertEqual(len(budget._buckets), 1)
+
+
+class CheckpointTest(SynchronousTestCase):
+    """Signed checkpoints of the head, and reading them back from a room export."""
+
+    def setUp(self) -> None:
+        self.key = generate_signing_key("k1")
+        self.keys = verify_keys_from_signing_key(self.key)
+        self.chain = make_chain(6, self.key)
+
+    def test_checkpoint_round_trip_and_forgeries(self) -> None:
+        """A checkpoint verifies to its head; any edit, another origin or key fails."""
+        checkpoint = make_checkpoint(ORIGIN, 6, self.chain[5]["hash"], 1000, self.key)
+        self.assertEqual(
+            check_checkpoint(checkpoint, ORIGIN, self.keys), (6, self.chain[5]["hash"])
+        )
+        for edit in ({"seq": 7}, {"hash": "x"}, {"ts": 1}, {"origin": "evil.org"}):
+            with self.assertRaises(ValueError, msg=repr(edit)):
+                check_checkpoint({**checkpoint, **edit}, ORIGIN, self.keys)
+        other = verify_keys_from_signing_key(generate_signing_key("k1"))
+        with self.assertRaises(ValueError):
+            check_checkpoint(checkpoint, ORIGIN, other)
+        with self.assertRaises(ValueError):
+            check_checkpoint({"seq": 1}, ORIGIN, self.keys)
+
+    def test_checkpoint_by_expired_key_is_rejected(self) -> None:
+        """A checkpoint taken after its key's expiry (old_signing_keys) proves nothing."""
+        checkpoint = make_checkpoint(ORIGIN, 6, self.chain[5]["hash"], 5000, self.key)
+        self.assertEqual(
+            check_checkpoint(checkpoint, ORIGIN, self.keys, {"ed25519:k1": 5001})[0], 6
+        )
+        with self.assertRaises(ValueError):
+            check_checkpoint(checkpoint, ORIGIN, self.keys, {"ed25519:k1": 5000})
+
+    def test_room_export_detects_truncation(self) -> None:
+        """Checkpoints read from an export of the room's events (JSON lines) catch a cut
+        tail; invalid ones are reported and ignored, not trusted."""
+        events = [
+            {
+                "type": CHECKPOINT_EVENT_TYPE,
+                "content": make_checkpoint(ORIGIN, seq, self.chain[seq - 1]["hash"], seq, self.key),
+            }
+            for seq in (2, 5)
+        ]
+        events.append({"type": CHECKPOINT_EVENT_TYPE, "content": {"seq": 6, "hash": "forged"}})
+        lines = "\n".join(json.dumps(e) for e in events) + "\n\n"
+        heads, problems = checked_heads(read_checkpoints(io.StringIO(lines)), ORIGIN, self.keys)
+        self.assertEqual([h[0] for h in heads], [2, 5])
+        self.assertEqual(len(problems), 1)
+        self.assertTrue(verify_chain(self.chain, ORIGIN, self.keys, None, heads).ok)
+        result = verify_chain(self.chain[:4], ORIGIN, self.keys, None, heads)
+        self.assertEqual(result.bad_seq, 5)
+        self.assertIn("truncated", result.problem or "")
+        with self.assertRaises(ValueError):
+            read_checkpoints(io.StringIO("[1]\n"))
