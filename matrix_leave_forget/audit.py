@@ -155,13 +155,17 @@ def hashed_body(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """The chain hash of an entry: SHA-256 of its canonical JSON, hash and signatures aside."""
-    return encode_base64(hashlib.sha256(encode_canonical_json(hashed_body(entry))).digest())
+    return _hash_body(hashed_body(entry))
+
+
+def _hash_body(body: Mapping[str, Any]) -> str:
+    return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
 
 
 def chain_entry(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """An entry with its hash and no signature yet (``signatures`` is empty)."""
     entry = hashed_body(fields)
-    entry["hash"] = entry_hash(entry)
+    entry["hash"] = _hash_body(entry)
     entry["signatures"] = {}
     return entry
 
