@@ -54,6 +54,7 @@ STATE_PURGED = "purged"  # Synapse no longer has the room
 # an entry read back carries only when they are set (see audit.OPTIONAL_FIELDS).
 AUDIT_COLUMNS: Sequence[str] = (*ENTRY_FIELDS, "hash", "signatures")
 STORED_COLUMNS: Sequence[str] = (*AUDIT_COLUMNS, *OPTIONAL_FIELDS)
+_INT_OPTIONAL_FIELDS = frozenset({"format", "reason_bytes", "suppressed"})
 
 # Outcome of entries written by start-up reconciliation, for actions Synapse
 # performed but whose audit write was lost (a crash between the two).
@@ -811,7 +812,7 @@ def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
     for key in OPTIONAL_FIELDS:
         if entry[key] is None:
             del entry[key]
-        elif key in ("format", "reason_bytes", "suppressed"):
+        elif key in _INT_OPTIONAL_FIELDS:
             entry[key] = int(entry[key])
     entry["signatures"] = json.loads(entry["signatures"])
     for key in ("seq", "ts"):
