@@ -11,10 +11,12 @@ import logging
 from typing import Any, List, Optional
 
 from synapse.module_api import ModuleApi, make_deferred_yieldable
+from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
 from matrix_leave_forget._synapse import SynapseInternals
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.checkpoint import Checkpointer
 from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
 from matrix_leave_forget.handler import MembershipHandler
 from matrix_leave_forget.reconcile import Reconciler
@@ -54,6 +56,20 @@ class LeaveForgetModule:
         )
         self.reconciler = Reconciler(
             api, config.retention, self.store, self.handler, self._internals
+        )
+        audit = config.audit
+        if audit.checkpoint_sender is not None and not api.is_mine(audit.checkpoint_sender):
+            raise ConfigError(
+                "must be a local user (one joined to checkpoint_room)",
+                ("audit", "checkpoint_sender"),
+            )
+        self.checkpointer = Checkpointer(
+            api,
+            api.server_name,
+            self._internals.signing_key,
+            self.store.head,
+            audit.checkpoint_room,
+            audit.checkpoint_sender,
         )
         self._ready = _StartupGate()
 
@@ -104,8 +120,15 @@ class LeaveForgetModule:
         self._api.looping_background_call(
             self.sweeper.sweep, self._config.retention.sweep_interval_ms, desc="leave_forget_sweep"
         )
+        # Checkpoints from the background-tasks process only: one writer.
+        self._api.looping_background_call(
+            self.checkpointer.run,
+            self._config.audit.checkpoint_interval_ms,
+            desc="leave_forget_audit_checkpoint",
+        )
         if self._api.should_run_background_tasks():
             await self.reconciler.run()
+            await self.checkpointer.run()
 
     def _check_listener(self) -> None:
         """Warn when no listener of this process can reach the module's resources."""

@@ -13,8 +13,9 @@ chain cannot be rebuilt by someone without that key.
 """
 
 import hashlib
+import json
 import time
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from canonicaljson import encode_canonical_json
@@ -25,7 +26,7 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 GENESIS_HASH = ""
 
-# Every field that is hashed, in the order the CLI prints them.
+# Every entry has these fields, hashed even when null, in the order the CLI prints them.
 ENTRY_FIELDS: Sequence[str] = (
     "seq",
     "ts",
@@ -41,6 +42,29 @@ ENTRY_FIELDS: Sequence[str] = (
     "prev_hash",
 )
 
+# Fields added since the first format. Hashed only when set (not null): an entry
+# without them hashes exactly as it did before they existed, so old chains keep
+# verifying and independent additions compose.
+OPTIONAL_FIELDS: Sequence[str] = (
+    # "2" on entries sealed per group (see seal_entries); absent on the first format.
+    "format",
+    # Comma-separated names of fields stored JSON-escaped (see escape_text).
+    "escaped",
+    # For a refused request's reason cut to a prefix: the whole reason's size and hash.
+    "reason_bytes",
+    "reason_sha256",
+    # Refusals by this user not appended individually since their previous entry.
+    "suppressed",
+)
+
+# The format marker of group-sealed entries.
+FORMAT_GROUP = 2
+
+# Fields whose text comes from a client (or an admin), and so may hold what
+# neither database can store as text: U+0000 (PostgreSQL) or lone surrogates
+# (not encodable as UTF-8, on both engines).
+CLIENT_TEXT_FIELDS: Sequence[str] = ("user_id", "room_id", "reason", "event_id", "device_id")
+
 
 def now_ms() -> int:
     """Wall-clock milliseconds, as Synapse stamps events.
@@ -50,25 +74,155 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# -- storing any string -------------------------------------------------------
+
+
+def needs_escape(text: str) -> bool:
+    """Whether text cannot be stored as-is: it holds U+0000 or a lone surrogate."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def escape_text(text: str) -> str:
+    """The reversible, ASCII-only form of text: its JSON string literal, quotes included.
+
+    ``json.loads`` gives the original back exactly, NUL and lone surrogates included.
+    """
+    return json.dumps(text, ensure_ascii=True)
+
+
+def unescape_text(stored: str) -> str:
+    """The inverse of escape_text."""
+    value = json.loads(stored)
+    if not isinstance(value, str):
+        raise ValueError(f"not an escaped string: {stored[:40]!r}")
+    return value
+
+
+def escape_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """fields with each client text that cannot be stored as-is escaped; ``escaped`` names them.
+
+    Text that can be stored is left alone, so ordinary entries stay readable
+    and hash as they always did.
+    """
+    out = dict(fields)
+    names = [
+        name
+        for name in CLIENT_TEXT_FIELDS
+        if isinstance(out.get(name), str) and needs_escape(out[name])
+    ]
+    for name in names:
+        out[name] = escape_text(out[name])
+    if names:
+        out["escaped"] = ",".join(names)
+    return out
+
+
+def unescape_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """An entry with its escaped fields decoded back to what the client sent."""
+    out = dict(entry)
+    for name in (entry.get("escaped") or "").split(","):
+        if name and isinstance(out.get(name), str):
+            out[name] = unescape_text(out[name])
+    return out
+
+
+def reason_digest(reason: str) -> Tuple[int, str]:
+    """(size in bytes, unpadded-base64 SHA-256) of a reason's UTF-8 form.
+
+    Lone surrogates count as their 3-byte (WTF-8) form, so any string has a digest.
+    """
+    data = reason.encode("utf-8", "surrogatepass")
+    return len(data), encode_base64(hashlib.sha256(data).digest())
+
+
+# -- hashing and signing ------------------------------------------------------
+
+
+def hashed_body(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """What an entry's hash covers: every ENTRY_FIELD, and the OPTIONAL_FIELDS that are set."""
+    body = {k: entry[k] for k in ENTRY_FIELDS}
+    for k in OPTIONAL_FIELDS:
+        if entry.get(k) is not None:
+            body[k] = entry[k]
+    return body
+
+
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """The chain hash of an entry: SHA-256 of its canonical JSON, hash and signatures aside."""
-    body = {k: entry[k] for k in ENTRY_FIELDS}
+    return _hash_body(hashed_body(entry))
+
+
+def _hash_body(body: Mapping[str, Any]) -> str:
     return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
+
+
+def chain_entry(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """An entry with its hash and no signature yet (``signatures`` is empty)."""
+    entry = hashed_body(fields)
+    entry["hash"] = _hash_body(entry)
+    entry["signatures"] = {}
+    return entry
+
+
+def sign_entry(entry: Dict[str, Any], origin: str, signing_key: SigningKey) -> None:
+    """Sign an entry's ``{"hash", "seq"}`` with the homeserver's key, in place.
+
+    Through ``prev_hash`` the hash covers every earlier entry, so this
+    signature authenticates the chain up to and including this entry.
+    """
+    signed = sign_json({"hash": entry["hash"], "seq": entry["seq"]}, origin, signing_key)
+    entry["signatures"] = signed["signatures"]
 
 
 def seal_entry(fields: Mapping[str, Any], origin: str, signing_key: SigningKey) -> Dict[str, Any]:
     """Complete an entry with its hash and the homeserver's signature.
 
     Args:
-        fields: Every name in ENTRY_FIELDS (``origin`` included).
+        fields: Every name in ENTRY_FIELDS (``origin`` included), and any OPTIONAL_FIELDS.
         origin: The server name to sign as.
         signing_key: The homeserver's signing key.
     """
-    entry = {k: fields[k] for k in ENTRY_FIELDS}
-    entry["hash"] = entry_hash(entry)
-    signed = sign_json({"hash": entry["hash"], "seq": entry["seq"]}, origin, signing_key)
-    entry["signatures"] = signed["signatures"]
+    entry = chain_entry(fields)
+    sign_entry(entry, origin, signing_key)
     return entry
+
+
+def seal_entries(
+    many: Sequence[Mapping[str, Any]],
+    seq: int,
+    prev_hash: str,
+    origin: str,
+    signing_key: SigningKey,
+) -> List[Dict[str, Any]]:
+    """Chain entries after (seq, prev_hash) in the group format: one signature, on the last.
+
+    Every entry carries ``format: 2``: it may be unsigned, covered by the next
+    signed entry. The group is written in one transaction, so a valid chain
+    never ends on an unsigned entry.
+
+    Args:
+        many: The entries' fields, without seq and prev_hash.
+        seq: The head's seq (0 for an empty log).
+        prev_hash: The head's hash.
+    """
+    entries: List[Dict[str, Any]] = []
+    for fields in many:
+        seq += 1
+        entry = chain_entry({**fields, "seq": seq, "prev_hash": prev_hash, "format": FORMAT_GROUP})
+        prev_hash = entry["hash"]
+        entries.append(entry)
+    if entries:
+        sign_entry(entries[-1], origin, signing_key)
+    return entries
+
+
+# -- keys ---------------------------------------------------------------------
 
 
 def verify_key_id(signing_key: SigningKey) -> str:
@@ -94,40 +248,119 @@ def parse_verify_key(text: str) -> Dict[str, VerifyKey]:
     return {key_id: key}
 
 
+def parse_old_signing_keys(value: Any) -> Tuple[Dict[str, VerifyKey], Dict[str, int]]:
+    """Synapse's ``old_signing_keys``: verify keys, and when each expired.
+
+    ``{"ed25519:<version>": {"key": "<base64>", "expired_ts": <ms>}}``, as in
+    homeserver.yaml. Synapse requires ``expired_ts``; one missing here is a key
+    with no known expiry.
+
+    Raises:
+        ValueError: naming the key that does not parse.
+    """
+    if value is None:
+        return {}, {}
+    if not isinstance(value, Mapping):
+        raise ValueError("old_signing_keys must be a mapping")
+    keys: Dict[str, VerifyKey] = {}
+    expiry: Dict[str, int] = {}
+    for key_id, data in value.items():
+        try:
+            algorithm, version = str(key_id).split(":", 1)
+            key = decode_verify_key_bytes(key_id, decode_base64(data["key"]))
+            expired_ts = data.get("expired_ts")
+            if expired_ts is not None and (
+                isinstance(expired_ts, bool) or not isinstance(expired_ts, int)
+            ):
+                raise ValueError("expired_ts must be an integer of milliseconds")
+        except Exception as exc:
+            raise ValueError(f"old_signing_keys: cannot parse {key_id}: {exc}") from exc
+        key.alg, key.version = algorithm, version
+        keys[str(key_id)] = key
+        if expired_ts is not None:
+            expiry[str(key_id)] = expired_ts
+    return keys, expiry
+
+
+def parse_head(text: str) -> Tuple[int, str]:
+    """Parse ``SEQ:HASH`` (as verify prints a head) into (seq, hash).
+
+    Raises:
+        ValueError: if text is not a positive seq, a colon and a hash.
+    """
+    seq_text, sep, head_hash = text.strip().partition(":")
+    if not sep or not seq_text.isdigit() or int(seq_text) < 1 or not head_hash:
+        raise ValueError(f"not a head {text!r}: expected SEQ:HASH, e.g. 1234:{'A' * 43}")
+    return int(seq_text), head_hash
+
+
+# -- verifying ------------------------------------------------------------------
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class VerifyResult:
     """The outcome of checking a chain.
 
     Attributes:
-        checked: How many entries were checked.
+        checked: How many entries were checked (hash link and a covering signature).
         head_hash: The hash of the last good entry, to anchor elsewhere.
         bad_seq: The first entry that failed, or None.
         problem: Why it failed.
+        heads_matched: How many expected heads (recorded heads, checkpoints) were found.
     """
 
     checked: int
     head_hash: str
     bad_seq: Optional[int] = None
     problem: Optional[str] = None
+    heads_matched: int = 0
 
     @property
     def ok(self) -> bool:
         return self.bad_seq is None
+
+    @property
+    def head_seq(self) -> int:
+        """The seq of the last good entry (0 for none): entries are 1..checked."""
+        return self.checked
 
 
 def iter_verify(
     entries: Iterable[Mapping[str, Any]],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
+    key_expiry: Optional[Mapping[str, int]] = None,
+    expected_heads: Iterable[Tuple[int, str]] = (),
 ) -> Iterator[VerifyResult]:
-    """Check entries in seq order, yielding progress after each and stopping at the first bad one.
+    """Check entries in seq order, yielding progress and stopping at the first bad one.
 
-    Each entry must follow its predecessor (seq + 1, prev_hash = its hash),
-    hash to its stored hash and carry a valid signature by ``origin``.
+    Each entry must follow its predecessor (seq + 1, prev_hash = its hash) and
+    hash to its stored hash. An entry of the first format must carry a valid
+    signature by ``origin``; an entry with ``format: 2`` may be unsigned, and
+    is then covered by the next signed entry (whose hash covers it through the
+    links): a chain that ends on unsigned entries fails.
+
+    A signature by a key in ``key_expiry`` fails once the chain has reached
+    that key's expiry: the signed entry, or any entry before it, has a ``ts``
+    at or after ``expired_ts``.
+
+    Every (seq, hash) in ``expected_heads`` — a head recorded earlier, a
+    checkpoint — must be in the chain with that hash: a different hash at seq
+    fails there, and a chain that ends before seq is reported as truncated.
+
+    A result is yielded after each entry that is covered by a signature.
     """
+    expiry = key_expiry or {}
+    heads: Dict[int, str] = {}
+    for head_seq, head_hash in expected_heads:
+        heads.setdefault(head_seq, head_hash)
+    matched = 0
     expected_seq = 1
     prev = GENESIS_HASH
+    signed_hash = GENESIS_HASH
     checked = 0
+    pending: List[int] = []  # unsigned entries waiting for a signature
+    max_ts: Optional[int] = None
     for entry in entries:
         seq = entry.get("seq")
         problem = None
@@ -137,42 +370,103 @@ def iter_verify(
             problem = "prev_hash does not match the previous entry's hash"
         elif entry_hash(entry) != entry.get("hash"):
             problem = "contents do not match the stored hash (the row was edited)"
+        elif seq in heads and heads[seq] != entry.get("hash"):
+            problem = f"hash differs from the expected head {seq}:{heads[seq]}"
         else:
-            try:
-                verify_signed_json(
-                    {"hash": entry["hash"], "seq": entry["seq"], "signatures": entry["signatures"]},
-                    origin,
-                    _only_known_key(entry["signatures"], origin, verify_keys),
-                )
-            except (SignatureVerifyException, KeyError, TypeError, AttributeError) as exc:
-                problem = f"bad signature: {exc}"
+            ts = entry.get("ts")
+            if isinstance(ts, int) and (max_ts is None or ts > max_ts):
+                max_ts = ts
+            signatures = entry.get("signatures")
+            if not signatures and entry.get("format") == FORMAT_GROUP:
+                pending.append(expected_seq)
+            else:
+                problem = _signature_problem(entry, origin, verify_keys, expiry, max_ts)
         if problem is not None:
-            yield VerifyResult(
-                checked, prev, seq if isinstance(seq, int) else expected_seq, problem
-            )
+            bad = seq if isinstance(seq, int) else expected_seq
+            if pending and problem.startswith("bad signature"):
+                # The bad signature was to cover the pending entries too.
+                bad = pending[0]
+                problem += f" (entry {seq}, which was to cover entries {pending[0]} to {seq})"
+            yield VerifyResult(checked, signed_hash, bad, problem, matched)
             return
-        checked += 1
+        if seq in heads:
+            matched += 1
         prev = str(entry["hash"])
         expected_seq += 1
-        yield VerifyResult(checked, prev)
+        if pending and pending[-1] == seq:
+            continue
+        checked = expected_seq - 1
+        pending = []
+        signed_hash = prev
+        yield VerifyResult(checked, signed_hash, heads_matched=matched)
+    if pending:
+        yield VerifyResult(
+            checked,
+            signed_hash,
+            pending[0],
+            f"entries {pending[0]} to {pending[-1]} are not covered by any signature "
+            "(a group-sealed chain ends on a signed entry)",
+            matched,
+        )
+        return
+    beyond = sorted(s for s in heads if s > checked)
+    if beyond:
+        yield VerifyResult(
+            checked,
+            signed_hash,
+            checked + 1,
+            f"the chain ends at entry {checked}, before the expected head "
+            f"{beyond[0]}:{heads[beyond[0]]} (truncated)",
+            matched,
+        )
+        return
     if checked == 0:
-        yield VerifyResult(0, prev)
+        yield VerifyResult(0, signed_hash, heads_matched=matched)
 
 
-def _only_known_key(
+def _signature_problem(
+    entry: Mapping[str, Any],
+    origin: str,
+    verify_keys: Mapping[str, VerifyKey],
+    expiry: Mapping[str, int],
+    max_ts: Optional[int],
+) -> Optional[str]:
+    try:
+        key_id = _known_key_id(entry["signatures"], origin, verify_keys)
+        verify_signed_json(
+            {"hash": entry["hash"], "seq": entry["seq"], "signatures": entry["signatures"]},
+            origin,
+            verify_keys[key_id],
+        )
+    except (SignatureVerifyException, KeyError, TypeError, AttributeError) as exc:
+        return f"bad signature: {exc}"
+    expired_ts = expiry.get(key_id)
+    if expired_ts is not None and max_ts is not None and max_ts >= expired_ts:
+        return (
+            f"bad signature: signed by {key_id}, which expired at {expired_ts} "
+            f"(old_signing_keys), but the chain had reached ts {max_ts}"
+        )
+    return None
+
+
+def _known_key_id(
     signatures: Mapping[str, Mapping[str, str]], origin: str, verify_keys: Mapping[str, VerifyKey]
-) -> VerifyKey:
+) -> str:
     for key_id in signatures.get(origin, {}):
         if key_id in verify_keys:
-            return verify_keys[key_id]
+            return key_id
     raise SignatureVerifyException(
         f"no signature by {origin} with a known key ({', '.join(verify_keys)})"
     )
 
 
 def verify_chain(
-    entries: Iterable[Mapping[str, Any]], origin: str, verify_keys: Mapping[str, VerifyKey]
+    entries: Iterable[Mapping[str, Any]],
+    origin: str,
+    verify_keys: Mapping[str, VerifyKey],
+    key_expiry: Optional[Mapping[str, int]] = None,
+    expected_heads: Iterable[Tuple[int, str]] = (),
 ) -> VerifyResult:
     """Check a whole chain; see iter_verify."""
-    *_, last = iter_verify(entries, origin, verify_keys)
+    *_, last = iter_verify(entries, origin, verify_keys, key_expiry, expected_heads)
     return last

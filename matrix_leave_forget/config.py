@@ -28,6 +28,8 @@ _DURATION_UNITS_MS = {
 # A room id is "!" + opaque localpart + ":" + server name (Matrix spec,
 # "Room IDs"). Since room version 12 the server name part may be absent.
 _ROOM_ID_RE = re.compile(r"^![^:\s]+(:[^\s]+)?$")
+# A user id is "@" + localpart + ":" + server name (Matrix spec, "User Identifiers").
+_USER_ID_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -56,6 +58,29 @@ class RetentionConfig:
     sweep_interval_ms: int = 60 * 1000
 
 
+# Refused requests may append this many entries per user at once, then one a minute.
+DEFAULT_REFUSAL_BUDGET = RateLimitConfig(per_second=1 / 60, burst_count=10)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AuditConfig:
+    """The audit log's settings (the ``audit:`` section).
+
+    Attributes:
+        refusal_budget: Per-user budget of entries for refused requests; beyond
+            it refusals are counted, not appended one by one (docs/audit.md).
+        checkpoint_room: The room signed checkpoints of the chain are sent
+            into, or None for checkpoints in Synapse's log only.
+        checkpoint_sender: The local user who sends them (joined to the room).
+        checkpoint_interval_ms: How often the head is checkpointed (if it moved).
+    """
+
+    refusal_budget: RateLimitConfig = DEFAULT_REFUSAL_BUDGET
+    checkpoint_room: Optional[str] = None
+    checkpoint_sender: Optional[str] = None
+    checkpoint_interval_ms: int = 60 * 60 * 1000
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class LeaveForgetConfig:
     """The whole module configuration.
@@ -71,6 +96,7 @@ class LeaveForgetConfig:
     forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -175,6 +201,50 @@ def _parse_retention(value: Any) -> RetentionConfig:
     )
 
 
+def _parse_audit(value: Any) -> AuditConfig:
+    path = "audit"
+    section = _mapping(value, (path,))
+    _check_keys(
+        section,
+        ("refusal_budget", "checkpoint_room", "checkpoint_sender", "checkpoint_interval"),
+        path,
+    )
+    budget = section.get("refusal_budget")
+    if budget is None:
+        refusal_budget = DEFAULT_REFUSAL_BUDGET
+    else:
+        # Missing sub-keys take this section's defaults, not forget's.
+        defaults = {
+            "per_second": DEFAULT_REFUSAL_BUDGET.per_second,
+            "burst_count": DEFAULT_REFUSAL_BUDGET.burst_count,
+        }
+        parsed = _parse_rate_limit(
+            {**defaults, **_mapping(budget, (path, "refusal_budget"))}, "audit.refusal_budget"
+        )
+        assert parsed is not None
+        refusal_budget = parsed
+    room = section.get("checkpoint_room")
+    if room is not None and (not isinstance(room, str) or not is_valid_room_id(room)):
+        raise ConfigError(f"{room!r} is not a room id", (path, "checkpoint_room"))
+    sender = section.get("checkpoint_sender")
+    if sender is not None and (not isinstance(sender, str) or not _USER_ID_RE.match(sender)):
+        raise ConfigError(f"{sender!r} is not a user id", (path, "checkpoint_sender"))
+    if (room is None) != (sender is None):
+        missing = "checkpoint_sender" if sender is None else "checkpoint_room"
+        raise ConfigError(
+            "checkpoint_room and checkpoint_sender go together: set both or neither",
+            (path, missing),
+        )
+    return AuditConfig(
+        refusal_budget=refusal_budget,
+        checkpoint_room=room,
+        checkpoint_sender=sender,
+        checkpoint_interval_ms=parse_duration_ms(
+            section.get("checkpoint_interval", "1h"), (path, "checkpoint_interval")
+        ),
+    )
+
+
 def parse_config(config: Any) -> LeaveForgetConfig:
     """Build a LeaveForgetConfig from the module's ``config:`` block.
 
@@ -182,7 +252,7 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         ConfigError: naming the first bad key.
     """
     section = _mapping(config, ())
-    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention"), "")
+    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention", "audit"), "")
     mount = section.get("mount", MOUNT_INTERCEPT)
     if mount not in MOUNT_MODES:
         raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))
@@ -196,4 +266,5 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         forget_rate_limit=forget_rate_limit,
         audit_failures=_bool(section, "audit_failures", True, ""),
         retention=_parse_retention(section.get("retention")),
+        audit=_parse_audit(section.get("audit")),
     )

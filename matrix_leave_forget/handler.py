@@ -15,15 +15,14 @@ from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
+from matrix_leave_forget.metrics import refusals_suppressed_total
+from matrix_leave_forget.refusals import RefusalBudget, refused_reason
 from matrix_leave_forget.store import AuditFields, MembershipRead, RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
 
 logger = logging.getLogger(__name__)
-
-# The size limit of a whole Matrix event, so a reason any event could carry fits.
-MAX_STORED_REASON_BYTES = 64 * 1024
 
 # Memberships that keep a room alive for a local user: the purge must wait.
 LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
@@ -65,6 +64,11 @@ class MembershipHandler:
             )
             if limit is not None
             else None
+        )
+        budget = config.audit.refusal_budget
+        suppressed = refusals_suppressed_total.labels(server_name=api.server_name)
+        self._refusal_budget = RefusalBudget(
+            budget.per_second, budget.burst_count, on_suppressed=suppressed.inc
         )
 
     async def leave(
@@ -240,32 +244,42 @@ class MembershipHandler:
         reason: Optional[str],
         error: SynapseError,
     ) -> None:
+        """Record a refused request within the user's refusal budget (docs/audit.md).
+
+        The entry keeps a prefix of the reason with the whole reason's size and
+        hash; past the budget the refusal is counted, and the user's next
+        refusal entry says how many were not appended.
+        """
         # Garbage room ids are not worth a row each; a well-formed one is.
         if not self._config.audit_failures or not is_valid_room_id(room_id):
             return
+        suppressed = self._refusal_budget.take(requester.user.to_string())
+        if suppressed is None:
+            return
+        prefix, size, digest = refused_reason(reason)
         await self._record(
             requester,
             AuditFields(
-                action=action, outcome=client_errcode(error), room_id=room_id, reason=reason
+                action=action,
+                outcome=client_errcode(error),
+                room_id=room_id,
+                reason=prefix,
+                reason_bytes=size,
+                reason_sha256=digest,
+                suppressed=suppressed or None,
             ),
         )
 
 
 def storable_reason(reason: Optional[str]) -> Optional[str]:
-    """A reason as the audit log keeps it: valid UTF-8, at most what an event holds.
+    """A successful leave's reason as the audit log keeps it: whole.
 
-    A refused request's reason never went into an event, so it can be as large
-    as the request and can hold lone surrogates (valid JSON, not valid UTF-8);
-    stored whole, the first would let anyone grow the append-only log by
-    megabytes a request and the second would fail the write.
+    It is in the event already, so it is no larger than an event (64 KiB).
+    Text that neither engine can store as-is (U+0000, lone surrogates) is
+    escaped reversibly by the store (audit.escape_fields), not altered here;
+    a refused request's reason is cut by refusals.refused_reason instead.
     """
-    if reason is None:
-        return None
-    data = reason.encode("utf-8", "replace")  # a lone surrogate becomes "?"
-    if len(data) > MAX_STORED_REASON_BYTES:
-        data = data[: MAX_STORED_REASON_BYTES - len("…".encode())]
-        return data.decode("utf-8", "ignore") + "…"
-    return data.decode("utf-8")
+    return reason
 
 
 def client_errcode(error: SynapseError) -> str:

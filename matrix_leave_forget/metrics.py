@@ -41,3 +41,10 @@ purge_seconds = Histogram(
     ["server_name", "outcome"],
     buckets=_PURGE_BUCKETS,
 )
+
+refusals_suppressed_total = Counter(
+    "synapse_leave_forget_audit_refusals_suppressed_total",
+    "Refused leave and forget requests counted but not appended to the audit "
+    "log, because their user had spent the refusal budget (audit.refusal_budget).",
+    ["server_name"],
+)

@@ -68,6 +68,20 @@ MIGRATIONS: Sequence[Sequence[str]] = (
     # keyset paging) reads an index range instead of sorting every room in
     # that state.
     ("CREATE INDEX leave_forget_rooms_state_room ON leave_forget_rooms (state, room_id)",),
+    # 4 (audit-chain): the audit entry's optional fields (audit.OPTIONAL_FIELDS),
+    # null on every older entry: the group-sealed format marker, which client
+    # texts are stored escaped, a refused reason's size and hash when only its
+    # prefix is kept, and how many refusals were counted but not appended.
+    (
+        "ALTER TABLE leave_forget_audit ADD COLUMN format INTEGER",
+        "ALTER TABLE leave_forget_audit ADD COLUMN escaped TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN reason_bytes BIGINT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN reason_sha256 TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN suppressed BIGINT",
+        # A hold's reason stored escaped (audit.escape_text) when it holds NUL
+        # or a lone surrogate: 1 then, null otherwise.
+        "ALTER TABLE leave_forget_holds ADD COLUMN reason_escaped INTEGER",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

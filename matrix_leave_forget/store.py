@@ -28,7 +28,17 @@ from synapse.module_api import LoggingTransaction, ModuleApi, make_deferred_yiel
 from twisted.internet import defer
 
 from matrix_leave_forget._synapse import run_in_background_process, wake
-from matrix_leave_forget.audit import ENTRY_FIELDS, GENESIS_HASH, now_ms, seal_entry
+from matrix_leave_forget.audit import (
+    ENTRY_FIELDS,
+    GENESIS_HASH,
+    OPTIONAL_FIELDS,
+    escape_fields,
+    escape_text,
+    needs_escape,
+    now_ms,
+    seal_entries,
+    unescape_text,
+)
 from matrix_leave_forget.schema import is_postgres, run_migrations
 
 logger = logging.getLogger(__name__)
@@ -40,7 +50,11 @@ STATE_DRY_RUN = "dry_run"  # due, but dry_run was on: recorded, not purged
 STATE_PURGING = "purging"  # Synapse was asked to purge it
 STATE_PURGED = "purged"  # Synapse no longer has the room
 
+# The columns every entry has; STORED_COLUMNS adds the optional fields, which
+# an entry read back carries only when they are set (see audit.OPTIONAL_FIELDS).
 AUDIT_COLUMNS: Sequence[str] = (*ENTRY_FIELDS, "hash", "signatures")
+STORED_COLUMNS: Sequence[str] = (*AUDIT_COLUMNS, *OPTIONAL_FIELDS)
+_INT_OPTIONAL_FIELDS = frozenset({"format", "reason_bytes", "suppressed"})
 
 # Outcome of entries written by start-up reconciliation, for actions Synapse
 # performed but whose audit write was lost (a crash between the two).
@@ -58,6 +72,11 @@ class AuditFields:
     reason: Optional[str] = None
     event_id: Optional[str] = None
     device_id: Optional[str] = None
+    # A refused request's reason cut to a prefix: the whole reason's size and hash.
+    reason_bytes: Optional[int] = None
+    reason_sha256: Optional[str] = None
+    # This user's refusals counted but not appended since their previous entry.
+    suppressed: Optional[int] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -250,7 +269,12 @@ class RetentionStore:
     def _append_many_txn(
         self, txn: LoggingTransaction, many: Sequence[AuditFields]
     ) -> List[Dict[str, Any]]:
-        """Append entries to the chain in order: one head read, one batched insert.
+        """Append entries to the chain in order: one head read, one signature, one insert.
+
+        The entries are sealed as a group (audit.seal_entries): each is hashed
+        into the chain and only the last is signed, its signature covering the
+        whole group; the group commits or fails as one. Client texts that
+        neither engine can store (NUL, lone surrogates) are stored escaped.
 
         Callers must have called _lock_chain_txn first in the same transaction.
         """
@@ -259,38 +283,33 @@ class RetentionStore:
         txn.execute("SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
         row = txn.fetchone()
         seq, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
-        entries: List[Dict[str, Any]] = []
-        rows: List[List[Any]] = []
-        for fields in many:
-            seq += 1
-            entry = seal_entry(
-                {
-                    **attr.asdict(fields),
-                    "seq": seq,
-                    "ts": now_ms(),
-                    "origin": self._origin,
-                    "instance": self._instance,
-                    "prev_hash": prev_hash,
-                },
-                self._origin,
-                self._signing_key,
-            )
-            prev_hash = entry["hash"]
-            entries.append(entry)
-            rows.append(
-                [entry[c] for c in ENTRY_FIELDS]
-                + [entry["hash"], json.dumps(entry["signatures"], sort_keys=True)]
-            )
+        common = {"origin": self._origin, "instance": self._instance}
+        entries = seal_entries(
+            [escape_fields({**attr.asdict(fields), **common, "ts": now_ms()}) for fields in many],
+            seq,
+            prev_hash,
+            self._origin,
+            self._signing_key,
+        )
+        rows = [
+            [
+                json.dumps(entry["signatures"], sort_keys=True)
+                if c == "signatures"
+                else entry.get(c)
+                for c in STORED_COLUMNS
+            ]
+            for entry in entries
+        ]
         sql = (
-            f"INSERT INTO leave_forget_audit ({', '.join(AUDIT_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})"
+            f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
         )
         if len(rows) == 1:
             txn.execute(sql, rows[0])
         elif is_postgres(txn):
             # One multi-row INSERT per 1000 rows, not one statement per row.
             txn.execute_values(
-                f"INSERT INTO leave_forget_audit ({', '.join(AUDIT_COLUMNS)}) VALUES ?",
+                f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) VALUES ?",
                 rows,
                 fetch=False,
             )
@@ -308,6 +327,16 @@ class RetentionStore:
         """
         if is_postgres(txn):
             txn.execute("LOCK TABLE leave_forget_audit IN SHARE ROW EXCLUSIVE MODE")
+
+    async def head(self) -> Tuple[int, str]:
+        """The chain's head: (seq, hash) of the newest entry, (0, "") for an empty log."""
+
+        def txn_fn(txn: LoggingTransaction) -> Tuple[int, str]:
+            txn.execute("SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
+            row = txn.fetchone()
+            return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+        return await self._api.run_db_interaction("leave_forget_audit_head", txn_fn)
 
     async def append(self, fields: AuditFields) -> Dict[str, Any]:
         """Append one audit entry (group-committed with concurrent ones)."""
@@ -603,9 +632,9 @@ class RetentionStore:
                 ),
             )
             txn.execute(
-                "INSERT INTO leave_forget_holds (room_id, held_by, reason, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (room_id, held_by, reason, entry["ts"]),
+                "INSERT INTO leave_forget_holds "
+                "(room_id, held_by, reason, created_at, reason_escaped) VALUES (?, ?, ?, ?, ?)",
+                _hold_values(room_id, held_by, reason, entry["ts"]),
             )
             return True
 
@@ -640,16 +669,10 @@ class RetentionStore:
 
         def txn_fn(txn: LoggingTransaction) -> Optional[Dict[str, Any]]:
             txn.execute(
-                "SELECT room_id, held_by, reason, created_at FROM leave_forget_holds "
-                "WHERE room_id = ?",
-                (room_id,),
+                f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id = ?", (room_id,)
             )
             r = txn.fetchone()
-            return (
-                {"room_id": r[0], "held_by": r[1], "reason": r[2], "created_at": r[3]}
-                if r
-                else None
-            )
+            return _hold_dict(r) if r else None
 
         return await self._api.run_db_interaction("leave_forget_get_hold", txn_fn)
 
@@ -780,8 +803,17 @@ class RetentionStore:
 
 
 def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
-    """An audit row as the entry that was hashed and signed."""
-    entry = dict(zip(AUDIT_COLUMNS, row, strict=True))
+    """An audit row (STORED_COLUMNS) as the entry that was hashed and signed.
+
+    Optional fields appear only when set: an entry without them is exactly
+    what was hashed.
+    """
+    entry = dict(zip(STORED_COLUMNS, row, strict=True))
+    for key in OPTIONAL_FIELDS:
+        if entry[key] is None:
+            del entry[key]
+        elif key in _INT_OPTIONAL_FIELDS:
+            entry[key] = int(entry[key])
     entry["signatures"] = json.loads(entry["signatures"])
     for key in ("seq", "ts"):
         entry[key] = int(entry[key])
@@ -816,7 +848,8 @@ def select_audit_txn(
         if value is not None:
             clauses.append(clause)
             args.append(value)
-    sql = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM leave_forget_audit WHERE {' AND '.join(clauses)}"
+    columns = ", ".join(STORED_COLUMNS)
+    sql = f"SELECT {columns} FROM leave_forget_audit WHERE {' AND '.join(clauses)}"
     if (
         limit is not None
         and user_id is None
@@ -882,22 +915,31 @@ def select_holds_page_txn(
 ) -> List[Dict[str, Any]]:
     """Holds placed through the admin API, by room id after ``after``, at most ``limit``."""
     sql = (
-        "SELECT room_id, held_by, reason, created_at FROM leave_forget_holds "
-        "WHERE room_id > ? ORDER BY room_id LIMIT ?"
+        f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id > ? ORDER BY room_id LIMIT ?"
     )
     txn.execute(sql.replace("?", paramstyle), (after or "", limit))
-    return [
-        {"room_id": r[0], "held_by": r[1], "reason": r[2], "created_at": r[3]}
-        for r in txn.fetchall()
-    ]
+    return [_hold_dict(r) for r in txn.fetchall()]
 
 
 def select_holds_txn(txn: Any) -> List[Dict[str, Any]]:
     """Every hold placed through the admin API, by room id; shared with the offline CLI."""
-    txn.execute(
-        "SELECT room_id, held_by, reason, created_at FROM leave_forget_holds ORDER BY room_id"
-    )
-    return [
-        {"room_id": r[0], "held_by": r[1], "reason": r[2], "created_at": r[3]}
-        for r in txn.fetchall()
-    ]
+    txn.execute(f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds ORDER BY room_id")
+    return [_hold_dict(r) for r in txn.fetchall()]
+
+
+_HOLD_COLUMNS = "room_id, held_by, reason, created_at, reason_escaped"
+
+
+def _hold_values(
+    room_id: str, held_by: str, reason: Optional[str], created_at: int
+) -> Tuple[Any, ...]:
+    """A hold row: a reason neither engine can store as-is is stored escaped, and marked."""
+    if reason is not None and needs_escape(reason):
+        return room_id, held_by, escape_text(reason), created_at, 1
+    return room_id, held_by, reason, created_at, None
+
+
+def _hold_dict(r: Sequence[Any]) -> Dict[str, Any]:
+    """A hold row (_HOLD_COLUMNS) as the admin API and the CLI show it: the reason as given."""
+    reason = unescape_text(r[2]) if r[4] and r[2] is not None else r[2]
+    return {"room_id": r[0], "held_by": r[1], "reason": reason, "created_at": r[3]}

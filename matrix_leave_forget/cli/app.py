@@ -178,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="'ed25519:<version> <base64>' (as /_matrix/key/v2/server publishes it); "
         "verify with this public key instead of the server's signing key file (repeatable)",
     )
+    verify.add_argument(
+        "--expect-head",
+        action="append",
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (as verify prints it): fail if the chain ends before "
+        "SEQ or has another hash there (repeatable)",
+    )
+    verify.add_argument(
+        "--checkpoints",
+        action="append",
+        metavar="FILE",
+        help="signed checkpoints to check the chain against: JSON lines, each a checkpoint "
+        "or a checkpoint event (an export of the checkpoint room) (repeatable)",
+    )
+    verify.add_argument(
+        "--checkpoint-room",
+        action="append",
+        metavar="ROOM_ID",
+        help="check the chain against the checkpoint events this database holds for the "
+        "room (audit.checkpoint_room) (repeatable)",
+    )
     verify.set_defaults(func=cmd_verify)
     return parser
 

@@ -6,15 +6,39 @@ import json
 import os
 import sys
 import tempfile
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, TypeVar
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
 
 import attr
 from signedjson.types import VerifyKey
 
 from matrix_leave_forget._synapse import SynapseInternals
 from matrix_leave_forget.admin import LISTINGS
-from matrix_leave_forget.audit import GENESIS_HASH, VerifyResult, iter_verify, parse_verify_key
-from matrix_leave_forget.cli.config import HomeserverConfig, configured_holds, server_verify_keys
+from matrix_leave_forget.audit import (
+    GENESIS_HASH,
+    VerifyResult,
+    iter_verify,
+    parse_head,
+    parse_verify_key,
+)
+from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, checked_heads, read_checkpoints
+from matrix_leave_forget.cli.config import (
+    HomeserverConfig,
+    configured_holds,
+    server_key_expiry,
+    server_verify_keys,
+)
 from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq
 from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, _one_line
 from matrix_leave_forget.cli.render import (
@@ -28,7 +52,7 @@ from matrix_leave_forget.cli.render import (
     write_json,
 )
 from matrix_leave_forget.store import (
-    AUDIT_COLUMNS,
+    STORED_COLUMNS,
     list_rooms_txn,
     select_audit_txn,
     select_holds_txn,
@@ -208,7 +232,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
             result["next_from"] = entries[-1]["seq"]
         write_json(sys.stdout, result)
     elif args.format == "csv":
-        write_csv(sys.stdout, AUDIT_COLUMNS, entries)
+        write_csv(sys.stdout, STORED_COLUMNS, entries)
     elif entries:
         print(render_table(_LOG_COLUMNS, entries))
     else:
@@ -274,10 +298,10 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
     try:
         writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
         if writer is not None:
-            writer.writerow(AUDIT_COLUMNS)
+            writer.writerow(STORED_COLUMNS)
         for entry in iter_audit(db, filters, args.after):
             if writer is not None:
-                writer.writerow([_csv_value(entry[k]) for k in AUDIT_COLUMNS])
+                writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
             else:
                 out.write(json.dumps(entry, sort_keys=True) + "\n")
             count += 1
@@ -340,7 +364,12 @@ def _entries_for_verify(db: Database, current: Dict[str, Any]) -> Iterator[Dict[
 
 
 def verify_database(
-    db: Database, origin: str, keys: Mapping[str, VerifyKey], progress: Optional[Progress]
+    db: Database,
+    origin: str,
+    keys: Mapping[str, VerifyKey],
+    progress: Optional[Progress],
+    key_expiry: Optional[Mapping[str, int]] = None,
+    expected_heads: Sequence[Tuple[int, str]] = (),
 ) -> VerifyResult:
     """Check the whole audit chain in the database, streaming it.
 
@@ -349,6 +378,8 @@ def verify_database(
         origin: The server name every entry must be signed by.
         keys: The verify keys accepted, by key id.
         progress: Where to show progress, if anywhere.
+        key_expiry: ``expired_ts`` of old keys, by key id.
+        expected_heads: (seq, hash) the chain must hold: recorded heads, checkpoints.
 
     Returns:
         The result; ``bad_seq`` names the first bad entry, if any.
@@ -356,7 +387,9 @@ def verify_database(
     result = VerifyResult(0, GENESIS_HASH)
     current: Dict[str, Any] = {"seq": None}
     try:
-        for result in iter_verify(_entries_for_verify(db, current), origin, keys):
+        for result in iter_verify(
+            _entries_for_verify(db, current), origin, keys, key_expiry, expected_heads
+        ):
             if progress is not None and result.ok:
                 progress.update(result.checked, int(current["seq"]))
     except _UnreadableEntryError as exc:
@@ -379,8 +412,56 @@ def _entries(count: int, where: str = "") -> str:
     return text
 
 
+def room_checkpoints(db: Database, room_id: str) -> List[Dict[str, Any]]:
+    """The contents of the checkpoint events Synapse's database holds for room_id."""
+    cur = db.cursor()
+    cur.execute(
+        "SELECT j.json FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id "
+        "WHERE e.room_id = ? AND e.type = ? ORDER BY e.stream_ordering".replace("?", db.paramstyle),
+        (room_id, CHECKPOINT_EVENT_TYPE),
+    )
+    out: List[Dict[str, Any]] = []
+    for (text,) in cur.fetchall():
+        try:
+            content = json.loads(text).get("content")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(content, dict):
+            out.append(content)
+    return out
+
+
+def _expected_heads(
+    db: Database,
+    args: argparse.Namespace,
+    origin: str,
+    keys: Mapping[str, VerifyKey],
+    expiry: Mapping[str, int],
+) -> Tuple[List[Tuple[int, str]], List[str], int]:
+    """The heads to check from --expect-head and the checkpoints; rejected checkpoints; count."""
+    heads: List[Tuple[int, str]] = []
+    for text in args.expect_head or ():
+        try:
+            heads.append(parse_head(text))
+        except ValueError as exc:
+            raise CliError(f"--expect-head: {exc}")
+    checkpoints: List[Dict[str, Any]] = []
+    for path in args.checkpoints or ():
+        try:
+            with open(path, encoding="utf-8") as f:
+                checkpoints += read_checkpoints(f)
+        except OSError as exc:
+            raise CliError(f"cannot read checkpoints {path}: {exc.strerror or exc}")
+        except ValueError as exc:
+            raise CliError(f"checkpoints {path}: {exc}")
+    for room_id in args.checkpoint_room or ():
+        checkpoints += room_checkpoints(db, room_id)
+    valid, rejected = checked_heads(checkpoints, origin, keys, expiry)
+    return heads + valid, rejected, len(valid)
+
+
 def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
-    """Check every hash link and signature; exit 1 at the first bad entry.
+    """Check every hash link and signature, and the expected heads; exit 1 at the first bad entry.
 
     Args:
         db: The database.
@@ -391,8 +472,9 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         EXIT_OK, or EXIT_VERIFY_FAILED if an entry is bad.
 
     Raises:
-        CliError: if a key cannot be read or parsed.
+        CliError: if a key, a head or a checkpoint file cannot be read or parsed.
     """
+    expiry: Dict[str, int] = {}
     if args.verify_key:
         keys: Dict[str, VerifyKey] = {}
         for text in args.verify_key:
@@ -402,10 +484,14 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
                 raise CliError(str(exc))
     else:
         keys = server_verify_keys(config)
+        expiry = server_key_expiry(config)
     origin = config.server_name
+    heads, rejected, checkpoints = _expected_heads(db, args, origin, keys, expiry)
+    for problem in rejected:
+        _warn(f"ignoring a checkpoint: {problem}")
     progress = _progress("Verifying", db)
     try:
-        result = verify_database(db, origin, keys, progress)
+        result = verify_database(db, origin, keys, progress, expiry, heads)
     finally:
         if progress is not None:
             progress.finish()
@@ -417,6 +503,11 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         "problem": result.problem,
         "origin": origin,
         "key_ids": sorted(keys),
+        "head_seq": result.head_seq,
+        "expected_heads": len(heads),
+        "heads_matched": result.heads_matched,
+        "checkpoints": checkpoints,
+        "checkpoints_rejected": len(rejected),
     }
     if args.format == "json":
         write_json(sys.stdout, report)
@@ -427,11 +518,18 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
             f"OK: {_entries(result.checked)} checked; every hash link and signature "
             f"by {origin} ({', '.join(sorted(keys))}) is valid."
         )
-        print(f"Head hash: {result.head_hash or '(empty log)'}")
+        if heads:
+            print(
+                f"Every expected head is in the chain ({len(heads)}: "
+                f"{len(heads) - checkpoints} given, {checkpoints} from checkpoints)."
+            )
+        print(
+            f"Head: {result.head_seq}:{result.head_hash}" if result.checked else "Head: (empty log)"
+        )
     else:
         print(f"FAILED at entry {result.bad_seq}: {result.problem}")
         print(
-            f"{_entries(result.checked, 'before it')} valid; last good hash: "
-            f"{result.head_hash or '(none)'}"
+            f"{_entries(result.checked, 'before it')} valid; last good head: "
+            + (f"{result.head_seq}:{result.head_hash}" if result.checked else "(none)")
         )
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED

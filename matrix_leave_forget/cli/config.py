@@ -9,7 +9,7 @@ from signedjson.key import decode_verify_key_bytes, get_verify_key, read_signing
 from signedjson.types import VerifyKey
 from unpaddedbase64 import decode_base64
 
-from matrix_leave_forget.audit import verify_key_id
+from matrix_leave_forget.audit import parse_old_signing_keys, verify_key_id
 from matrix_leave_forget.cli.errors import CliError, _one_line
 
 MODULE_NAME = "matrix_leave_forget.LeaveForgetModule"
@@ -202,6 +202,21 @@ def server_verify_keys(config: HomeserverConfig) -> Dict[str, VerifyKey]:
         except Exception as exc:
             raise CliError(f"old_signing_keys: cannot parse {key_id}: {_one_line(str(exc))}")
     return keys
+
+
+def server_key_expiry(config: HomeserverConfig) -> Dict[str, int]:
+    """When each of ``old_signing_keys`` expired (``expired_ts``, ms), by key id.
+
+    A key signs no audit entry or checkpoint from that time on (docs/audit.md,
+    "Keys and their expiry").
+
+    Raises:
+        CliError: if ``old_signing_keys`` does not parse.
+    """
+    try:
+        return parse_old_signing_keys(config.values.get("old_signing_keys"))[1]
+    except ValueError as exc:
+        raise CliError(_one_line(str(exc)))
 
 
 def configured_holds(config: HomeserverConfig) -> FrozenSet[str]:

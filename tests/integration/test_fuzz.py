@@ -1022,9 +1022,9 @@ class FuzzTests(SynapseTestCase):
             self.assertEqual(result.checked, len(entries))
 
     def test_oversized_refused_reason_is_not_stored_whole(self) -> None:
-        """A refused leave with a 1 MB reason is audited with the reason cut to
-        what an event can hold (64 KiB), so one request cannot grow the
-        append-only log by the request size limit."""
+        """A refused leave with a 1 MB reason is audited with the reason cut to a
+        short prefix (docs/audit.md, "Growth bound"), so one request cannot grow
+        the append-only log by the request size limit."""
         user = self.hs.register(f"oversized{time.monotonic_ns()}")
         resp = request(
             self.hs.module_port,
@@ -1040,7 +1040,7 @@ class FuzzTests(SynapseTestCase):
     def test_refused_leave_with_lone_surrogate_reason_is_audited(self) -> None:
         """A leave refused by Synapse (unknown room, 404 M_UNKNOWN) whose reason
         holds a lone surrogate ("\\ud800", valid JSON, not valid UTF-8) is still
-        audited: the stored reason replaces what cannot be encoded."""
+        audited: the stored reason is escaped reversibly (docs/audit.md, "Any text")."""
         user = self.hs.register(f"surrogate{time.monotonic_ns()}")
         answer = exchange(
             self.hs.module_port,

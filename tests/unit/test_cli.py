@@ -29,8 +29,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget import cli
 from matrix_leave_forget.admin import LISTINGS
 from matrix_leave_forget.audit import ENTRY_FIELDS
+from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
 from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION
-from matrix_leave_forget.store import AUDIT_COLUMNS, select_audit_txn
+from matrix_leave_forget.store import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
 from tests.unit.test_audit import make_chain
 
 ORIGIN = "example.org"
@@ -67,7 +68,11 @@ def create_database(
         for row in rooms:
             conn.execute(f"INSERT INTO leave_forget_rooms VALUES ({', '.join('?' * 9)})", row)
         for row in holds:
-            conn.execute("INSERT INTO leave_forget_holds VALUES (?, ?, ?, ?)", row)
+            conn.execute(
+                "INSERT INTO leave_forget_holds (room_id, held_by, reason, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                row,
+            )
         conn.commit()
     finally:
         conn.close()
@@ -281,23 +286,65 @@ class ConfigReadingTest(CliTestCase):
         self.assertEqual(self.run_cli("verify")[0], 0)
 
     def test_old_signing_keys_verify_entries_from_before_a_rotation(self) -> None:
-        """Entries signed by a key since rotated verify when it is listed in old_signing_keys."""
+        """Entries signed by a key since rotated verify when it is listed in old_signing_keys
+        and they are older than its expired_ts; signed by it after that time, they fail
+        (the issue's case: a chain re-signed with a key retired long ago verified OK)."""
         old_key = generate_signing_key("old")
-        self.chain(3, key=old_key)
+        entries = self.chain(3, key=old_key)
         code, out, _ = self.run_cli("verify")
         self.assertEqual(code, 1)
         self.assertIn("FAILED at entry 1: bad signature: no signature by example.org", out)
+        old_b64 = encode_verify_key_base64(get_verify_key(old_key))
         self.write_config(
-            old_signing_keys={
-                "ed25519:old": {
-                    "key": encode_verify_key_base64(get_verify_key(old_key)),
-                    "expired_ts": 0,
-                }
-            }
+            old_signing_keys={"ed25519:old": {"key": old_b64, "expired_ts": entries[-1]["ts"] + 1}}
         )
         code, out, _ = self.run_cli("verify")
         self.assertEqual(code, 0, out)
         self.assertIn("(ed25519:a1, ed25519:old)", out)
+        self.write_config(old_signing_keys={"ed25519:old": {"key": old_b64, "expired_ts": 0}})
+        code, out, _ = self.run_cli("verify")
+        self.assertEqual(code, 1, out)
+        self.assertIn("FAILED at entry 1: bad signature: signed by ed25519:old, which expired", out)
+
+    def test_expect_head(self) -> None:
+        """--expect-head SEQ:HASH passes on a chain holding that head, fails on one cut below
+        it or with another hash there, and refuses a malformed head (exit 2)."""
+        entries = self.chain(5)
+        head = f"5:{entries[-1]['hash']}"
+        code, out, _ = self.run_cli("verify", "--expect-head", head)
+        self.assertEqual(code, 0, out)
+        self.assertIn("Every expected head is in the chain", out)
+        code, out, _ = self.run_cli("verify", "--expect-head", f"4:{entries[-1]['hash']}")
+        self.assertEqual(code, 1, out)
+        self.assertIn("FAILED at entry 4: hash differs from the expected head", out)
+        self.tamper("DELETE FROM leave_forget_audit WHERE seq > 3")
+        self.assertEqual(self.run_cli("verify")[0], 0)  # the prefix alone is a valid chain
+        code, out, _ = self.run_cli("verify", "--expect-head", head)
+        self.assertEqual(code, 1, out)
+        self.assertIn("FAILED at entry 4: the chain ends at entry 3", out)
+        self.assertIn("truncated", out)
+        code, _, err = self.run_cli("verify", "--expect-head", "five")
+        self.assertEqual(code, 2)
+        self.assertIn("SEQ:HASH", err)
+
+    def test_checkpoints_file(self) -> None:
+        """--checkpoints FILE: the chain is checked against every valid checkpoint in it;
+        a forged one is reported on stderr and ignored."""
+        entries = self.chain(5)
+        path = os.path.join(self.dir, "checkpoints.jsonl")
+        with open(path, "w") as f:
+            good = make_checkpoint(ORIGIN, 5, entries[-1]["hash"], 1, self.key)
+            f.write(json.dumps({"type": CHECKPOINT_EVENT_TYPE, "content": good}) + "\n")
+            f.write(json.dumps({**good, "seq": 2}) + "\n")
+        code, out, err = self.run_cli("--json", "verify", "--checkpoints", path)
+        self.assertEqual(code, 0, out)
+        report = json.loads(out)
+        self.assertEqual((report["checkpoints"], report["checkpoints_rejected"]), (1, 1))
+        self.assertIn("ignoring a checkpoint", err)
+        self.tamper("DELETE FROM leave_forget_audit WHERE seq = 5")
+        code, out, _ = self.run_cli("verify", "--checkpoints", path)
+        self.assertEqual(code, 1, out)
+        self.assertIn("truncated", out)
 
     def test_database_is_opened_read_only(self) -> None:
         """The CLI's connection cannot write, and a run leaves the database file unchanged."""
@@ -320,12 +367,12 @@ class VerifyTest(CliTestCase):
     """verify: reports, streaming, robustness against mangled rows, keys, progress."""
 
     def test_verify_ok(self) -> None:
-        """verify exits 0 on a good chain and prints the count and the head hash."""
+        """verify exits 0 on a good chain and prints the count and the head, SEQ:HASH."""
         entries = self.chain(5)
         code, out, err = self.run_cli("verify")
         self.assertEqual((code, err), (0, ""))
         self.assertIn("OK: 5 audit entries checked", out)
-        self.assertIn(f"Head hash: {entries[-1]['hash']}", out)
+        self.assertIn(f"Head: 5:{entries[-1]['hash']}", out)
 
     def test_verify_messages_count_in_good_english(self) -> None:
         """One entry is 'entry', not 'entries', in both the success and the failure message."""
@@ -333,7 +380,7 @@ class VerifyTest(CliTestCase):
         self.assertIn("OK: 2 audit entries checked", self.run_cli("verify")[1])
         self.tamper("UPDATE leave_forget_audit SET reason = 'x' WHERE seq = 2")
         out = self.run_cli("verify")[1]
-        self.assertIn("1 audit entry before it is valid; last good hash: ", out)
+        self.assertIn("1 audit entry before it is valid; last good head: 1:", out)
         self.tamper("DELETE FROM leave_forget_audit WHERE seq = 2")
         self.assertIn("OK: 1 audit entry checked", self.run_cli("verify")[1])
 
@@ -343,7 +390,7 @@ class VerifyTest(CliTestCase):
         code, out, _ = self.run_cli("verify")
         self.assertEqual(code, 0)
         self.assertIn("OK: 0 audit entries checked", out)
-        self.assertIn("Head hash: (empty log)", out)
+        self.assertIn("Head: (empty log)", out)
 
     def test_verify_json_and_csv_before_or_after_the_command(self) -> None:
         """--json and --csv work as global flags or after the subcommand, with the same report."""
@@ -362,14 +409,20 @@ class VerifyTest(CliTestCase):
                     "problem": None,
                     "origin": ORIGIN,
                     "key_ids": ["ed25519:a1"],
+                    "head_seq": 3,
+                    "expected_heads": 0,
+                    "heads_matched": 0,
+                    "checkpoints": 0,
+                    "checkpoints_rejected": 0,
                 },
             )
         code, out, _ = self.run_cli("--csv", "verify")
         self.assertEqual(
             out.splitlines(),
             [
-                "ok,checked,head_hash,bad_seq,problem,origin,key_ids",
-                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]"',
+                "ok,checked,head_hash,bad_seq,problem,origin,key_ids,head_seq,"
+                "expected_heads,heads_matched,checkpoints,checkpoints_rejected",
+                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]",3,0,0,0,0',
             ],
         )
 
@@ -392,7 +445,7 @@ class VerifyTest(CliTestCase):
         self.assertEqual(code, 1)
         self.assertIn("FAILED at entry 8: contents do not match the stored hash", out)
         self.assertIn(
-            f"7 audit entries before it are valid; last good hash: {entries[6]['hash']}", out
+            f"7 audit entries before it are valid; last good head: 7:{entries[6]['hash']}", out
         )
 
     def test_unreadable_row_is_named(self) -> None:
@@ -506,7 +559,7 @@ class LogAndExportTest(CliTestCase):
         self.chain(3)
         code, out, _ = self.run_cli("export", "--csv", "--user", f"@user1:{ORIGIN}")
         lines = out.splitlines()
-        self.assertEqual(lines[0], ",".join(AUDIT_COLUMNS))
+        self.assertEqual(lines[0], ",".join(STORED_COLUMNS))
         self.assertEqual([line.split(",")[0] for line in lines[1:]], ["1"])
 
     def test_export_into_a_missing_directory(self) -> None:
