@@ -240,3 +240,51 @@ class SynapseRefusesBadConfigTests(SynchronousTestCase):
         self.assertIn("Synapse exited", message)
         self.assertIn("mount", message)
         self.assertIn("matrix_leave_forget", message)
+
+
+class HostileConfigTests(SynchronousTestCase):
+    """Values a YAML file can hold that used to crash or slip through (issue 11)."""
+
+    def assert_refused(self, config: Any, path: Tuple[str, ...]) -> str:
+        with self.assertRaises(ConfigError, msg=repr(config)) as caught:
+            LeaveForgetModule.parse_config(config)
+        self.assertEqual(tuple(caught.exception.path or ()), path, caught.exception.msg)
+        return str(caught.exception.msg)
+
+    def test_non_string_keys(self) -> None:
+        """A non-string key ({1: 2}) is a ConfigError naming it, not a TypeError
+        from sorting it with the string keys; at every level."""
+        self.assertIn("keys must be strings", self.assert_refused({1: 2}, ("1",)))
+        self.assert_refused({"retention": {None: 1}}, ("retention", "None"))
+        self.assert_refused({"forget_rate_limit": {1.5: 1}}, ("forget_rate_limit", "1.5"))
+        self.assert_refused({"mount": "intercept", True: 1}, ("True",))
+
+    def test_non_finite_rate(self) -> None:
+        """per_second .nan / .inf / -.inf (YAML floats) are refused."""
+        for value in (float("nan"), float("inf"), float("-inf")):
+            msg = self.assert_refused(
+                {"forget_rate_limit": {"per_second": value}}, ("forget_rate_limit", "per_second")
+            )
+            self.assertIn("finite", msg)
+
+    def test_room_ids_with_whitespace_or_control_characters(self) -> None:
+        """Holds must be exact room ids: a trailing newline (which `$` let through),
+        inner whitespace, NUL and other control characters are refused."""
+        for room in ("!a:b\n", "!a:b ", "!a\x00:b", "!a:b\x7f", "!a\t:b", "!a:b\r"):
+            self.assert_refused({"retention": {"holds": [room]}}, ("retention", "holds", "0"))
+
+    def test_durations_too_long_to_be_a_due_time(self) -> None:
+        """A period whose due time cannot be represented (300000000y) is refused at
+        start-up with the key, instead of overflowing when the room is forgotten;
+        100 years is the longest accepted, for every duration key."""
+        for key in ("period", "sweep_interval"):
+            for value in ("300000000y", "101y", 10**30, "9" * 5000, "99999999999999999999999d"):
+                msg = self.assert_refused({"retention": {key: value}}, ("retention", key))
+                self.assertIn("100y", msg)
+            self.assertEqual(
+                parse_duration_ms("100y", ("x",)), 100 * 365 * 86_400_000, "the maximum itself"
+            )
+
+    def test_non_ascii_digits(self) -> None:
+        """Digits other than ASCII ones (which int() would take) are not durations."""
+        self.assert_refused({"retention": {"period": "٣d"}}, ("retention", "period"))
