@@ -18,6 +18,7 @@ from synapse.module_api import (
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
+from matrix_leave_forget.handler import MAX_STORED_REASON_BYTES
 from matrix_leave_forget.store import (
     STATE_DRY_RUN,
     STATE_FORGOTTEN,
@@ -48,22 +49,65 @@ _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
 
 
+# Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
+# would fail in the database driver (a 500) instead of here.
+MAX_INT_ARG = 2**63 - 1
+_INT_RE = re.compile(r"-?[0-9]{1,30}")
+# Longest string argument (a user or room id is at most 255 bytes).
+MAX_STR_ARG = 1024
+
+
 def _arg(request: SynapseRequest, name: str) -> Optional[str]:
     values = request.args.get(name.encode())
-    return values[0].decode("utf-8", errors="replace") if values else None
+    if not values:
+        return None
+    value: str = values[0].decode("utf-8", errors="replace")
+    # PostgreSQL's text cannot hold NUL; nothing the filters match holds one.
+    if "\x00" in value:
+        raise SynapseError(400, f"'{name}' must not contain NUL", Codes.INVALID_PARAM)
+    if len(value) > MAX_STR_ARG:
+        raise SynapseError(400, f"'{name}' is too long", Codes.INVALID_PARAM)
+    return value
 
 
 def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Optional[int]:
     value = _arg(request, name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
+    # ASCII digits only: int() would also take " 1", "1_000" and other scripts' digits.
+    if not _INT_RE.fullmatch(value):
         raise SynapseError(400, f"'{name}' must be an integer", Codes.INVALID_PARAM)
+    number = int(value)
     if number < 0:
         raise SynapseError(400, f"'{name}' must not be negative", Codes.INVALID_PARAM)
+    if number > MAX_INT_ARG:
+        raise SynapseError(400, f"'{name}' must be at most {MAX_INT_ARG}", Codes.INVALID_PARAM)
     return number
+
+
+def _hold_reason(request: SynapseRequest) -> Optional[str]:
+    """The ``reason`` of a PUT hold body: a string of storable text, bounded like leave reasons."""
+    body = parse_json_object_from_request(request, allow_empty_body=True)
+    reason = body.get("reason")
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate escape (valid JSON, not valid Unicode text).
+        raise SynapseError(400, "'reason' must be valid Unicode text", Codes.BAD_JSON)
+    if "\x00" in reason:
+        raise SynapseError(400, "'reason' must not contain NUL", Codes.BAD_JSON)
+    if size > MAX_STORED_REASON_BYTES:
+        # 413 M_TOO_LARGE, as Synapse answers an event over its size limit.
+        raise SynapseError(
+            413,
+            f"'reason' must be at most {MAX_STORED_REASON_BYTES} bytes",
+            Codes.TOO_LARGE,
+        )
+    return reason
 
 
 def _limit_arg(request: SynapseRequest) -> int:
@@ -126,10 +170,7 @@ class AdminResource(DirectServeJsonResource):
         if (match := _HOLD.match(route)) is not None:
             room_id = _room_arg(match.group("room_id"))
             if method == b"PUT":
-                body = parse_json_object_from_request(request, allow_empty_body=True)
-                reason = body.get("reason")
-                if reason is not None and not isinstance(reason, str):
-                    raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
+                reason = _hold_reason(request)
                 created = await self._store.put_hold(room_id, admin_id, reason)
                 return 200, {"room_id": room_id, "held": True, "created": created}
             if method == b"DELETE":
