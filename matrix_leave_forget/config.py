@@ -67,13 +67,15 @@ class LeaveForgetConfig:
 
     Attributes:
         mount: ``intercept`` (default) or ``listener``; see docs/mounting.md.
-        forget_rate_limit: Per-user limit on forget, or None for no limit.
+        forget_rate_limit: Per-user limit on forget, or None for no limit (the
+            default, as Synapse: clients forget many rooms in a row and do not
+            retry a 429 on forget).
         audit_failures: Also record refused requests in the audit log.
         retention: The retention sweep settings.
     """
 
     mount: str = MOUNT_INTERCEPT
-    forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
+    forget_rate_limit: Optional[RateLimitConfig] = None
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
 
@@ -215,3 +217,47 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         audit_failures=_bool(section, "audit_failures", True, ""),
         retention=_parse_retention(section.get("retention")),
     )
+
+
+def _duration_text(ms: int) -> str:
+    """ms in the largest unit that divides it exactly, as the config would say it."""
+    for unit in ("y", "w", "d", "h", "m", "s"):
+        if ms % _DURATION_UNITS_MS[unit] == 0:
+            return f"{ms // _DURATION_UNITS_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+def describe_config(config: Any, prefix: str = "") -> str:
+    """The effective settings on one line, for the start-up log.
+
+    Derived from the attrs classes, so that a key added to the config shows up
+    here without more code: ``*_ms`` fields read as durations, sets as their
+    size, None as ``off``.
+
+    Args:
+        config: A LeaveForgetConfig (or one of its sections).
+        prefix: The dotted path of ``config`` (for sections).
+
+    Returns:
+        For example ``mount=intercept forget_rate_limit=off ... retention.period=7d``.
+    """
+    parts = []
+    for field in attr.fields(type(config)):
+        value = getattr(config, field.name)
+        name = prefix + field.name
+        if attr.has(type(value)):
+            parts.append(describe_config(value, name + "."))
+            continue
+        if name.endswith("_ms"):
+            name = name[: -len("_ms")]
+            text = "off" if value is None else _duration_text(value)
+        elif value is None:
+            text = "off"
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (set, frozenset, list, tuple)):
+            text = str(len(value))
+        else:
+            text = str(value)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)

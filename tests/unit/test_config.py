@@ -1,7 +1,8 @@
 """Unit tests of the module's config parsing (no Synapse process)."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import attr
 from synapse.module_api.errors import ConfigError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +13,7 @@ from matrix_leave_forget.config import (
     LeaveForgetConfig,
     RateLimitConfig,
     RetentionConfig,
+    describe_config,
     parse_config,
     parse_duration_ms,
 )
@@ -24,7 +26,7 @@ class ParseConfigDefaultsTests(SynchronousTestCase):
         config = LeaveForgetModule.parse_config({})
         self.assertEqual(config, LeaveForgetConfig())
         self.assertEqual(config.mount, MOUNT_INTERCEPT)
-        self.assertEqual(config.forget_rate_limit, RateLimitConfig(per_second=0.2, burst_count=10))
+        self.assertIsNone(config.forget_rate_limit)  # as Synapse: forget is not limited
         self.assertTrue(config.audit_failures)
         self.assertEqual(config.retention, RetentionConfig())
         self.assertIsNone(config.retention.period_ms)
@@ -288,3 +290,29 @@ class HostileConfigTests(SynchronousTestCase):
     def test_non_ascii_digits(self) -> None:
         """Digits other than ASCII ones (which int() would take) are not durations."""
         self.assert_refused({"retention": {"period": "٣d"}}, ("retention", "period"))
+
+
+class DescribeConfigTests(SynchronousTestCase):
+    def test_start_up_line_follows_the_attrs_fields(self) -> None:
+        """The start-up line is derived from the attrs config: every field, nested
+        sections dotted, *_ms as durations, sets as counts, None as off; a field
+        added to a config class shows up without touching describe_config."""
+        config = parse_config(
+            {
+                "forget_rate_limit": {"per_second": 0.5, "burst_count": 3},
+                "retention": {"period": 90_000, "holds": ["!a:b", "!c:d"], "dry_run": True},
+            }
+        )
+        self.assertEqual(
+            describe_config(config),
+            "mount=intercept forget_rate_limit.per_second=0.5 forget_rate_limit.burst_count=3 "
+            "audit_failures=true retention.period=90s retention.dry_run=true "
+            "retention.holds=2 retention.sweep_interval=1m",
+        )
+
+        @attr.s(frozen=True, auto_attribs=True)
+        class Extended:
+            history_guard: bool = True
+            wait_ms: Optional[int] = None
+
+        self.assertEqual(describe_config(Extended()), "history_guard=true wait=off")
