@@ -16,6 +16,7 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.store import AuditFields, MembershipRead, RetentionStore
+from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -187,7 +188,7 @@ class MembershipHandler:
             logger.info(
                 "Room %s is now forgotten by every local user (purge due at %s)",
                 room_id,
-                room.purge_due_at,
+                "never" if room.purge_due_at is None else iso8601(room.purge_due_at),
             )
 
     def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:

@@ -1,7 +1,6 @@
 """Output: tables for people, CSV and JSON for scripts, progress on a terminal."""
 
 import csv
-import datetime
 import json
 import re
 import sys
@@ -11,6 +10,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 import attr
 
 from matrix_leave_forget.cli.errors import PROG
+from matrix_leave_forget.timestamps import iso8601
 
 # Terminal control characters and bidi overrides in user-supplied text (a
 # leave reason) could rewrite or disguise what the table shows.
@@ -31,10 +31,7 @@ def format_ts(ms: Any) -> str:
     Returns:
         For example ``2024-05-01T12:00:00.000Z``, or ``-`` for None.
     """
-    if ms is None:
-        return "-"
-    moment = datetime.datetime.fromtimestamp(int(ms) / 1000, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+    return iso8601(ms)
 
 
 def _text(value: Any) -> str:
