@@ -47,33 +47,35 @@ class Column:
         key: The field it shows.
         header: Its heading.
         render: How a value reads in the table (JSON and CSV keep raw values).
-        always: Show it even when every row is empty (else it is dropped to
-            keep the table narrow).
     """
 
     key: str
     header: str
     render: Callable[[Any], str] = _text
-    always: bool = True
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> str:
+def render_table(
+    columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], header: bool = True
+) -> str:
     """An aligned plain-text table, one row per line.
 
+    Every column is always shown, an empty cell as ``-``, so that scripts
+    reading columns by position (awk, cut) and people comparing two runs see
+    the same columns whatever the rows hold.
+
     Args:
-        columns: The columns, in order; optional ones empty in every row are dropped.
+        columns: The columns, in order.
         rows: The rows, as mappings from column key to raw value.
+        header: Whether to start with the headings (``log --follow`` prints
+            later rows without them).
 
     Returns:
-        The table, header first, without a trailing newline.
+        The table, without a trailing newline.
     """
-    shown = [
-        c for c in columns if c.always or any(row.get(c.key) not in (None, "") for row in rows)
+    cells = ([[c.header for c in columns]] if header else []) + [
+        [c.render(row.get(c.key)) for c in columns] for row in rows
     ]
-    cells = [[c.header for c in shown]] + [
-        [c.render(row.get(c.key)) for c in shown] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in cells
