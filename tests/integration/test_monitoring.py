@@ -4,13 +4,14 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
-from typing import Any, Iterator, Set
+from typing import Any, Callable, Iterator, Set
 
 import yaml
 
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import REPO_ROOT
+from tests.integration.harness import REPO_ROOT, pg_connect_args, quote_room
 
 MONITORING = os.path.join(REPO_ROOT, "docs", "monitoring")
 DASHBOARD = os.path.join(MONITORING, "grafana-dashboard.json")
@@ -103,3 +104,80 @@ class MonitoringTests(SynapseTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("SUCCESS: 4 rules found", result.stdout)
+
+
+def _failure_count(scrape: str, action: str) -> float:
+    name = "synapse_leave_forget_audit_write_failures_total"
+    for line in scrape.splitlines():
+        if line.startswith(name + "{") and f'action="{action}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class AuditWriteFailureTests(SynapseTestCase):
+    MODE = "intercept"
+
+    def run_sql(self) -> Callable[[str], None]:
+        """Run statements on the test server's database behind Synapse's back."""
+        if self.hs.database == "sqlite":
+            path = self.hs.homeserver_config()["database"]["args"]["database"]
+
+            def run(sql: str) -> None:
+                conn = sqlite3.connect(path)
+                try:
+                    conn.executescript(sql)
+                finally:
+                    conn.close()
+
+            return run
+        import psycopg2
+
+        args = pg_connect_args(self.hs.pg_database)
+        args.pop("cp_min", None)
+        args.pop("cp_max", None)
+
+        def run_pg(sql: str) -> None:
+            conn = psycopg2.connect(**args)
+            conn.autocommit = True
+            try:
+                conn.cursor().execute(sql)
+            finally:
+                conn.close()
+
+        return run_pg
+
+    def test_failed_audit_write_is_counted(self) -> None:
+        """A leave served while the audit table refuses writes (a trigger that
+        aborts every insert) is counted in
+        synapse_leave_forget_audit_write_failures_total, which the critical
+        alert watches; the client still gets its 200, as the leave happened."""
+        user = self.hs.register("unrecorded")
+        room = self.hs.create_room(user)
+        before = _failure_count(self.hs.metrics(), "leave")
+        run = self.run_sql()
+        if self.hs.database == "sqlite":
+            run(
+                "CREATE TRIGGER mlf_test_refuse BEFORE INSERT ON leave_forget_audit "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+            )
+            drop = "DROP TRIGGER mlf_test_refuse"
+        else:
+            run(
+                "CREATE FUNCTION mlf_test_refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql; "
+                "CREATE TRIGGER mlf_test_refuse BEFORE INSERT ON leave_forget_audit "
+                "FOR EACH ROW EXECUTE FUNCTION mlf_test_refuse();"
+            )
+            drop = "DROP TRIGGER mlf_test_refuse ON leave_forget_audit"
+        try:
+            resp = self.hs.client(
+                "POST",
+                f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+                {},
+                token=user.access_token,
+            )
+        finally:
+            run(drop)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(_failure_count(self.hs.metrics(), "leave"), before + 1)
+        self.assertIn("Could not record leave", self.hs.log_text())
