@@ -316,3 +316,52 @@ class DescribeConfigTests(SynchronousTestCase):
             wait_ms: Optional[int] = None
 
         self.assertEqual(describe_config(Extended()), "history_guard=true wait=off")
+
+
+class ConfigFuzzTests(SynchronousTestCase):
+    def test_any_yaml_value_parses_or_names_the_key(self) -> None:
+        """Whatever a YAML file can hold, at any key the module knows, parse_config
+        returns a config or raises a ConfigError with a non-empty message; never
+        another exception (which Synapse would print as a traceback)."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        scalars = st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(min_value=-(10**40), max_value=10**40),
+            st.floats(),
+            st.text(max_size=12),
+            st.sampled_from(["7d", "off", "1ms", "300000000y", "!a:b", "!a:b\n", "listener"]),
+        )
+        values = st.recursive(
+            scalars,
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(
+                    st.one_of(st.text(max_size=8), st.integers()), children, max_size=3
+                )
+            ),
+            max_leaves=8,
+        )
+        keys = st.sampled_from(
+            ["mount", "forget_rate_limit", "audit_failures", "retention", "other", 1]
+        )
+        inner = st.sampled_from(
+            ["period", "dry_run", "holds", "sweep_interval", "per_second", "burst_count"]
+        )
+        configs = st.one_of(
+            values,
+            st.dictionaries(keys, values, max_size=4),
+            st.dictionaries(keys, st.dictionaries(inner, values, max_size=4), max_size=4),
+        )
+
+        @settings(max_examples=1500, derandomize=True, deadline=None, database=None)
+        @given(configs)
+        def check(config: Any) -> None:
+            try:
+                parse_config(config)
+            except ConfigError as error:
+                self.assertTrue(error.msg)
+
+        check()
