@@ -17,7 +17,12 @@ from twisted.internet import defer
 from matrix_leave_forget._synapse import SynapseInternals
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.checkpoint import Checkpointer
-from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
+from matrix_leave_forget.config import (
+    MOUNT_INTERCEPT,
+    LeaveForgetConfig,
+    describe_config,
+    parse_config,
+)
 from matrix_leave_forget.handler import MembershipHandler
 from matrix_leave_forget.reconcile import Reconciler
 from matrix_leave_forget.resource import (
@@ -72,6 +77,7 @@ class LeaveForgetModule:
             audit.checkpoint_sender,
         )
         self._ready = _StartupGate()
+        logger.info("matrix-leave-forget %s: %s", __version__, describe_config(config))
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
         self._servlet = servlet

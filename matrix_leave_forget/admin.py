@@ -48,22 +48,63 @@ _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
 
 
+# Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
+# would fail in the database driver (a 500) instead of here.
+MAX_INT_ARG = 2**63 - 1
+_INT_RE = re.compile(r"-?[0-9]{1,30}")
+# Longest string argument (a user or room id is at most 255 bytes).
+MAX_STR_ARG = 1024
+# A hold reason is kept to what a leave reason can be: an event's size (64 KiB).
+MAX_STORED_REASON_BYTES = 64 * 1024
+
+
 def _arg(request: SynapseRequest, name: str) -> Optional[str]:
     values = request.args.get(name.encode())
-    return values[0].decode("utf-8", errors="replace") if values else None
+    if not values:
+        return None
+    value: str = values[0].decode("utf-8", errors="replace")
+    # PostgreSQL's text cannot hold NUL; nothing the filters match holds one.
+    if "\x00" in value:
+        raise SynapseError(400, f"'{name}' must not contain NUL", Codes.INVALID_PARAM)
+    if len(value) > MAX_STR_ARG:
+        raise SynapseError(400, f"'{name}' is too long", Codes.INVALID_PARAM)
+    return value
 
 
 def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Optional[int]:
     value = _arg(request, name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
+    # ASCII digits only: int() would also take " 1", "1_000" and other scripts' digits.
+    if not _INT_RE.fullmatch(value):
         raise SynapseError(400, f"'{name}' must be an integer", Codes.INVALID_PARAM)
+    number = int(value)
     if number < 0:
         raise SynapseError(400, f"'{name}' must not be negative", Codes.INVALID_PARAM)
+    if number > MAX_INT_ARG:
+        raise SynapseError(400, f"'{name}' must be at most {MAX_INT_ARG}", Codes.INVALID_PARAM)
     return number
+
+
+def _hold_reason(request: SynapseRequest) -> Optional[str]:
+    """The ``reason`` of a PUT hold body: a string of storable text, bounded like leave reasons."""
+    body = parse_json_object_from_request(request, allow_empty_body=True)
+    reason = body.get("reason")
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
+    # Any text is kept, NUL and lone surrogates included: the store escapes
+    # what an engine cannot hold (audit.escape_fields, docs/audit.md).
+    size = len(reason.encode("utf-8", "surrogatepass"))
+    if size > MAX_STORED_REASON_BYTES:
+        # 413 M_TOO_LARGE, as Synapse answers an event over its size limit.
+        raise SynapseError(
+            413,
+            f"'reason' must be at most {MAX_STORED_REASON_BYTES} bytes",
+            Codes.TOO_LARGE,
+        )
+    return reason
 
 
 def _limit_arg(request: SynapseRequest) -> int:
@@ -126,10 +167,7 @@ class AdminResource(DirectServeJsonResource):
         if (match := _HOLD.match(route)) is not None:
             room_id = _room_arg(match.group("room_id"))
             if method == b"PUT":
-                body = parse_json_object_from_request(request, allow_empty_body=True)
-                reason = body.get("reason")
-                if reason is not None and not isinstance(reason, str):
-                    raise SynapseError(400, "'reason' must be a string", Codes.BAD_JSON)
+                reason = _hold_reason(request)
                 created = await self._store.put_hold(room_id, admin_id, reason)
                 return 200, {"room_id": room_id, "held": True, "created": created}
             if method == b"DELETE":

@@ -5,6 +5,7 @@ unknown keys, wrong types and bad values with a ``ConfigError`` naming the key,
 so that a typo stops Synapse at start-up instead of silently doing nothing.
 """
 
+import math
 import re
 from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
@@ -15,7 +16,7 @@ MOUNT_INTERCEPT = "intercept"
 MOUNT_LISTENER = "listener"
 MOUNT_MODES = (MOUNT_INTERCEPT, MOUNT_LISTENER)
 
-_DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)?$")
+_DURATION_RE = re.compile(r"(\d{1,20})(ms|s|m|h|d|w|y)?", re.ASCII)
 _DURATION_UNITS_MS = {
     "ms": 1,
     "s": 1000,
@@ -25,9 +26,13 @@ _DURATION_UNITS_MS = {
     "w": 7 * 24 * 60 * 60 * 1000,
     "y": 365 * 24 * 60 * 60 * 1000,
 }
+# The longest duration accepted (100 years): a room's purge is due at "forgot
+# at + period", which must stay a date (and a 64-bit millisecond count).
+MAX_DURATION_MS = 100 * _DURATION_UNITS_MS["y"]
 # A room id is "!" + opaque localpart + ":" + server name (Matrix spec,
-# "Room IDs"). Since room version 12 the server name part may be absent.
-_ROOM_ID_RE = re.compile(r"^![^:\s]+(:[^\s]+)?$")
+# "Room IDs"). Since room version 12 the server name part may be absent. No
+# whitespace or control characters anywhere (fullmatch: no trailing newline).
+_ROOM_ID_RE = re.compile(r"![^:\s\x00-\x1f\x7f]+(:[^\s\x00-\x1f\x7f]+)?")
 # A user id is "@" + localpart + ":" + server name (Matrix spec, "User Identifiers").
 _USER_ID_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 
@@ -87,19 +92,25 @@ class LeaveForgetConfig:
 
     Attributes:
         mount: ``intercept`` (default) or ``listener``; see docs/mounting.md.
-        forget_rate_limit: Per-user limit on forget, or None for no limit.
+        forget_rate_limit: Per-user limit on forget, or None for no limit (the
+            default, as Synapse: clients forget many rooms in a row and do not
+            retry a 429 on forget).
         audit_failures: Also record refused requests in the audit log.
         retention: The retention sweep settings.
     """
 
     mount: str = MOUNT_INTERCEPT
-    forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
+    forget_rate_limit: Optional[RateLimitConfig] = None
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
 
 
-def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+def _check_keys(section: Mapping[Any, Any], allowed: Iterable[str], path: str) -> None:
+    for key in section:
+        if not isinstance(key, str):
+            # YAML allows any key ({1: 2}); sorting them with strings would fail.
+            raise ConfigError(f"keys must be strings, not {key!r}", _path(path, repr(key)))
     unknown = sorted(set(section) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -135,26 +146,33 @@ def parse_duration_ms(value: Any, path: Tuple[str, ...]) -> int:
         path: Where the value sits in the config, for the error message.
 
     Raises:
-        ConfigError: if the value is not a positive duration.
+        ConfigError: if the value is not a positive duration of at most 100 years.
     """
     if isinstance(value, bool):
         raise ConfigError("must be a duration such as 30s or 7d", path)
+    match = _DURATION_RE.fullmatch(value.strip()) if isinstance(value, str) else None
     if isinstance(value, int):
         millis = value
-    elif isinstance(value, str) and _DURATION_RE.match(value.strip()):
-        match = _DURATION_RE.match(value.strip())
-        assert match is not None
+    elif match is not None:
         millis = int(match.group(1)) * _DURATION_UNITS_MS[match.group(2) or "ms"]
+    elif isinstance(value, str) and re.fullmatch(r"\d+[a-z]*", value.strip(), re.ASCII):
+        raise ConfigError("must be at most 100y (100 years)", path)
     else:
         raise ConfigError("must be a duration such as 30s or 7d", path)
     if millis <= 0:
         raise ConfigError("must be a positive duration", path)
+    if millis > MAX_DURATION_MS:
+        raise ConfigError("must be at most 100y (100 years)", path)
     return millis
 
 
 def is_valid_room_id(room_id: str) -> bool:
     """Whether room_id has the grammar of a Matrix room id."""
-    return bool(_ROOM_ID_RE.match(room_id)) and len(room_id.encode()) <= 255
+    try:
+        size = len(room_id.encode())
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return size <= 255 and bool(_ROOM_ID_RE.fullmatch(room_id))
 
 
 def _parse_rate_limit(value: Any, path: str) -> Optional[RateLimitConfig]:
@@ -166,6 +184,8 @@ def _parse_rate_limit(value: Any, path: str) -> Optional[RateLimitConfig]:
     burst_count = section.get("burst_count", 10)
     if isinstance(per_second, bool) or not isinstance(per_second, (int, float)):
         raise ConfigError("must be a number", (path, "per_second"))
+    if not math.isfinite(per_second):
+        raise ConfigError("must be a finite number", (path, "per_second"))
     if per_second <= 0:
         raise ConfigError("must be greater than 0", (path, "per_second"))
     if isinstance(burst_count, bool) or not isinstance(burst_count, int):
@@ -268,3 +288,47 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         retention=_parse_retention(section.get("retention")),
         audit=_parse_audit(section.get("audit")),
     )
+
+
+def _duration_text(ms: int) -> str:
+    """ms in the largest unit that divides it exactly, as the config would say it."""
+    for unit in ("y", "w", "d", "h", "m", "s"):
+        if ms % _DURATION_UNITS_MS[unit] == 0:
+            return f"{ms // _DURATION_UNITS_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+def describe_config(config: Any, prefix: str = "") -> str:
+    """The effective settings on one line, for the start-up log.
+
+    Derived from the attrs classes, so that a key added to the config shows up
+    here without more code: ``*_ms`` fields read as durations, sets as their
+    size, None as ``off``.
+
+    Args:
+        config: A LeaveForgetConfig (or one of its sections).
+        prefix: The dotted path of ``config`` (for sections).
+
+    Returns:
+        For example ``mount=intercept forget_rate_limit=off ... retention.period=7d``.
+    """
+    parts = []
+    for field in attr.fields(type(config)):
+        value = getattr(config, field.name)
+        name = prefix + field.name
+        if attr.has(type(value)):
+            parts.append(describe_config(value, name + "."))
+            continue
+        if name.endswith("_ms"):
+            name = name[: -len("_ms")]
+            text = "off" if value is None else _duration_text(value)
+        elif value is None:
+            text = "off"
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (set, frozenset, list, tuple)):
+            text = str(len(value))
+        else:
+            text = str(value)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)

@@ -14,10 +14,12 @@ import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
+from matrix_leave_forget import metrics
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.refusals import RefusalBudget, refused_reason
 from matrix_leave_forget.store import AuditFields, MembershipRead, RetentionStore
+from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -186,12 +188,13 @@ class MembershipHandler:
             # The forget happened; the client must hear so. The gap is logged
             # loudly for the operator rather than turned into a 500.
             logger.exception("Could not record forget of %s by %s", room_id, user_id)
+            metrics.audit_write_failures_total.labels(self._api.server_name, "forget").inc()
             return
         if room is not None:
             logger.info(
                 "Room %s is now forgotten by every local user (purge due at %s)",
                 room_id,
-                room.purge_due_at,
+                "never" if room.purge_due_at is None else iso8601(room.purge_due_at),
             )
 
     def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
@@ -235,6 +238,7 @@ class MembershipHandler:
             await self._store.append(fields)
         except Exception:
             logger.exception("Could not record %s of %s", fields.action, fields.room_id)
+            metrics.audit_write_failures_total.labels(self._api.server_name, fields.action).inc()
 
     async def _record_failure(
         self,

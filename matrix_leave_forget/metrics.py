@@ -48,3 +48,17 @@ refusals_suppressed_total = Counter(
     "log, because their user had spent the refusal budget (audit.refusal_budget).",
     ["server_name"],
 )
+
+audit_write_failures_total = Counter(
+    "synapse_leave_forget_audit_write_failures_total",
+    "Leave and forget requests served whose audit entry could not be written "
+    "(each one is a gap in the audit log; the error is logged).",
+    ["server_name", "action"],
+)
+
+purge_failures_total = Counter(
+    "synapse_leave_forget_purge_failures_total",
+    "Purges that failed and will be retried: Synapse refused to start one "
+    "(refused) or its purge task failed (failed).",
+    ["server_name", "reason"],
+)

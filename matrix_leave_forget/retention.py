@@ -189,6 +189,7 @@ class RetentionSweeper:
                 if now - last_at < backoff:
                     continue
                 logger.warning("Synapse's purge of %s failed (%s); retrying", room_id, error)
+                metrics.purge_failures_total.labels(self._api.server_name, "failed").inc()
             if await self._request_purge(room_id):
                 self._attempts[room_id] = (attempts + 1, now)
                 in_flight += 1
@@ -199,5 +200,6 @@ class RetentionSweeper:
             await self._api.delete_room(room_id)
         except Exception:
             logger.exception("Synapse refused to purge %s; will retry", room_id)
+            metrics.purge_failures_total.labels(self._api.server_name, "refused").inc()
             return False
         return True

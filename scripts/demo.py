@@ -7,6 +7,7 @@ Run through scripts/demo.sh. Synapse keeps running (Ctrl-C stops it) unless
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
@@ -19,18 +20,58 @@ def show(step: str, status: int, body: object) -> None:
     print(f"  {step:<58} -> {status} {json.dumps(body)}")
 
 
+class _DemoSynapse(SynapseProcess):
+    """The harness's Synapse, on the client port asked for (if any)."""
+
+    def __init__(self, port: "int | None", workdir: str) -> None:
+        self._fixed_port = port
+        super().__init__({"mount": "intercept"}, workdir=workdir, database="sqlite")
+        if port is not None:
+            self.client_port = port
+            self.reconfigure()
+
+    def reassign_ports(self) -> None:
+        super().reassign_ports()
+        if self._fixed_port is not None:
+            self.client_port = self._fixed_port
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cli_command() -> str:
+    """The CLI as it can be typed from here: the venv's script, which is not on PATH."""
+    path = os.path.join(os.path.dirname(sys.executable), "matrix-leave-forget")
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exit", action="store_true", help="stop Synapse after the demo")
     parser.add_argument("--dir", default="demo", help="where config, database and logs go")
+    parser.add_argument(
+        "--port", type=int, help="Synapse's client port on 127.0.0.1 (default: a free one)"
+    )
     args = parser.parse_args()
+    if args.port is not None and not _port_is_free(args.port):
+        print(
+            f"demo: port {args.port} on 127.0.0.1 is in use; pick another --port", file=sys.stderr
+        )
+        return 2
 
     workdir = os.path.abspath(args.dir)
     os.makedirs(workdir, exist_ok=True)
     for leftover in ("homeserver.db", "homeserver.db-wal", "homeserver.db-shm"):
         if os.path.exists(os.path.join(workdir, leftover)):
             os.remove(os.path.join(workdir, leftover))
-    hs = SynapseProcess({"mount": "intercept"}, workdir=workdir, database="sqlite")
+    hs = _DemoSynapse(args.port, workdir)
     print(f"Starting Synapse with matrix-leave-forget (config: {hs.config_path})")
     hs.start()
     try:
@@ -64,8 +105,7 @@ def main() -> int:
                 f"hash={entry['hash'][:16]}…"
             )
         print(
-            f"\nVerify it offline: matrix-leave-forget -c {hs.config_path} verify"
-            f"\nLogs: {hs.log_path}"
+            f"\nVerify it offline: {_cli_command()} -c {hs.config_path} verify\nLogs: {hs.log_path}"
         )
         if args.exit:
             return 0

@@ -8,5 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e . PyYAML
+# As the README's Install says (a regular install from the checkout), plus the
+# harness's YAML writer.
+.venv/bin/python -m pip install -q . PyYAML
 exec .venv/bin/python scripts/demo.py "$@"

@@ -36,6 +36,14 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parse_timestamp(text: str) -> int:
     """Milliseconds since the epoch, or an ISO 8601 date or time (UTC unless it says otherwise).
 
@@ -90,8 +98,8 @@ def _format_options(required_default: bool) -> argparse.ArgumentParser:
 
 
 def _summary(command: Callable[..., Any]) -> str:
-    """The first line of a command's docstring, for its --help."""
-    return (command.__doc__ or "").strip().splitlines()[0]
+    """The first line of a command's docstring, as plain text for its --help."""
+    return (command.__doc__ or "").strip().splitlines()[0].replace("``", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser(
         "log", parents=[formats, filters], help="show audit entries", description=_summary(cmd_log)
     )
-    log.add_argument(
+    window = log.add_mutually_exclusive_group()
+    window.add_argument(
         "--limit",
         type=_non_negative,
         default=DEFAULT_LIMIT,
         metavar="N",
-        help=f"at most N (default {DEFAULT_LIMIT}; 0 for all)",
+        help=f"the oldest N from --from on (default {DEFAULT_LIMIT}; 0 for all)",
+    )
+    window.add_argument(
+        "--newest",
+        type=_positive,
+        metavar="N",
+        help="the newest N instead, still oldest first (as tail does)",
+    )
+    log.add_argument(
+        "--follow",
+        action="store_true",
+        help="then keep printing new entries as they are written (Ctrl-C stops)",
     )
     log.set_defaults(func=cmd_log)
 

@@ -4,8 +4,10 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from typing import (
     IO,
     Any,
@@ -39,7 +41,7 @@ from matrix_leave_forget.cli.config import (
     server_key_expiry,
     server_verify_keys,
 )
-from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq
+from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq, newest_start
 from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, _one_line
 from matrix_leave_forget.cli.render import (
     Column,
@@ -99,19 +101,19 @@ def fetch_paged(
 _ROOM_COLUMNS = (
     Column("room_id", "ROOM"),
     Column("state", "STATE"),
-    Column("forgotten_at", "FORGOTTEN", format_ts, always=False),
-    Column("purge_due_at", "PURGE DUE", format_ts, always=False),
-    Column("purge_started_at", "PURGE STARTED", format_ts, always=False),
-    Column("purged_at", "PURGED", format_ts, always=False),
-    Column("cancelled_at", "CANCELLED", format_ts, always=False),
+    Column("forgotten_at", "FORGOTTEN", format_ts),
+    Column("purge_due_at", "PURGE DUE", format_ts),
+    Column("purge_started_at", "PURGE STARTED", format_ts),
+    Column("purged_at", "PURGED", format_ts),
+    Column("cancelled_at", "CANCELLED", format_ts),
     Column("updated_at", "UPDATED", format_ts),
-    Column("note", "NOTE", always=False),
+    Column("note", "NOTE"),
 )
 _HOLD_COLUMNS = (
     Column("room_id", "ROOM"),
     Column("held_by", "HELD BY"),
     Column("created_at", "SINCE", format_ts),
-    Column("reason", "REASON", always=False),
+    Column("reason", "REASON"),
 )
 _ABANDONED_COLUMNS = (Column("room_id", "ROOM"),)
 
@@ -122,9 +124,9 @@ _LOG_COLUMNS = (
     Column("outcome", "OUTCOME"),
     Column("user_id", "USER"),
     Column("room_id", "ROOM"),
-    Column("device_id", "DEVICE", always=False),
-    Column("event_id", "EVENT", always=False),
-    Column("reason", "REASON", always=False),
+    Column("device_id", "DEVICE"),
+    Column("event_id", "EVENT"),
+    Column("reason", "REASON"),
 )
 
 
@@ -205,7 +207,7 @@ def _audit_filters(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
-    """Show audit entries in seq order, as ``GET .../admin/audit`` does.
+    """Show audit entries in seq order, as GET .../admin/audit does.
 
     Args:
         db: The database.
@@ -217,29 +219,89 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
     """
     cur = db.cursor()
     filters = _audit_filters(args)
+    after, limit = args.after, args.limit
+    if args.newest:
+        after, limit = newest_start(db, filters, args.newest, args.after), args.newest
     entries = fetch_paged(
         lambda after, n: select_audit_txn(
             cur, after_seq=after, limit=n, paramstyle=db.paramstyle, **filters
         ),
         lambda e: e["seq"],
-        args.after,
-        args.limit,
+        after,
+        limit,
     )
-    more = bool(args.limit) and len(entries) == args.limit
-    if args.format == "json":
+    more = not args.newest and bool(limit) and len(entries) == limit
+    if args.format == "json" and not args.follow:
         result: Dict[str, Any] = {"entries": entries}
         if more:
             result["next_from"] = entries[-1]["seq"]
         write_json(sys.stdout, result)
     elif args.format == "csv":
         write_csv(sys.stdout, STORED_COLUMNS, entries)
+    elif args.format == "json":
+        _write_json_lines(entries)
     elif entries:
         print(render_table(_LOG_COLUMNS, entries))
-    else:
+    elif not args.follow:
         print("No audit entries match.")
-    if more and args.format != "json":
-        _warn(f"showing the first {args.limit}: continue with --from {entries[-1]['seq']}")
+    if more and args.format != "json" and not args.follow:
+        _warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
+    if args.follow:
+        _follow(db, filters, entries[-1]["seq"] if entries else _last_seq(db, after), args.format)
     return EXIT_OK
+
+
+# How often --follow looks for new entries.
+FOLLOW_INTERVAL = 1.0
+
+
+def _write_json_lines(entries: List[Dict[str, Any]]) -> None:
+    for entry in entries:
+        sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def _last_seq(db: Database, after: int) -> int:
+    """Where following starts when nothing matched yet: the newest entry so far."""
+    return max(after, _max_seq(db))
+
+
+def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -> None:
+    """Print matching entries as they are written, until interrupted.
+
+    Each poll ends the read transaction and starts a new one, to see new rows.
+    Tables are printed without a header after the first; CSV and JSON lines
+    continue the stream.
+    """
+    writer = csv.writer(sys.stdout, lineterminator="\n") if output == "csv" else None
+    while True:
+        sys.stdout.flush()
+        # A new read transaction, started before the wait so that none is held
+        # (nor any lock, on a SQLite database not in WAL mode) while waiting.
+        db.refresh()
+        time.sleep(FOLLOW_INTERVAL)
+        for page in _pages(db, filters, after):
+            if writer is not None:
+                for entry in page:
+                    writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
+            elif output == "json":
+                _write_json_lines(page)
+            else:
+                print(render_table(_LOG_COLUMNS, page, header=False))
+            after = page[-1]["seq"]
+
+
+def _pages(db: Database, filters: Mapping[str, Any], after: int) -> Iterator[List[Dict[str, Any]]]:
+    """The matching entries after ``after``, BATCH at a time (no empty page)."""
+    cur = db.cursor()
+    while True:
+        page = select_audit_txn(
+            cur, after_seq=after, limit=BATCH, paramstyle=db.paramstyle, **filters
+        )
+        if page:
+            yield page
+        if len(page) < BATCH:
+            return
+        after = page[-1]["seq"]
 
 
 def iter_audit(
@@ -399,9 +461,20 @@ def verify_database(
         # signatures that are valid JSON but not an object) is still tampering.
         seq = current["seq"] if isinstance(current["seq"], int) else result.checked + 1
         result = VerifyResult(
-            result.checked, result.head_hash, seq, f"the entry cannot be checked: {exc!r}"
+            result.checked,
+            result.head_hash,
+            seq,
+            f"the entry cannot be checked: {_one_line(str(exc)) or 'malformed'}",
         )
+    if result.problem is not None:
+        result = attr.evolve(result, problem=_plain_problem(result.problem))
     return result
+
+
+def _plain_problem(text: str) -> str:
+    """A problem in one line for an operator: no Python class names (signedjson's
+    messages carry ``<class 'nacl.exceptions.BadSignatureError'>``)."""
+    return _one_line(re.sub(r"<class '[\w.]+'>:?", "", text))
 
 
 def _entries(count: int, where: str = "") -> str:

@@ -1,14 +1,15 @@
 """Reading homeserver.yaml: the database settings, the signing keys, the module's holds."""
 
 import os
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Sequence, Tuple
 
 import attr
 import yaml
-from signedjson.key import decode_verify_key_bytes, get_verify_key, read_signing_keys
+from signedjson.key import get_verify_key
 from signedjson.types import VerifyKey
-from unpaddedbase64 import decode_base64
+from synapse.module_api.errors import ConfigError
 
+from matrix_leave_forget._synapse import main_database_from_config, signing_keys_from_config
 from matrix_leave_forget.audit import parse_old_signing_keys, verify_key_id
 from matrix_leave_forget.cli.errors import CliError, _one_line
 
@@ -112,57 +113,40 @@ def load_config(paths: Sequence[str]) -> HomeserverConfig:
     )
 
 
-def _mapping(value: Any, what: str) -> Dict[str, Any]:
-    """value as a mapping (None as an empty one), or a CliError naming ``what``."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise CliError(f"{what} must be a mapping")
-    return value
-
-
 def database_settings(config: HomeserverConfig) -> Tuple[str, Dict[str, Any]]:
     """The driver name and connection args of the database holding Synapse's main store.
 
-    Follows Synapse's rules: ``database``, else ``databases`` (the entry whose
-    ``data_stores`` include ``main``), else the legacy ``database_path``.
+    Synapse's own config section decides (``database``, ``databases`` with
+    ``data_stores``, ``database_path``), so the CLI reads the database Synapse uses.
 
     Args:
         config: The homeserver config.
 
     Returns:
-        The driver name (``sqlite3``, ``psycopg2``…) and its connection args.
+        The driver name (``sqlite3`` or ``psycopg2``) and its connection args.
 
     Raises:
-        CliError: if no database is configured or the section is malformed.
+        CliError: if no database is configured or Synapse would refuse the settings.
     """
     where = config.sources[-1]
-    values = config.values
-    section: Optional[Dict[str, Any]] = None
-    if values.get("databases"):
-        for label, candidate in _mapping(values["databases"], f"{where}: databases").items():
-            candidate = _mapping(candidate, f"{where}: databases.{label}")
-            if "main" in (candidate.get("data_stores") or ["main", "state"]):
-                section = candidate
-                break
-        if section is None:
-            raise CliError(f"{where}: no entry of 'databases' holds the main data store")
-    elif values.get("database"):
-        section = _mapping(values["database"], f"{where}: database")
-    elif values.get("database_path"):
-        section = {"name": "sqlite3", "args": {"database": values["database_path"]}}
-    else:
+    try:
+        found = main_database_from_config(dict(config.values))
+    except ConfigError as exc:
+        raise CliError(f"{where}: {_config_error(exc)}")
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        # Synapse's reader assumes the right shapes (a mapping per database).
+        raise CliError(f"{where}: the database settings are malformed ({_one_line(str(exc))})")
+    if found is None:
         raise CliError(f"{where}: no database is configured")
-    name = section.get("name", "sqlite3")
-    args = dict(_mapping(section.get("args"), f"{where}: database.args"))
-    return str(name), args
+    return found
 
 
 def server_verify_keys(config: HomeserverConfig) -> Dict[str, VerifyKey]:
     """The homeserver's verify keys: its signing keys' public halves and ``old_signing_keys``.
 
     Old keys matter after a key rotation: entries written before it carry
-    signatures by the old key. Paths are found as Synapse finds them.
+    signatures by the old key. Synapse's own key config reads them, so the
+    files and the default path are the ones Synapse uses.
 
     Args:
         config: The homeserver config.
@@ -173,34 +157,17 @@ def server_verify_keys(config: HomeserverConfig) -> Dict[str, VerifyKey]:
     Raises:
         CliError: if the key file is missing or unparseable.
     """
-    values = config.values
-    if "signing_key" in values:
-        lines = [str(values["signing_key"])]
-        where = "signing_key"
-    else:
-        path = values.get("signing_key_path") or os.path.join(
-            config.config_dir, f"{config.server_name}.signing.key"
-        )
-        path = os.path.abspath(str(path))
-        where = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [line for line in f.read().splitlines() if line.strip()]
-        except OSError as exc:
-            raise CliError(f"cannot read signing key {path}: {exc.strerror or exc}")
+    values = dict(config.values)
+    values.setdefault("server_name", config.server_name)
     try:
-        signing_keys = read_signing_keys(lines)
+        _, signing_keys, old = signing_keys_from_config(values, config.config_dir)
+    except ConfigError as exc:
+        raise CliError(f"cannot read signing key: {_config_error(exc)}")
     except Exception as exc:
-        raise CliError(f"cannot parse signing key {where}: {_one_line(str(exc))}")
-    if not signing_keys:
-        raise CliError(f"no signing key in {where}")
+        raise CliError(f"cannot parse signing key: {_one_line(str(exc))}")
     keys: Dict[str, VerifyKey] = {verify_key_id(k): get_verify_key(k) for k in signing_keys}
-    old = _mapping(values.get("old_signing_keys"), "old_signing_keys")
-    for key_id, data in old.items():
-        try:
-            keys.setdefault(key_id, decode_verify_key_bytes(key_id, decode_base64(data["key"])))
-        except Exception as exc:
-            raise CliError(f"old_signing_keys: cannot parse {key_id}: {_one_line(str(exc))}")
+    for key_id, key in old.items():
+        keys.setdefault(key_id, key)
     return keys
 
 
@@ -219,6 +186,12 @@ def server_key_expiry(config: HomeserverConfig) -> Dict[str, int]:
         raise CliError(_one_line(str(exc)))
 
 
+def _config_error(exc: ConfigError) -> str:
+    """A Synapse ConfigError in one line, with the key it names."""
+    path = ".".join(str(p) for p in (getattr(exc, "path", None) or ()))
+    return _one_line(f"{path}: {exc.msg}" if path else exc.msg)
+
+
 def configured_holds(config: HomeserverConfig) -> FrozenSet[str]:
     """Rooms held by the module's config (``retention.holds``); the admin API lists them too.
 
@@ -231,8 +204,6 @@ def configured_holds(config: HomeserverConfig) -> FrozenSet[str]:
     Raises:
         CliError: if the module's config is one the module itself would reject.
     """
-    from synapse.module_api.errors import ConfigError
-
     from matrix_leave_forget.config import parse_config
 
     modules = config.values.get("modules") or []

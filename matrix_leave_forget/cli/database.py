@@ -32,6 +32,14 @@ class Database:
         """A new DB-API cursor inside the run's one read transaction."""
         return self.conn.cursor()
 
+    def refresh(self) -> None:
+        """End the read transaction and start a new one, to see rows written since."""
+        if self.paramstyle == "?":  # SQLite, in explicit transactions
+            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN")
+        else:  # psycopg2 starts the next transaction with the next query
+            self.conn.rollback()
+
     def close(self) -> None:
         """Close the connection, ending the read transaction."""
         self.conn.close()
@@ -155,3 +163,24 @@ def _next_seq(db: Database, after: int) -> Optional[int]:
     )
     row = cur.fetchone()
     return int(row[0]) if row and row[0] is not None else None
+
+
+def newest_start(db: Database, filters: Mapping[str, Any], count: int, after: int) -> int:
+    """The seq to page from (exclusive) so that the page holds the newest ``count``
+    entries matching ``filters`` (select_audit_txn's keywords) after ``after``."""
+    clauses, args = ["seq > ?"], [after]
+    for column, op in (("user_id", "="), ("room_id", "="), ("ts", ">="), ("ts", "<")):
+        key = {"=": column, ">=": "since_ts", "<": "until_ts"}[op]
+        if filters.get(key) is not None:
+            clauses.append(f"{column} {op} ?")
+            args.append(filters[key])
+    cur = db.cursor()
+    cur.execute(
+        (
+            f"SELECT seq FROM leave_forget_audit WHERE {' AND '.join(clauses)} "
+            "ORDER BY seq DESC LIMIT 1 OFFSET ?"
+        ).replace("?", db.paramstyle),
+        (*args, count - 1),
+    )
+    row = cur.fetchone()
+    return int(row[0]) - 1 if row else after

@@ -1,7 +1,6 @@
 """Output: tables for people, CSV and JSON for scripts, progress on a terminal."""
 
 import csv
-import datetime
 import json
 import re
 import sys
@@ -11,6 +10,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 import attr
 
 from matrix_leave_forget.cli.errors import PROG
+from matrix_leave_forget.timestamps import iso8601
 
 # Terminal control characters and bidi overrides in user-supplied text (a
 # leave reason) could rewrite or disguise what the table shows.
@@ -31,10 +31,7 @@ def format_ts(ms: Any) -> str:
     Returns:
         For example ``2024-05-01T12:00:00.000Z``, or ``-`` for None.
     """
-    if ms is None:
-        return "-"
-    moment = datetime.datetime.fromtimestamp(int(ms) / 1000, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+    return iso8601(ms)
 
 
 def _text(value: Any) -> str:
@@ -50,33 +47,35 @@ class Column:
         key: The field it shows.
         header: Its heading.
         render: How a value reads in the table (JSON and CSV keep raw values).
-        always: Show it even when every row is empty (else it is dropped to
-            keep the table narrow).
     """
 
     key: str
     header: str
     render: Callable[[Any], str] = _text
-    always: bool = True
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> str:
+def render_table(
+    columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], header: bool = True
+) -> str:
     """An aligned plain-text table, one row per line.
 
+    Every column is always shown, an empty cell as ``-``, so that scripts
+    reading columns by position (awk, cut) and people comparing two runs see
+    the same columns whatever the rows hold.
+
     Args:
-        columns: The columns, in order; optional ones empty in every row are dropped.
+        columns: The columns, in order.
         rows: The rows, as mappings from column key to raw value.
+        header: Whether to start with the headings (``log --follow`` prints
+            later rows without them).
 
     Returns:
-        The table, header first, without a trailing newline.
+        The table, without a trailing newline.
     """
-    shown = [
-        c for c in columns if c.always or any(row.get(c.key) not in (None, "") for row in rows)
+    cells = ([[c.header for c in columns]] if header else []) + [
+        [c.render(row.get(c.key)) for c in columns] for row in rows
     ]
-    cells = [[c.header for c in shown]] + [
-        [c.render(row.get(c.key)) for c in shown] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in cells

@@ -19,6 +19,7 @@ with a message naming the Debian package to install (`nginx`, `caddy`).
 """
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -225,7 +226,7 @@ class NginxProcess(ProxyProcess):
 
 
 class CaddyProcess(ProxyProcess):
-    """Caddy with docs/proxy/Caddyfile imported after a global options block."""
+    """Caddy running docs/proxy/Caddyfile verbatim (but for the three addresses)."""
 
     NAME = "caddy"
     PACKAGE = "caddy"
@@ -240,12 +241,10 @@ class CaddyProcess(ProxyProcess):
         return env
 
     def prepare(self) -> List[str]:
-        site = os.path.join(self.workdir, "site.Caddyfile")
-        with open(site, "w") as f:
-            f.write(self.config)
+        # The shipped file as it is, global options included (admin off).
         main = os.path.join(self.workdir, "Caddyfile")
         with open(main, "w") as f:
-            f.write(f"{{\n\tadmin off\n\tauto_https off\n}}\n\nimport {site}\n")
+            f.write(self.config)
         return [self.binary, "run", "--config", main, "--adapter", "caddyfile"]
 
 
@@ -554,6 +553,22 @@ class CaddyTests(ProxyTestsMixin, SynapseTestCase):
     """docs/proxy/Caddyfile in a real Caddy (Debian package `caddy`)."""
 
     PROXY = CaddyProcess
+
+
+class CaddyAdminTests(SynchronousTestCase):
+    def test_shipped_caddyfile_turns_the_admin_api_off(self) -> None:
+        """Caddy's own reading of the shipped Caddyfile (caddy adapt) has its
+        admin API disabled: left on localhost:2019, any local process could
+        replace the routes and send leave and forget around the module."""
+        binary = find_binary(CaddyProcess.NAME, CaddyProcess.PACKAGE)
+        result = subprocess.run(
+            [binary, "adapt", "--config", os.path.join(PROXY_DOCS, "Caddyfile")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout).get("admin"), {"disabled": True})
 
 
 class DocsSnippetTests(SynchronousTestCase):

@@ -1,7 +1,8 @@
 """Unit tests of the module's config parsing (no Synapse process)."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import attr
 from synapse.module_api.errors import ConfigError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +13,7 @@ from matrix_leave_forget.config import (
     LeaveForgetConfig,
     RateLimitConfig,
     RetentionConfig,
+    describe_config,
     parse_config,
     parse_duration_ms,
 )
@@ -24,7 +26,7 @@ class ParseConfigDefaultsTests(SynchronousTestCase):
         config = LeaveForgetModule.parse_config({})
         self.assertEqual(config, LeaveForgetConfig())
         self.assertEqual(config.mount, MOUNT_INTERCEPT)
-        self.assertEqual(config.forget_rate_limit, RateLimitConfig(per_second=0.2, burst_count=10))
+        self.assertIsNone(config.forget_rate_limit)  # as Synapse: forget is not limited
         self.assertTrue(config.audit_failures)
         self.assertEqual(config.retention, RetentionConfig())
         self.assertIsNone(config.retention.period_ms)
@@ -240,3 +242,132 @@ class SynapseRefusesBadConfigTests(SynchronousTestCase):
         self.assertIn("Synapse exited", message)
         self.assertIn("mount", message)
         self.assertIn("matrix_leave_forget", message)
+
+
+class HostileConfigTests(SynchronousTestCase):
+    """Values a YAML file can hold that used to crash or slip through (issue 11)."""
+
+    def assert_refused(self, config: Any, path: Tuple[str, ...]) -> str:
+        with self.assertRaises(ConfigError, msg=repr(config)) as caught:
+            LeaveForgetModule.parse_config(config)
+        self.assertEqual(tuple(caught.exception.path or ()), path, caught.exception.msg)
+        return str(caught.exception.msg)
+
+    def test_non_string_keys(self) -> None:
+        """A non-string key ({1: 2}) is a ConfigError naming it, not a TypeError
+        from sorting it with the string keys; at every level."""
+        self.assertIn("keys must be strings", self.assert_refused({1: 2}, ("1",)))
+        self.assert_refused({"retention": {None: 1}}, ("retention", "None"))
+        self.assert_refused({"forget_rate_limit": {1.5: 1}}, ("forget_rate_limit", "1.5"))
+        self.assert_refused({"mount": "intercept", True: 1}, ("True",))
+
+    def test_non_finite_rate(self) -> None:
+        """per_second .nan / .inf / -.inf (YAML floats) are refused."""
+        for value in (float("nan"), float("inf"), float("-inf")):
+            msg = self.assert_refused(
+                {"forget_rate_limit": {"per_second": value}}, ("forget_rate_limit", "per_second")
+            )
+            self.assertIn("finite", msg)
+
+    def test_room_ids_with_whitespace_or_control_characters(self) -> None:
+        """Holds must be exact room ids: a trailing newline (which `$` let through),
+        inner whitespace, NUL and other control characters are refused."""
+        for room in ("!a:b\n", "!a:b ", "!a\x00:b", "!a:b\x7f", "!a\t:b", "!a:b\r"):
+            self.assert_refused({"retention": {"holds": [room]}}, ("retention", "holds", "0"))
+
+    def test_durations_too_long_to_be_a_due_time(self) -> None:
+        """A period whose due time cannot be represented (300000000y) is refused at
+        start-up with the key, instead of overflowing when the room is forgotten;
+        100 years is the longest accepted, for every duration key."""
+        for key in ("period", "sweep_interval"):
+            for value in ("300000000y", "101y", 10**30, "9" * 5000, "99999999999999999999999d"):
+                msg = self.assert_refused({"retention": {key: value}}, ("retention", key))
+                self.assertIn("100y", msg)
+            self.assertEqual(
+                parse_duration_ms("100y", ("x",)), 100 * 365 * 86_400_000, "the maximum itself"
+            )
+
+    def test_non_ascii_digits(self) -> None:
+        """Digits other than ASCII ones (which int() would take) are not durations."""
+        self.assert_refused({"retention": {"period": "٣d"}}, ("retention", "period"))
+
+
+class DescribeConfigTests(SynchronousTestCase):
+    def test_start_up_line_follows_the_attrs_fields(self) -> None:
+        """The start-up line is derived from the attrs config: every field, nested
+        sections dotted, *_ms as durations, sets as counts, None as off; a field
+        added to a config class shows up without touching describe_config."""
+        config = parse_config(
+            {
+                "forget_rate_limit": {"per_second": 0.5, "burst_count": 3},
+                "retention": {"period": 90_000, "holds": ["!a:b", "!c:d"], "dry_run": True},
+            }
+        )
+        tokens = describe_config(config).split()
+        expected = (
+            "mount=intercept forget_rate_limit.per_second=0.5 forget_rate_limit.burst_count=3 "
+            "audit_failures=true retention.period=90s retention.dry_run=true "
+            "retention.holds=2 retention.sweep_interval=1m"
+        ).split()
+        # Other keys (and sections) may stand between these, in field order.
+        self.assertEqual([t for t in tokens if t in expected], expected)
+        self.assertEqual(
+            {t.split("=")[0].split(".")[0] for t in tokens},
+            {f.name for f in attr.fields(type(config))},
+        )
+
+        @attr.s(frozen=True, auto_attribs=True)
+        class Extended:
+            history_guard: bool = True
+            wait_ms: Optional[int] = None
+
+        self.assertEqual(describe_config(Extended()), "history_guard=true wait=off")
+
+
+class ConfigFuzzTests(SynchronousTestCase):
+    def test_any_yaml_value_parses_or_names_the_key(self) -> None:
+        """Whatever a YAML file can hold, at any key the module knows, parse_config
+        returns a config or raises a ConfigError with a non-empty message; never
+        another exception (which Synapse would print as a traceback)."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        scalars = st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(min_value=-(10**40), max_value=10**40),
+            st.floats(),
+            st.text(max_size=12),
+            st.sampled_from(["7d", "off", "1ms", "300000000y", "!a:b", "!a:b\n", "listener"]),
+        )
+        values = st.recursive(
+            scalars,
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(
+                    st.one_of(st.text(max_size=8), st.integers()), children, max_size=3
+                )
+            ),
+            max_leaves=8,
+        )
+        keys = st.sampled_from(
+            ["mount", "forget_rate_limit", "audit_failures", "retention", "other", 1]
+        )
+        inner = st.sampled_from(
+            ["period", "dry_run", "holds", "sweep_interval", "per_second", "burst_count"]
+        )
+        configs = st.one_of(
+            values,
+            st.dictionaries(keys, values, max_size=4),
+            st.dictionaries(keys, st.dictionaries(inner, values, max_size=4), max_size=4),
+        )
+
+        @settings(max_examples=1500, derandomize=True, deadline=None, database=None)
+        @given(configs)
+        def check(config: Any) -> None:
+            try:
+                parse_config(config)
+            except ConfigError as error:
+                self.assertTrue(error.msg)
+
+        check()
