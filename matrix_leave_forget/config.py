@@ -65,12 +65,15 @@ class LeaveForgetConfig:
         forget_rate_limit: Per-user limit on forget, or None for no limit.
         audit_failures: Also record refused requests in the audit log.
         retention: The retention sweep settings.
+        history_guard: Keep the spec's history promises after leave and forget
+            on client read paths (docs/history.md); False leaves reads to Synapse.
     """
 
     mount: str = MOUNT_INTERCEPT
     forget_rate_limit: Optional[RateLimitConfig] = RateLimitConfig(per_second=0.2, burst_count=10)
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
+    history_guard: bool = True
 
 
 def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -182,7 +185,11 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         ConfigError: naming the first bad key.
     """
     section = _mapping(config, ())
-    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention"), "")
+    _check_keys(
+        section,
+        ("mount", "forget_rate_limit", "audit_failures", "retention", "history_guard"),
+        "",
+    )
     mount = section.get("mount", MOUNT_INTERCEPT)
     if mount not in MOUNT_MODES:
         raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))
@@ -196,4 +203,5 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         forget_rate_limit=forget_rate_limit,
         audit_failures=_bool(section, "audit_failures", True, ""),
         retention=_parse_retention(section.get("retention")),
+        history_guard=_bool(section, "history_guard", True, ""),
     )
