@@ -33,6 +33,9 @@ _ROOM_READ = re.compile(
     rb"(?P<endpoint>messages|context|event|relations|threads)(?:/[^/]+)*$"
 )
 _SYNC = re.compile(_CLIENT + rb"/sync$")
+# The legacy event stream and single-event read (no room id in the path).
+_EVENTS = re.compile(_CLIENT + rb"/events$")
+_LEGACY_EVENT = re.compile(_CLIENT + rb"/events/[^/]+$")
 _SLIDING_SYNC = re.compile(rb"^/_matrix/client/unstable/org\.matrix\.(?:simplified_)?msc3575/sync$")
 _NOTIFICATIONS = re.compile(_CLIENT + rb"/notifications$")
 _READS = (b"GET", b"HEAD")
@@ -47,6 +50,7 @@ NEVER_MEMBER: Dict[str, Tuple[int, str, str]] = {
     "threads": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
     "context": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
     "event": (404, "M_NOT_FOUND", "Event not found."),
+    "legacy_event": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
 }
 
 
@@ -54,7 +58,8 @@ NEVER_MEMBER: Dict[str, Tuple[int, str, str]] = {
 class Route:
     """A guarded read: its family, and for room paths the room and endpoint."""
 
-    kind: str  # "room", "sync", "sliding_sync" or "notifications"
+    # "room", "legacy_event", "sync", "events", "sliding_sync" or "notifications"
+    kind: str
     room_id: Optional[str] = None
     endpoint: Optional[str] = None
 
@@ -70,6 +75,10 @@ def classify(method: bytes, path: bytes) -> Optional[Route]:
             return Route("sync")
         if _NOTIFICATIONS.match(path):
             return Route("notifications")
+        if _EVENTS.match(path):
+            return Route("events")
+        if _LEGACY_EVENT.match(path):
+            return Route("legacy_event", endpoint="legacy_event")
     elif method == b"POST" and _SLIDING_SYNC.match(path):
         return Route("sliding_sync")
     return None
@@ -125,8 +134,15 @@ class HistoryGuard:
         if route.kind == "room":
             assert route.room_id is not None and route.endpoint is not None
             return await self._rooms.check(request, user_id, route.room_id, route.endpoint, body)
+        if route.kind == "legacy_event":
+            room_id = json.loads(body).get("room_id")
+            if not isinstance(room_id, str):
+                return None
+            return await self._rooms.check(request, user_id, room_id, "legacy_event", body)
         if route.kind == "sync":
             return await self._sync.check_sync(request, user_id, body)
+        if route.kind == "events":
+            return await self._sync.check_event_stream(user_id, body)
         if route.kind == "sliding_sync":
             return await self._sync.check_sliding_sync(request, user_id, body)
         return await self._sync.check_notifications(user_id, body)
@@ -205,10 +221,11 @@ class RoomReadGuard:
         if not later:
             return None
         forward = arg(request, b"dir") == "f"
-        if endpoint in ("event", "context") and data.get("event_id", _event_id(data)) in later:
+        single = endpoint in ("event", "legacy_event")
+        if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in later:
             status, errcode, error = NEVER_MEMBER[endpoint]
             return status, error_body(errcode, error)
-        if endpoint == "event":
+        if single:
             _scrub_aggregations(data, later)
             return 200, encode(data)
         dropped = False

@@ -179,6 +179,26 @@ class SyncGuard:
                 stub[key] = entry[key]
         return stub
 
+    async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
+        """The legacy /events stream: of a forgotten room only the user's departure passes."""
+        forgotten = await self._forgotten(user_id)
+        if not forgotten:
+            return None
+        data = json.loads(body)
+        chunk = data.get("chunk") if isinstance(data, dict) else None
+        if not isinstance(chunk, list):
+            return None
+        kept = [
+            e
+            for e in chunk
+            if not (isinstance(e, dict) and e.get("room_id") in forgotten)
+            or _departure_events([e], user_id)
+        ]
+        if len(kept) == len(chunk):
+            return None
+        data["chunk"] = kept
+        return 200, _encode(data)
+
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
         forgotten = await self._forgotten(user_id)

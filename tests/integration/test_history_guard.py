@@ -47,6 +47,7 @@ class Scene:
     departure: str  # bob's leave, kick or ban event
     pre_token: str  # a /messages token taken while bob was joined
     pos: Optional[str] = None  # bob_other's sliding-sync pos from before the messages
+    stream_from: str = ""  # bob's legacy /events token from before the messages
     after: str = ""  # a message sent after bob departed
     reply_after: str = ""  # a thread reply sent after bob departed
 
@@ -101,6 +102,7 @@ class HistoryGuardTestCase(SynapseTestCase):
         self.ok(self.hs.membership(bob, room_id, "join"), "join")
         since = self.ok(self.get(bob_other, "/_matrix/client/v3/sync?timeout=0"), "sync")
         pos = self.ok(self.sliding_sync(bob_other), "sliding").body["pos"] if sliding else None
+        stream = self.ok(self.get(bob, "/_matrix/client/v3/events?timeout=0"), "events")
         before = self.send(alice, room_id, f"before{n}")
         reply_before = self.send(alice, room_id, f"replybefore{n}", relates_to=before)
         pre_token = self.ok(self.messages(bob, room_id, "dir=b&limit=1"), "messages").body["start"]
@@ -122,6 +124,7 @@ class HistoryGuardTestCase(SynapseTestCase):
             departure,
             pre_token,
             pos,
+            stream.body["end"],
         )
         scene.after = self.send(alice, room_id, f"after{n}")
         scene.reply_after = self.send(alice, room_id, f"replyafter{n}", relates_to=before)
@@ -268,6 +271,18 @@ class AfterForgetTests(HistoryGuardTestCase):
         paths["raw !"] = f"/_matrix/client/v3/rooms/{room}/event/{before}"
         self.assert_like_never_member(s, paths)
         self.assert_like_never_member(s, {"HEAD event": paths["v3 event"]}, method="HEAD")
+
+    def test_legacy_event_read_and_event_stream(self) -> None:
+        """GET /events/{eventId} answers as to a never-member; /events keeps the departure only."""
+        s = self.scene("leave")
+        self.forget(s)
+        paths = {
+            f"{v} events": f"/_matrix/client/{v}/events/{q(s.before)}" for v in ("api/v1", "v3")
+        }
+        self.assert_like_never_member(s, paths)
+        stream = self.get(s.bob, f"/_matrix/client/v3/events?timeout=0&from={q(s.stream_from)}")
+        ids = self.ids([e for e in self.ok(stream, "events").body["chunk"] if "event_id" in e])
+        self.assertEqual(ids, [s.departure])
 
     def test_world_readable_room_stays_readable(self) -> None:
         """A world_readable room's history is readable by anyone, so after forget too."""
