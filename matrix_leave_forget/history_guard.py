@@ -20,6 +20,7 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget._synapse import run_in_request_context
 from matrix_leave_forget.departures import Departure, DepartureLookup
+from matrix_leave_forget.later_events import is_later, later_events, scrub_aggregations
 from matrix_leave_forget.sync_guard import SyncGuard
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ class HistoryGuard:
             assert route.room_id is not None and route.endpoint is not None
             return await self._rooms.check(request, user_id, route.room_id, route.endpoint, body)
         if route.kind == "legacy_event":
-            room_id = json.loads(body).get("room_id")
+            data = json.loads(body)
+            room_id = data.get("room_id") if isinstance(data, dict) else None
             if not isinstance(room_id, str):
                 return None
             return await self._rooms.check(request, user_id, room_id, "legacy_event", body)
@@ -226,16 +228,16 @@ class RoomReadGuard:
             status, errcode, error = NEVER_MEMBER[endpoint]
             return status, error_body(errcode, error)
         if single:
-            _scrub_aggregations(data, later)
+            scrub_aggregations(data, later)
             return 200, encode(data)
         dropped = False
         for key in ("chunk", "events_before", "events_after", "state"):
             if isinstance(data.get(key), list):
-                kept = [e for e in data[key] if not _is_later(e, later)]
+                kept = [e for e in data[key] if not is_later(e, later)]
                 dropped |= key != "state" and len(kept) != len(data[key])
                 data[key] = kept
         for event in _top_events(data):
-            _scrub_aggregations(event, later)
+            scrub_aggregations(event, later)
         # Forward paging past the departure would only find later events.
         if dropped and forward:
             data.pop("end", None)
@@ -244,9 +246,7 @@ class RoomReadGuard:
 
     async def _later_events(self, data: Dict[str, Any], departure: Departure) -> Set[str]:
         """The ids of the events in data (bundled ones too) sent after departure."""
-        ids = {i for event in _top_events(data) for i in _ids_with_bundled(event)}
-        positions = await self._lookup.stream_orderings(ids)
-        return {i for i, pos in positions.items() if pos > departure.stream_ordering}
+        return await later_events(self._lookup, _top_events(data), departure)
 
 
 def _event_id(data: Dict[str, Any]) -> Optional[str]:
@@ -265,55 +265,3 @@ def _top_events(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         if isinstance(data.get(key), list):
             events.extend(e for e in data[key] if isinstance(e, dict))
     return events
-
-
-def _bundled(event: Dict[str, Any]) -> Dict[str, Any]:
-    relations = (event.get("unsigned") or {}).get("m.relations")
-    return relations if isinstance(relations, dict) else {}
-
-
-def _ids_with_bundled(event: Dict[str, Any]) -> List[str]:
-    ids = [event["event_id"]] if isinstance(event.get("event_id"), str) else []
-    relations = _bundled(event)
-    thread = relations.get("m.thread")
-    if isinstance(thread, dict) and isinstance(thread.get("latest_event"), dict):
-        ids.extend(_ids_with_bundled(thread["latest_event"]))
-    replace = relations.get("m.replace")
-    if isinstance(replace, dict) and isinstance(replace.get("event_id"), str):
-        ids.append(replace["event_id"])
-    reference = relations.get("m.reference")
-    if isinstance(reference, dict) and isinstance(reference.get("chunk"), list):
-        ids.extend(
-            r["event_id"] for r in reference["chunk"] if isinstance(r, dict) and "event_id" in r
-        )
-    return ids
-
-
-def _is_later(event: Any, later: Set[str]) -> bool:
-    return isinstance(event, dict) and event.get("event_id") in later
-
-
-def _scrub_aggregations(event: Dict[str, Any], later: Set[str]) -> None:
-    """Drop bundled relations that were sent after the departure.
-
-    A thread summary whose latest reply is later is dropped whole: its count
-    and latest reply would both tell of later events.
-    """
-    relations = _bundled(event)
-    if not relations:
-        return
-    thread = relations.get("m.thread")
-    if isinstance(thread, dict) and any(
-        i in later for i in _ids_with_bundled(thread.get("latest_event") or {})
-    ):
-        del relations["m.thread"]
-    replace = relations.get("m.replace")
-    if isinstance(replace, dict) and replace.get("event_id") in later:
-        del relations["m.replace"]
-    reference = relations.get("m.reference")
-    if isinstance(reference, dict) and isinstance(reference.get("chunk"), list):
-        reference["chunk"] = [r for r in reference["chunk"] if not _is_later(r, later)]
-        if not reference["chunk"]:
-            del relations["m.reference"]
-    if not relations:
-        del event["unsigned"]["m.relations"]

@@ -10,9 +10,14 @@ import json
 from typing import AbstractSet, Any, Dict, List, Optional, Tuple
 
 from matrix_leave_forget.departures import DEPARTED, DepartureLookup
+from matrix_leave_forget.later_events import hide_later
 
 Replacement = Tuple[int, bytes]
 _MEMBER = "m.room.member"
+# Cheap tests on the encoded answer before parsing it (false positives only
+# cost a parse): a /sync "leave" section, and bundled relations.
+_LEAVE_SECTION = b'"leave":{'
+_BUNDLED = b'"m.relations"'
 
 
 def _encode(data: Any) -> bytes:
@@ -62,12 +67,15 @@ class SyncGuard:
         return await self._lookup.token_position(token) if token else None
 
     async def check_sync(self, request: Any, user_id: str, body: bytes) -> Optional[Replacement]:
-        """/sync v3: forgotten rooms leave every section.
+        """/sync v3: forgotten rooms leave every section; left rooms show nothing later.
 
-        A device whose ``since`` predates the departure gets the stub instead.
+        A device whose ``since`` predates the departure from a forgotten room gets
+        the stub instead. A room in ``leave`` that is not forgotten keeps Synapse's
+        timeline, which ends at the departure, but loses bundled relations sent later.
         """
         forgotten = await self._forgotten(user_id)
-        if not forgotten:
+        # Without forgotten rooms only a "leave" section can need a change.
+        if not forgotten and _LEAVE_SECTION not in body:
             return None
         data = json.loads(body)
         rooms = data.get("rooms") if isinstance(data, dict) else None
@@ -80,17 +88,35 @@ class SyncGuard:
             for room_id in entries
             if room_id in forgotten
         ]
-        if not hits:
+        changed = bool(hits)
+        if hits:
+            position = await self._position(_arg(request, b"since"))
+            for section, room_id in hits:
+                entry = rooms[section].pop(room_id)
+                if section == "leave" and await self._departed_since(user_id, room_id, position):
+                    rooms[section][room_id] = self._sync_stub(entry, user_id)
+        left = rooms.get("leave")
+        for room_id, entry in left.items() if isinstance(left, dict) else ():
+            if room_id not in forgotten and isinstance(entry, dict):
+                lists = [
+                    section["events"]
+                    for section in entry.values()
+                    if isinstance(section, dict) and isinstance(section.get("events"), list)
+                ]
+                changed |= await self._hide_later(user_id, room_id, lists)
+        if not changed:
             return None
-        position = await self._position(_arg(request, b"since"))
-        for section, room_id in hits:
-            entry = rooms[section].pop(room_id)
-            if section == "leave" and await self._departed_since(user_id, room_id, position):
-                rooms[section][room_id] = self._sync_stub(entry, user_id)
         for section in [s for s, entries in rooms.items() if entries == {}]:
             # Synapse leaves empty sections out.
             del rooms[section]
         return 200, _encode(data)
+
+    async def _hide_later(self, user_id: str, room_id: str, lists: List[List[Any]]) -> bool:
+        """Drop what was sent after user_id left room_id from lists (bundles included)."""
+        departure = await self._lookup.departure(user_id, room_id)
+        if departure is None or await self._lookup.world_readable(room_id):
+            return False
+        return await hide_later(self._lookup, lists, departure)
 
     @staticmethod
     def _sync_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
@@ -117,7 +143,8 @@ class SyncGuard:
     ) -> Optional[Replacement]:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
         forgotten = await self._forgotten(user_id)
-        if not forgotten:
+        # Without forgotten rooms only bundled relations can tell of later events.
+        if not forgotten and _BUNDLED not in body:
             return None
         data = json.loads(body)
         if not isinstance(data, dict):
@@ -138,7 +165,17 @@ class SyncGuard:
             for room_id in ext["rooms"]
         }
         hits = (set(rooms) | listed | extension_rooms) & set(forgotten)
-        if not hits:
+        changed = bool(hits)
+        # Rooms the user left but did not forget: nothing sent after the departure.
+        for room_id, entry in rooms.items():
+            if room_id not in hits and isinstance(entry, dict):
+                lists = [
+                    entry[key]
+                    for key in ("timeline", "required_state")
+                    if isinstance(entry.get(key), list)
+                ]
+                changed |= await self._hide_later(user_id, room_id, lists)
+        if not changed:
             return None
         position = await self._position(_arg(request, b"pos"))
         stubbed = set()

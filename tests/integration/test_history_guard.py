@@ -343,6 +343,22 @@ class SyncTests(HistoryGuardTestCase):
                     self.assert_departure_only(s, body["rooms"]["leave"][s.room_id])
                     self.assertNotIn(s.before, json.dumps(body))
 
+    def test_left_room_in_sync_tells_nothing_later(self) -> None:
+        """A left room in /sync (incremental, initial with include_leave) ends at the
+        departure, and its thread root no longer bundles the later reply."""
+        for kind in ("leave", "kick"):
+            with self.subTest(kind=kind):
+                s = self.scene(kind)
+                for body in (
+                    self.sync(s.bob_other, s.since),
+                    self.sync(s.bob, include_leave=True),
+                ):
+                    entry = body["rooms"]["leave"][s.room_id]
+                    self.assertEqual(entry["timeline"]["events"][-1]["event_id"], s.departure)
+                    self.assertIn(s.before, self.ids(entry["timeline"]["events"]))
+                    self.assertNotIn(s.reply_after, json.dumps(body))
+                    self.assertNotIn(s.after, json.dumps(body))
+
     def test_prev_batch_of_the_stub_is_refused(self) -> None:
         """Paginating back from the stub's prev_batch answers as to a never-member."""
         s = self.scene("leave")
@@ -401,6 +417,13 @@ class SyncTests(HistoryGuardTestCase):
         self.assertNotIn(s.before, json.dumps(body))
         fresh = self.ok(self.sliding_sync(s.bob), "fresh sliding sync").body
         self.assertNotIn(s.room_id, json.dumps(fresh))
+        # Left, not forgotten: the room up to the departure, no later thread reply.
+        left = self.scene("leave", sliding=True)
+        body = self.ok(self.sliding_sync(left.bob_other, left.pos), "left room").body
+        timeline = self.ids(body["rooms"][left.room_id]["timeline"])
+        self.assertEqual(timeline[-1], left.departure)
+        self.assertIn(left.before, timeline)
+        self.assertNotIn(left.reply_after, json.dumps(body))
 
     def test_never_left_user_sees_synapse_answers(self) -> None:
         """alice (never left) gets Synapse's answers: held back, changed in nothing."""
