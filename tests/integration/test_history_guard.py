@@ -12,6 +12,7 @@ import gzip
 import itertools
 import json
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Dict, List, Optional
 
 import attr
@@ -358,6 +359,23 @@ class SyncTests(HistoryGuardTestCase):
                     self.assertIn(s.before, self.ids(entry["timeline"]["events"]))
                     self.assertNotIn(s.reply_after, json.dumps(body))
                     self.assertNotIn(s.after, json.dumps(body))
+
+    def test_long_poll_with_a_forgotten_room(self) -> None:
+        """A long-polling /sync of a user with a forgotten room wakes on a new event and
+        carries it, without the forgotten room."""
+        s = self.scene("leave")
+        self.forget(s)
+        other = self.hs.create_room(s.alice, preset="private_chat")
+        self.ok(self.hs.membership(s.alice, other, "invite", {"user_id": s.bob.user_id}), "i")
+        self.ok(self.hs.membership(s.bob, other, "join"), "join")
+        since = self.sync(s.bob)["next_batch"]
+        with ThreadPoolExecutor(1) as pool:
+            path = f"/_matrix/client/v3/sync?timeout=20000&since={q(since)}"
+            polling = pool.submit(self.get, s.bob, path)
+            woke = self.send(s.alice, other, "wake")
+            body = self.ok(polling.result(timeout=30), "long poll").body
+        self.assertIn(woke, self.ids(body["rooms"]["join"][other]["timeline"]["events"]))
+        self.assertNotIn(s.room_id, json.dumps(body))
 
     def test_prev_batch_of_the_stub_is_refused(self) -> None:
         """Paginating back from the stub's prev_batch answers as to a never-member."""
