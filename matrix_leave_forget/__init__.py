@@ -14,7 +14,7 @@ from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import SynapseInternals
+from matrix_leave_forget._synapse import HistoryInternals, SynapseInternals
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.checkpoint import Checkpointer
 from matrix_leave_forget.config import (
@@ -23,7 +23,9 @@ from matrix_leave_forget.config import (
     describe_config,
     parse_config,
 )
+from matrix_leave_forget.departures import DepartureLookup
 from matrix_leave_forget.handler import MembershipHandler
+from matrix_leave_forget.history_guard import HistoryGuard
 from matrix_leave_forget.reconcile import Reconciler
 from matrix_leave_forget.resource import (
     ROOMS_PREFIXES,
@@ -82,10 +84,14 @@ class LeaveForgetModule:
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
         self._servlet = servlet
         self._intercept: Optional[InterceptingMatrixResource] = None
+        self._history_guard: Optional[HistoryGuard] = None
+        if config.history_guard and config.mount == MOUNT_INTERCEPT:
+            self._history_guard = HistoryGuard(api, DepartureLookup(api, HistoryInternals(api)))
         if config.mount == MOUNT_INTERCEPT:
             self._intercept = InterceptingMatrixResource(
                 servlet, self._internals.unrecognized_resource()
             )
+            self._intercept.guard_reads(self._history_guard)
             api.register_web_resource("/_matrix", self._intercept)
         else:
             for prefix in ROOMS_PREFIXES:
@@ -114,6 +120,14 @@ class LeaveForgetModule:
                 return
         else:
             self._check_listener()
+            if self._config.history_guard:
+                logger.warning(
+                    "history_guard cannot be kept with mount: listener: client reads "
+                    "(/sync, /messages, /context, /event, /notifications...) go from the "
+                    "reverse proxy to Synapse without passing the module, so a user who "
+                    "left or forgot a room can still read its history as Synapse allows "
+                    "(docs/history.md). Use mount: intercept to keep it."
+                )
         try:
             version = await self.store.setup()
         except Exception as exc:
@@ -169,6 +183,7 @@ class LeaveForgetModule:
             if node is intercept or not isinstance(node, MatrixNode):
                 problems.append(f"a listener serves the client API through {node!r}")
             else:
+                node.guard_reads(self._history_guard)
                 intercepted += 1
         logger.info("Intercepting leave and forget on %d client listener(s)", intercepted)
         return problems

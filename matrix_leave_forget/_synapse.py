@@ -11,10 +11,12 @@ import os
 import sys
 from typing import (
     TYPE_CHECKING,
+    AbstractSet,
     Any,
     Awaitable,
     Callable,
     Dict,
+    Iterable,
     List,
     Optional,
     Sequence,
@@ -50,12 +52,16 @@ from synapse.http.server import UnrecognizedRequestResource
 # Why: the audit log's group commit wakes callers that wait in other requests'
 # logcontexts; Synapse's rules say to fire their deferreds in the sentinel
 # context, and ModuleApi exposes no way to enter it.
-from synapse.logging.context import PreserveLoggingContext
+from synapse.logging.context import PreserveLoggingContext, run_in_background
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 
 # Why: PUT /leave/{txnId} must replay like Synapse's servlets do (same key:
 # path + user + device), and ModuleApi exposes no transaction cache.
 from synapse.rest.client.transactions import HttpTransactionCache
+
+# Why: /sync ``since`` and sliding-sync ``pos`` are Synapse's own stream
+# tokens; the history guard compares them with a departure's position.
+from synapse.types import StreamToken
 from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -564,3 +570,99 @@ def signing_keys_from_config(
         keys = section.read_signing_keys(where, "signing_key")
     old = section.read_old_signing_keys(values.get("old_signing_keys"))
     return where, list(keys), dict(old)
+
+
+# ---------------------------------------------------------------------------
+# History guard (issue 9): what the read-path guards need from Synapse.
+# ---------------------------------------------------------------------------
+
+
+class HistoryInternals:
+    """Synapse's cached membership lookups and token parsing, for the history guard.
+
+    Args:
+        api: The module API handed to the module by Synapse.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        # Why: ModuleApi exposes neither the main datastore's cached membership
+        # queries nor stream tokens; they hang off the HomeServer object.
+        self._hs: HomeServer = api._hs
+        # Any: mypy sees Synapse's @cached methods as unbound descriptors.
+        self._store: Any = self._hs.get_datastores().main
+
+    async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
+        """The rooms user_id is joined to.
+
+        Why: Synapse's ``get_rooms_for_user`` is cached per user and kept
+        current by its own invalidation; ModuleApi only offers an uncached query.
+        """
+        rooms: AbstractSet[str] = await self._store.get_rooms_for_user(user_id)
+        return rooms
+
+    async def forgotten_rooms(self, user_id: str) -> AbstractSet[str]:
+        """The rooms user_id has forgotten (and not rejoined since).
+
+        Why: Synapse's ``get_forgotten_rooms_for_user`` is cached per user and
+        invalidated by forget and by every membership change; no ModuleApi equivalent.
+        """
+        rooms: AbstractSet[str] = await self._store.get_forgotten_rooms_for_user(user_id)
+        return rooms
+
+    async def local_membership(
+        self, user_id: str, room_id: str
+    ) -> Tuple[Optional[str], Optional[str]]:
+        """A local user's current membership in room_id and its event id (None, None if none).
+
+        Why: ModuleApi has no single-row lookup of local_current_membership.
+        """
+        membership, event_id = await self._store.get_local_current_membership_for_user_in_room(
+            user_id, room_id
+        )
+        return membership, event_id
+
+    async def stream_orderings(self, event_ids: Iterable[str]) -> Dict[str, int]:
+        """Each known event's position in the room event stream (outliers left out).
+
+        Why: the position is internal metadata, not part of the client event;
+        Synapse's event cache answers this without a query for recent events.
+        """
+        events = await self._store.get_events(list(set(event_ids)), allow_rejected=True)
+        positions: Dict[str, int] = {}
+        for event_id, event in events.items():
+            ordering = event.internal_metadata.stream_ordering
+            if ordering is not None and not event.internal_metadata.is_outlier():
+                positions[event_id] = int(ordering)
+        return positions
+
+    async def token_position(self, token: str) -> Optional[int]:
+        """The room-stream position of a /sync ``since`` or a sliding-sync ``pos``.
+
+        Returns None when the token cannot be parsed (Synapse answers it with an error).
+
+        Why: sync tokens are Synapse's internal StreamToken format, and its own
+        parser resolves multi-writer positions.
+        """
+        # Sliding sync positions are "<connection position>/<stream token>".
+        stream_token = token.split("/", 1)[1] if "/" in token else token
+        try:
+            parsed = await StreamToken.from_string(self._store, stream_token)
+        except Exception:
+            return None
+        return int(parsed.room_key.stream)
+
+
+def run_in_request_context(request: Any, func: Callable[[], Awaitable[None]]) -> None:
+    """Run func in request's logging context, as the code that handles request does.
+
+    Why: the history guard releases a response from ``request.finish``, which
+    Synapse may call from the reactor (its byte producer) outside the request's
+    logcontext; database lookups must run inside one, and ModuleApi exposes
+    neither the request's logcontext nor a way to enter it.
+    """
+    context = getattr(request, "logcontext", None)
+    if context is None:
+        run_in_background(func)
+        return
+    with PreserveLoggingContext(context):
+        run_in_background(func)

@@ -97,6 +97,8 @@ class LeaveForgetConfig:
             retry a 429 on forget).
         audit_failures: Also record refused requests in the audit log.
         retention: The retention sweep settings.
+        history_guard: Keep the spec's history promises after leave and forget
+            on client read paths (docs/history.md); False leaves reads to Synapse.
     """
 
     mount: str = MOUNT_INTERCEPT
@@ -104,6 +106,7 @@ class LeaveForgetConfig:
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
+    history_guard: bool = True
 
 
 def _check_keys(section: Mapping[Any, Any], allowed: Iterable[str], path: str) -> None:
@@ -272,7 +275,11 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         ConfigError: naming the first bad key.
     """
     section = _mapping(config, ())
-    _check_keys(section, ("mount", "forget_rate_limit", "audit_failures", "retention", "audit"), "")
+    _check_keys(
+        section,
+        ("mount", "forget_rate_limit", "audit_failures", "retention", "audit", "history_guard"),
+        "",
+    )
     mount = section.get("mount", MOUNT_INTERCEPT)
     if mount not in MOUNT_MODES:
         raise ConfigError(f"must be one of {', '.join(MOUNT_MODES)}", ("mount",))
@@ -287,6 +294,7 @@ def parse_config(config: Any) -> LeaveForgetConfig:
         audit_failures=_bool(section, "audit_failures", True, ""),
         retention=_parse_retention(section.get("retention")),
         audit=_parse_audit(section.get("audit")),
+        history_guard=_bool(section, "history_guard", True, ""),
     )
 
 

@@ -34,6 +34,7 @@ from matrix_leave_forget.handler import MembershipHandler, client_errcode
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
+    from matrix_leave_forget.history_guard import HistoryGuard
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ class LeaveForgetServlet(DirectServeJsonResource):
 class MatrixNode(Resource):
     """One listener's ``/_matrix`` node: leave and forget go to the servlet, the rest passes.
 
+    With a history guard set (:meth:`guard_reads`), the answers to the client
+    reads it guards are checked on their way out (docs/history.md).
+
     Args:
         servlet: The leave/forget servlet.
         unrecognized: What Synapse serves for unknown children (404 M_UNRECOGNIZED).
@@ -167,8 +171,13 @@ class MatrixNode(Resource):
         super().__init__()
         self._servlet = servlet
         self._unrecognized = unrecognized
+        self._history_guard: Optional[HistoryGuard] = None
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
+
+    def guard_reads(self, guard: Optional["HistoryGuard"]) -> None:
+        """Check the answers to guarded client reads with guard (None: pass them untouched)."""
+        self._history_guard = guard
 
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
         if path == b"client" and b"client" in self.children and request.method in (b"POST", b"PUT"):
@@ -178,6 +187,8 @@ class MatrixNode(Resource):
                 match = None
             if match is not None and _is_served_shape(request.method, match.group("txn_id")):
                 return self._servlet
+        if path == b"client" and self._history_guard is not None and b"client" in self.children:
+            self._history_guard.watch(request)
         child = self.children.get(path)
         return child if child is not None else self._unrecognized
 

@@ -1,0 +1,267 @@
+"""The history guard: keeps the spec's leave and forget promises on client read paths.
+
+In ``mount: intercept`` every client request passes the module's ``/_matrix``
+node. For the read paths listed in :func:`classify` the node lets Synapse
+answer as usual but holds the answer back (:func:`capture`); when Synapse
+finishes it, the guard checks it against the user's departures and releases it
+unchanged (the usual case, byte for byte), sanitised, or replaced by what
+Synapse answers a user who was never in the room. Filtering the answer on its
+way out also covers answers Synapse serves from its caches (see docs/history.md).
+"""
+
+import json
+import logging
+import re
+import urllib.parse
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
+
+import attr
+from synapse.module_api import ModuleApi
+
+from matrix_leave_forget._synapse import run_in_request_context
+from matrix_leave_forget.departures import Departure, DepartureLookup
+from matrix_leave_forget.later_events import is_later, later_events, scrub_aggregations
+from matrix_leave_forget.sync_guard import SyncGuard
+
+logger = logging.getLogger(__name__)
+
+# What the guard sends instead of Synapse's answer: (status, body).
+Replacement = Tuple[int, bytes]
+
+_CLIENT = rb"^/_matrix/client/(?:api/v1|r0|v1|v3|unstable(?:/[^/]+)?)"
+_ROOM_READ = re.compile(
+    _CLIENT + rb"/rooms/(?P<room_id>[^/]+)/"
+    rb"(?P<endpoint>messages|context|event|relations|threads)(?:/[^/]+)*$"
+)
+_SYNC = re.compile(_CLIENT + rb"/sync$")
+# The legacy event stream and single-event read (no room id in the path).
+_EVENTS = re.compile(_CLIENT + rb"/events$")
+_LEGACY_EVENT = re.compile(_CLIENT + rb"/events/[^/]+$")
+_SLIDING_SYNC = re.compile(rb"^/_matrix/client/unstable/org\.matrix\.(?:simplified_)?msc3575/sync$")
+_NOTIFICATIONS = re.compile(_CLIENT + rb"/notifications$")
+_READS = (b"GET", b"HEAD")
+
+_NOT_IN_ROOM = "User {user_id} not in room {room_id}, and room previews are disabled"
+# What Synapse 1.163.2 answers a user who was never in a (non world_readable)
+# room on each guarded room path (measured; tests/integration/test_history_guard.py
+# compares them with a live never-member on every run).
+NEVER_MEMBER: Dict[str, Tuple[int, str, str]] = {
+    "messages": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
+    "relations": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
+    "threads": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
+    "context": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
+    "event": (404, "M_NOT_FOUND", "Event not found."),
+    "legacy_event": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
+}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Route:
+    """A guarded read: its family, and for room paths the room and endpoint."""
+
+    # "room", "legacy_event", "sync", "events", "sliding_sync" or "notifications"
+    kind: str
+    room_id: Optional[str] = None
+    endpoint: Optional[str] = None
+
+
+def classify(method: bytes, path: bytes) -> Optional[Route]:
+    """The guarded read that method and raw path are, or None for any other request."""
+    if method in _READS:
+        match = _ROOM_READ.match(path)
+        if match is not None:
+            room_id = urllib.parse.unquote(match.group("room_id").decode("ascii", "replace"))
+            return Route("room", room_id, match.group("endpoint").decode())
+        if _SYNC.match(path):
+            return Route("sync")
+        if _NOTIFICATIONS.match(path):
+            return Route("notifications")
+        if _EVENTS.match(path):
+            return Route("events")
+        if _LEGACY_EVENT.match(path):
+            return Route("legacy_event", endpoint="legacy_event")
+    elif method == b"POST" and _SLIDING_SYNC.match(path):
+        return Route("sliding_sync")
+    return None
+
+
+def error_body(errcode: str, error: str) -> bytes:
+    """A Matrix error body, encoded as Synapse encodes one."""
+    return json.dumps(
+        {"errcode": errcode, "error": error}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def encode(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def arg(request: Any, name: bytes) -> Optional[str]:
+    values = (getattr(request, "args", None) or {}).get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class HistoryGuard:
+    """Routes each guarded read's answer to the check of its family.
+
+    Args:
+        api: The module API.
+        lookup: The departure lookups.
+    """
+
+    def __init__(self, api: ModuleApi, lookup: DepartureLookup) -> None:
+        self._api = api
+        self._lookup = lookup
+        self._rooms = RoomReadGuard(lookup)
+        self._sync = SyncGuard(lookup)
+
+    def watch(self, request: Any) -> None:
+        """Hold back the answer to request if it is a guarded read."""
+        try:
+            route = classify(request.method, request.path)
+        except (AttributeError, TypeError):
+            return
+        if route is not None:
+            capture(request, lambda code, body: self._check(request, route, code, body))
+
+    async def _check(
+        self, request: Any, route: Route, code: int, body: bytes
+    ) -> Optional[Replacement]:
+        requester = getattr(request, "requester", None)
+        # Only successful answers can carry history; errors pass as they are.
+        if requester is None or code != 200 or not body:
+            return None
+        user_id = requester.user.to_string()
+        if route.kind == "room":
+            assert route.room_id is not None and route.endpoint is not None
+            return await self._rooms.check(request, user_id, route.room_id, route.endpoint, body)
+        if route.kind == "legacy_event":
+            data = json.loads(body)
+            room_id = data.get("room_id") if isinstance(data, dict) else None
+            if not isinstance(room_id, str):
+                return None
+            return await self._rooms.check(request, user_id, room_id, "legacy_event", body)
+        if route.kind == "sync":
+            return await self._sync.check_sync(request, user_id, body)
+        if route.kind == "events":
+            return await self._sync.check_event_stream(user_id, body)
+        if route.kind == "sliding_sync":
+            return await self._sync.check_sliding_sync(request, user_id, body)
+        return await self._sync.check_notifications(user_id, body)
+
+
+def capture(request: Any, check: Callable[[int, bytes], Awaitable[Optional[Replacement]]]) -> None:
+    """Hold back what Synapse writes to request until check has seen it.
+
+    Synapse writes a JSON answer at once or through a producer in chunks, then
+    calls ``finish``; nothing reaches the transport (headers included) until
+    ``finish``, so the status and Content-Length can still change. The
+    listener's gzip encoder, if any, sits below ``write`` and still applies.
+    """
+    chunks: List[bytes] = []
+
+    def write(data: bytes) -> None:
+        chunks.append(data)
+
+    def finish() -> None:
+        # Back to the class's own methods for the real write and finish.
+        del request.write
+        del request.finish
+        run_in_request_context(request, lambda: _release(request, b"".join(chunks), check))
+
+    request.write = write
+    request.finish = finish
+
+
+async def _release(
+    request: Any, body: bytes, check: Callable[[int, bytes], Awaitable[Optional[Replacement]]]
+) -> None:
+    try:
+        replacement = await check(request.code, body)
+    except Exception:
+        # Fail closed: an answer that could not be checked is not sent.
+        logger.exception("History guard could not check %r", request)
+        replacement = (500, error_body("M_UNKNOWN", "Internal server error"))
+    if replacement is not None:
+        code, body = replacement
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    if getattr(request, "_disconnected", False):
+        return
+    try:
+        if body:
+            request.write(body)
+        request.finish()
+    except RuntimeError as exc:  # the connection went away meanwhile
+        logger.info("Connection closed before the response was written: %r", exc)
+
+
+class RoomReadGuard:
+    """/messages, /context, /event, /relations and /threads of one room.
+
+    After forget the answer is what a never-member gets; after leave, kick or
+    ban (not forgotten), events sent after the departure are left out.
+    """
+
+    def __init__(self, lookup: DepartureLookup) -> None:
+        self._lookup = lookup
+
+    async def check(
+        self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
+    ) -> Optional[Replacement]:
+        departure = await self._lookup.departure(user_id, room_id)
+        if departure is None or await self._lookup.world_readable(room_id):
+            return None
+        if departure.forgotten:
+            status, errcode, error = NEVER_MEMBER[endpoint]
+            return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            return None
+        later = await self._later_events(data, departure)
+        if not later:
+            return None
+        forward = arg(request, b"dir") == "f"
+        single = endpoint in ("event", "legacy_event")
+        if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in later:
+            status, errcode, error = NEVER_MEMBER[endpoint]
+            return status, error_body(errcode, error)
+        if single:
+            scrub_aggregations(data, later)
+            return 200, encode(data)
+        dropped = False
+        for key in ("chunk", "events_before", "events_after", "state"):
+            if isinstance(data.get(key), list):
+                kept = [e for e in data[key] if not is_later(e, later)]
+                dropped |= key != "state" and len(kept) != len(data[key])
+                data[key] = kept
+        for event in _top_events(data):
+            scrub_aggregations(event, later)
+        # Forward paging past the departure would only find later events.
+        if dropped and forward:
+            data.pop("end", None)
+            data.pop("next_batch", None)
+        return 200, encode(data)
+
+    async def _later_events(self, data: Dict[str, Any], departure: Departure) -> Set[str]:
+        """The ids of the events in data (bundled ones too) sent after departure."""
+        return await later_events(self._lookup, _top_events(data), departure)
+
+
+def _event_id(data: Dict[str, Any]) -> Optional[str]:
+    event = data.get("event")
+    return event.get("event_id") if isinstance(event, dict) else None
+
+
+def _top_events(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    events: List[Dict[str, Any]] = []
+    if "event_id" in data and "type" in data:
+        events.append(data)
+    for key in ("event", "original_event"):
+        if isinstance(data.get(key), dict):
+            events.append(data[key])
+    for key in ("chunk", "events_before", "events_after", "state"):
+        if isinstance(data.get(key), list):
+            events.extend(e for e in data[key] if isinstance(e, dict))
+    return events

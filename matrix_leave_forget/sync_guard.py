@@ -1,0 +1,254 @@
+"""The history guard's checks for answers that span rooms: /sync, sliding sync, /notifications.
+
+Forgotten rooms are taken out of the answer. A device whose ``since``/``pos``
+predates the user's departure still gets the room once, reduced to the user's
+own departure event, so that it stops showing the user as joined
+(docs/history.md, "Other devices").
+"""
+
+import json
+from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+
+from matrix_leave_forget.departures import DEPARTED, DepartureLookup
+from matrix_leave_forget.later_events import hide_later
+
+Replacement = Tuple[int, bytes]
+_MEMBER = "m.room.member"
+# Cheap tests on the encoded answer before parsing it (false positives only
+# cost a parse): a /sync "leave" section, and bundled relations.
+_LEAVE_SECTION = b'"leave":{'
+_BUNDLED = b'"m.relations"'
+
+
+def _encode(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _arg(request: Any, name: bytes) -> Optional[str]:
+    values = (getattr(request, "args", None) or {}).get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _departure_events(events: Any, user_id: str) -> List[Dict[str, Any]]:
+    """The user's own leave/kick/ban membership events among events, in order."""
+    if not isinstance(events, list):
+        return []
+    return [
+        e
+        for e in events
+        if isinstance(e, dict)
+        and e.get("type") == _MEMBER
+        and e.get("state_key") == user_id
+        and (e.get("content") or {}).get("membership") in DEPARTED
+    ]
+
+
+class SyncGuard:
+    """Takes forgotten rooms out of /sync, sliding sync and /notifications answers.
+
+    Args:
+        lookup: The departure lookups.
+    """
+
+    def __init__(self, lookup: DepartureLookup) -> None:
+        self._lookup = lookup
+
+    async def _forgotten(self, user_id: str) -> AbstractSet[str]:
+        return await self._lookup.forgotten_rooms(user_id)
+
+    async def _departed_since(self, user_id: str, room_id: str, position: Optional[int]) -> bool:
+        """Whether the user left room_id after the sync position (their device missed it)."""
+        if position is None:
+            return False
+        departure = await self._lookup.departure(user_id, room_id)
+        return departure is not None and departure.stream_ordering > position
+
+    async def _position(self, token: Optional[str]) -> Optional[int]:
+        return await self._lookup.token_position(token) if token else None
+
+    async def check_sync(self, request: Any, user_id: str, body: bytes) -> Optional[Replacement]:
+        """/sync v3: forgotten rooms leave every section; left rooms show nothing later.
+
+        A device whose ``since`` predates the departure from a forgotten room gets
+        the stub instead. A room in ``leave`` that is not forgotten keeps Synapse's
+        timeline, which ends at the departure, but loses bundled relations sent later.
+        """
+        forgotten = await self._forgotten(user_id)
+        # Without forgotten rooms only a "leave" section can need a change.
+        if not forgotten and _LEAVE_SECTION not in body:
+            return None
+        data = json.loads(body)
+        rooms = data.get("rooms") if isinstance(data, dict) else None
+        if not isinstance(rooms, dict):
+            return None
+        hits = [
+            (section, room_id)
+            for section, entries in rooms.items()
+            if isinstance(entries, dict)
+            for room_id in entries
+            if room_id in forgotten
+        ]
+        changed = bool(hits)
+        if hits:
+            position = await self._position(_arg(request, b"since"))
+            for section, room_id in hits:
+                entry = rooms[section].pop(room_id)
+                if section == "leave" and await self._departed_since(user_id, room_id, position):
+                    rooms[section][room_id] = self._sync_stub(entry, user_id)
+        left = rooms.get("leave")
+        for room_id, entry in left.items() if isinstance(left, dict) else ():
+            if room_id not in forgotten and isinstance(entry, dict):
+                lists = [
+                    section["events"]
+                    for section in entry.values()
+                    if isinstance(section, dict) and isinstance(section.get("events"), list)
+                ]
+                changed |= await self._hide_later(user_id, room_id, lists)
+        if not changed:
+            return None
+        for section in [s for s, entries in rooms.items() if entries == {}]:
+            # Synapse leaves empty sections out.
+            del rooms[section]
+        return 200, _encode(data)
+
+    async def _hide_later(self, user_id: str, room_id: str, lists: List[List[Any]]) -> bool:
+        """Drop what was sent after user_id left room_id from lists (bundles included)."""
+        departure = await self._lookup.departure(user_id, room_id)
+        if departure is None or await self._lookup.world_readable(room_id):
+            return False
+        return await hide_later(self._lookup, lists, departure)
+
+    @staticmethod
+    def _sync_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
+        """The room as a device that missed the departure gets it: the departure event only."""
+        timeline: Dict[str, Any] = (
+            entry["timeline"] if isinstance(entry.get("timeline"), dict) else {}
+        )
+        state: Dict[str, Any] = entry["state"] if isinstance(entry.get("state"), dict) else {}
+        found = _departure_events(timeline.get("events"), user_id) or _departure_events(
+            state.get("events"), user_id
+        )
+        stub: Dict[str, Any] = {}
+        for key, value in entry.items():
+            if key == "timeline":
+                stub[key] = {"events": found[-1:], "limited": True}
+                if "prev_batch" in timeline:
+                    stub[key]["prev_batch"] = timeline["prev_batch"]
+            elif isinstance(value, dict) and "events" in value:
+                stub[key] = {"events": []}
+        return stub
+
+    async def check_sliding_sync(
+        self, request: Any, user_id: str, body: bytes
+    ) -> Optional[Replacement]:
+        """Simplified sliding sync: the same rule as /sync, in its shapes."""
+        forgotten = await self._forgotten(user_id)
+        # Without forgotten rooms only bundled relations can tell of later events.
+        if not forgotten and _BUNDLED not in body:
+            return None
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            return None
+        rooms: Dict[str, Any] = data["rooms"] if isinstance(data.get("rooms"), dict) else {}
+        listed = {
+            room_id
+            for entry in (data.get("lists") or {}).values()
+            if isinstance(entry, dict)
+            for op in entry.get("ops") or []
+            if isinstance(op, dict)
+            for room_id in op.get("room_ids") or []
+        }
+        extension_rooms = {
+            room_id
+            for ext in (data.get("extensions") or {}).values()
+            if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict)
+            for room_id in ext["rooms"]
+        }
+        hits = (set(rooms) | listed | extension_rooms) & set(forgotten)
+        changed = bool(hits)
+        # Rooms the user left but did not forget: nothing sent after the departure.
+        for room_id, entry in rooms.items():
+            if room_id not in hits and isinstance(entry, dict):
+                lists = [
+                    entry[key]
+                    for key in ("timeline", "required_state")
+                    if isinstance(entry.get(key), list)
+                ]
+                changed |= await self._hide_later(user_id, room_id, lists)
+        if not changed:
+            return None
+        position = await self._position(_arg(request, b"pos"))
+        stubbed = set()
+        for room_id in hits:
+            entry = rooms.pop(room_id, None)
+            if entry is not None and await self._departed_since(user_id, room_id, position):
+                rooms[room_id] = self._sliding_stub(entry, user_id)
+                stubbed.add(room_id)
+        dropped = hits - stubbed
+        for entry in (data.get("lists") or {}).values():
+            if not isinstance(entry, dict):
+                continue
+            removed = 0
+            for op in entry.get("ops") or []:
+                if isinstance(op, dict) and isinstance(op.get("room_ids"), list):
+                    kept = [r for r in op["room_ids"] if r not in dropped]
+                    removed += len(op["room_ids"]) - len(kept)
+                    op["room_ids"] = kept
+            if removed and isinstance(entry.get("count"), int):
+                entry["count"] = max(0, entry["count"] - removed)
+        for ext in (data.get("extensions") or {}).values():
+            if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict):
+                for room_id in hits:
+                    ext["rooms"].pop(room_id, None)
+        return 200, _encode(data)
+
+    @staticmethod
+    def _sliding_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
+        """The departure event in the timeline and as the only required state; no room details."""
+        found = _departure_events(entry.get("timeline"), user_id) or _departure_events(
+            entry.get("required_state"), user_id
+        )
+        stub: Dict[str, Any] = {"timeline": found[-1:], "limited": True}
+        if "required_state" in entry:
+            stub["required_state"] = _departure_events(entry.get("required_state"), user_id)[-1:]
+        for key in ("initial", "prev_batch", "membership"):
+            if key in entry:
+                stub[key] = entry[key]
+        return stub
+
+    async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
+        """The legacy /events stream: of a forgotten room only the user's departure passes."""
+        forgotten = await self._forgotten(user_id)
+        if not forgotten:
+            return None
+        data = json.loads(body)
+        chunk = data.get("chunk") if isinstance(data, dict) else None
+        if not isinstance(chunk, list):
+            return None
+        kept = [
+            e
+            for e in chunk
+            if not (isinstance(e, dict) and e.get("room_id") in forgotten)
+            or _departure_events([e], user_id)
+        ]
+        if len(kept) == len(chunk):
+            return None
+        data["chunk"] = kept
+        return 200, _encode(data)
+
+    async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
+        """/notifications: forgotten rooms' notifications are left out."""
+        forgotten = await self._forgotten(user_id)
+        if not forgotten:
+            return None
+        data = json.loads(body)
+        notifications = data.get("notifications") if isinstance(data, dict) else None
+        if not isinstance(notifications, list):
+            return None
+        kept = [
+            n for n in notifications if not (isinstance(n, dict) and n.get("room_id") in forgotten)
+        ]
+        if len(kept) == len(notifications):
+            return None
+        data["notifications"] = kept
+        return 200, _encode(data)
