@@ -568,6 +568,71 @@ class RetentionStore:
 
         return await self._api.run_db_interaction("leave_forget_count_due_held", txn_fn)
 
+    async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> Dict[str, int]:
+        """What retention has to do: one transaction, three index ranges.
+
+        Returns:
+            ``due``: rooms due now and not held (the backlog); ``held``: due
+            rooms a hold keeps; ``waiting``: forgotten rooms not yet due;
+            ``in_flight``: rooms whose purge Synapse was asked for.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> Dict[str, int]:
+            counts: Dict[str, int] = {}
+            for key, sql, args in (
+                (
+                    "due_all",
+                    "SELECT COUNT(*) FROM leave_forget_rooms "
+                    "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ?",
+                    (STATE_FORGOTTEN, now),
+                ),
+                (
+                    "waiting",
+                    "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ? AND purge_due_at > ?",
+                    (STATE_FORGOTTEN, now),
+                ),
+                (
+                    "in_flight",
+                    "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ?",
+                    (STATE_PURGING,),
+                ),
+            ):
+                txn.execute(sql, args)
+                row = txn.fetchone()
+                counts[key] = int(row[0]) if row else 0
+            return counts
+
+        counts = await self._api.run_db_interaction("leave_forget_backlog_counts", txn_fn)
+        held = await self.count_due_held(now, config_holds)
+        return {
+            "due": max(0, counts.pop("due_all") - held),
+            "held": held,
+            **counts,
+        }
+
+    async def probe(self) -> None:
+        """The smallest transaction: what waiting for the database costs right now."""
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute("SELECT 1")
+            txn.fetchone()
+
+        await self._api.run_db_interaction("leave_forget_probe", txn_fn)
+
+    async def count_purged_since(self, since_ts: int) -> int:
+        """Rooms recorded purged since ``since_ts`` (the audit log's ts index)."""
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            txn.execute(
+                "SELECT COUNT(*) FROM leave_forget_audit "
+                "WHERE ts >= ? AND action = 'purge' AND outcome = 'purged'",
+                (since_ts,),
+            )
+            row = txn.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._api.run_db_interaction("leave_forget_count_purged_since", txn_fn)
+
     async def mark_purged(self, room_id: str) -> None:
         def txn_fn(txn: LoggingTransaction) -> None:
             self._lock_chain_txn(txn)
