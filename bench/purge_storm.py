@@ -29,12 +29,16 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import attr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,6 +57,7 @@ from bench.common import (  # noqa: E402
     table,
     write_json,
 )
+from tests.integration.harness import _pg_admin_connection  # noqa: E402
 
 PERIOD_S = 5.0
 EVENTS_PER_ROOM = 100
@@ -85,11 +90,14 @@ def _query(hs: SynapseProcess, sql: str, args: Sequence[Any] = ()) -> List[Tuple
         conn_pg.close()
 
 
-def space(hs: SynapseProcess) -> Dict[str, Any]:
-    """Rows of the biggest per-room tables, and the database's size (Synapse stopped)."""
+def space(hs: SynapseProcess, live_room: str) -> Dict[str, Any]:
+    """Rows of the biggest per-room tables outside the live user's room, and
+    the database's size (Synapse stopped)."""
     out: Dict[str, Any] = {}
     for table_name in ("events", "event_json", "state_groups_state", "rooms"):
-        out[table_name] = int(_query(hs, f"SELECT COUNT(*) FROM {table_name}")[0][0])
+        out[table_name] = int(
+            _query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[0][0]
+        )
     if hs.pg_database is None:
         path = os.path.join(hs.workdir, "homeserver.db")
         conn = sqlite3.connect(path)
@@ -223,33 +231,79 @@ def total_rooms(hs: SynapseProcess, admin: User) -> int:
         conn.close()
 
 
-def run(
-    database: str,
-    side: str,
-    n: int,
-    idle_s: float,
-    module_retention: Dict[str, Any],
-) -> Dict[str, Any]:
-    if side == "native":
-        hs = SynapseProcess(
-            None, {"forgotten_room_retention_period": f"{int(PERIOD_S)}s"}, database=database
-        )
-    else:
-        retention = {"period": f"{int(PERIOD_S)}s", "sweep_interval": "1s", **module_retention}
-        hs = SynapseProcess(
-            {"mount": "listener", "forget_rate_limit": None, "retention": retention},
-            {},
-            database=database,
-        )
+@attr.s(auto_attribs=True)
+class Seeded:
+    """A stopped Synapse holding N rooms, their owners and the live user."""
+
+    hs: SynapseProcess
+    admin: User
+    owners: List[User]
+    rooms: List[str]
+    live_user: User
+    live_room: str
+
+
+def seed(database: str, n: int) -> Seeded:
+    """Create the rooms once per (database, N); each side runs on a copy."""
+    hs = SynapseProcess({"mount": "listener", "forget_rate_limit": None}, {}, database=database)
     hs.start(timeout=120)
     try:
         admin = hs.register("admin", admin=True)
         owners = [hs.register(f"owner{i}") for i in range(min(8, n))]
         started = time.monotonic()
         rooms = parallel(seed_room, [(hs, owners[i % len(owners)], i) for i in range(n)], 4)
-        log(f"{database} {side} N={n}: seeded {n} rooms in {time.monotonic() - started:.0f}s")
+        log(f"{database} N={n}: seeded {n} rooms in {time.monotonic() - started:.0f}s")
         live_user = hs.register("live")
         live_room = hs.create_room(live_user)
+        hs.stop()
+    except BaseException:
+        hs.cleanup()
+        raise
+    return Seeded(hs, admin, owners, rooms, live_user, live_room)
+
+
+def copy_of(
+    seeded: Seeded, module_config: Optional[Dict[str, Any]], extra: Dict[str, Any]
+) -> SynapseProcess:
+    """A new Synapse (own workdir, ports and config) on a copy of the seeded database."""
+    workdir = tempfile.mkdtemp(prefix="mlf-storm-")
+    shutil.copy(os.path.join(seeded.hs.workdir, "signing.key"), workdir)
+    if seeded.hs.pg_database is None:
+        shutil.copy(os.path.join(seeded.hs.workdir, "homeserver.db"), workdir)
+    hs = SynapseProcess(module_config, extra, database=seeded.hs.database, workdir=workdir)
+    hs._own_workdir = True  # cleanup() removes it
+    if hs.pg_database is not None:
+        conn = _pg_admin_connection()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE {hs.pg_database}")
+                cur.execute(f"CREATE DATABASE {hs.pg_database} TEMPLATE {seeded.hs.pg_database}")
+        finally:
+            conn.close()
+    return hs
+
+
+def run(
+    seeded: Seeded,
+    side: str,
+    idle_s: float,
+    module_retention: Dict[str, Any],
+) -> Dict[str, Any]:
+    database, n = seeded.hs.database, len(seeded.rooms)
+    if side == "native":
+        hs = copy_of(seeded, None, {"forgotten_room_retention_period": f"{int(PERIOD_S)}s"})
+    else:
+        retention = {"period": f"{int(PERIOD_S)}s", "sweep_interval": "1s", **module_retention}
+        hs = copy_of(
+            seeded,
+            {"mount": "listener", "forget_rate_limit": None, "retention": retention},
+            {},
+        )
+    space_before = space(hs, seeded.live_room)
+    hs.start(timeout=120)
+    try:
+        admin, owners, rooms = seeded.admin, seeded.owners, seeded.rooms
+        live_user, live_room = seeded.live_user, seeded.live_room
         base_rooms = total_rooms(hs, admin)
         live = LiveUser(hs, live_user, live_room)
         live.start()
@@ -258,9 +312,8 @@ def run(
         before = synapse_metrics(hs)
 
         port = hs.client_port if side == "native" else hs.module_port
-        by_owner = {o.user_id: o for o in owners}
-        member = {room: owners[i % len(owners)] for i, room in enumerate(rooms)}  # the only member
-        del by_owner
+        # Each room's only member.
+        member = {room: owners[i % len(owners)] for i, room in enumerate(rooms)}
 
         def leave_forget(room: str) -> None:
             conn = Conn(port)
@@ -342,7 +395,12 @@ def run(
             ),
         }
         hs.stop()
-        result["space_after"] = space(hs)
+        result["space_before"] = space_before
+        result["space_after"] = space(hs, seeded.live_room)
+        result["reclaimed"] = {
+            key: space_before[key] - result["space_after"][key]
+            for key in ("events", "event_json", "state_groups_state", "rooms")
+        }
         log(
             f"{database} {side} N={n}: drained {result['drain_after_due_s']}s after due; "
             f"send p95 idle {result['idle']['send']['p95_ms']} "
@@ -390,7 +448,9 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
                 round(d["send"]["p95_ms"] / i["send"]["p95_ms"], 2) if i["send"]["p95_ms"] else "-",
                 round(d["sync"]["p95_ms"] / i["sync"]["p95_ms"], 2) if i["sync"]["p95_ms"] else "-",
                 "-" if r["side"] == "native" else f"{mt['per_sweep']} ({mt['per_room']}/room)",
-                r["space_after"]["events"],
+                r["reclaimed"]["events"],
+                r["reclaimed"]["state_groups_state"],
+                r["space_after"].get("free_bytes", "-"),
             ]
         )
     return table(
@@ -409,7 +469,9 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
             "send p95 ratio",
             "sync p95 ratio",
             "module txns per sweep",
-            "events left",
+            "events removed",
+            "state rows removed",
+            "free bytes in db file",
         ],
         rows,
     )
@@ -449,8 +511,12 @@ def run_all(
     results = []
     for database in databases:
         for n in sizes:
-            for side in sides:
-                results.append(run(database, side, n, idle_s, module_retention or {}))
+            seeded = seed(database, n)
+            try:
+                for side in sides:
+                    results.append(run(seeded, side, idle_s, module_retention or {}))
+            finally:
+                seeded.hs.cleanup()
     return results
 
 

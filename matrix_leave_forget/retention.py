@@ -142,11 +142,13 @@ class RetentionSweeper:
             counts["held"] = backlog["held"]
             metrics.purges_total.labels(server_name, "held").inc(backlog["held"])
         metrics.purge_backlog.labels(server_name).set(backlog["due"])
-        if not self._config.dry_run:
-            metrics.purges_in_flight.labels(server_name).set(backlog["in_flight"])
-            if (backlog["due"] or backlog["in_flight"]) and not self._pumping:
-                self._pumping = True
-                run_in_background_process(self._api, "leave_forget_purge_pump", self._pump)
+        metrics.purges_in_flight.labels(server_name).set(backlog["in_flight"])
+        # Under dry_run the pump only follows purges started before it was set.
+        if not self._pumping and (
+            backlog["in_flight"] or (backlog["due"] and not self._config.dry_run)
+        ):
+            self._pumping = True
+            run_in_background_process(self._api, "leave_forget_purge_pump", self._pump)
         stats["decide_ms"] = round((time.monotonic() - started) * 1000, 1)
         stats["sweep_ms"] = stats["decide_ms"]
         self.last_stats = stats
@@ -229,8 +231,9 @@ class RetentionSweeper:
                 now = now_ms()
                 waits = [DUE_RECHECK_S]
                 if self._running(now):
+                    # A purge finishing is what frees a slot (or the budget).
                     waits.append(self.pacer.poll_s())
-                if more_due:
+                elif more_due:
                     waits.append(max(self.pacer.wait_s(), MIN_WAIT_S))
                 retries = [p.retry_at_ms for p in self._in_flight.values() if p.retry_at_ms > now]
                 if retries:
@@ -325,6 +328,8 @@ class RetentionSweeper:
             Whether more rooms may be due (the last decision filled its batch,
             or the pacer stopped it).
         """
+        if self._config.dry_run:
+            return False
         while True:
             now = now_ms()
             slots = self.pacer.slots(self._running(now))
