@@ -6,14 +6,16 @@ followed through the audit log (``started`` and ``purged`` entries, each with
 its time) and through Synapse's own ``scheduled_tasks`` table, read directly.
 """
 
+import os
 import signal
+import sqlite3
 import threading
-import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
+from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.pacing import BURST_S
 from matrix_leave_forget.retention import SYNAPSE_LOCK_TIMEOUT_S
-from tests.integration.harness import User, quote_room, run_cli, wait_until
+from tests.integration.harness import User, pg_connect_args, quote_room, run_cli, wait_until
 from tests.integration.test_faults import synapse_rows
 from tests.integration.test_retention import (
     RELAXED_FORGET,
@@ -269,8 +271,31 @@ class SigkillMidBatchTests(ThroughputHelpers):
         return str(rows[0][0]) if rows else None
 
 
+def synapse_exec(hs: Any, sql: str, args: Tuple[Any, ...] = ()) -> None:
+    """Write to Synapse's own tables directly (committed), on SQLite or PostgreSQL."""
+    if hs.pg_database is None:
+        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
+        try:
+            with conn:
+                conn.execute(sql, args)
+        finally:
+            conn.close()
+        return
+    import psycopg2
+
+    params = pg_connect_args(hs.pg_database)
+    params.pop("cp_min")
+    params.pop("cp_max")
+    pg = psycopg2.connect(**params)
+    try:
+        with pg, pg.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), args)
+    finally:
+        pg.close()
+
+
 class QueuedRejoinTests(ThroughputHelpers):
-    """A local user rejoins a room that is due but still queued behind others."""
+    """A local user rejoins a room that is due but queued behind a purge in flight."""
 
     MODULE_CONFIG = {
         "forget_rate_limit": RELAXED_FORGET,
@@ -278,7 +303,7 @@ class QueuedRejoinTests(ThroughputHelpers):
             "period": "2s",
             "sweep_interval": "100ms",
             "max_concurrent_purges": 1,
-            "purge_load": 0.05,
+            "purge_load": 1,
         },
     }
     remote: ClassVar[FederatingSynapseProcess]
@@ -309,30 +334,48 @@ class QueuedRejoinTests(ThroughputHelpers):
         self.assertEqual(resp.status, 200, resp.body)
 
     def test_rejoin_of_a_queued_room_cancels_its_purge(self) -> None:
-        """Local rooms fall due first and use up the load budget; the remote
-        room falls due behind them and waits in the queue. Alice rejoins it
-        while it waits: at its turn the re-check cancels its purge (audit entry
-        naming her), Synapse keeps it, and the rooms ahead are purged."""
+        """The one purge slot is taken by a local room whose purge cannot
+        finish (its purge lock is held, as another worker would); the remote
+        room falls due behind it and waits. Alice rejoins it while it waits:
+        at its turn the re-check cancels its purge (audit entry naming her),
+        Synapse keeps it, and the room ahead is purged once its lock is free."""
         alice = self.user("alice")
         remote_room = self.remote.create_room(self.rita, preset="public_chat")
         self.federated_join(alice, remote_room)
-        ahead = self.storm(6)
-        self.leave_and_forget([alice], remote_room)
-        self.assertEqual(self.state(remote_room), "forgotten")
+        ahead = self.forgotten_room(members=1)
+        # Taken before the room ahead falls due: its purge waits for the lock.
+        synapse_exec(
+            self.hs,
+            "INSERT INTO worker_read_write_locks "
+            "(lock_name, lock_key, write_lock, instance_name, token, last_renewed_ts) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            ("purge_pagination_lock", ahead, True, "test-holder", "testtoken", now_ms()),
+        )
+        try:
+            self.leave_and_forget([alice], remote_room)
+            self.assertEqual(self.state(remote_room), "forgotten")
 
-        def queued() -> bool:
-            retention = self.retention(remote_room)
-            status = self.status()
-            return bool(
-                retention["state"] == "forgotten"
-                and retention["purge_due_at"] < time.time() * 1000
-                and status["backlog"] >= 1
-                and status["pacing"]["next_start_in_s"] >= 1.5
+            def queued() -> bool:
+                retention = self.retention(remote_room)
+                status = self.status()
+                return bool(
+                    self.state(ahead) == "purging"
+                    and retention["state"] == "forgotten"
+                    and retention["purge_due_at"] < now_ms()
+                    and status["backlog"] >= 1
+                    and status["in_flight"] == 1
+                )
+
+            wait_until(queued, 60, "the remote room to be due and queued behind the room ahead")
+            self.federated_join(alice, remote_room)
+            self.assertEqual(self.state(remote_room), "forgotten", "still queued at the rejoin")
+            self.assertEqual(self.state(ahead), "purging", "the slot was still taken")
+        finally:
+            synapse_exec(
+                self.hs,
+                "DELETE FROM worker_read_write_locks WHERE token = ?",
+                ("testtoken",),
             )
-
-        wait_until(queued, 60, "the remote room to be due and queued behind the budget")
-        self.federated_join(alice, remote_room)
-        self.assertEqual(self.state(remote_room), "forgotten", "still queued at the rejoin")
         retention = self.wait_state(remote_room, "active", timeout=120)
         self.assertEqual(retention["note"], f"{alice.user_id} has membership join")
         purges = [e for e in self.audit(room_id=remote_room) if e["action"] == "purge"]
@@ -341,4 +384,5 @@ class QueuedRejoinTests(ThroughputHelpers):
             [("cancelled", f"{alice.user_id} has membership join")],
         )
         self.assertTrue(self.synapse_has_room(remote_room))
-        self.wait_all_purged(ahead, timeout=300)
+        self.wait_all_purged([ahead], timeout=120)
+        self.assertFalse(self.synapse_has_room(ahead))
