@@ -184,11 +184,11 @@ class PacingTests(ThroughputHelpers):
     }
 
     def test_load_budget_spreads_purges_and_status_shows_backlog(self) -> None:
-        """With purge_load 0.1, the purges of a 16-room storm keep Synapse busy
+        """With purge_load 0.1, the purges of a 30-room storm keep Synapse busy
         at most 10 % of the drain (plus one burst and one purge), where
         unpaced they would run back to back; meanwhile GET /retention shows a
         backlog, the pacer waiting and a time to drain."""
-        rooms = self.storm(16)
+        rooms = self.storm(30)
         snapshots: List[Dict[str, Any]] = []
 
         def drained() -> bool:
