@@ -223,7 +223,7 @@ class SynapseInternals:
                 reader
                 # Every reactor Synapse runs on is an IReactorFDSet.
                 for reader in self._hs.get_reactor().getReaders()  # type: ignore[attr-defined]
-                if isinstance(getattr(reader, "factory", None), Site)
+                if _site_of(getattr(reader, "factory", None)) is not None
             ]
             listeners = self._hs.config.worker.worker_listeners
             order = {
@@ -234,7 +234,7 @@ class SynapseInternals:
             ports.sort(key=lambda port: order.get(_port_key(port), len(order)))
         roots: List[Resource] = []
         for port in ports:
-            root = getattr(getattr(port, "factory", None), "resource", None)
+            root = getattr(_site_of(getattr(port, "factory", None)), "resource", None)
             if isinstance(root, Resource) and all(root is not r for r in roots):
                 roots.append(root)
         return roots
@@ -545,7 +545,23 @@ def purge_tasks_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> Dict[st
     return views
 
 
+def _site_of(factory: Any) -> Optional[Site]:
+    """The Site a listening port serves, through any wrapping factories.
+
+    Why: a ``tls: true`` listener is a Twisted listenSSL port, whose factory is
+    a TLSMemoryBIOFactory wrapping Synapse's Site (``wrappedFactory``); plain
+    TCP and unix-socket ports hold the Site itself.
+    """
+    for _ in range(4):  # TLS is the only wrapper Synapse uses; allow a few.
+        if factory is None or isinstance(factory, Site):
+            return factory
+        factory = getattr(factory, "wrappedFactory", None)
+    return None
+
+
 def _port_key(port: Any) -> Any:
     """What a listening port is configured by: its TCP port number or socket path."""
     host = port.getHost()
-    return getattr(host, "port", None) or getattr(host, "name", None)
+    key = getattr(host, "port", None) or getattr(host, "name", None)
+    # A unix socket's address is bytes; the config names the path as a string.
+    return os.fsdecode(key) if isinstance(key, bytes) else key

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -109,18 +110,30 @@ def request(
     headers: Optional[Mapping[str, str]] = None,
     timeout: float = 30.0,
     source_ip: Optional[str] = None,
+    tls: bool = False,
+    unix_socket: Optional[str] = None,
 ) -> Response:
     """Send one HTTP request to 127.0.0.1:port and decode a JSON answer.
 
     ``source_ip`` binds the client side to another loopback address, so that a
-    proxy's forwarding of the client address can be seen.
+    proxy's forwarding of the client address can be seen. ``tls`` speaks HTTPS
+    (any certificate accepted: the tests' are self-signed); ``unix_socket``
+    connects to that socket path instead of the port.
     """
-    conn = http.client.HTTPConnection(
-        "127.0.0.1",
-        port,
-        timeout=timeout,
-        source_address=(source_ip, 0) if source_ip else None,
-    )
+    conn: http.client.HTTPConnection
+    if unix_socket is not None:
+        conn = _UnixHTTPConnection(unix_socket, timeout)
+    elif tls:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=ssl._create_unverified_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(
+            "127.0.0.1",
+            port,
+            timeout=timeout,
+            source_address=(source_ip, 0) if source_ip else None,
+        )
     send_headers = dict(headers or {})
     if token is not None:
         send_headers["Authorization"] = f"Bearer {token}"
@@ -141,6 +154,20 @@ def request(
     except ValueError:
         decoded = None
     return Response(resp.status, decoded, raw, resp_headers)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (Synapse's ``path:`` listeners)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
 
 
 # Longer than any single wait for background work is expected to take.
@@ -227,6 +254,86 @@ def drop_pg_database(name: str) -> None:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         conn.close()
+
+
+def write_self_signed_cert(directory: str) -> Dict[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files in directory.
+
+    Returns:
+        The ``homeserver.yaml`` keys naming them (for ``tls: true`` listeners).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    paths = {
+        "tls_certificate_path": os.path.join(directory, "tls.crt"),
+        "tls_private_key_path": os.path.join(directory, "tls.key"),
+    }
+    with open(paths["tls_certificate_path"], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["tls_private_key_path"], "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    return paths
+
+
+def every_kind_of_client_listener(workdir: str) -> Dict[str, Any]:
+    """Client listeners of every kind Synapse has, to add to a process's listeners.
+
+    Returns:
+        ``listeners`` (the new ones), ``ports`` (kind -> TCP port),
+        ``socket`` (the unix socket's path) and ``tls`` (the certificate keys).
+    """
+    ports = {"tls": free_port(), "plain": free_port()}
+    socket_path = os.path.join(workdir, "client.sock")
+    listeners = [
+        {
+            # Synapse terminating TLS, as on a federation port 8448.
+            "port": ports["tls"],
+            "bind_addresses": ["127.0.0.1"],
+            "type": "http",
+            "tls": True,
+            "resources": [{"names": ["client", "federation"]}],
+        },
+        {
+            # A second client listener, without x_forwarded (the harness's has it).
+            "port": ports["plain"],
+            "bind_addresses": ["127.0.0.1"],
+            "type": "http",
+            "tls": False,
+            "x_forwarded": False,
+            "resources": [{"names": ["client"]}],
+        },
+        {"path": socket_path, "type": "http", "resources": [{"names": ["client"]}]},
+    ]
+    return {
+        "listeners": listeners,
+        "ports": ports,
+        "socket": socket_path,
+        "tls": write_self_signed_cert(workdir),
+    }
 
 
 def quote_room(room_id: str) -> str:

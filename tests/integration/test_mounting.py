@@ -1,13 +1,15 @@
 """The two mount modes: what each serves where, and intercept's start-up check."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     Response,
     SynapseProcess,
     User,
+    every_kind_of_client_listener,
     free_port,
     quote_room,
     request,
@@ -138,6 +140,107 @@ class InterceptTests(_ServerPerTest):
             pass  # exited before /health answered
         # /health may answer in the instant before the check runs; the process
         # must exit on its own all the same.
+        self.assertEqual(hs.wait_for_exit(30), 1)
+        message = hs.tail_logs()
+        self.assertIn("mount: intercept is not in place", message)
+        self.assertIn("custom", message)
+
+
+class EveryListenerTests(SynapseTestCase):
+    """mount: intercept beside every kind of listener Synapse can have.
+
+    One Synapse with the harness's listeners (a client listener with
+    x_forwarded, a resources: [] listener, metrics) plus a TLS listener, a
+    second plain client listener and a unix-socket listener.
+    """
+
+    MODE = "intercept"
+    extra: ClassVar[Dict[str, Any]]
+    admin: ClassVar[User]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if "hs" in cls.__dict__:
+            return
+        hs = SynapseProcess({"mount": "intercept"})
+        extra = every_kind_of_client_listener(hs.workdir)
+        hs.reconfigure(
+            extra_config={
+                "listeners": hs.homeserver_config()["listeners"] + extra["listeners"],
+                **extra["tls"],
+            }
+        )
+        try:
+            hs.start()
+            cls.admin = hs.register("admin", admin=True)
+        except Exception:
+            hs.cleanup()
+            raise
+        cls.hs, cls.extra = hs, extra
+
+    def leave_and_audit(self, port: int = 0, **connection: Any) -> None:
+        """Leave a fresh room through the given connection; the module must audit it."""
+        room = self.hs.create_room(self.admin)
+        path = f"/_matrix/client/v3/rooms/{quote_room(room)}/leave"
+        resp = request(port, "POST", path, {}, token=self.admin.access_token, **connection)
+        self.assertEqual(resp.status, 200, resp.body)
+        entries = self.hs.client(
+            "GET", f"{ADMIN_AUDIT}?room_id={quote_room(room)}", token=self.admin.access_token
+        ).body["entries"]
+        self.assertEqual([(e["action"], e["outcome"]) for e in entries], [("leave", "ok")])
+        # Everything else on that listener is still Synapse's own.
+        resp = request(port, "GET", "/_matrix/client/versions", **connection)
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def test_start_up_check_counts_every_client_listener(self) -> None:
+        """The start-up check finds all four client listeners, TLS and unix socket
+        included (it used to find none behind TLS and stop Synapse)."""
+        self.assertIn("Intercepting leave and forget on 4 client listener(s)", self.hs.log_text())
+
+    def test_tls_listener(self) -> None:
+        """Leave over HTTPS to a tls: true listener is served and audited by the module."""
+        self.leave_and_audit(port=self.extra["ports"]["tls"], tls=True)
+        resp = request(
+            self.extra["ports"]["tls"], "GET", "/_matrix/federation/v1/version", tls=True
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def test_unix_socket_listener(self) -> None:
+        """Leave over a unix-socket (path:) listener is served and audited by the module."""
+        self.leave_and_audit(unix_socket=self.extra["socket"])
+
+    def test_second_plain_client_listener(self) -> None:
+        """A second client listener (x_forwarded off) intercepts as well."""
+        self.leave_and_audit(port=self.extra["ports"]["plain"])
+
+    def test_x_forwarded_listener(self) -> None:
+        """The harness's x_forwarded client listener, with a forwarded client
+        address and scheme as a proxy sends them, intercepts leave."""
+        self.leave_and_audit(
+            port=self.hs.client_port,
+            headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"},
+        )
+
+
+class InterceptRefusalTests(_ServerPerTest):
+    def test_start_fails_beside_tls_and_unix_listeners_when_interception_breaks(self) -> None:
+        """With TLS and unix-socket listeners found, the start-up check still
+        refuses to run when interception is not in place (a module registering
+        under /_matrix after ours)."""
+        hs = SynapseProcess(None, {"modules": _modules([OUR_MODULE, OTHER_MODULE])})
+        self.addCleanup(hs.cleanup)
+        extra = every_kind_of_client_listener(hs.workdir)
+        hs.reconfigure(
+            extra_config={
+                **hs.extra_config,
+                "listeners": hs.homeserver_config()["listeners"] + extra["listeners"],
+                **extra["tls"],
+            }
+        )
+        try:
+            hs.start()
+        except RuntimeError:
+            pass  # exited before /health answered
         self.assertEqual(hs.wait_for_exit(30), 1)
         message = hs.tail_logs()
         self.assertIn("mount: intercept is not in place", message)

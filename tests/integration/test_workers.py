@@ -33,7 +33,10 @@ from tests.integration.harness import (
     REPO_ROOT,
     SERVER_NAME,
     Response,
+    SynapseProcess,
     User,
+    every_kind_of_client_listener,
+    free_port,
     quote_room,
     request,
     run_cli,
@@ -178,6 +181,7 @@ class _DeploymentTestCase(SynapseTestCase):
             return
         deployment = WorkerDeployment({"mount": cls.MODE, **cls.MODULE_CONFIG})
         try:
+            cls.configure_deployment(deployment)
             deployment.start()
             cls.hs = deployment.main
             cls.worker = deployment.worker
@@ -186,6 +190,10 @@ class _DeploymentTestCase(SynapseTestCase):
             deployment.cleanup()
             raise
         cls.deployment = deployment
+
+    @classmethod
+    def configure_deployment(cls, deployment: WorkerDeployment) -> None:
+        """Changes to the deployment's configuration before it starts."""
 
     @classmethod
     def set_up_deployment(cls) -> None:
@@ -210,6 +218,10 @@ class WorkerTests(_DeploymentTestCase):
 
     admin: ClassVar[User]
     owner: ClassVar[User]
+
+    @classmethod
+    def configure_deployment(cls, deployment: WorkerDeployment) -> None:
+        """Changes to the deployment's configuration before it starts."""
 
     @classmethod
     def set_up_deployment(cls) -> None:
@@ -526,3 +538,63 @@ class InterceptWorkerTests(_DeploymentTestCase):
             [(e["action"], e["instance"], e["user_id"]) for e in entries],
             [("leave", "worker1", user.user_id)],
         )
+
+
+class InterceptEveryWorkerListenerTests(_DeploymentTestCase):
+    """mount: intercept on a generic worker with TLS, unix-socket and extra client
+    listeners, and on a main process with a TLS listener."""
+
+    MODE = "intercept"
+    MODULE_CONFIG = {"forget_rate_limit": None}
+    extra: ClassVar[Dict[str, Any]]
+    main_tls_port: ClassVar[int]
+
+    @classmethod
+    def configure_deployment(cls, deployment: WorkerDeployment) -> None:
+        cls.extra = every_kind_of_client_listener(deployment.workdir)
+        deployment.worker.extra_config = {"listeners": cls.extra["listeners"]}
+        # Synapse loads the certificate only when the shared homeserver.yaml has
+        # a TLS listener (as a main process terminating federation TLS does).
+        main = deployment.main
+        cls.main_tls_port = free_port()
+        main_tls = dict(cls.extra["listeners"][0], port=cls.main_tls_port)
+        main.reconfigure(
+            extra_config={
+                **main.extra_config,
+                **cls.extra["tls"],
+                "listeners": SynapseProcess.homeserver_config(main)["listeners"] + [main_tls],
+            }
+        )
+
+    def test_worker_intercepts_on_every_listener(self) -> None:
+        """A worker finds its TLS and unix-socket listeners among the reactor's
+        (it keeps no list of ports), so its start-up check counts all four client
+        listeners and leave over each of them is served, and audited, by the module."""
+        self.assertIn("Intercepting leave and forget on 4 client listener", self.worker.log_text())
+        self.assertIn("Intercepting leave and forget on 2 client listener", self.hs.log_text())
+        admin = self.hs.register("admin", admin=True)
+        connections: List[Dict[str, Any]] = [
+            {"port": self.main_tls_port, "tls": True},
+            {"port": self.extra["ports"]["tls"], "tls": True},
+            {"port": self.extra["ports"]["plain"]},
+            {"port": 0, "unix_socket": self.extra["socket"]},
+        ]
+        for connection in connections:
+            room = self.hs.create_room(admin)
+            resp = request(
+                path=f"/_matrix/client/v3/rooms/{quote_room(room)}/leave",
+                method="POST",
+                body={},
+                token=admin.access_token,
+                **connection,
+            )
+            self.assertEqual(resp.status, 200, (connection, resp.body))
+            entries = self.hs.client(
+                "GET",
+                f"/_synapse/client/leave_forget/v1/admin/audit?room_id={quote_room(room)}",
+                token=admin.access_token,
+            ).body["entries"]
+            instance = MAIN_INSTANCE if connection["port"] == self.main_tls_port else WORKER_NAME
+            self.assertEqual(
+                [(e["action"], e["instance"]) for e in entries], [("leave", instance)], connection
+            )

@@ -268,6 +268,8 @@ class WorkerProcess(ListeningProcess):
         self.log_path = os.path.join(main.workdir, f"{WORKER_NAME}.log")
         self._stderr_path = os.path.join(main.workdir, f"{WORKER_NAME}.stderr.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
+        # Test-specific additions: ``listeners`` are appended, other keys set.
+        self.extra_config: Dict[str, Any] = {}
 
     # The main process may have moved to fresh ports when it started.
     @property
@@ -281,6 +283,11 @@ class WorkerProcess(ListeningProcess):
     def worker_config(self) -> Dict[str, Any]:
         config = worker_fragment(self.main.ports)
         config["worker_log_config"] = self._write_log_config()
+        for key, value in self.extra_config.items():
+            if key == "listeners":
+                config["worker_listeners"] = config["worker_listeners"] + value
+            else:
+                config[key] = value
         return config
 
     def _write_log_config(self) -> str:

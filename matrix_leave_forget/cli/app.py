@@ -1,0 +1,231 @@
+"""The command line: arguments, running a command, and turning errors into exit statuses."""
+
+import argparse
+import datetime
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from matrix_leave_forget.admin import LISTINGS
+from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
+from matrix_leave_forget.cli.config import HomeserverConfig, load_config
+from matrix_leave_forget.cli.database import Database, _is_database_error, open_database
+from matrix_leave_forget.cli.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_ERROR,
+    PROG,
+    CliError,
+    _one_line,
+)
+from matrix_leave_forget.cli.render import _warn
+
+DEFAULT_LIMIT = 100
+
+ROOM_STATES: Sequence[str] = (*LISTINGS, "held", "abandoned")
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def parse_timestamp(text: str) -> int:
+    """Milliseconds since the epoch, or an ISO 8601 date or time (UTC unless it says otherwise).
+
+    Args:
+        text: The option's value.
+
+    Returns:
+        Milliseconds since the epoch.
+
+    Raises:
+        argparse.ArgumentTypeError: if it is neither.
+    """
+    if re.fullmatch(r"\d+", text.strip()):
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a timestamp: {text!r} (milliseconds, or ISO 8601 such as 2024-05-01T12:00)"
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def _format_options(required_default: bool) -> argparse.ArgumentParser:
+    """--json/--csv, accepted before or after the subcommand.
+
+    Only the top-level parser has a default: a subcommand's SUPPRESS default
+    leaves the top-level choice alone unless the flag is repeated there.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    default = "table" if required_default else argparse.SUPPRESS
+    group.add_argument(
+        "--json",
+        dest="format",
+        action="store_const",
+        const="json",
+        default=default,
+        help="machine-readable JSON",
+    )
+    group.add_argument(
+        "--csv",
+        dest="format",
+        action="store_const",
+        const="csv",
+        default=default,
+        help="CSV with a header row",
+    )
+    return parent
+
+
+def _summary(command: Callable[..., Any]) -> str:
+    """The first line of a command's docstring, for its --help."""
+    return (command.__doc__ or "").strip().splitlines()[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: global -c and output flags, and one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Read matrix-leave-forget's audit log and room retention state "
+        "straight from Synapse's database (read-only; Synapse need not run).",
+        epilog="Exit status: 0 success, 1 verify found a bad entry, 2 any other error.",
+        parents=[_format_options(True)],
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="homeserver.yaml (repeat, or give a directory, for a split config as Synapse)",
+    )
+    formats = _format_options(False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rooms = sub.add_parser(
+        "rooms",
+        parents=[formats],
+        help="list rooms by retention state",
+        description=_summary(cmd_rooms),
+    )
+    rooms.add_argument("--state", choices=ROOM_STATES, default="forgotten")
+    rooms.add_argument(
+        "--limit",
+        type=_non_negative,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most N (default {DEFAULT_LIMIT}; 0 for all)",
+    )
+    rooms.add_argument("--from", dest="after", metavar="ROOM_ID", help="start after this room")
+    rooms.set_defaults(func=cmd_rooms)
+
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--user", metavar="USER_ID", help="only this user's entries")
+    filters.add_argument("--room", metavar="ROOM_ID", help="only this room's entries")
+    filters.add_argument(
+        "--since", type=parse_timestamp, metavar="TS", help="from this time (ms or ISO 8601)"
+    )
+    filters.add_argument(
+        "--until", type=parse_timestamp, metavar="TS", help="before this time (ms or ISO 8601)"
+    )
+    filters.add_argument(
+        "--from", dest="after", type=_non_negative, default=0, metavar="SEQ", help="after this seq"
+    )
+
+    log = sub.add_parser(
+        "log", parents=[formats, filters], help="show audit entries", description=_summary(cmd_log)
+    )
+    log.add_argument(
+        "--limit",
+        type=_non_negative,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most N (default {DEFAULT_LIMIT}; 0 for all)",
+    )
+    log.set_defaults(func=cmd_log)
+
+    export = sub.add_parser(
+        "export",
+        parents=[formats, filters],
+        help="export audit entries as JSON lines (CSV with --csv)",
+        description=_summary(cmd_export),
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    export.set_defaults(func=cmd_export)
+
+    verify = sub.add_parser(
+        "verify",
+        parents=[formats],
+        help="check the whole audit chain",
+        description=_summary(cmd_verify),
+    )
+    verify.add_argument(
+        "--verify-key",
+        action="append",
+        metavar="KEY",
+        help="'ed25519:<version> <base64>' (as /_matrix/key/v2/server publishes it); "
+        "verify with this public key instead of the server's signing key file (repeatable)",
+    )
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command line; errors propagate to main.
+
+    Args:
+        args: From build_parser().
+
+    Returns:
+        The command's exit status.
+    """
+    config = load_config(args.config)
+    db = open_database(config)
+    try:
+        command: Callable[[Database, HomeserverConfig, argparse.Namespace], int] = args.func
+        return command(db, config, args)
+    finally:
+        db.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``matrix-leave-forget`` console script.
+
+    Args:
+        argv: The arguments (default: sys.argv[1:]).
+
+    Returns:
+        The exit status (see the module docstring).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        _warn(f"error: {exc}")
+    except BrokenPipeError:
+        # The reader went away (`| head`); point stdout at /dev/null so that
+        # the interpreter's final flush does not complain a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Anything else is a bug and keeps its traceback; driver errors
+        # (unreachable server, locked file, permissions) are the operator's.
+        if not _is_database_error(exc):
+            raise
+        _warn(f"error: database: {_one_line(str(exc))}")
+    return EXIT_ERROR

@@ -1,0 +1,437 @@
+"""The commands: rooms, log, export and verify."""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, TypeVar
+
+import attr
+from signedjson.types import VerifyKey
+
+from matrix_leave_forget._synapse import SynapseInternals
+from matrix_leave_forget.admin import LISTINGS
+from matrix_leave_forget.audit import GENESIS_HASH, VerifyResult, iter_verify, parse_verify_key
+from matrix_leave_forget.cli.config import HomeserverConfig, configured_holds, server_verify_keys
+from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq
+from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, _one_line
+from matrix_leave_forget.cli.render import (
+    Column,
+    Progress,
+    _csv_value,
+    _warn,
+    format_ts,
+    render_table,
+    write_csv,
+    write_json,
+)
+from matrix_leave_forget.store import (
+    AUDIT_COLUMNS,
+    list_rooms_txn,
+    select_audit_txn,
+    select_holds_txn,
+)
+
+# Rows per query: large enough that round trips do not dominate, small enough
+# that a log of millions of entries never sits in memory at once.
+BATCH = 1000
+
+T = TypeVar("T")
+
+
+def _progress(label: str, db: Database) -> Optional[Progress]:
+    """A progress bar on stderr if it is a terminal, else None (and no extra query)."""
+    if not Progress.wanted(sys.stderr):
+        return None
+    return Progress(label, _max_seq(db), sys.stderr)
+
+
+def fetch_paged(
+    fetch: Callable[[Any, int], List[T]], key: Callable[[T], Any], after: Any, limit: int
+) -> List[T]:
+    """Collect up to ``limit`` rows from a keyset-paged query, BATCH rows at a time.
+
+    Args:
+        fetch: ``(after, n)`` -> up to n rows after the key ``after``.
+        key: A row's key, to continue after it.
+        after: Where to start.
+        limit: How many rows at most; 0 for all.
+
+    Returns:
+        The rows, in key order.
+    """
+    rows: List[T] = []
+    while True:
+        want = BATCH if not limit else min(BATCH, limit - len(rows))
+        page = fetch(after, want)
+        rows.extend(page)
+        if len(page) < want or (limit and len(rows) >= limit):
+            return rows
+        after = key(page[-1])
+
+
+_ROOM_COLUMNS = (
+    Column("room_id", "ROOM"),
+    Column("state", "STATE"),
+    Column("forgotten_at", "FORGOTTEN", format_ts, always=False),
+    Column("purge_due_at", "PURGE DUE", format_ts, always=False),
+    Column("purge_started_at", "PURGE STARTED", format_ts, always=False),
+    Column("purged_at", "PURGED", format_ts, always=False),
+    Column("cancelled_at", "CANCELLED", format_ts, always=False),
+    Column("updated_at", "UPDATED", format_ts),
+    Column("note", "NOTE", always=False),
+)
+_HOLD_COLUMNS = (
+    Column("room_id", "ROOM"),
+    Column("held_by", "HELD BY"),
+    Column("created_at", "SINCE", format_ts),
+    Column("reason", "REASON", always=False),
+)
+_ABANDONED_COLUMNS = (Column("room_id", "ROOM"),)
+
+_LOG_COLUMNS = (
+    Column("seq", "SEQ"),
+    Column("ts", "TIME", format_ts),
+    Column("action", "ACTION"),
+    Column("outcome", "OUTCOME"),
+    Column("user_id", "USER"),
+    Column("room_id", "ROOM"),
+    Column("device_id", "DEVICE", always=False),
+    Column("event_id", "EVENT", always=False),
+    Column("reason", "REASON", always=False),
+)
+
+
+def _list_rooms(
+    db: Database, config: HomeserverConfig, args: argparse.Namespace
+) -> List[Dict[str, Any]]:
+    """The rooms of ``rooms --state``, shaped as the admin API's listing shapes them."""
+    state: str = args.state
+    cur = db.cursor()
+    if state == "held":
+        held = {h["room_id"]: h for h in select_holds_txn(cur)}
+        for room_id in configured_holds(config):
+            held.setdefault(
+                room_id,
+                {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None},
+            )
+        rooms = [held[r] for r in sorted(held) if args.after is None or r > args.after]
+        return rooms[: args.limit] if args.limit else rooms
+    if state == "abandoned":
+        room_ids = fetch_paged(
+            lambda after, n: SynapseInternals.abandoned_rooms_txn(
+                cur, after, n, paramstyle=db.paramstyle
+            ),
+            lambda r: r,
+            args.after or "",
+            args.limit,
+        )
+        return [{"room_id": r} for r in room_ids]
+    retained = fetch_paged(
+        lambda after, n: list_rooms_txn(cur, LISTINGS[state], after, n, paramstyle=db.paramstyle),
+        lambda r: r.room_id,
+        args.after,
+        args.limit,
+    )
+    return [attr.asdict(r) for r in retained]
+
+
+def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """List rooms by retention state, as ``GET .../admin/rooms?state=`` does.
+
+    Args:
+        db: The database.
+        config: The homeserver config (for holds configured in the module).
+        args: The parsed command line.
+
+    Returns:
+        The exit status.
+    """
+    rooms = _list_rooms(db, config, args)
+    more = bool(args.limit) and len(rooms) == args.limit
+    columns = {"held": _HOLD_COLUMNS, "abandoned": _ABANDONED_COLUMNS}.get(
+        args.state, _ROOM_COLUMNS
+    )
+    if args.format == "json":
+        result: Dict[str, Any] = {"state": args.state, "rooms": rooms}
+        if more:
+            result["next_from"] = rooms[-1]["room_id"]
+        write_json(sys.stdout, result)
+    elif args.format == "csv":
+        write_csv(sys.stdout, [c.key for c in columns], rooms)
+    elif rooms:
+        print(render_table(columns, rooms))
+    else:
+        print(f"No rooms in state {args.state}.")
+    if more and args.format != "json":
+        _warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
+    return EXIT_OK
+
+
+def _audit_filters(args: argparse.Namespace) -> Dict[str, Any]:
+    """The filter options as select_audit_txn's keyword arguments."""
+    return {
+        "user_id": args.user,
+        "room_id": args.room,
+        "since_ts": args.since,
+        "until_ts": args.until,
+    }
+
+
+def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Show audit entries in seq order, as ``GET .../admin/audit`` does.
+
+    Args:
+        db: The database.
+        config: The homeserver config.
+        args: The parsed command line.
+
+    Returns:
+        The exit status.
+    """
+    cur = db.cursor()
+    filters = _audit_filters(args)
+    entries = fetch_paged(
+        lambda after, n: select_audit_txn(
+            cur, after_seq=after, limit=n, paramstyle=db.paramstyle, **filters
+        ),
+        lambda e: e["seq"],
+        args.after,
+        args.limit,
+    )
+    more = bool(args.limit) and len(entries) == args.limit
+    if args.format == "json":
+        result: Dict[str, Any] = {"entries": entries}
+        if more:
+            result["next_from"] = entries[-1]["seq"]
+        write_json(sys.stdout, result)
+    elif args.format == "csv":
+        write_csv(sys.stdout, AUDIT_COLUMNS, entries)
+    elif entries:
+        print(render_table(_LOG_COLUMNS, entries))
+    else:
+        print("No audit entries match.")
+    if more and args.format != "json":
+        _warn(f"showing the first {args.limit}: continue with --from {entries[-1]['seq']}")
+    return EXIT_OK
+
+
+def iter_audit(
+    db: Database, filters: Mapping[str, Any], after: int = 0
+) -> Iterator[Dict[str, Any]]:
+    """Every matching entry in seq order, fetched BATCH at a time.
+
+    Args:
+        db: The database.
+        filters: select_audit_txn's filter keywords.
+        after: Start after this seq.
+
+    Yields:
+        Entries as the admin API returns them.
+    """
+    cur = db.cursor()
+    while True:
+        page = select_audit_txn(
+            cur, after_seq=after, limit=BATCH, paramstyle=db.paramstyle, **filters
+        )
+        yield from page
+        if len(page) < BATCH:
+            return
+        after = page[-1]["seq"]
+
+
+def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Write matching entries as JSON lines (the admin API's export), or CSV with --csv.
+
+    Args:
+        db: The database.
+        config: The homeserver config.
+        args: The parsed command line.
+
+    Returns:
+        The exit status.
+
+    Raises:
+        CliError: if the output file cannot be created.
+    """
+    filters = _audit_filters(args)
+    to_file = args.output not in (None, "-")
+    if to_file:
+        # Write beside the target and rename at the end, so that a failed run
+        # never leaves a truncated file that looks like a complete export.
+        directory = os.path.dirname(os.path.abspath(args.output))
+        try:
+            fd, tmp_path = tempfile.mkstemp(prefix=".mlf-export-", dir=directory)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}")
+        out: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="")
+    else:
+        out = sys.stdout
+    progress = _progress("Exporting", db)
+    count = 0
+    try:
+        writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(AUDIT_COLUMNS)
+        for entry in iter_audit(db, filters, args.after):
+            if writer is not None:
+                writer.writerow([_csv_value(entry[k]) for k in AUDIT_COLUMNS])
+            else:
+                out.write(json.dumps(entry, sort_keys=True) + "\n")
+            count += 1
+            if progress is not None:
+                progress.update(count, entry["seq"])
+        if to_file:
+            out.close()
+            os.replace(tmp_path, args.output)
+    except BaseException:
+        if to_file:
+            out.close()
+            os.unlink(tmp_path)
+        raise
+    finally:
+        if progress is not None:
+            progress.finish()
+    if to_file:
+        _warn(f"exported {count} entries to {args.output}")
+    return EXIT_OK
+
+
+class _UnreadableEntryError(Exception):
+    """A row whose columns do not even decode (say, signatures that are not JSON)."""
+
+    def __init__(self, seq: Optional[int], problem: str) -> None:
+        super().__init__(problem)
+        self.seq = seq
+        self.problem = problem
+
+
+def _entries_for_verify(db: Database, current: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """The whole log in seq order, noting in ``current`` the entry being checked."""
+    cur = db.cursor()
+    after = 0
+    while True:
+        try:
+            page = select_audit_txn(cur, after_seq=after, limit=BATCH, paramstyle=db.paramstyle)
+        except (ValueError, TypeError, KeyError):
+            # A row in this batch does not decode. Retry row by row, so that
+            # the rows before it are still checked and the report names it.
+            for _ in range(BATCH):
+                try:
+                    row = select_audit_txn(cur, after_seq=after, limit=1, paramstyle=db.paramstyle)
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise _UnreadableEntryError(
+                        _next_seq(db, after), f"the row cannot be read: {_one_line(str(exc))}"
+                    )
+                if not row:
+                    return
+                current["seq"] = row[0]["seq"]
+                yield row[0]
+                after = row[0]["seq"]
+            continue
+        for entry in page:
+            current["seq"] = entry.get("seq")
+            yield entry
+        if len(page) < BATCH:
+            return
+        after = page[-1]["seq"]
+
+
+def verify_database(
+    db: Database, origin: str, keys: Mapping[str, VerifyKey], progress: Optional[Progress]
+) -> VerifyResult:
+    """Check the whole audit chain in the database, streaming it.
+
+    Args:
+        db: The database.
+        origin: The server name every entry must be signed by.
+        keys: The verify keys accepted, by key id.
+        progress: Where to show progress, if anywhere.
+
+    Returns:
+        The result; ``bad_seq`` names the first bad entry, if any.
+    """
+    result = VerifyResult(0, GENESIS_HASH)
+    current: Dict[str, Any] = {"seq": None}
+    try:
+        for result in iter_verify(_entries_for_verify(db, current), origin, keys):
+            if progress is not None and result.ok:
+                progress.update(result.checked, int(current["seq"]))
+    except _UnreadableEntryError as exc:
+        result = VerifyResult(result.checked, result.head_hash, exc.seq, exc.problem)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        # A row edited into a shape iter_verify cannot even inspect (say,
+        # signatures that are valid JSON but not an object) is still tampering.
+        seq = current["seq"] if isinstance(current["seq"], int) else result.checked + 1
+        result = VerifyResult(
+            result.checked, result.head_hash, seq, f"the entry cannot be checked: {exc!r}"
+        )
+    return result
+
+
+def _entries(count: int, where: str = "") -> str:
+    """'1 audit entry' / 'N audit entries', and with ``where``, '... before it is/are'."""
+    text = f"{count} audit {'entry' if count == 1 else 'entries'}"
+    if where:
+        text += f" {where} {'is' if count == 1 else 'are'}"
+    return text
+
+
+def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Check every hash link and signature; exit 1 at the first bad entry.
+
+    Args:
+        db: The database.
+        config: The homeserver config (server name, and keys unless --verify-key).
+        args: The parsed command line.
+
+    Returns:
+        EXIT_OK, or EXIT_VERIFY_FAILED if an entry is bad.
+
+    Raises:
+        CliError: if a key cannot be read or parsed.
+    """
+    if args.verify_key:
+        keys: Dict[str, VerifyKey] = {}
+        for text in args.verify_key:
+            try:
+                keys.update(parse_verify_key(text))
+            except ValueError as exc:
+                raise CliError(str(exc))
+    else:
+        keys = server_verify_keys(config)
+    origin = config.server_name
+    progress = _progress("Verifying", db)
+    try:
+        result = verify_database(db, origin, keys, progress)
+    finally:
+        if progress is not None:
+            progress.finish()
+    report = {
+        "ok": result.ok,
+        "checked": result.checked,
+        "head_hash": result.head_hash,
+        "bad_seq": result.bad_seq,
+        "problem": result.problem,
+        "origin": origin,
+        "key_ids": sorted(keys),
+    }
+    if args.format == "json":
+        write_json(sys.stdout, report)
+    elif args.format == "csv":
+        write_csv(sys.stdout, list(report), [report])
+    elif result.ok:
+        print(
+            f"OK: {_entries(result.checked)} checked; every hash link and signature "
+            f"by {origin} ({', '.join(sorted(keys))}) is valid."
+        )
+        print(f"Head hash: {result.head_hash or '(empty log)'}")
+    else:
+        print(f"FAILED at entry {result.bad_seq}: {result.problem}")
+        print(
+            f"{_entries(result.checked, 'before it')} valid; last good hash: "
+            f"{result.head_hash or '(none)'}"
+        )
+    return EXIT_OK if result.ok else EXIT_VERIFY_FAILED

@@ -1,0 +1,157 @@
+"""The read-only connection to Synapse's database (SQLite or PostgreSQL)."""
+
+import os
+import sqlite3
+import urllib.parse
+from typing import Any, Mapping, Optional
+
+import attr
+
+from matrix_leave_forget.cli.config import HomeserverConfig, database_settings
+from matrix_leave_forget.cli.errors import CliError
+from matrix_leave_forget.cli.render import _warn
+from matrix_leave_forget.schema import SCHEMA_VERSION
+
+
+@attr.s(auto_attribs=True)
+class Database:
+    """A read-only connection to Synapse's database.
+
+    Attributes:
+        conn: The DB-API connection.
+        paramstyle: The placeholder its driver wants (passed to the shared
+            ``*_txn`` query functions, which are written with ``?``).
+        description: What it is, for messages.
+    """
+
+    conn: Any
+    paramstyle: str
+    description: str
+
+    def cursor(self) -> Any:
+        """A new DB-API cursor inside the run's one read transaction."""
+        return self.conn.cursor()
+
+    def close(self) -> None:
+        """Close the connection, ending the read transaction."""
+        self.conn.close()
+
+
+def _open_sqlite(args: Mapping[str, Any]) -> Database:
+    """Open the SQLite file named in ``args`` read-only; it must exist."""
+    path = args.get("database")
+    if not isinstance(path, str) or not path or path == ":memory:":
+        raise CliError("database.args.database must name the SQLite database file")
+    # Synapse resolves a relative path against its working directory; so do we.
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise CliError(
+            f"SQLite database {path} does not exist (a relative path is resolved "
+            "against the current directory, as Synapse does)"
+        )
+    # mode=ro: the CLI must never write to a live homeserver's database.
+    # isolation_level=None lets us open one explicit read transaction, so that
+    # every batch of a long run sees the same snapshot.
+    conn = sqlite3.connect(
+        f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None
+    )
+    conn.execute("BEGIN")
+    return Database(conn, "?", f"SQLite database {path}")
+
+
+def _open_postgres(args: Mapping[str, Any]) -> Database:
+    """Connect to PostgreSQL with Synapse's psycopg2 args, in a read-only transaction."""
+    try:
+        import psycopg2
+    except ImportError:
+        raise CliError(
+            "the homeserver uses PostgreSQL but psycopg2 is not installed: "
+            "pip install 'matrix-leave-forget[postgres]'"
+        )
+    # cp_* keys configure Twisted's connection pool, not the connection;
+    # psycopg2 rejects them.
+    connect_args = {k: v for k, v in args.items() if not k.startswith("cp_")}
+    conn = psycopg2.connect(**connect_args)
+    # One read-only REPEATABLE READ transaction for the whole run: a snapshot
+    # consistent across batches, and no way to write by mistake.
+    conn.set_session(readonly=True, isolation_level="REPEATABLE READ")
+    where = connect_args.get("database") or connect_args.get("dbname") or "?"
+    return Database(conn, "%s", f"PostgreSQL database {where}")
+
+
+def open_database(config: HomeserverConfig) -> Database:
+    """Connect read-only to the homeserver's database and check the module's tables are there.
+
+    Args:
+        config: The homeserver config.
+
+    Returns:
+        The open database; the caller closes it.
+
+    Raises:
+        CliError: unsupported driver, missing file, or no module tables.
+    """
+    name, args = database_settings(config)
+    if name == "sqlite3":
+        db = _open_sqlite(args)
+    elif name == "psycopg2":
+        db = _open_postgres(args)
+    else:
+        raise CliError(
+            f"{config.sources[-1]}: unsupported database {name!r} "
+            "(Synapse and this tool support sqlite3 and psycopg2)"
+        )
+    try:
+        _check_schema(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _check_schema(db: Database) -> None:
+    """Refuse a database without the module's tables; warn about a newer schema."""
+    cur = db.cursor()
+    try:
+        # Not schema.current_version: that creates the table, and we are read-only.
+        cur.execute("SELECT version FROM leave_forget_schema_version")
+        row = cur.fetchone()
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        raise CliError(
+            f"{db.description} has no matrix-leave-forget tables "
+            "(has Synapse run with the module loaded?)"
+        )
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        _warn(
+            f"{db.description} was written by a newer matrix-leave-forget (schema "
+            f"{version}, this tool knows {SCHEMA_VERSION}): upgrade this tool"
+        )
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """Whether exc comes from a database driver (so it is the operator's to fix, not a bug)."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    return type(exc).__module__.split(".")[0] == "psycopg2"
+
+
+def _max_seq(db: Database) -> int:
+    """The newest entry's seq, the 100% mark of the progress bar (0 for an empty log)."""
+    cur = db.cursor()
+    cur.execute("SELECT MAX(seq) FROM leave_forget_audit")
+    row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _next_seq(db: Database, after: int) -> Optional[int]:
+    """The seq of the row after ``after``, to name a row whose columns do not decode."""
+    cur = db.cursor()
+    cur.execute(
+        "SELECT MIN(seq) FROM leave_forget_audit WHERE seq > ?".replace("?", db.paramstyle),
+        (after,),
+    )
+    row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else None

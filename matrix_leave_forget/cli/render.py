@@ -1,0 +1,171 @@
+"""Output: tables for people, CSV and JSON for scripts, progress on a terminal."""
+
+import csv
+import datetime
+import json
+import re
+import sys
+import time
+from typing import IO, Any, Callable, Mapping, Sequence
+
+import attr
+
+from matrix_leave_forget.cli.errors import PROG
+
+# Terminal control characters and bidi overrides in user-supplied text (a
+# leave reason) could rewrite or disguise what the table shows.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """text with control characters and bidi overrides shown as escapes."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def format_ts(ms: Any) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC, which ``--since`` also accepts.
+
+    Args:
+        ms: Milliseconds since the epoch, or None.
+
+    Returns:
+        For example ``2024-05-01T12:00:00.000Z``, or ``-`` for None.
+    """
+    if ms is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(int(ms) / 1000, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+
+
+def _text(value: Any) -> str:
+    """A table cell: ``-`` for nothing, else the value made safe for a terminal."""
+    return "-" if value is None or value == "" else _printable(str(value))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Column:
+    """One column of a table.
+
+    Attributes:
+        key: The field it shows.
+        header: Its heading.
+        render: How a value reads in the table (JSON and CSV keep raw values).
+        always: Show it even when every row is empty (else it is dropped to
+            keep the table narrow).
+    """
+
+    key: str
+    header: str
+    render: Callable[[Any], str] = _text
+    always: bool = True
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> str:
+    """An aligned plain-text table, one row per line.
+
+    Args:
+        columns: The columns, in order; optional ones empty in every row are dropped.
+        rows: The rows, as mappings from column key to raw value.
+
+    Returns:
+        The table, header first, without a trailing newline.
+    """
+    shown = [
+        c for c in columns if c.always or any(row.get(c.key) not in (None, "") for row in rows)
+    ]
+    cells = [[c.header for c in shown]] + [
+        [c.render(row.get(c.key)) for c in shown] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def _csv_value(value: Any) -> Any:
+    """A raw value as a CSV cell: nested values as JSON, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        # As JSON spells them, not Python's True/False.
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def write_csv(out: IO[str], keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write a header of ``keys`` and one CSV line per row to ``out``."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(keys)
+    for row in rows:
+        writer.writerow([_csv_value(row.get(k)) for k in keys])
+
+
+def write_json(out: IO[str], value: Any) -> None:
+    """Write value as indented JSON with sorted keys, newline-terminated."""
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+
+
+def _warn(message: str) -> None:
+    """A note for the operator on stderr, kept out of the machine-readable stdout."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class Progress:
+    """A one-line progress indicator on stderr, drawn only when a person is watching.
+
+    Scripts and pipes must get clean output, so nothing is written unless
+    stderr is a terminal.
+
+    Args:
+        label: What is being done.
+        total: The highest seq there is, or 0 if unknown.
+        stream: Where to draw (stderr).
+    """
+
+    # Redrawing on every row would cost more than the work on a fast disk.
+    INTERVAL = 0.1
+
+    def __init__(self, label: str, total: int, stream: IO[str]) -> None:
+        self._label = label
+        self._total = total
+        self._stream = stream
+        self._last = 0.0
+        self._drawn = False
+
+    @staticmethod
+    def wanted(stream: IO[str]) -> bool:
+        """Whether stream is a terminal (so a person, not a script, reads it)."""
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def update(self, count: int, seq: int) -> None:
+        """Show progress, redrawn at most every INTERVAL seconds.
+
+        Args:
+            count: Entries done so far.
+            seq: The latest entry's seq, measured against ``total``.
+        """
+        now = time.monotonic()
+        if now - self._last < self.INTERVAL:
+            return
+        self._last = now
+        line = f"{self._label}: {count} {'entry' if count == 1 else 'entries'}"
+        if self._total:
+            fraction = min(max(seq / self._total, 0.0), 1.0)
+            filled = int(fraction * 30)
+            line += f" [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}"
+        self._stream.write("\r" + line)
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        """Erase the line so that the final report starts on a clean one."""
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
