@@ -361,8 +361,10 @@ def run(
                 "GET", "/_synapse/client/leave_forget/v1/admin/retention", admin.access_token
             )
             pacing = status[1]
-        # One count of held due rooms per sweep, before and after the pump.
-        sweeps = module_txns.get("leave_forget_count_due_held", {}).get("count", 0.0)
+        # One count of the backlog (before the pump: of held due rooms) per sweep.
+        sweeps = module_txns.get(
+            "leave_forget_backlog_counts", module_txns.get("leave_forget_count_due_held", {})
+        ).get("count", 0.0)
         module_total = sum(v["count"] for v in module_txns.values())
         during_start = first_gone or drained
         result: Dict[str, Any] = {

@@ -6,6 +6,7 @@ followed through the audit log (``started`` and ``purged`` entries, each with
 its time) and through Synapse's own ``scheduled_tasks`` table, read directly.
 """
 
+import json
 import os
 import signal
 import sqlite3
@@ -189,6 +190,23 @@ class PacingTests(ThroughputHelpers):
         unpaced they would run back to back; meanwhile GET /retention shows a
         backlog, the pacer waiting and a time to drain."""
         rooms = self.storm(30)
+        wait_until(lambda: self.status()["backlog"] >= 3, what="a backlog to build up")
+        cli = run_cli(self.hs.config_path, "--json", "rooms", "--state", "pending")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        summary = json.loads(cli.stdout)["retention"]
+        self.assertGreaterEqual(summary["backlog"] + summary["in_flight"], 1, summary)
+        self.assertEqual(
+            set(summary),
+            {
+                "backlog",
+                "in_flight",
+                "held",
+                "waiting",
+                "purged_last_minute",
+                "rate_per_s",
+                "eta_s",
+            },
+        )
         snapshots: List[Dict[str, Any]] = []
 
         def drained() -> bool:
@@ -215,6 +233,10 @@ class PacingTests(ThroughputHelpers):
         final = self.status()
         self.assertEqual((final["backlog"], final["in_flight"], final["eta_s"]), (0, 0, 0))
         self.assertEqual(final["pacing"]["purge_load"], self.LOAD)
+        cli = run_cli(self.hs.config_path, "rooms", "--state", "pending")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertIn("Backlog: 0 due (0 held, 0 not yet due), 0 purging;", cli.stdout)
+        self.assertIn("time to drain ~0 s", cli.stdout)
 
 
 class SigkillMidBatchTests(ThroughputHelpers):
