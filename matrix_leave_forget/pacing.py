@@ -6,7 +6,7 @@ wait for the database (on SQLite for its only connection) and for Synapse's
 reactor. :class:`PurgePacer` decides when the next purge may start:
 
 * **Concurrency**: at most ``max_concurrent_purges`` purges in flight, within an
-  adaptive window (below).
+  adaptive window (below) that starts at that bound.
 * **Load budget**: a token bucket on *busy time*, the wall time during which at
   least one purge is in flight. Busy time adds to a debt that wall time pays
   back at ``purge_load`` seconds per second; no purge starts while the debt
@@ -66,8 +66,9 @@ class PurgePacer:
         self.max_concurrent = max_concurrent
         self.load = load
         self._clock = clock
-        # Start cautiously: one purge, widening as purges finish on time.
-        self.window = 1.0
+        # The operator's bound until the server shows strain (AIMD from the top,
+        # as Synapse's own scheduler starts its 5 at once).
+        self.window = float(max_concurrent)
         self.typical_s: Optional[float] = None
         self._debt_s = 0.0
         self._debt_at = clock()

@@ -31,10 +31,14 @@ class PurgePacerTests(SynchronousTestCase):
         for left in range(count - 1, -1, -1):
             pacer.finished(duration, left)
 
-    def test_window_starts_at_one_and_grows_to_the_bound(self) -> None:
-        """The first purge runs alone; purges on time widen the window up to
-        max_concurrent_purges, never beyond."""
+    def test_window_starts_at_the_bound_and_regrows_after_a_back_off(self) -> None:
+        """The first purges use max_concurrent_purges at once; after a back-off,
+        purges on time widen the window again up to the bound, never beyond."""
         pacer = self.pacer(max_concurrent=3, load=1.0)
+        self.assertEqual(pacer.slots(0), 3)
+        for _ in range(5):
+            self.run_purges(pacer, 3, 0.1)
+        self.run_purges(pacer, 1, 5.0)  # slow: halved
         self.assertEqual(pacer.slots(0), 1)
         seen: List[int] = []
         for _ in range(20):
@@ -42,6 +46,7 @@ class PurgePacerTests(SynchronousTestCase):
             seen.append(slots)
             self.run_purges(pacer, slots, 0.1)
         self.assertEqual(max(seen), 3)
+        self.assertLess(min(seen), 3)
         self.assertEqual(pacer.slots(2), 1, "slots count the purges in flight")
         self.assertEqual(pacer.slots(3), 0)
         self.assertEqual(pacer.slots(5), 0, "more in flight than the bound (a lowered config)")
