@@ -50,8 +50,8 @@ class RetentionConfig:
         sweep_interval_ms: How often the sweep looks for due purges.
         max_concurrent_purges: Most Synapse purge tasks the module keeps running at once.
         purge_load: The share of time purges may keep Synapse busy (0 < x <= 1):
-            each purge's measured duration is paid back at this rate before the
-            next one starts (see retention.PurgePacer).
+            time with a purge in flight is paid back at this rate before more
+            start (see pacing.PurgePacer).
     """
 
     period_ms: Optional[int] = None
