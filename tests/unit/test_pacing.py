@@ -1,5 +1,7 @@
-"""Unit tests of the purge pacer and its config keys (no Synapse process)."""
+"""Unit tests of the purge pacer, its config keys and the CLI's backlog summary."""
 
+import json
+import time
 from typing import List
 
 from synapse.module_api.errors import ConfigError
@@ -7,6 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import RetentionConfig, parse_config
 from matrix_leave_forget.pacing import BURST_S, PurgePacer
+from tests.unit.test_audit import make_chain
+from tests.unit.test_cli import ORIGIN, CliTestCase, create_database
 
 
 class FakeClock:
@@ -163,3 +167,51 @@ class PacingConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=f"{key}={value!r}") as ctx:
                 parse_config({"retention": {key: value}})
             self.assertEqual(tuple(ctx.exception.path or ()), ("retention", key))
+
+
+class PendingSummaryTests(CliTestCase):
+    """``rooms --state pending`` of the offline CLI: the backlog summary."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        tomorrow = int(time.time() * 1000) + 24 * 60 * 60 * 1000
+        rooms = [
+            # Due long ago, not held: the backlog.
+            (f"!a:{ORIGIN}", "forgotten", 1000, 5000, None, None, None, None, 1000),
+            # Due, held through the admin API.
+            (f"!h:{ORIGIN}", "forgotten", 1000, 5000, None, None, None, None, 1000),
+            # Not due for a long time.
+            (f"!w:{ORIGIN}", "forgotten", 1000, tomorrow, None, None, None, None, 1000),
+            (f"!p:{ORIGIN}", "purging", 1000, 5000, 6000, None, None, None, 6000),
+            (f"!d:{ORIGIN}", "purged", 1000, 5000, 6000, 7000, None, None, 7000),
+        ]
+        holds = [(f"!h:{ORIGIN}", f"@admin:{ORIGIN}", "legal", 1000)]
+        create_database(self.db_path, make_chain(1, self.key), rooms, holds)
+
+    def test_json_and_table_show_the_backlog(self) -> None:
+        """--json carries a retention object with the admin API's counts; the
+        table ends with a one-line summary; other states have neither."""
+        code, out, err = self.run_cli("rooms", "--json", "--state", "pending")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(
+            json.loads(out)["retention"],
+            {
+                "backlog": 1,
+                "in_flight": 1,
+                "held": 1,
+                "waiting": 1,
+                "purged_last_minute": 0,
+                "rate_per_s": 0.0,
+                "eta_s": None,
+            },
+        )
+        code, out, err = self.run_cli("rooms", "--state", "pending")
+        self.assertEqual(code, 0, err)
+        self.assertIn(
+            "Backlog: 1 due (1 held, 1 not yet due), 1 purging; 0.00 rooms/s over the last "
+            "minute; no purge in the last minute, time to drain unknown.",
+            out,
+        )
+        code, out, err = self.run_cli("rooms", "--json", "--state", "forgotten")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("retention", json.loads(out))
