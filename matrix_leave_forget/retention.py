@@ -111,6 +111,8 @@ class RetentionSweeper:
         self._resumed: Set[str] = set()
         self._pumping = False
         self._due_checked = 0.0
+        # The backlog as last counted, lowered as the pump decides rooms.
+        self._backlog = 0
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: Dict[str, float] = {}
         # The pump's work so far, for benchmarks: rounds and transactions.
@@ -141,7 +143,8 @@ class RetentionSweeper:
         if backlog["held"]:
             counts["held"] = backlog["held"]
             metrics.purges_total.labels(server_name, "held").inc(backlog["held"])
-        metrics.purge_backlog.labels(server_name).set(backlog["due"])
+        self._backlog = backlog["due"]
+        metrics.purge_backlog.labels(server_name).set(self._backlog)
         metrics.purges_in_flight.labels(server_name).set(backlog["in_flight"])
         # Under dry_run the pump only follows purges started before it was set.
         if not self._pumping and (
@@ -197,7 +200,9 @@ class RetentionSweeper:
                 metrics.purges_total.labels(server_name, name).inc(n)
                 metrics.purge_seconds.labels(server_name, name).observe(per_room)
         if decided or cancelled:
-            metrics.purge_backlog.labels(server_name).dec(len(decided) + cancelled)
+            # Rooms that fell due since the last sweep are not in the count yet.
+            self._backlog = max(0, self._backlog - len(decided) - cancelled)
+            metrics.purge_backlog.labels(server_name).set(self._backlog)
 
     # -- the purge pump ----------------------------------------------------
 
