@@ -1,7 +1,7 @@
 """Run every benchmark and write one report (tables + JSON) under bench/results/.
 
-    python bench/run_all.py --quick   # ~3-5 minutes: smaller sizes, SQLite endpoints only
-    python bench/run_all.py           # the full run (~20 minutes): both engines, 10^4..10^6
+    python bench/run_all.py --quick   # ~10 minutes: smaller sizes, SQLite endpoints only
+    python bench/run_all.py           # the full run (~1.5 hours): both engines, 10^4..10^6
 
 PostgreSQL runs need the usual PG* variables (PGHOST=127.0.0.1 PGUSER=postgres
 PGPASSWORD=postgres); without a reachable server, pass --database sqlite.
@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import endpoints, queries, sweep  # noqa: E402
+from bench import endpoints, purge_storm, queries, sweep  # noqa: E402
 from bench.common import RESULTS_DIR, log, machine, write_json  # noqa: E402
 
 
@@ -26,10 +26,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
-    parser.add_argument("--only", choices=("endpoints", "queries", "sweep"), action="append")
+    parser.add_argument(
+        "--only", choices=("endpoints", "queries", "sweep", "purge_storm"), action="append"
+    )
     args = parser.parse_args(argv)
     dbs = ("sqlite", "postgres") if args.database == "both" else (args.database,)
-    only = set(args.only or ("endpoints", "queries", "sweep"))
+    only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm"))
     started = time.monotonic()
     report: List[str] = []
     data: Dict[str, Any] = {"machine": machine(), "quick": args.quick}
@@ -48,6 +50,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = [sweep.run(db, n, 200) for db in dbs]
         data["sweep"] = results
         report.append("## Retention sweep\n" + sweep.report(results))
+    if "purge_storm" in only:
+        storm_dbs = ("sqlite",) if args.quick and args.database == "both" else dbs
+        sizes = [50] if args.quick else [50, 200, 1000]
+        results = purge_storm.run_all(
+            storm_dbs, sizes, ("native", "module"), 10 if args.quick else 20
+        )
+        data["purge_storm"] = results
+        report.append("## Purge storm: native vs module\n" + purge_storm.report(results))
     data["seconds"] = round(time.monotonic() - started)
     name = "run_all-quick" if args.quick else "run_all"
     path = write_json(f"{name}.json", data)

@@ -98,7 +98,14 @@ class LeaveForgetModule:
                 api.register_web_resource(prefix, servlet)
         api.register_web_resource(
             ADMIN_PREFIX,
-            AdminResource(api, self.store, config.retention, self._internals, self._ready.wait),
+            AdminResource(
+                api,
+                self.store,
+                config.retention,
+                self._internals,
+                self._ready.wait,
+                sweeper=self.sweeper,
+            ),
         )
         # Listeners start right after modules are loaded; check them then.
         api.delayed_background_call(0, self._after_start, desc="leave_forget_start")

@@ -17,6 +17,7 @@ from synapse.module_api import (
 )
 from synapse.module_api.errors import Codes, SynapseError
 
+from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.store import (
     STATE_DRY_RUN,
@@ -28,6 +29,7 @@ from matrix_leave_forget.store import (
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
+    from matrix_leave_forget.retention import RetentionSweeper
 
 ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
 
@@ -46,6 +48,9 @@ _ROOM = re.compile(r"^/rooms/(?P<room_id>[^/]+)$")
 _HOLD = re.compile(r"^/rooms/(?P<room_id>[^/]+)/hold$")
 _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
+_RETENTION = re.compile(r"^/retention$")
+# The window over which GET /retention measures the purge rate.
+RATE_WINDOW_MS = 60 * 1000
 
 
 # Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
@@ -131,6 +136,7 @@ class AdminResource(DirectServeJsonResource):
         retention: The retention config (configured holds).
         internals: Reads Synapse's tables (abandoned rooms, local members).
         ready: Resolves once the module's tables are in place.
+        sweeper: The retention sweeper, for its pacing state (GET /retention).
     """
 
     isLeaf = True
@@ -142,8 +148,10 @@ class AdminResource(DirectServeJsonResource):
         retention: RetentionConfig,
         internals: "SynapseInternals",
         ready: Callable[[], Awaitable[None]],
+        sweeper: Optional["RetentionSweeper"] = None,
     ) -> None:
         super().__init__()
+        self._sweeper = sweeper
         self._ready = ready
         self._api = api
         self._store = store
@@ -187,7 +195,9 @@ class AdminResource(DirectServeJsonResource):
         elif _EXPORT.match(route):
             await self._export(request)
             return None
-        if any(p.match(route) for p in (_ROOMS, _ROOM, _HOLD, _AUDIT, _EXPORT)):
+        elif _RETENTION.match(route):
+            return 200, await self._retention_status()
+        if any(p.match(route) for p in (_ROOMS, _ROOM, _HOLD, _AUDIT, _EXPORT, _RETENTION)):
             raise SynapseError(405, "Unrecognized request", Codes.UNRECOGNIZED)
         raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
 
@@ -232,6 +242,40 @@ class AdminResource(DirectServeJsonResource):
         if len(rooms) == limit:
             result["next_from"] = rooms[-1]["room_id"]
         return result
+
+    async def _retention_status(self) -> Dict[str, Any]:
+        """The purge backlog, the current rate and the estimated time to drain it.
+
+        Counts come from the database, so every process answers alike; the
+        pacing block is there on the process that purges.
+        """
+        now = now_ms()
+        counts = await self._store.backlog_counts(now, self._retention.holds)
+        purged = await self._store.count_purged_since(now - RATE_WINDOW_MS)
+        rate = purged / (RATE_WINDOW_MS / 1000)
+        pacing: Optional[Dict[str, Any]] = None
+        if self._sweeper is not None and self._api.should_run_background_tasks():
+            pacing = {"pumping": self._sweeper.pumping, **self._sweeper.pacer.snapshot()}
+        if not rate and pacing is not None and pacing["estimated_rate_per_s"]:
+            rate_for_eta = float(pacing["estimated_rate_per_s"])
+        else:
+            rate_for_eta = rate
+        remaining = counts["due"] + counts["in_flight"]
+        return {
+            "backlog": counts["due"],
+            "in_flight": counts["in_flight"],
+            "held": counts["held"],
+            "waiting": counts["waiting"],
+            "dry_run": self._retention.dry_run,
+            "purged_last_minute": purged,
+            "rate_per_s": round(rate, 3),
+            "eta_s": (
+                0
+                if not remaining
+                else (round(remaining / rate_for_eta, 1) if rate_for_eta else None)
+            ),
+            "pacing": pacing,
+        }
 
     async def _room_detail(self, room_id: str) -> Dict[str, Any]:
         retention = await self._store.get_room(room_id)

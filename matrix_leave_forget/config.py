@@ -55,12 +55,18 @@ class RetentionConfig:
         dry_run: Record what would be purged, purge nothing.
         holds: Room ids that are never purged, whatever the admin API says.
         sweep_interval_ms: How often the sweep looks for due purges.
+        max_concurrent_purges: Most Synapse purge tasks the module keeps running at once.
+        purge_load: The share of time purges may keep Synapse busy (0 < x <= 1):
+            time with a purge in flight is paid back at this rate before more
+            start (see pacing.PurgePacer).
     """
 
     period_ms: Optional[int] = None
     dry_run: bool = False
     holds: FrozenSet[str] = frozenset()
     sweep_interval_ms: int = 60 * 1000
+    max_concurrent_purges: int = 3
+    purge_load: float = 0.5
 
 
 # Refused requests may append this many entries per user at once, then one a minute.
@@ -201,7 +207,18 @@ def _parse_rate_limit(value: Any, path: str) -> Optional[RateLimitConfig]:
 def _parse_retention(value: Any) -> RetentionConfig:
     path = "retention"
     section = _mapping(value, (path,))
-    _check_keys(section, ("period", "dry_run", "holds", "sweep_interval"), path)
+    _check_keys(
+        section,
+        (
+            "period",
+            "dry_run",
+            "holds",
+            "sweep_interval",
+            "max_concurrent_purges",
+            "purge_load",
+        ),
+        path,
+    )
     period = section.get("period")
     period_ms = (
         None
@@ -214,6 +231,18 @@ def _parse_retention(value: Any) -> RetentionConfig:
     for index, room_id in enumerate(holds_value):
         if not isinstance(room_id, str) or not is_valid_room_id(room_id):
             raise ConfigError(f"{room_id!r} is not a room id", (path, "holds", str(index)))
+    # Synapse runs at most task_scheduler.max_concurrent_tasks tasks (5 by
+    # default): more purges than that only queue inside Synapse, unpaced.
+    concurrency = section.get("max_concurrent_purges", RetentionConfig().max_concurrent_purges)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        raise ConfigError("must be an integer", (path, "max_concurrent_purges"))
+    if not 1 <= concurrency <= 100:
+        raise ConfigError("must be between 1 and 100", (path, "max_concurrent_purges"))
+    load = section.get("purge_load", RetentionConfig().purge_load)
+    if isinstance(load, bool) or not isinstance(load, (int, float)):
+        raise ConfigError("must be a number", (path, "purge_load"))
+    if not 0 < load <= 1:
+        raise ConfigError("must be greater than 0 and at most 1", (path, "purge_load"))
     return RetentionConfig(
         period_ms=period_ms,
         dry_run=_bool(section, "dry_run", False, path),
@@ -221,6 +250,8 @@ def _parse_retention(value: Any) -> RetentionConfig:
         sweep_interval_ms=parse_duration_ms(
             section.get("sweep_interval", "1m"), (path, "sweep_interval")
         ),
+        max_concurrent_purges=concurrency,
+        purge_load=float(load),
     )
 
 

@@ -6,7 +6,7 @@ no extra set-up. Every series carries ``server_name``, as Synapse's own do, so
 several homeservers in one process stay apart.
 """
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Leave and forget latencies run from a few ms (forget) to seconds (a leave
 # that federates to a large room); purge decisions are batched, per room.
@@ -61,4 +61,29 @@ purge_failures_total = Counter(
     "Purges that failed and will be retried: Synapse refused to start one "
     "(refused) or its purge task failed (failed).",
     ["server_name", "reason"],
+)
+
+# Purges take from tens of milliseconds (a small room) to minutes (a room of
+# millions of events, or one resumed after a crash behind Synapse's lock).
+_PURGE_TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+purge_backlog = Gauge(
+    "synapse_leave_forget_purge_backlog",
+    "Rooms due for purge and not held, waiting for the pump (set at each sweep, "
+    "lowered as the pump decides rooms).",
+    ["server_name"],
+)
+
+purges_in_flight = Gauge(
+    "synapse_leave_forget_purges_in_flight",
+    "Rooms whose purge Synapse was asked for and has not finished (state purging).",
+    ["server_name"],
+)
+
+purge_task_seconds = Histogram(
+    "synapse_leave_forget_purge_task_seconds",
+    "Time from asking Synapse to purge a room to seeing it gone: what the pacer "
+    "charges against retention.purge_load.",
+    ["server_name"],
+    buckets=_PURGE_TASK_BUCKETS,
 )

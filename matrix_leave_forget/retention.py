@@ -5,18 +5,30 @@ the main process by default), so exactly one process purges. All state lives in
 the database, so a restart loses nothing: rooms still due are picked up by the
 next sweep and rooms whose purge was started are re-submitted to Synapse until
 Synapse no longer has them.
+
+Every ``sweep_interval`` the sweep counts the backlog and starts the *purge
+pump* unless it runs already. The pump drains the backlog at the pace
+:class:`~matrix_leave_forget.pacing.PurgePacer` allows, independently of the
+sweep interval: it looks at the purges in flight (one transaction for all of
+them, every fraction of a typical purge), and as slots free up it decides the
+next due rooms, only as many as it can start now. So each room is re-checked
+(rejoin, invite, knock, hold) in the transaction that records its decision,
+immediately before Synapse is asked to purge it, however long it queued.
 """
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set
 
+import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
+from matrix_leave_forget._synapse import purge_tasks_txn, run_in_background_process
 from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.handler import MembershipHandler
+from matrix_leave_forget.pacing import PurgePacer
 from matrix_leave_forget.store import STATE_PURGING, RetentionStore
 
 if TYPE_CHECKING:
@@ -24,29 +36,49 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# How many rooms in "purging" one sweep looks at.
+# How many rooms in "purging" the pump follows (more only after a restart
+# with a lower max_concurrent_purges).
 SWEEP_BATCH = 1000
-# Due rooms decided per transaction. Each transaction holds the audit chain's
-# lock (so leave and forget wait for it): 1000 rooms is tens of milliseconds.
+# Due rooms decided per transaction under dry_run (nothing to pace). Each
+# transaction holds the audit chain's lock (so leave and forget wait for it):
+# 1000 rooms is tens of milliseconds.
 DECIDE_BATCH = 1000
 # Bound on one sweep's decision transactions (10^6 due rooms); the rest wait.
 MAX_DECIDE_TRANSACTIONS = 1000
-# Purges this process keeps in flight at once.
-MAX_CONCURRENT_PURGES = 1
 # Back-off before asking again after Synapse's purge of a room failed.
 PURGE_RETRY_MS = 5 * 1000
 MAX_PURGE_RETRY_MS = 60 * 60 * 1000
 # Synapse's worker locks expire this long after their holder's last renewal
 # (synapse.storage.databases.main.lock._LOCK_TIMEOUT), plus its reaper's interval.
 SYNAPSE_LOCK_TIMEOUT_S = 120 + 12
+# While purging, how often the pump looks for rooms that fell due meanwhile.
+DUE_RECHECK_S = 1.0
+# The shortest sleep of the pump between two rounds.
+MIN_WAIT_S = 0.01
+
+
+@attr.s(auto_attribs=True)
+class _InFlight:
+    """A room in "purging", as this process follows it.
+
+    Attributes:
+        requested_ms: When this process last asked Synapse to purge it (None:
+            not yet, or before a restart).
+        attempts: How often this process asked.
+        retry_at_ms: After a failure, when to ask again (0: not waiting).
+    """
+
+    requested_ms: Optional[int] = None
+    attempts: int = 0
+    retry_at_ms: int = 0
 
 
 class RetentionSweeper:
     """Decides and performs due purges, and cancels them when someone came back.
 
     Whether every local user still has the room forgotten is checked when the
-    purge falls due, inside the transaction that records the decision, so a
-    rejoin, invite or knock through any endpoint cancels it. (Synapse's
+    purge is about to start, inside the transaction that records the decision,
+    so a rejoin, invite or knock through any endpoint cancels it. (Synapse's
     on_new_event callback would catch them sooner, but registering one makes
     Synapse load the room state for every event on the server.)
 
@@ -71,16 +103,31 @@ class RetentionSweeper:
         self._store = store
         self._handler = handler
         self._internals = internals
-        # Per room in "purging": how often this process asked Synapse to purge
-        # it, and when it last did.
-        self._attempts: Dict[str, Tuple[int, int]] = {}
+        self.pacer = PurgePacer(config.max_concurrent_purges, config.purge_load)
+        # Rooms in "purging" that this process follows (loaded from the
+        # database when the pump starts, so a restart resumes them).
+        self._in_flight: Dict[str, _InFlight] = {}
         # Rooms whose purge Synapse resumed from an earlier process, once reported.
         self._resumed: Set[str] = set()
+        self._pumping = False
+        self._due_checked = 0.0
+        # The backlog as last counted, lowered as the pump decides rooms.
+        self._backlog = 0
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: Dict[str, float] = {}
+        # The pump's work so far, for benchmarks: rounds and transactions.
+        self.pump_stats: Dict[str, int] = {"rounds": 0, "follow_transactions": 0}
+
+    @property
+    def pumping(self) -> bool:
+        """Whether the purge pump is running in this process."""
+        return self._pumping
 
     async def sweep(self) -> Dict[str, int]:
-        """One pass: decide every due room, then check on purges in progress.
+        """One pass: count the backlog and make sure the pump drains it.
+
+        Under ``dry_run`` nothing is purged, so nothing is paced: every due room
+        is decided here, in bulk.
 
         Returns:
             How many rooms ended in each outcome, for logs and tests.
@@ -90,6 +137,38 @@ class RetentionSweeper:
         server_name = self._api.server_name
         started = time.monotonic()
         stats: Dict[str, float] = {"transactions": 0}
+        if self._config.dry_run:
+            await self._decide_all(now, counts, stats)
+        backlog = await self._store.backlog_counts(now, self._config.holds)
+        if backlog["held"]:
+            counts["held"] = backlog["held"]
+            metrics.purges_total.labels(server_name, "held").inc(backlog["held"])
+        self._backlog = backlog["due"]
+        metrics.purge_backlog.labels(server_name).set(self._backlog)
+        metrics.purges_in_flight.labels(server_name).set(backlog["in_flight"])
+        # Under dry_run the pump only follows purges started before it was set.
+        if not self._pumping and (
+            backlog["in_flight"] or (backlog["due"] and not self._config.dry_run)
+        ):
+            self._pumping = True
+            run_in_background_process(self._api, "leave_forget_purge_pump", self._pump)
+        stats["decide_ms"] = round((time.monotonic() - started) * 1000, 1)
+        stats["sweep_ms"] = stats["decide_ms"]
+        self.last_stats = stats
+        if counts:
+            logger.info(
+                "Retention sweep: %s (decided in %d ms, %d transaction(s)); backlog %s",
+                counts,
+                stats["decide_ms"],
+                stats["transactions"],
+                backlog,
+            )
+        else:
+            logger.debug("Retention sweep: backlog %s", backlog)
+        return counts
+
+    async def _decide_all(self, now: int, counts: Dict[str, int], stats: Dict[str, float]) -> None:
+        """Decide every room due at ``now``, DECIDE_BATCH per transaction (dry run)."""
         # Each transaction decides a batch of due rooms (oldest first) and
         # takes them out of "forgotten", so every one makes progress; `now`
         # is fixed, so the loop ends with the rooms due when it began.
@@ -102,63 +181,105 @@ class RetentionSweeper:
                 self._config.holds,
                 self._config.dry_run,
             )
-            per_room = (time.monotonic() - batch_started) / max(
-                1, len(batch.decided) + len(batch.cancelled)
-            )
             stats["transactions"] += 1
             for key, value in batch.timings_ms.items():
                 stats[key] = round(stats.get(key, 0.0) + value, 2)
-            decided = "dry_run" if self._config.dry_run else "purge"
-            for outcome, n in ((decided, len(batch.decided)), ("cancelled", len(batch.cancelled))):
-                if n:
-                    counts[outcome] = counts.get(outcome, 0) + n
-                    metrics.purges_total.labels(server_name, outcome).inc(n)
-                    metrics.purge_seconds.labels(server_name, outcome).observe(per_room)
+            self._count_decisions(batch.decided, len(batch.cancelled), batch_started, counts)
             if not batch.more:
                 break
-        held = await self._store.count_due_held(now, self._config.holds)
-        if held:
-            counts["held"] = held
-            metrics.purges_total.labels(server_name, "held").inc(held)
-        stats["decide_ms"] = round((time.monotonic() - started) * 1000, 1)
-        purged = await self._drive_purges()
-        if purged:
-            counts["purged"] = purged
-            metrics.purges_total.labels(server_name, "purged").inc(purged)
-        stats["sweep_ms"] = round((time.monotonic() - started) * 1000, 1)
-        self.last_stats = stats
-        if counts:
-            logger.info(
-                "Retention sweep: %s (decided in %d ms, %d transaction(s))",
-                counts,
-                stats["decide_ms"],
-                stats["transactions"],
-            )
-        else:
-            logger.debug("Retention sweep: nothing due")
-        return counts
 
-    async def _drive_purges(self) -> int:
-        """Move rooms in "purging" along, one Synapse purge at a time.
+    def _count_decisions(
+        self, decided: List[str], cancelled: int, started: float, counts: Dict[str, int]
+    ) -> None:
+        server_name = self._api.server_name
+        per_room = (time.monotonic() - started) / max(1, len(decided) + cancelled)
+        outcome = "dry_run" if self._config.dry_run else "purge"
+        for name, n in ((outcome, len(decided)), ("cancelled", cancelled)):
+            if n:
+                counts[name] = counts.get(name, 0) + n
+                metrics.purges_total.labels(server_name, name).inc(n)
+                metrics.purge_seconds.labels(server_name, name).observe(per_room)
+        if decided or cancelled:
+            # Rooms that fell due since the last sweep are not in the count yet.
+            self._backlog = max(0, self._backlog - len(decided) - cancelled)
+            metrics.purge_backlog.labels(server_name).set(self._backlog)
 
-        Synapse purges in several transactions and is heavy on the database,
-        so the module keeps at most MAX_CONCURRENT_PURGES in flight. Rooms are
-        taken in the order they were decided. A purge Synapse lost (a restart)
-        is requested again at once; one that failed, after a back-off.
+    # -- the purge pump ----------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Drain the backlog: follow purges in flight, start due ones as the pacer allows.
+
+        Runs until nothing is in flight and nothing is due; the next sweep
+        starts it again. One pump at a time (``_pumping``, set by the caller).
+        """
+        try:
+            for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
+                self._in_flight.setdefault(room_id, _InFlight())
+            if not self._in_flight:
+                # What a small transaction costs with no purge running: the
+                # reference the follow transactions are compared with.
+                probe_started = time.monotonic()
+                await self._store.probe()
+                self.pacer.probe(time.monotonic() - probe_started, 0)
+            more_due = True
+            while True:
+                self.pump_stats["rounds"] += 1
+                purged = await self._follow()
+                # Rooms fall due while the pump runs: look again when a slot
+                # freed up, or every DUE_RECHECK_S.
+                if more_due or purged or time.monotonic() >= self._due_checked + DUE_RECHECK_S:
+                    more_due = await self._start_due()
+                    self._due_checked = time.monotonic()
+                metrics.purges_in_flight.labels(self._api.server_name).set(len(self._in_flight))
+                if not self._in_flight and not more_due:
+                    return
+                now = now_ms()
+                waits = [DUE_RECHECK_S]
+                if self._running(now):
+                    # A purge finishing is what frees a slot (or the budget).
+                    waits.append(self.pacer.poll_s())
+                elif more_due:
+                    waits.append(max(self.pacer.wait_s(), MIN_WAIT_S))
+                retries = [p.retry_at_ms for p in self._in_flight.values() if p.retry_at_ms > now]
+                if retries:
+                    waits.append((min(retries) - now) / 1000)
+                await self._api.sleep(min(waits))
+        except Exception:
+            logger.exception("Retention purge pump failed; the next sweep restarts it")
+        finally:
+            self._pumping = False
+
+    def _running(self, now: int) -> int:
+        """Purges in flight that hold a slot (not waiting to retry after a failure)."""
+        return sum(1 for p in self._in_flight.values() if p.retry_at_ms <= now)
+
+    async def _follow(self) -> int:
+        """Look at every purge in flight in one transaction; record those done.
+
+        A running purge may already have deleted the room's row (Synapse
+        purges in several transactions): a room is purged once Synapse has no
+        unfinished task for it and its row is gone, not as soon as the row is.
+        A purge Synapse lost (a restart) is requested again at once; one that
+        failed, after a back-off.
 
         Returns:
-            How many rooms were found gone from Synapse and recorded as purged.
+            How many rooms were recorded as purged.
         """
-        purged = 0
-        in_flight = 0
+        if not self._in_flight:
+            return 0
+        self.pump_stats["follow_transactions"] += 1
+        probe_started = time.monotonic()
+        views = await self._api.run_db_interaction(
+            "leave_forget_follow_purges", purge_tasks_txn, sorted(self._in_flight)
+        )
         now = now_ms()
-        for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
-            # A running purge may already have deleted the room's row (Synapse
-            # purges in several transactions): the room is purged once the
-            # task is no longer running, not as soon as the row is gone.
-            status, error = await self._internals.purge_task_status(room_id)
-            if status == "active":
-                if room_id not in self._attempts and room_id not in self._resumed:
+        self.pacer.probe(time.monotonic() - probe_started, self._running(now))
+        purged = 0
+        server_name = self._api.server_name
+        for room_id, view in views.items():
+            purge = self._in_flight[room_id]
+            if view.status == "active":
+                if purge.requested_ms is None and room_id not in self._resumed:
                     self._resumed.add(room_id)
                     # After a crash Synapse's purge lock outlives the process
                     # that held it; Synapse lets it expire rather than guess.
@@ -170,36 +291,82 @@ class RetentionSweeper:
                         room_id,
                         SYNAPSE_LOCK_TIMEOUT_S,
                     )
-                in_flight += 1
                 continue
-            exists = await self._api.run_db_interaction(
-                "leave_forget_room_exists", self._internals.room_exists_txn, room_id
-            )
-            if not exists:
+            if not view.room_exists:
                 await self._store.mark_purged(room_id)
-                self._attempts.pop(room_id, None)
+                del self._in_flight[room_id]
                 self._resumed.discard(room_id)
                 purged += 1
+                metrics.purges_total.labels(server_name, "purged").inc()
+                if purge.requested_ms is not None:
+                    duration = max(0.0, (now - purge.requested_ms) / 1000)
+                    self.pacer.finished(duration, self._running(now))
+                    metrics.purge_task_seconds.labels(server_name).observe(duration)
                 continue
-            if in_flight >= MAX_CONCURRENT_PURGES:
+            if purge.retry_at_ms > now:
                 continue
-            attempts, last_at = self._attempts.get(room_id, (0, 0))
-            if status == "failed":
-                backoff = min(PURGE_RETRY_MS * 2 ** max(attempts - 1, 0), MAX_PURGE_RETRY_MS)
-                if now - last_at < backoff:
-                    continue
-                logger.warning("Synapse's purge of %s failed (%s); retrying", room_id, error)
+            fresh = (
+                view.status == "failed"
+                and view.task_ts is not None
+                and (purge.requested_ms is None or view.task_ts >= purge.requested_ms)
+            )
+            if fresh and purge.retry_at_ms == 0:
+                backoff = min(PURGE_RETRY_MS * 2 ** max(purge.attempts - 1, 0), MAX_PURGE_RETRY_MS)
+                purge.retry_at_ms = now + backoff
+                logger.warning(
+                    "Synapse's purge of %s failed (%s); retrying in %d s",
+                    room_id,
+                    view.error,
+                    backoff // 1000,
+                )
                 metrics.purge_failures_total.labels(self._api.server_name, "failed").inc()
-            if await self._request_purge(room_id):
-                self._attempts[room_id] = (attempts + 1, now)
-                in_flight += 1
+                continue
+            # Synapse has no purge of the room under way: lost in a restart,
+            # never requested (a crash right after the decision), or due for
+            # its retry. The slot is already this room's.
+            await self._request_purge(room_id, purge, now)
         return purged
 
-    async def _request_purge(self, room_id: str) -> bool:
+    async def _start_due(self) -> bool:
+        """Decide and start as many due rooms as the pacer has slots for.
+
+        Returns:
+            Whether more rooms may be due (the last decision filled its batch,
+            or the pacer stopped it).
+        """
+        if self._config.dry_run:
+            return False
+        while True:
+            now = now_ms()
+            slots = self.pacer.slots(self._running(now))
+            if slots <= 0:
+                return True
+            started = time.monotonic()
+            batch = await self._store.decide_due(
+                now,
+                slots,
+                self._handler.why_not_forgotten_many_txn,
+                self._config.holds,
+                False,
+            )
+            self._count_decisions(batch.decided, len(batch.cancelled), started, {})
+            for room_id in batch.decided:
+                purge = self._in_flight.setdefault(room_id, _InFlight())
+                await self._request_purge(room_id, purge, now_ms())
+            self.pacer.started(self._running(now_ms()))
+            if not batch.more:
+                return False
+
+    async def _request_purge(self, room_id: str, purge: _InFlight, now: int) -> None:
+        purge.attempts += 1
+        purge.requested_ms = now
+        purge.retry_at_ms = 0
         try:
             await self._api.delete_room(room_id)
         except Exception:
-            logger.exception("Synapse refused to purge %s; will retry", room_id)
+            backoff = min(PURGE_RETRY_MS * 2 ** max(purge.attempts - 1, 0), MAX_PURGE_RETRY_MS)
+            purge.retry_at_ms = now + backoff
+            logger.exception(
+                "Synapse refused to purge %s; retrying in %d s", room_id, backoff // 1000
+            )
             metrics.purge_failures_total.labels(self._api.server_name, "refused").inc()
-            return False
-        return True

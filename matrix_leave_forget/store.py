@@ -597,6 +597,27 @@ class RetentionStore:
 
         return await self._api.run_db_interaction("leave_forget_count_due_held", txn_fn)
 
+    async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> Dict[str, int]:
+        """What retention has to do (see retention_counts_txn), in one transaction."""
+        return await self._api.run_db_interaction(
+            "leave_forget_backlog_counts", retention_counts_txn, now, config_holds
+        )
+
+    async def probe(self) -> None:
+        """The smallest transaction: what waiting for the database costs right now."""
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute("SELECT 1")
+            txn.fetchone()
+
+        await self._api.run_db_interaction("leave_forget_probe", txn_fn)
+
+    async def count_purged_since(self, since_ts: int) -> int:
+        """Rooms recorded purged since ``since_ts`` (the audit log's ts index)."""
+        return await self._api.run_db_interaction(
+            "leave_forget_count_purged_since", count_purged_since_txn, since_ts
+        )
+
     async def mark_purged(self, room_id: str) -> None:
         def txn_fn(txn: LoggingTransaction) -> None:
             self._lock_chain_txn(txn)
@@ -908,6 +929,67 @@ def list_rooms_txn(
         args.append(limit)
     txn.execute(sql.replace("?", paramstyle), args)
     return [RoomRetention(*r) for r in txn.fetchall()]
+
+
+def retention_counts_txn(
+    txn: Any, now: int, config_holds: AbstractSet[str], paramstyle: str = "?"
+) -> Dict[str, int]:
+    """What retention has to do: a few index ranges; shared with the offline CLI.
+
+    Returns:
+        ``due``: rooms due now and not held (the backlog); ``held``: due rooms a
+        hold keeps; ``waiting``: forgotten rooms not yet due; ``in_flight``: rooms
+        whose purge Synapse was asked for.
+    """
+
+    def count(sql: str, args: Sequence[Any]) -> int:
+        txn.execute(sql.replace("?", paramstyle), args)
+        row = txn.fetchone()
+        return int(row[0]) if row else 0
+
+    due_all = count(
+        "SELECT COUNT(*) FROM leave_forget_rooms "
+        "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ?",
+        (STATE_FORGOTTEN, now),
+    )
+    held = count(
+        "SELECT COUNT(*) FROM leave_forget_holds AS h "
+        "JOIN leave_forget_rooms AS r ON r.room_id = h.room_id "
+        "WHERE r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ?",
+        (STATE_FORGOTTEN, now),
+    )
+    extra = sorted(config_holds)
+    if extra:
+        held += count(
+            "SELECT COUNT(*) FROM leave_forget_rooms AS r "
+            f"WHERE r.room_id IN ({', '.join('?' for _ in extra)}) "
+            "AND r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM leave_forget_holds AS h "
+            "WHERE h.room_id = r.room_id)",
+            (*extra, STATE_FORGOTTEN, now),
+        )
+    return {
+        "due": max(0, due_all - held),
+        "held": held,
+        "waiting": count(
+            "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ? AND purge_due_at > ?",
+            (STATE_FORGOTTEN, now),
+        ),
+        "in_flight": count(
+            "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ?", (STATE_PURGING,)
+        ),
+    }
+
+
+def count_purged_since_txn(txn: Any, since_ts: int, paramstyle: str = "?") -> int:
+    """Rooms recorded purged since ``since_ts`` (the audit log's ts index); shared with the CLI."""
+    txn.execute(
+        "SELECT COUNT(*) FROM leave_forget_audit "
+        "WHERE ts >= ? AND action = 'purge' AND outcome = 'purged'".replace("?", paramstyle),
+        (since_ts,),
+    )
+    row = txn.fetchone()
+    return int(row[0]) if row else 0
 
 
 def select_holds_page_txn(

@@ -55,7 +55,9 @@ from matrix_leave_forget.cli.render import (
 )
 from matrix_leave_forget.store import (
     STORED_COLUMNS,
+    count_purged_since_txn,
     list_rooms_txn,
+    retention_counts_txn,
     select_audit_txn,
     select_holds_txn,
 )
@@ -164,6 +166,46 @@ def _list_rooms(
     return [attr.asdict(r) for r in retained]
 
 
+# The window over which ``rooms --state pending`` measures the purge rate.
+RATE_WINDOW_MS = 60 * 1000
+
+
+def pending_summary(db: Database, config: HomeserverConfig) -> Dict[str, Any]:
+    """The purge backlog, the rate over the last minute and the time to drain it.
+
+    The same numbers as ``GET .../admin/retention`` (without the pacer's state,
+    which lives in the running Synapse).
+    """
+    cur = db.cursor()
+    now = int(time.time() * 1000)
+    counts = retention_counts_txn(cur, now, configured_holds(config), paramstyle=db.paramstyle)
+    purged = count_purged_since_txn(cur, now - RATE_WINDOW_MS, paramstyle=db.paramstyle)
+    rate = purged / (RATE_WINDOW_MS / 1000)
+    remaining = counts["due"] + counts["in_flight"]
+    return {
+        "backlog": counts["due"],
+        "in_flight": counts["in_flight"],
+        "held": counts["held"],
+        "waiting": counts["waiting"],
+        "purged_last_minute": purged,
+        "rate_per_s": round(rate, 3),
+        "eta_s": 0 if not remaining else (round(remaining / rate, 1) if rate else None),
+    }
+
+
+def _summary_line(summary: Mapping[str, Any]) -> str:
+    eta = summary["eta_s"]
+    if eta is None:
+        drain = "no purge in the last minute, time to drain unknown"
+    else:
+        drain = f"time to drain ~{eta:.0f} s"
+    return (
+        f"Backlog: {summary['backlog']} due ({summary['held']} held, "
+        f"{summary['waiting']} not yet due), {summary['in_flight']} purging; "
+        f"{summary['rate_per_s']:.2f} rooms/s over the last minute; {drain}."
+    )
+
+
 def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
     """List rooms by retention state, as ``GET .../admin/rooms?state=`` does.
 
@@ -180,10 +222,13 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     columns = {"held": _HOLD_COLUMNS, "abandoned": _ABANDONED_COLUMNS}.get(
         args.state, _ROOM_COLUMNS
     )
+    summary = pending_summary(db, config) if args.state == "pending" else None
     if args.format == "json":
         result: Dict[str, Any] = {"state": args.state, "rooms": rooms}
         if more:
             result["next_from"] = rooms[-1]["room_id"]
+        if summary is not None:
+            result["retention"] = summary
         write_json(sys.stdout, result)
     elif args.format == "csv":
         write_csv(sys.stdout, [c.key for c in columns], rooms)
@@ -191,6 +236,10 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
         print(render_table(columns, rooms))
     else:
         print(f"No rooms in state {args.state}.")
+    if summary is not None and args.format == "table":
+        print(_summary_line(summary))
+    elif summary is not None and args.format == "csv":
+        _warn(_summary_line(summary))
     if more and args.format != "json":
         _warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
     return EXIT_OK

@@ -1,0 +1,410 @@
+"""The purge pump under load: concurrency bound, pacing, visibility, races and crashes.
+
+Each class is one Synapse (two for the race, which needs a remote server so
+that a local user can rejoin a room every local user forgot). Purges are
+followed through the audit log (``started`` and ``purged`` entries, each with
+its time) and through Synapse's own ``scheduled_tasks`` table, read directly.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+from matrix_leave_forget.audit import now_ms
+from matrix_leave_forget.pacing import BURST_S
+from matrix_leave_forget.retention import SYNAPSE_LOCK_TIMEOUT_S
+from tests.integration.harness import User, pg_connect_args, quote_room, run_cli, wait_until
+from tests.integration.test_faults import synapse_rows
+from tests.integration.test_retention import (
+    RELAXED_FORGET,
+    FederatingSynapseProcess,
+    RetentionHelpers,
+)
+
+ACTIVE_TASKS_SQL = (
+    "SELECT COUNT(*) FROM scheduled_tasks WHERE status IN ('scheduled', 'active') "
+    "AND action IN ('purge_room', 'shutdown_and_purge_room')"
+)
+
+
+class TaskWatcher(threading.Thread):
+    """Counts Synapse's unfinished purge tasks every 20 ms; remembers the most seen."""
+
+    def __init__(self, hs: Any) -> None:
+        super().__init__(daemon=True)
+        self.hs = hs
+        self.most = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.most = max(self.most, int(synapse_rows(self.hs, ACTIVE_TASKS_SQL)[0][0]))
+            except Exception:
+                pass  # the database is briefly locked or the server restarting
+            self.stop_event.wait(0.02)
+
+    def __enter__(self) -> "TaskWatcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+class ThroughputHelpers(RetentionHelpers):
+    """Storms of rooms and what the audit log says about their purges."""
+
+    def storm(self, count: int) -> List[str]:
+        """``count`` rooms, one member each, left and forgotten back to back."""
+        prepared = [self.joined_room(members=1) for _ in range(count)]
+        for room, users in prepared:
+            self.leave_and_forget(users, room)
+        return [room for room, _ in prepared]
+
+    def wait_all_purged(self, rooms: List[str], timeout: float = 120.0) -> None:
+        def done() -> bool:
+            return all(self.state(room) == "purged" for room in rooms)
+
+        wait_until(done, timeout, "every room to be purged")
+
+    def intervals(self, rooms: List[str]) -> Dict[str, Tuple[int, int]]:
+        """Per room: (time of its ``started`` entry, time of its ``purged`` entry)."""
+        out: Dict[str, Tuple[int, int]] = {}
+        for room in rooms:
+            entries = [e for e in self.audit(room_id=room) if e["action"] == "purge"]
+            self.assertEqual([e["outcome"] for e in entries], ["started", "purged"], room)
+            out[room] = (entries[0]["ts"], entries[1]["ts"])
+        return out
+
+    @staticmethod
+    def most_overlapping(intervals: Dict[str, Tuple[int, int]]) -> int:
+        """The most purges between their start and their recorded end at one moment.
+
+        A purge is recorded ``purged`` after Synapse finished it, so this is at
+        least the true concurrency."""
+        points = sorted(
+            [(start, 1) for start, _ in intervals.values()]
+            + [(end, -1) for _, end in intervals.values()],
+            key=lambda p: (p[0], p[1]),
+        )
+        most = current = 0
+        for _, step in points:
+            current += step
+            most = max(most, current)
+        return most
+
+    @staticmethod
+    def busy_ms(intervals: Dict[str, Tuple[int, int]]) -> int:
+        """The length of the union of the purges' intervals."""
+        total, end_so_far = 0, None
+        for start, end in sorted(intervals.values()):
+            if end_so_far is None or start > end_so_far:
+                total += end - start
+                end_so_far = end
+            elif end > end_so_far:
+                total += end - end_so_far
+                end_so_far = end
+        return total
+
+    def status(self) -> Dict[str, Any]:
+        return dict(self.admin_ok("GET", "/retention"))
+
+
+class ConcurrencyTests(ThroughputHelpers):
+    """max_concurrent_purges: 2, no load budget (purge_load: 1)."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {
+            "period": "1s",
+            "sweep_interval": "100ms",
+            "max_concurrent_purges": 2,
+            "purge_load": 1,
+        },
+    }
+
+    def test_never_more_purges_than_the_bound(self) -> None:
+        """A storm of 12 rooms drains with at most 2 Synapse purge tasks
+        unfinished at any moment (read from Synapse's table every 20 ms and
+        from the audit log), and it does use 2 at once."""
+        with TaskWatcher(self.hs) as watcher:
+            rooms = self.storm(12)
+            self.wait_all_purged(rooms)
+        intervals = self.intervals(rooms)
+        self.assertLessEqual(watcher.most, 2)
+        self.assertGreaterEqual(watcher.most, 1, "the watcher saw the purges")
+        # A slot frees when the pump records the purge done, so the audit
+        # intervals are the pump's own accounting: exact, not an estimate.
+        self.assertLessEqual(self.most_overlapping(intervals), 2)
+        for room in rooms:
+            self.assert_purged(room)
+        status = self.status()
+        self.assertEqual((status["backlog"], status["in_flight"], status["eta_s"]), (0, 0, 0))
+        self.assertGreaterEqual(status["purged_last_minute"], 12)
+        self.assertEqual(status["pacing"]["max_concurrent_purges"], 2)
+
+    def test_metrics_show_backlog_and_in_flight(self) -> None:
+        """The backlog and in-flight gauges exist and read 0 once all is purged;
+        the purge duration histogram counted the purges."""
+        rooms = self.storm(3)
+        self.wait_all_purged(rooms)
+        gauges = ("synapse_leave_forget_purge_backlog", "synapse_leave_forget_purges_in_flight")
+
+        def gauges_at_zero() -> Optional[str]:
+            text = self.hs.metrics()
+            zero = all(f'{g}{{server_name="test.local"}} 0.0' in text for g in gauges)
+            return text if zero else None
+
+        text = wait_until(gauges_at_zero, what="the gauges to read 0")
+        counts = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("synapse_leave_forget_purge_task_seconds_count{")
+        ]
+        self.assertTrue(counts and counts[0] >= 3, counts)
+
+
+class PacingTests(ThroughputHelpers):
+    """A small load budget, one purge at a time: purges are spread out, and the
+    admin API shows the backlog."""
+
+    LOAD = 0.1
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {
+            "period": "1s",
+            "sweep_interval": "100ms",
+            "max_concurrent_purges": 1,
+            "purge_load": LOAD,
+        },
+    }
+
+    def test_load_budget_spreads_purges_and_status_shows_backlog(self) -> None:
+        """With purge_load 0.1, the purges of a 30-room storm keep Synapse busy
+        at most 10 % of the drain (plus one burst and one purge), where
+        unpaced they would run back to back; meanwhile GET /retention shows a
+        backlog, the pacer waiting and a time to drain."""
+        rooms = self.storm(30)
+        wait_until(lambda: self.status()["backlog"] >= 3, what="a backlog to build up")
+        cli = run_cli(self.hs.config_path, "--json", "rooms", "--state", "pending")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        summary = json.loads(cli.stdout)["retention"]
+        self.assertGreaterEqual(summary["backlog"] + summary["in_flight"], 1, summary)
+        self.assertEqual(
+            set(summary),
+            {
+                "backlog",
+                "in_flight",
+                "held",
+                "waiting",
+                "purged_last_minute",
+                "rate_per_s",
+                "eta_s",
+            },
+        )
+        snapshots: List[Dict[str, Any]] = []
+
+        def drained() -> bool:
+            snapshots.append(self.status())
+            return all(self.state(room) == "purged" for room in rooms)
+
+        wait_until(drained, 300, "every room to be purged")
+        intervals = self.intervals(rooms)
+        busy = self.busy_ms(intervals) / 1000
+        first_start = min(start for start, _ in intervals.values())
+        last_end = max(end for _, end in intervals.values())
+        elapsed = (last_end - first_start) / 1000
+        longest = max(end - start for start, end in intervals.values()) / 1000
+        # Otherwise the burst alone could have covered the storm.
+        self.assertGreater(busy, BURST_S + longest, "the storm outlasted one burst")
+        self.assertLessEqual(busy, self.LOAD * elapsed + BURST_S + longest + 0.5, intervals)
+        waiting = [
+            s
+            for s in snapshots
+            if s["backlog"] > 0 and s["pacing"] and s["pacing"]["next_start_in_s"] > 0
+        ]
+        self.assertTrue(waiting, "no snapshot showed the pacer holding back a backlog")
+        self.assertTrue(any(s["eta_s"] and s["eta_s"] > 0 for s in waiting), waiting[-1])
+        final = self.status()
+        self.assertEqual((final["backlog"], final["in_flight"], final["eta_s"]), (0, 0, 0))
+        self.assertEqual(final["pacing"]["purge_load"], self.LOAD)
+        cli = run_cli(self.hs.config_path, "rooms", "--state", "pending")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertIn("Backlog: 0 due (0 held, 0 not yet due), 0 purging;", cli.stdout)
+        self.assertIn("time to drain ~0 s", cli.stdout)
+
+
+class SigkillMidBatchTests(ThroughputHelpers):
+    """SIGKILL while several purges are in flight."""
+
+    RETENTION: ClassVar[Dict[str, Any]] = {
+        "period": "2s",
+        "sweep_interval": "100ms",
+        "max_concurrent_purges": 3,
+        "purge_load": 1,
+    }
+    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
+
+    def test_sigkill_mid_concurrent_batch_resumes_and_loses_nothing(self) -> None:
+        """Killed while two or more purges are in flight and one holds Synapse's
+        purge lock (which outlives the process for 2 minutes), restarted:
+        every room is purged exactly once in the log (``started`` then
+        ``purged``), no more than 3 purge tasks run at once after the restart,
+        and the audit chain verifies."""
+        rooms = self.storm(12)
+
+        def concurrent_batch_locked() -> bool:
+            locks = synapse_rows(
+                self.hs,
+                "SELECT COUNT(*) FROM worker_read_write_locks WHERE lock_name = ?",
+                ("purge_pagination_lock",),
+            )[0][0]
+            purging = synapse_rows(
+                self.hs, "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = 'purging'"
+            )[0][0]
+            return int(locks) >= 1 and int(purging) >= 2
+
+        wait_until(
+            concurrent_batch_locked, 60, "two purges in flight, one holding Synapse's purge lock"
+        )
+        self.hs.stop(signal.SIGKILL)
+        in_flight = [r for r in rooms if self._state_offline(r) == "purging"]
+        self.assertGreaterEqual(len(in_flight), 2, "the kill landed in a concurrent batch")
+        self.assertLessEqual(len(in_flight), 3)
+        self.hs.start()
+        with TaskWatcher(self.hs) as watcher:
+            self.wait_all_purged(rooms, timeout=SYNAPSE_LOCK_TIMEOUT_S + 120)
+        self.assertLessEqual(watcher.most, 3)
+        self.intervals(rooms)  # exactly started + purged for each
+        for room in rooms:
+            self.assertFalse(self.synapse_has_room(room))
+        result = run_cli(self.hs.config_path, "verify")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def _state_offline(self, room_id: str) -> Optional[str]:
+        rows = synapse_rows(
+            self.hs, "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
+        )
+        return str(rows[0][0]) if rows else None
+
+
+def synapse_exec(hs: Any, sql: str, args: Tuple[Any, ...] = ()) -> None:
+    """Write to Synapse's own tables directly (committed), on SQLite or PostgreSQL."""
+    if hs.pg_database is None:
+        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
+        try:
+            with conn:
+                conn.execute(sql, args)
+        finally:
+            conn.close()
+        return
+    import psycopg2
+
+    params = pg_connect_args(hs.pg_database)
+    params.pop("cp_min")
+    params.pop("cp_max")
+    pg = psycopg2.connect(**params)
+    try:
+        with pg, pg.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), args)
+    finally:
+        pg.close()
+
+
+class QueuedRejoinTests(ThroughputHelpers):
+    """A local user rejoins a room that is due but queued behind a purge in flight."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {
+            "period": "2s",
+            "sweep_interval": "100ms",
+            "max_concurrent_purges": 1,
+            "purge_load": 1,
+        },
+    }
+    remote: ClassVar[FederatingSynapseProcess]
+    rita: ClassVar[User]
+
+    @classmethod
+    def boot(cls) -> None:
+        cls.hs = FederatingSynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG})
+        cls.remote = FederatingSynapseProcess(None)
+        try:
+            cls.hs.start()
+            cls.remote.start()
+            cls.admin = cls.hs.register("admin", admin=True)
+            cls.rita = cls.remote.register("rita")
+        except Exception:
+            cls.shutdown()
+            raise
+
+    @classmethod
+    def shutdown(cls) -> None:
+        cls.hs.cleanup()
+        cls.remote.cleanup()
+
+    def federated_join(self, user: User, room_id: str) -> None:
+        via = quote_room(self.remote.server_name)
+        path = f"/_matrix/client/v3/join/{quote_room(room_id)}?server_name={via}"
+        resp = self.hs.client("POST", path, {}, token=user.access_token)
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def test_rejoin_of_a_queued_room_cancels_its_purge(self) -> None:
+        """The one purge slot is taken by a local room whose purge cannot
+        finish (its purge lock is held, as another worker would); the remote
+        room falls due behind it and waits. Alice rejoins it while it waits:
+        at its turn the re-check cancels its purge (audit entry naming her),
+        Synapse keeps it, and the room ahead is purged once its lock is free."""
+        alice = self.user("alice")
+        remote_room = self.remote.create_room(self.rita, preset="public_chat")
+        self.federated_join(alice, remote_room)
+        ahead = self.forgotten_room(members=1)
+        # Taken before the room ahead falls due: its purge waits for the lock.
+        synapse_exec(
+            self.hs,
+            "INSERT INTO worker_read_write_locks "
+            "(lock_name, lock_key, write_lock, instance_name, token, last_renewed_ts) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            ("purge_pagination_lock", ahead, True, "test-holder", "testtoken", now_ms()),
+        )
+        try:
+            self.leave_and_forget([alice], remote_room)
+            self.assertEqual(self.state(remote_room), "forgotten")
+
+            def queued() -> bool:
+                retention = self.retention(remote_room)
+                status = self.status()
+                return bool(
+                    self.state(ahead) == "purging"
+                    and retention["state"] == "forgotten"
+                    and retention["purge_due_at"] < now_ms()
+                    and status["backlog"] >= 1
+                    and status["in_flight"] == 1
+                )
+
+            wait_until(queued, 60, "the remote room to be due and queued behind the room ahead")
+            self.federated_join(alice, remote_room)
+            self.assertEqual(self.state(remote_room), "forgotten", "still queued at the rejoin")
+            self.assertEqual(self.state(ahead), "purging", "the slot was still taken")
+        finally:
+            synapse_exec(
+                self.hs,
+                "DELETE FROM worker_read_write_locks WHERE token = ?",
+                ("testtoken",),
+            )
+        retention = self.wait_state(remote_room, "active", timeout=120)
+        self.assertEqual(retention["note"], f"{alice.user_id} has membership join")
+        purges = [e for e in self.audit(room_id=remote_room) if e["action"] == "purge"]
+        self.assertEqual(
+            [(e["outcome"], e["reason"]) for e in purges],
+            [("cancelled", f"{alice.user_id} has membership join")],
+        )
+        self.assertTrue(self.synapse_has_room(remote_room))
+        self.wait_all_purged([ahead], timeout=120)
+        self.assertFalse(self.synapse_has_room(ahead))
