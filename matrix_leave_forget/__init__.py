@@ -13,11 +13,11 @@ from typing import Any, List, Optional
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import SynapseInternals
+from matrix_leave_forget._synapse import SynapseInternals, SynapseRoutes
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
 from matrix_leave_forget.handler import MembershipHandler
-from matrix_leave_forget.reconcile import Reconciler
+from matrix_leave_forget.reconcile import CATCH_UP_INTERVAL_MS, Reconciler
 from matrix_leave_forget.resource import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
@@ -48,12 +48,19 @@ class LeaveForgetModule:
         self.store = RetentionStore(
             api, api.server_name, self._internals.instance_name, self._internals.signing_key
         )
-        self.handler = MembershipHandler(api, config, self._internals, self.store)
+        self._routes = SynapseRoutes(api)
+        self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
         self.sweeper = RetentionSweeper(
             api, config.retention, self.store, self.handler, self._internals
         )
-        self.reconciler = Reconciler(
-            api, config.retention, self.store, self.handler, self._internals
+        self.reconciler = Reconciler(api, self.store, self._routes)
+        # Every route of leave and forget, not only the module's endpoints
+        # (docs/audit.md "Routes").
+        self._routes.take_over_forget(self.handler.synapse_forget)
+        api.register_third_party_rules_callbacks(
+            on_new_event=self.handler.on_new_event,
+            check_can_shutdown_room=self.handler.check_can_shutdown_room,
+            on_user_deactivation_status_changed=self.handler.on_user_deactivation_status_changed,
         )
         self._ready = _StartupGate()
 
@@ -93,7 +100,7 @@ class LeaveForgetModule:
         else:
             self._check_listener()
         try:
-            version = await self.store.setup()
+            version = await self.store.setup(self._routes.max_stream_ordering_txn)
         except Exception as exc:
             logger.exception("Schema setup failed")
             self._internals.fatal(f"could not create or upgrade its tables: {exc}")
@@ -104,8 +111,18 @@ class LeaveForgetModule:
         self._api.looping_background_call(
             self.sweeper.sweep, self._config.retention.sweep_interval_ms, desc="leave_forget_sweep"
         )
+        if self._routes.forget_on_leave():
+            logger.warning(
+                "forget_rooms_on_leave is on: Synapse forgets every room a local user "
+                "leaves (or is kicked or banned from). Each such forget is in the audit "
+                "log (via forget_on_leave) and starts the room's retention period once "
+                "every local user has forgotten it."
+            )
         if self._api.should_run_background_tasks():
             await self.reconciler.run()
+            self._api.looping_background_call(
+                self.reconciler.tick, CATCH_UP_INTERVAL_MS, desc="leave_forget_catch_up"
+            )
 
     def _check_listener(self) -> None:
         """Warn when no listener of this process can reach the module's resources."""

@@ -41,6 +41,18 @@ ENTRY_FIELDS: Sequence[str] = (
     "prev_hash",
 )
 
+# Fields added since the first format. Hashed only when set (not null): an entry
+# without them hashes exactly as it did before they existed, so old chains keep
+# verifying and independent additions compose.
+OPTIONAL_FIELDS: Sequence[str] = (
+    # How the departure or forget happened (docs/audit.md "Routes").
+    "via",
+    # Who acted, when not the user: the kicker or banner, the admin.
+    "actor",
+    # The origin_server_ts of the membership event an entry records.
+    "event_ts",
+)
+
 
 def now_ms() -> int:
     """Wall-clock milliseconds, as Synapse stamps events.
@@ -50,9 +62,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def hashed_body(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """What an entry's hash covers: every ENTRY_FIELD, and the OPTIONAL_FIELDS that are set."""
+    body = {k: entry[k] for k in ENTRY_FIELDS}
+    for k in OPTIONAL_FIELDS:
+        if entry.get(k) is not None:
+            body[k] = entry[k]
+    return body
+
+
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """The chain hash of an entry: SHA-256 of its canonical JSON, hash and signatures aside."""
-    body = {k: entry[k] for k in ENTRY_FIELDS}
+    body = hashed_body(entry)
     return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
 
 
@@ -60,11 +81,11 @@ def seal_entry(fields: Mapping[str, Any], origin: str, signing_key: SigningKey) 
     """Complete an entry with its hash and the homeserver's signature.
 
     Args:
-        fields: Every name in ENTRY_FIELDS (``origin`` included).
+        fields: Every name in ENTRY_FIELDS (``origin`` included), and any OPTIONAL_FIELDS.
         origin: The server name to sign as.
         signing_key: The homeserver's signing key.
     """
-    entry = {k: fields[k] for k in ENTRY_FIELDS}
+    entry = hashed_body(fields)
     entry["hash"] = entry_hash(entry)
     signed = sign_json({"hash": entry["hash"], "seq": entry["seq"]}, origin, signing_key)
     entry["signatures"] = signed["signatures"]

@@ -24,6 +24,7 @@ MODULE_TABLES_BY_VERSION = {
     1: {"leave_forget_audit", "leave_forget_rooms"},
     2: {"leave_forget_holds"},
     3: set(),  # an index only
+    4: {"leave_forget_stream_positions"},
 }
 
 
