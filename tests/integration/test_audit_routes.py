@@ -14,7 +14,7 @@ import json
 import os
 import re
 import urllib.parse
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from tests.integration.harness import (
     SynapseProcess,
@@ -23,7 +23,11 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_faults import synapse_rows
-from tests.integration.test_retention import RELAXED_FORGET, RetentionHelpers
+from tests.integration.test_retention import (
+    RELAXED_FORGET,
+    FederatingSynapseProcess,
+    RetentionHelpers,
+)
 
 V3 = "/_matrix/client/v3"
 
@@ -324,6 +328,56 @@ class LifecycleTests(RouteHelpers):
         self.assertIsNotNone(retention["purge_due_at"])
 
 
+class FederatedLifecycleTests(RouteHelpers):
+    """Two federating homeservers: a room purged here lives on at the remote."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {"period": "2s", "sweep_interval": "100ms"},
+    }
+    remote: ClassVar[FederatingSynapseProcess]
+    rita: ClassVar[User]
+
+    @classmethod
+    def boot(cls) -> None:
+        cls.hs = FederatingSynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG})
+        cls.remote = FederatingSynapseProcess(None)
+        try:
+            cls.hs.start()
+            cls.remote.start()
+            cls.admin = cls.hs.register("admin", admin=True)
+            cls.rita = cls.remote.register("rita")
+        except Exception:
+            cls.shutdown()
+            raise
+
+    @classmethod
+    def shutdown(cls) -> None:
+        cls.hs.cleanup()
+        cls.remote.cleanup()
+
+    def test_purged_rejoined_forgotten_again_is_purged_again(self) -> None:
+        """A federated room purged by retention, rejoined on a re-invite from the
+        remote, then left and forgotten again is due again and purged again."""
+        alice = self.user("alice")
+        room_id = self.remote.create_room(self.rita)
+        for _ in range(2):
+            resp = self.remote.membership(self.rita, room_id, "invite", {"user_id": alice.user_id})
+            self.assertEqual(resp.status, 200, resp.body)
+            wait_until(
+                lambda: room_id in _invited_rooms(self.hs, alice), what="the invite to arrive"
+            )
+            via = quote_room(self.remote.server_name)
+            self.native(alice, "POST", f"{V3}/join/{quote_room(room_id)}?server_name={via}")
+            self.leave_and_forget([alice], room_id)
+            self.assertEqual(self.state(room_id), "forgotten")
+            self.wait_state(room_id, "purged")
+        self.assertEqual(
+            [e["outcome"] for e in self.audit(room_id=room_id) if e["action"] == "purge"],
+            ["started", "purged", "started", "purged"],
+        )
+
+
 class ForgetParityTests(RouteHelpers):
     """The module's forget does what Synapse's does, in one transaction with its entry."""
 
@@ -391,6 +445,17 @@ class ForgetParityTests(RouteHelpers):
         self.assertEqual(
             [e["outcome"] for e in self.entries(alice, room_id, "forget")], ["M_UNKNOWN"]
         )
+
+
+def _invited_rooms(hs: Any, user: User) -> Dict[str, Any]:
+    sync_filter = {"account_data": {"not_types": [os.urandom(4).hex()]}}
+    resp = hs.client(
+        "GET",
+        f"{V3}/sync?timeout=0&filter=" + urllib.parse.quote(json.dumps(sync_filter)),
+        token=user.access_token,
+    )
+    assert resp.status == 200, resp.body
+    return dict(resp.body.get("rooms", {}).get("invite", {}))
 
 
 def _left_rooms(hs: Any, user: User) -> Dict[str, Any]:
