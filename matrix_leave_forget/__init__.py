@@ -58,10 +58,14 @@ class LeaveForgetModule:
         # (docs/audit.md "Routes").
         self._routes.take_over_forget(self.handler.synapse_forget)
         api.register_third_party_rules_callbacks(
-            on_new_event=self.handler.on_new_event,
             check_can_shutdown_room=self.handler.check_can_shutdown_room,
             on_user_deactivation_status_changed=self.handler.on_user_deactivation_status_changed,
         )
+        if api.should_run_background_tasks():
+            # Every event reaches this process (persisted here, or through
+            # replication); elsewhere the callback would only cost a state
+            # lookup per event.
+            api.register_third_party_rules_callbacks(on_new_event=self.handler.on_new_event)
         self._ready = _StartupGate()
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)

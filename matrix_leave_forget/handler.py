@@ -273,11 +273,11 @@ class MembershipHandler:
     async def on_new_event(self, event: Any, state: Any) -> None:
         """Record a local user's departure that did not come through the module's endpoint.
 
-        Synapse calls this (third-party rules ``on_new_event``) on every
-        process for every event it persists or hears of; the process that runs
-        background tasks records, so that each event is seen once.
+        Synapse calls this (third-party rules ``on_new_event``) for every event
+        a process persists or hears of; it is registered on the process that
+        runs background tasks only, so that each event is recorded once.
         """
-        if event.type != "m.room.member" or not self._api.should_run_background_tasks():
+        if event.type != "m.room.member":
             return
         membership = event.content.get("membership")
         target = event.state_key
