@@ -25,6 +25,7 @@ from matrix_leave_forget.resource import (
     MatrixNode,
 )
 from matrix_leave_forget.retention import RetentionSweeper
+from matrix_leave_forget.routes import RouteObserver
 from matrix_leave_forget.store import RetentionStore
 
 __version__ = "0.1.0"
@@ -56,16 +57,17 @@ class LeaveForgetModule:
         self.reconciler = Reconciler(api, self.store, self._routes)
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
-        self._routes.take_over_forget(self.handler.synapse_forget)
+        self.routes = RouteObserver(api, self.handler, self.store)
+        self._routes.take_over_forget(self.routes.synapse_forget)
         api.register_third_party_rules_callbacks(
-            check_can_shutdown_room=self.handler.check_can_shutdown_room,
-            on_user_deactivation_status_changed=self.handler.on_user_deactivation_status_changed,
+            check_can_shutdown_room=self.routes.check_can_shutdown_room,
+            on_user_deactivation_status_changed=self.routes.on_user_deactivation_status_changed,
         )
         if api.should_run_background_tasks():
             # Every event reaches this process (persisted here, or through
             # replication); elsewhere the callback would only cost a state
             # lookup per event.
-            api.register_third_party_rules_callbacks(on_new_event=self.handler.on_new_event)
+            api.register_third_party_rules_callbacks(on_new_event=self.routes.on_new_event)
         self._ready = _StartupGate()
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)

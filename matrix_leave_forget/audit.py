@@ -53,6 +53,17 @@ OPTIONAL_FIELDS: Sequence[str] = (
     "event_ts",
 )
 
+# How a departure or forget happened: the entry's ``via`` (docs/audit.md "Routes").
+VIA_API = "api"  # the module's own leave or forget endpoint
+VIA_STATE_API = "state_api"  # PUT /rooms/{roomId}/state/m.room.member/{own id}
+VIA_KICK = "kick"  # /kick: by another member (actor), or of oneself
+VIA_BAN = "ban"  # banned by another member (actor)
+VIA_CLIENT = "client"  # another client route, or one this process cannot see
+VIA_DEACTIVATION = "deactivation"  # account deactivation (by the user or an admin)
+VIA_ADMIN_ROOM_DELETE = "admin_room_delete"  # admin room deletion or shutdown
+VIA_FORGET_ON_LEAVE = "forget_on_leave"  # Synapse's forget_rooms_on_leave
+VIA_RECOVERED = "recovered"  # found by the catch-up; the route is not known
+
 
 def now_ms() -> int:
     """Wall-clock milliseconds, as Synapse stamps events.

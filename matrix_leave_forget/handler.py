@@ -8,25 +8,16 @@ retention store.
 """
 
 import logging
-import re
-import time
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
-from matrix_leave_forget._synapse import (
-    FORGET_REFUSED,
-    SynapseRoutes,
-    current_requester,
-    current_route,
-    forget_rows_txn,
-    in_room_forgetter,
-    in_user_parter,
-)
+from matrix_leave_forget._synapse import FORGET_REFUSED, SynapseRoutes, forget_rows_txn
+from matrix_leave_forget.audit import VIA_API
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
-from matrix_leave_forget.store import AuditFields, Departure, RetentionStore
+from matrix_leave_forget.store import AuditFields, RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -39,29 +30,6 @@ MAX_STORED_REASON_BYTES = 64 * 1024
 # Memberships that keep a room alive for a local user: the purge must wait.
 LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
 _LIVE = tuple(sorted(LIVE_MEMBERSHIPS))
-# Memberships that end a local user's presence in a room.
-DEPARTURES = frozenset({"leave", "ban"})
-
-# How a departure or forget happened: the entry's ``via`` (docs/audit.md "Routes").
-VIA_API = "api"  # the module's own leave or forget endpoint
-VIA_STATE_API = "state_api"  # PUT /rooms/{roomId}/state/m.room.member/{own id}
-VIA_KICK = "kick"  # /kick: by another member (actor), or of oneself
-VIA_BAN = "ban"  # banned by another member (actor)
-VIA_CLIENT = "client"  # another client route, or one this process cannot see
-VIA_DEACTIVATION = "deactivation"  # account deactivation (by the user or an admin)
-VIA_ADMIN_ROOM_DELETE = "admin_room_delete"  # admin room deletion or shutdown
-VIA_FORGET_ON_LEAVE = "forget_on_leave"  # Synapse's forget_rooms_on_leave
-VIA_RECOVERED = "recovered"  # found by the catch-up; the route is not known
-
-# How long a self-leave whose route this process cannot see (it was served by
-# another worker) waits for that worker to record it before it is recorded
-# here as ``client``.
-UNSEEN_ROUTE_GRACE_MS = 5_000
-# How long an admin's room deletion names them as the actor of its leaves.
-SHUTDOWN_ACTOR_MS = 60 * 60 * 1000
-
-_STATE_API = re.compile(r"/rooms/[^/]+/state/m\.room\.member/")
-_KICK = re.compile(r"/rooms/[^/]+/kick(/|$|\?)")
 
 
 def _still_has(user_id: str, membership: str) -> str:
@@ -97,10 +65,6 @@ class MembershipHandler:
         # (user_id, room_id) of leaves this process's endpoint is serving: it
         # records them itself, with the device.
         self._serving: Dict[Tuple[str, str], int] = {}
-        # Rooms an admin is deleting on this process: room_id -> (admin, since).
-        self._shutdowns: Dict[str, Tuple[str, int]] = {}
-        # Users an admin deactivated on this process: user_id -> admin.
-        self._deactivated_by: Dict[str, str] = {}
         limit = config.forget_rate_limit
         self._forget_limiter = (
             internals.new_ratelimiter(
@@ -255,127 +219,9 @@ class MembershipHandler:
         if schedule_purge and result.membership is not None:
             await self._routes.schedule_forgotten_purge(room_id)
 
-    # -- routes other than the module's endpoints --------------------------
-
-    async def synapse_forget(self, user_id: str, room_id: str, schedule_purge: bool) -> None:
-        """Synapse's own forget, from any of its routes (see SynapseRoutes.take_over_forget)."""
-        _, process = current_route()
-        via, actor = VIA_CLIENT, None
-        shutdown = self._shutdown_actor(room_id)
-        if shutdown is not None:
-            via, actor = VIA_ADMIN_ROOM_DELETE, shutdown
-        elif in_room_forgetter(process):
-            via = VIA_FORGET_ON_LEAVE
-        elif in_user_parter(process) or await self._is_departing(user_id):
-            via, actor = VIA_DEACTIVATION, self._deactivated_by.get(user_id)
-        await self.forget_as(user_id, room_id, via=via, actor=actor, schedule_purge=schedule_purge)
-
-    async def on_new_event(self, event: Any, state: Any) -> None:
-        """Record a local user's departure that did not come through the module's endpoint.
-
-        Synapse calls this (third-party rules ``on_new_event``) for every event
-        a process persists or hears of; it is registered on the process that
-        runs background tasks only, so that each event is recorded once.
-        """
-        if event.type != "m.room.member":
-            return
-        membership = event.content.get("membership")
-        target = event.state_key
-        if membership not in DEPARTURES or not target or not self._api.is_mine(target):
-            return
-        departure = Departure(
-            event_id=event.event_id,
-            room_id=event.room_id,
-            user_id=target,
-            sender=event.sender,
-            membership=membership,
-            origin_server_ts=int(event.origin_server_ts),
-            reason=_reason(event.content),
-        )
-        if departure.sender != target:
-            via = VIA_BAN if membership == "ban" else VIA_KICK
-            await self._record_departure(departure, via, departure.sender)
-            return
-        if (target, event.room_id) in self._serving:
-            return  # the module's endpoint records it, with the device
-        route = await self._self_departure_route(target, event.room_id)
-        if route is not None:
-            await self._record_departure(departure, *route)
-            return
-        # Served by another process (a worker, through replication): if that
-        # was the module's endpoint, it records the leave; give it time.
-        self._api.delayed_background_call(
-            UNSEEN_ROUTE_GRACE_MS,
-            self._record_departure,
-            departure,
-            VIA_CLIENT,
-            None,
-            desc="leave_forget_unseen_route",
-        )
-
-    async def _self_departure_route(
-        self, user_id: str, room_id: str
-    ) -> Optional[Tuple[str, Optional[str]]]:
-        """(via, actor) of a leave a user sent themselves, None if not visible here."""
-        shutdown = self._shutdown_actor(room_id)
-        if shutdown is not None:
-            return VIA_ADMIN_ROOM_DELETE, shutdown
-        request, process = current_route()
-        if in_user_parter(process) or await self._is_departing(user_id):
-            return VIA_DEACTIVATION, self._deactivated_by.get(user_id)
-        if request is None:
-            return None
-        if "/_synapse/replication/" in request:
-            return None  # created by a worker: the route is the worker's
-        if _STATE_API.search(request):
-            return VIA_STATE_API, None
-        if _KICK.search(request):
-            return VIA_KICK, None
-        return VIA_CLIENT, None
-
-    async def _record_departure(self, departure: Departure, via: str, actor: Optional[str]) -> None:
-        fields = departure_fields(departure, via, actor)
-        try:
-            await self._store.record_departure(fields)
-        except Exception:
-            # The catch-up (reconcile.py) records it from the events stream.
-            logger.exception(
-                "Could not record %s of %s from %s",
-                departure.membership,
-                departure.user_id,
-                departure.room_id,
-            )
-
-    async def _is_departing(self, user_id: str) -> bool:
-        return await self._api.run_db_interaction(
-            "leave_forget_user_departing", SynapseRoutes.user_departing_txn, user_id
-        )
-
-    def _shutdown_actor(self, room_id: str) -> Optional[str]:
-        shutdown = self._shutdowns.get(room_id)
-        if shutdown is None:
-            return None
-        if _now_ms() - shutdown[1] > SHUTDOWN_ACTOR_MS:
-            del self._shutdowns[room_id]
-            return None
-        return shutdown[0]
-
-    async def check_can_shutdown_room(self, user_id: Optional[str], room_id: str) -> bool:
-        """Note an admin's room deletion (always allowed): its leaves and forgets name them."""
-        if user_id is not None:
-            self._shutdowns[room_id] = (user_id, _now_ms())
-        return True
-
-    async def on_user_deactivation_status_changed(
-        self, user_id: str, deactivated: bool, by_admin: bool
-    ) -> None:
-        """Note which admin deactivated a user: the parting's entries name them."""
-        if deactivated and by_admin:
-            admin = current_requester()
-            if admin and admin != user_id:
-                self._deactivated_by[user_id] = admin
-        elif not deactivated:
-            self._deactivated_by.pop(user_id, None)
+    def is_serving(self, user_id: str, room_id: str) -> bool:
+        """Whether this process's endpoint is serving user_id's leave of room_id now."""
+        return (user_id, room_id) in self._serving
 
     def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
         """None if every local user has forgotten room_id, else why it is still remembered."""
@@ -436,30 +282,6 @@ class MembershipHandler:
                 action=action, outcome=client_errcode(error), room_id=room_id, reason=reason
             ),
         )
-
-
-def departure_fields(departure: Departure, via: str, actor: Optional[str]) -> AuditFields:
-    """The audit entry of a departure read from Synapse's events."""
-    return AuditFields(
-        action="leave",
-        outcome="ok",
-        user_id=departure.user_id,
-        room_id=departure.room_id,
-        reason=storable_reason(departure.reason),
-        event_id=departure.event_id,
-        via=via,
-        actor=actor,
-        event_ts=departure.origin_server_ts,
-    )
-
-
-def _reason(content: Any) -> Optional[str]:
-    reason = content.get("reason") if hasattr(content, "get") else None
-    return reason if isinstance(reason, str) else None
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def storable_reason(reason: Optional[str]) -> Optional[str]:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Dict, Optional
 import attr
 from synapse.module_api import ModuleApi
 
-from matrix_leave_forget.handler import VIA_RECOVERED, departure_fields
+from matrix_leave_forget.audit import VIA_RECOVERED
+from matrix_leave_forget.routes import departure_fields
 from matrix_leave_forget.store import (
     OUTCOME_RECOVERED,
     STREAM_DEPARTURES,
