@@ -13,11 +13,11 @@ from typing import Any, List, Optional
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import SynapseInternals, SynapseRoutes
+from matrix_leave_forget._synapse import SynapseInternals, SynapseRoutes, on_new_event_is_safe
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.config import MOUNT_INTERCEPT, LeaveForgetConfig, parse_config
 from matrix_leave_forget.handler import MembershipHandler
-from matrix_leave_forget.reconcile import CATCH_UP_INTERVAL_MS, Reconciler
+from matrix_leave_forget.reconcile import Reconciler
 from matrix_leave_forget.resource import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
@@ -54,16 +54,19 @@ class LeaveForgetModule:
         self.sweeper = RetentionSweeper(
             api, config.retention, self.store, self.handler, self._internals
         )
-        self.reconciler = Reconciler(api, self.store, self._routes)
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
         self.routes = RouteObserver(api, self.handler, self.store)
+        live_events = on_new_event_is_safe()
+        self.reconciler = Reconciler(
+            api, self.store, self._routes, None if live_events else self.routes.stream_route
+        )
         self._routes.take_over_forget(self.routes.synapse_forget)
         api.register_third_party_rules_callbacks(
             check_can_shutdown_room=self.routes.check_can_shutdown_room,
             on_user_deactivation_status_changed=self.routes.on_user_deactivation_status_changed,
         )
-        if api.should_run_background_tasks():
+        if live_events and api.should_run_background_tasks():
             # Every event reaches this process (persisted here, or through
             # replication); elsewhere the callback would only cost a state
             # lookup per event.
@@ -127,7 +130,7 @@ class LeaveForgetModule:
         if self._api.should_run_background_tasks():
             await self.reconciler.run()
             self._api.looping_background_call(
-                self.reconciler.tick, CATCH_UP_INTERVAL_MS, desc="leave_forget_catch_up"
+                self.reconciler.tick, self.reconciler.interval_ms, desc="leave_forget_catch_up"
             )
 
     def _check_listener(self) -> None:

@@ -8,6 +8,7 @@ breaks one of them breaks it here, visibly, and nowhere else.
 import json
 import logging
 import os
+import re
 import sys
 from typing import (
     TYPE_CHECKING,
@@ -475,6 +476,21 @@ def current_requester() -> Optional[str]:
     return str(requester) if requester else None
 
 
+def on_new_event_is_safe() -> bool:
+    """Whether this Synapse can run an on_new_event callback without breaking remote joins.
+
+    Why: from Synapse 1.76 to 1.102, registering any on_new_event callback
+    deadlocks every join of a remote room: the callback's state lookup waits
+    for the full state of the partial-state room being joined
+    (element-hq/synapse#16973, fixed in 1.103). The module then reads
+    departures from the events stream instead (reconcile.py).
+    """
+    from synapse import __version__
+
+    match = re.match(r"(\d+)\.(\d+)", __version__)
+    return match is None or (int(match.group(1)), int(match.group(2))) >= (1, 103)
+
+
 def in_background_process(name: Optional[str], process: str) -> bool:
     return name is not None and name.startswith(process)
 
@@ -555,6 +571,30 @@ class SynapseRoutes:
         return int(row[0]) if row else 0
 
     @staticmethod
+    def current_departure_txn(
+        txn: LoggingTransaction, room_id: str, user_id: str
+    ) -> Optional[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+        """The leave or ban event that is user_id's current membership of room_id, if any.
+
+        Returns:
+            A row as departures_txn returns them.
+        """
+        txn.execute(
+            """
+            SELECT e.stream_ordering, e.event_id, e.room_id, rm.user_id, rm.sender,
+                rm.membership, e.origin_server_ts, ej.json
+            FROM local_current_membership AS lcm
+            JOIN events AS e ON e.event_id = lcm.event_id
+            JOIN room_memberships AS rm ON rm.event_id = lcm.event_id
+            JOIN event_json AS ej ON ej.event_id = lcm.event_id
+            WHERE lcm.room_id = ? AND lcm.user_id = ? AND lcm.membership IN ('leave', 'ban')
+            """,
+            (room_id, user_id),
+        )
+        rows = _departure_rows(txn.fetchall())
+        return rows[0] if rows else None
+
+    @staticmethod
     def departures_txn(
         txn: LoggingTransaction, after: int, upto: int, server_name: str, limit: int
     ) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
@@ -583,22 +623,28 @@ class SynapseRoutes:
             """,
             (after, upto, "%:" + server_name, limit),
         )
-        rows = []
-        for pos, event_id, room_id, user_id, sender, membership, ts, event_json in txn.fetchall():
-            try:
-                reason = json.loads(event_json).get("content", {}).get("reason")
-            except (ValueError, AttributeError):
-                reason = None
-            rows.append(
-                (
-                    int(pos),
-                    str(event_id),
-                    str(room_id),
-                    str(user_id),
-                    str(sender),
-                    str(membership),
-                    int(ts),
-                    reason if isinstance(reason, str) else None,
-                )
+        return _departure_rows(txn.fetchall())
+
+
+def _departure_rows(fetched: Any) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+    """(stream_ordering, event_id, room_id, user_id, sender, membership, ts, reason) rows,
+    from rows whose last column is the event's JSON."""
+    rows = []
+    for pos, event_id, room_id, user_id, sender, membership, ts, event_json in fetched:
+        try:
+            reason = json.loads(event_json).get("content", {}).get("reason")
+        except (ValueError, AttributeError):
+            reason = None
+        rows.append(
+            (
+                int(pos),
+                str(event_id),
+                str(room_id),
+                str(user_id),
+                str(sender),
+                str(membership),
+                int(ts),
+                reason if isinstance(reason, str) else None,
             )
-        return rows
+        )
+    return rows

@@ -24,13 +24,13 @@ for another worker) always record first.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Tuple
 
 import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget.audit import VIA_RECOVERED
-from matrix_leave_forget.routes import departure_fields
+from matrix_leave_forget.routes import departure_fields, departure_from_row
 from matrix_leave_forget.store import (
     OUTCOME_RECOVERED,
     STREAM_DEPARTURES,
@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 # Events stream rows one transaction reads (and records) at most.
 CATCH_UP_BATCH = 1000
 CATCH_UP_INTERVAL_MS = 60 * 1000
+# Where Synapse cannot run on_new_event (_synapse.on_new_event_is_safe), the
+# catch-up is how departures are seen at all: it runs this often, and records
+# each departure with the route its event shows.
+LIVE_INTERVAL_MS = 2 * 1000
+
+# (departure) -> (via, actor) of a departure read from the stream.
+StreamRoute = Callable[[Departure], Awaitable[Tuple[str, Optional[str]]]]
 
 
 class Reconciler:
@@ -55,12 +62,21 @@ class Reconciler:
         api: The module API.
         store: The retention store.
         routes: Reads Synapse's events stream.
+        live: Given where on_new_event cannot be used: the periodic runs then
+            record departures as seen live (outcome ``ok``, this route).
     """
 
-    def __init__(self, api: ModuleApi, store: RetentionStore, routes: "SynapseRoutes") -> None:
+    def __init__(
+        self,
+        api: ModuleApi,
+        store: RetentionStore,
+        routes: "SynapseRoutes",
+        live: Optional[StreamRoute] = None,
+    ) -> None:
         self._api = api
         self._store = store
         self._routes = routes
+        self._live = live
         # The head of the stream at the previous periodic run.
         self._previous_head: Optional[int] = None
 
@@ -85,20 +101,28 @@ class Reconciler:
             )
         return counts
 
+    @property
+    def interval_ms(self) -> int:
+        return LIVE_INTERVAL_MS if self._live is not None else CATCH_UP_INTERVAL_MS
+
     async def tick(self) -> None:
         """The periodic run: up to the head seen at the previous run."""
         upto = self._previous_head
         self._previous_head = await self._head()
         if upto is not None:
-            counts = await self.catch_up(upto)
-            if counts["leaves"]:
+            counts = await self.catch_up(upto, live=self._live)
+            if counts["leaves"] and self._live is None:
                 logger.warning(
                     "%d departure(s) were missing from the audit log; recorded as 'recovered'",
                     counts["leaves"],
                 )
 
-    async def catch_up(self, upto: int) -> Dict[str, int]:
-        """Record missing departures up to stream position ``upto``, in batches."""
+    async def catch_up(self, upto: int, live: Optional[StreamRoute] = None) -> Dict[str, int]:
+        """Record missing departures up to stream position ``upto``, in batches.
+
+        Args:
+            live: Records them as seen live, with this route (else as recovered).
+        """
         counts = {"leaves": 0, "read": 0}
         position = await self._store.stream_position(STREAM_DEPARTURES)
         while position < upto:
@@ -114,17 +138,12 @@ class Reconciler:
             reached = rows[-1][0] if full else upto
             departures = []
             for row in rows:
-                departure = Departure(
-                    stream_ordering=row[0],
-                    event_id=row[1],
-                    room_id=row[2],
-                    user_id=row[3],
-                    sender=row[4],
-                    membership=row[5],
-                    origin_server_ts=row[6],
-                    reason=row[7],
-                )
+                departure = departure_from_row(row)
                 if not self._api.is_mine(departure.user_id):
+                    continue
+                if live is not None:
+                    via, actor = await live(departure)
+                    departures.append((departure, departure_fields(departure, via, actor)))
                     continue
                 actor = departure.sender if departure.sender != departure.user_id else None
                 fields = departure_fields(departure, VIA_RECOVERED, actor)

@@ -74,6 +74,20 @@ def departure_fields(departure: Departure, via: str, actor: Optional[str]) -> Au
     )
 
 
+def departure_from_row(row: Tuple[int, str, str, str, str, str, int, Optional[str]]) -> Departure:
+    """A departure from a row of SynapseRoutes.departures_txn."""
+    return Departure(
+        stream_ordering=row[0],
+        event_id=row[1],
+        room_id=row[2],
+        user_id=row[3],
+        sender=row[4],
+        membership=row[5],
+        origin_server_ts=row[6],
+        reason=row[7],
+    )
+
+
 def _reason(content: Any) -> Optional[str]:
     reason = content.get("reason") if hasattr(content, "get") else None
     return reason if isinstance(reason, str) else None
@@ -113,9 +127,37 @@ class RouteObserver:
             via = VIA_FORGET_ON_LEAVE
         elif in_user_parter(process) or await self._is_departing(user_id):
             via, actor = VIA_DEACTIVATION, self._deactivated_by.get(user_id)
+        if not self._handler.is_serving(user_id, room_id):
+            await self._record_leave_before_forget(user_id, room_id, via, actor)
         await self._handler.forget_as(
             user_id, room_id, via=via, actor=actor, schedule_purge=schedule_purge
         )
+
+    async def _record_leave_before_forget(
+        self, user_id: str, room_id: str, via: str, actor: Optional[str]
+    ) -> None:
+        """Make sure the leave a Synapse route forgets after is in the log first.
+
+        Synapse forgets right after the leave it made (room deletion,
+        deactivation, forget_rooms_on_leave); the room deletion may purge the
+        leave's event before the events stream is read, and on Synapses
+        without a safe on_new_event the stream is read only every few seconds.
+        The entry is unique per event, so a leave already recorded is skipped.
+        """
+        row = await self._api.run_db_interaction(
+            "leave_forget_current_departure",
+            SynapseRoutes.current_departure_txn,
+            room_id,
+            user_id,
+        )
+        if row is None:
+            return
+        departure = departure_from_row(row)
+        if via == VIA_FORGET_ON_LEAVE or via == VIA_CLIENT:
+            via, actor = await self.stream_route(departure)
+        elif departure.sender != user_id:
+            via, actor = await self.stream_route(departure)
+        await self._record_departure(departure, via, actor)
 
     async def on_new_event(self, event: Any, state: Any) -> None:
         """Record a local user's departure that did not come through the module's endpoint.
@@ -159,6 +201,23 @@ class RouteObserver:
             None,
             desc="leave_forget_unseen_route",
         )
+
+    async def stream_route(self, departure: Departure) -> Tuple[str, Optional[str]]:
+        """(via, actor) of a departure read from the events stream, without its request.
+
+        Used where Synapse cannot run on_new_event safely (see
+        ``_synapse.on_new_event_is_safe``): a self-leave's client route is
+        then ``client``.
+        """
+        if departure.sender != departure.user_id:
+            via = VIA_BAN if departure.membership == "ban" else VIA_KICK
+            return via, departure.sender
+        shutdown = self._shutdown_actor(departure.room_id)
+        if shutdown is not None:
+            return VIA_ADMIN_ROOM_DELETE, shutdown
+        if await self._is_departing(departure.user_id):
+            return VIA_DEACTIVATION, self._deactivated_by.get(departure.user_id)
+        return VIA_CLIENT, None
 
     async def _self_departure_route(
         self, user_id: str, room_id: str

@@ -16,6 +16,7 @@ import re
 import urllib.parse
 from typing import Any, ClassVar, Dict, List, Optional
 
+from matrix_leave_forget._synapse import on_new_event_is_safe
 from tests.integration.harness import (
     SynapseProcess,
     User,
@@ -30,6 +31,14 @@ from tests.integration.test_retention import (
 )
 
 V3 = "/_matrix/client/v3"
+
+# Whether this Synapse tells the module the route of a self-leave (on_new_event
+# in the request's context); older ones record such a leave as "client".
+LIVE_ROUTES = on_new_event_is_safe()
+
+
+def self_route(via: str) -> str:
+    return via if LIVE_ROUTES else "client"
 
 
 class RouteHelpers(RetentionHelpers):
@@ -97,7 +106,7 @@ class ClientRouteTests(RouteHelpers):
             room_id, (alice, bob) = self.joined_room(2)
             event_id = self.state_leave(bob, room_id, version, quoted)
             entry = self.one_entry(bob, room_id, "leave")
-            self.assertEqual(entry["via"], "state_api", (version, quoted))
+            self.assertEqual(entry["via"], self_route("state_api"), (version, quoted))
             self.assertEqual(entry["event_id"], event_id)
             self.assertEqual(entry["reason"], "by state")
             self.assertEqual(entry["outcome"], "ok")
@@ -113,7 +122,7 @@ class ClientRouteTests(RouteHelpers):
         )
         event_id = self.state_leave(bob, room_id)
         entry = self.one_entry(bob, room_id, "leave")
-        self.assertEqual((entry["via"], entry["event_id"]), ("state_api", event_id))
+        self.assertEqual((entry["via"], entry["event_id"]), (self_route("state_api"), event_id))
 
     def test_self_kick_post_and_put(self) -> None:
         """Kicking oneself (POST /kick, PUT /kick/{txnId}): a leave entry, via kick, no actor."""
@@ -124,7 +133,7 @@ class ClientRouteTests(RouteHelpers):
                 path += f"/txn{os.urandom(3).hex()}"
             self.native(bob, method, path, {"user_id": bob.user_id, "reason": "self"})
             entry = self.one_entry(bob, room_id, "leave")
-            self.assertEqual(entry["via"], "kick", method)
+            self.assertEqual(entry["via"], self_route("kick"), method)
             self.assertNotIn("actor", entry)
             self.assertEqual(entry["reason"], "self")
 
