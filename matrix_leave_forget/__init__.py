@@ -56,7 +56,8 @@ class LeaveForgetModule:
         )
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
-        self.routes = RouteObserver(api, self.handler, self.store)
+        self._ready = _StartupGate()
+        self.routes = RouteObserver(api, self.handler, self.store, self._ready.wait)
         live_events = on_new_event_is_safe()
         self.reconciler = Reconciler(
             api, self.store, self._routes, None if live_events else self.routes.stream_route
@@ -71,7 +72,6 @@ class LeaveForgetModule:
             # replication); elsewhere the callback would only cost a state
             # lookup per event.
             api.register_third_party_rules_callbacks(on_new_event=self.routes.on_new_event)
-        self._ready = _StartupGate()
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
         self._servlet = servlet

@@ -20,7 +20,7 @@ The vocabulary of ``via`` is documented in docs/audit.md "Routes".
 import logging
 import re
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from synapse.module_api import ModuleApi
 
@@ -105,10 +105,19 @@ class RouteObserver:
         handler: Performs forgets (atomically with their entries) and knows
             which leaves this process's endpoint is serving.
         store: The retention store.
+        ready: Resolves once the module's tables are in place (Synapse may
+            forget, e.g. for a deactivation, right after start-up).
     """
 
-    def __init__(self, api: ModuleApi, handler: MembershipHandler, store: RetentionStore) -> None:
+    def __init__(
+        self,
+        api: ModuleApi,
+        handler: MembershipHandler,
+        store: RetentionStore,
+        ready: Callable[[], Awaitable[None]],
+    ) -> None:
         self._api = api
+        self._ready = ready
         self._handler = handler
         self._store = store
         # Rooms an admin is deleting on this process: room_id -> (admin, since).
@@ -118,6 +127,7 @@ class RouteObserver:
 
     async def synapse_forget(self, user_id: str, room_id: str, schedule_purge: bool) -> None:
         """Synapse's own forget, from any of its routes (SynapseRoutes.take_over_forget)."""
+        await self._ready()
         _, process = current_route()
         via, actor = VIA_CLIENT, None
         shutdown = self._shutdown_actor(room_id)
