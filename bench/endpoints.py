@@ -1,11 +1,13 @@
-"""Leave and forget through the module vs Synapse's native endpoints, on one server.
+"""Leave and forget through the module vs Synapse without the module.
 
-One Synapse runs the module in ``mount: listener`` mode: the module serves leave
-and forget on ``module_port`` (a ``resources: []`` listener) while Synapse's own
-servlets serve them on ``client_port``. Both sides share the process, the
-database and the caches; batches alternate module / native / native / module
-(ABBA) so that drift (other load on the machine, a growing database) hits both
-sides alike.
+Two Synapses run side by side, configured alike on the same database engine:
+one loads the module in ``mount: listener`` mode and is driven through the
+module's endpoints (``module_port``); the other has no module at all and is
+driven through Synapse's own servlets. (A Synapse that loads the module
+routes every forget and observes every membership event, whatever the
+servlet, so its own servlets no longer measure Synapse alone.) Batches
+alternate module / native / native / module (ABBA) so that drift (other load
+on the machine, growing databases) hits both sides alike.
 
 Every request is on a fresh (user, room) pair: users join rooms beforehand; leave
 is measured on joined pairs, forget on the same pairs once left. Rooms are
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     KeepAlivePool,
+    SynapseProcess,
     log,
     machine,
     metrics_delta,
@@ -95,32 +98,32 @@ def set_up(hs: Any, users: int, rooms: int) -> List[Tuple[str, str]]:
 
 
 def measure(
-    hs: Any,
+    servers: Dict[str, Tuple[Any, int]],
     action: str,
-    pairs: List[Tuple[str, str]],
+    pairs: Dict[str, List[Tuple[str, str]]],
     plan: Dict[int, Tuple[int, int]],
-) -> Tuple[Dict[str, Any], List[Tuple[str, str]]]:
-    """Run the plan for one action; returns results and the pairs used, in order."""
-    cursor = 0
+) -> Tuple[Dict[str, Any], Dict[str, List[Tuple[str, str]]]]:
+    """Run the plan for one action; returns results and each side's pairs used, in order.
 
-    def take(n: int) -> List[Tuple[str, str]]:
-        nonlocal cursor
-        chunk = pairs[cursor : cursor + n]
-        cursor += n
+    Args:
+        servers: side -> (Synapse, port to drive).
+        pairs: side -> that Synapse's (room, token) pairs.
+    """
+    cursors = {side: 0 for side in servers}
+    used: Dict[str, List[Tuple[str, str]]] = {side: [] for side in servers}
+
+    def take(side: str, n: int) -> List[Tuple[str, str]]:
+        chunk = pairs[side][cursors[side] : cursors[side] + n]
+        cursors[side] += n
         if len(chunk) < n:
             raise RuntimeError("ran out of (user, room) pairs")
+        used[side].extend(chunk)
         return chunk
 
-    used: List[Tuple[str, str]] = []
-    pools = {
-        "module": KeepAlivePool(hs.module_port, max(plan)),
-        "native": KeepAlivePool(hs.client_port, max(plan)),
-    }
-    ports = {"module": hs.module_port, "native": hs.client_port}
+    pools = {side: KeepAlivePool(port, max(plan)) for side, (_, port) in servers.items()}
     # Warm-up: caches, connections, JIT-free but still first-call paths.
     for side in ("module", "native"):
-        chunk = take(WARMUP)
-        used.extend(chunk)
+        chunk = take(side, WARMUP)
         run_batch(pools[side], [(_path(r, action), t) for r, t in chunk], 8)
     results: Dict[str, Any] = {}
     for concurrency, (per_side, batch) in plan.items():
@@ -132,8 +135,8 @@ def measure(
         for i in range(rounds):
             order = ("module", "native") if i % 2 == 0 else ("native", "module")
             for side in order:
-                chunk = take(batch)
-                used.extend(chunk)
+                chunk = take(side, batch)
+                hs = servers[side][0]
                 before = synapse_metrics(hs)
                 latencies, elapsed, status = run_batch(
                     pools[side], [(_path(r, action), t) for r, t in chunk], concurrency
@@ -182,7 +185,6 @@ def measure(
         )
     for pool in pools.values():
         pool.close()
-    del ports
     return results, used
 
 
@@ -220,12 +222,19 @@ def run(database: str, quick: bool) -> Dict[str, Any]:
     users = 24 if quick else 48
     rooms = -(-need // users) + 1
     hs = start_synapse(database)
+    native = SynapseProcess(None, database=database)
     try:
-        pairs = set_up(hs, users, rooms)
+        native.start()
+        side_rooms = -(-rooms // 2) + 1
+        pairs = {
+            "module": set_up(hs, users, side_rooms),
+            "native": set_up(native, users, side_rooms),
+        }
+        servers = {"module": (hs, hs.module_port), "native": (native, native.client_port)}
         seal = seal_cost(hs)
-        leave, used = measure(hs, "leave", pairs, plan)
+        leave, used = measure(servers, "leave", pairs, plan)
         # Forget the pairs just left, in the same order: identical work per side.
-        forget, _ = measure(hs, "forget", used, plan)
+        forget, _ = measure(servers, "forget", used, plan)
         result: Dict[str, Any] = {
             "database": database,
             "mode": "quick" if quick else "full",
@@ -238,6 +247,7 @@ def run(database: str, quick: bool) -> Dict[str, Any]:
         return result
     finally:
         hs.cleanup()
+        native.cleanup()
 
 
 def report(results: Sequence[Dict[str, Any]]) -> str:

@@ -14,7 +14,12 @@ from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import HistoryInternals, SynapseInternals
+from matrix_leave_forget._synapse import (
+    HistoryInternals,
+    SynapseInternals,
+    SynapseRoutes,
+    on_new_event_is_safe,
+)
 from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
 from matrix_leave_forget.checkpoint import Checkpointer
 from matrix_leave_forget.config import (
@@ -34,6 +39,7 @@ from matrix_leave_forget.resource import (
     MatrixNode,
 )
 from matrix_leave_forget.retention import RetentionSweeper
+from matrix_leave_forget.routes import RouteObserver
 from matrix_leave_forget.store import RetentionStore
 
 __version__ = "0.1.0"
@@ -57,13 +63,29 @@ class LeaveForgetModule:
         self.store = RetentionStore(
             api, api.server_name, self._internals.instance_name, self._internals.signing_key
         )
-        self.handler = MembershipHandler(api, config, self._internals, self.store)
+        self._routes = SynapseRoutes(api)
+        self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
         self.sweeper = RetentionSweeper(
             api, config.retention, self.store, self.handler, self._internals
         )
+        # Every route of leave and forget, not only the module's endpoints
+        # (docs/audit.md "Routes").
+        self._ready = _StartupGate()
+        self.routes = RouteObserver(api, self.handler, self.store, self._ready.wait)
+        live_events = on_new_event_is_safe()
         self.reconciler = Reconciler(
-            api, config.retention, self.store, self.handler, self._internals
+            api, self.store, self._routes, None if live_events else self.routes.stream_route
         )
+        self._routes.take_over_forget(self.routes.synapse_forget)
+        api.register_third_party_rules_callbacks(
+            check_can_shutdown_room=self.routes.check_can_shutdown_room,
+            on_user_deactivation_status_changed=self.routes.on_user_deactivation_status_changed,
+        )
+        if live_events and api.should_run_background_tasks():
+            # Every event reaches this process (persisted here, or through
+            # replication); elsewhere the callback would only cost a state
+            # lookup per event.
+            api.register_third_party_rules_callbacks(on_new_event=self.routes.on_new_event)
         audit = config.audit
         if audit.checkpoint_sender is not None and not api.is_mine(audit.checkpoint_sender):
             raise ConfigError(
@@ -78,7 +100,6 @@ class LeaveForgetModule:
             audit.checkpoint_room,
             audit.checkpoint_sender,
         )
-        self._ready = _StartupGate()
         logger.info("matrix-leave-forget %s: %s", __version__, describe_config(config))
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
@@ -136,7 +157,7 @@ class LeaveForgetModule:
                     "(docs/history.md). Use mount: intercept to keep it."
                 )
         try:
-            version = await self.store.setup()
+            version = await self.store.setup(self._routes.max_stream_ordering_txn)
         except Exception as exc:
             logger.exception("Schema setup failed")
             self._internals.fatal(f"could not create or upgrade its tables: {exc}")
@@ -147,6 +168,13 @@ class LeaveForgetModule:
         self._api.looping_background_call(
             self.sweeper.sweep, self._config.retention.sweep_interval_ms, desc="leave_forget_sweep"
         )
+        if self._routes.forget_on_leave():
+            logger.warning(
+                "forget_rooms_on_leave is on: Synapse forgets every room a local user "
+                "leaves (or is kicked or banned from). Each such forget is in the audit "
+                "log (via forget_on_leave) and starts the room's retention period once "
+                "every local user has forgotten it."
+            )
         # Checkpoints from the background-tasks process only: one writer.
         self._api.looping_background_call(
             self.checkpointer.run,
@@ -155,6 +183,9 @@ class LeaveForgetModule:
         )
         if self._api.should_run_background_tasks():
             await self.reconciler.run()
+            self._api.looping_background_call(
+                self.reconciler.tick, self.reconciler.interval_ms, desc="leave_forget_catch_up"
+            )
             await self.checkpointer.run()
 
     def _check_listener(self) -> None:

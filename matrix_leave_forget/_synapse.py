@@ -8,6 +8,7 @@ breaks one of them breaks it here, visibly, and nowhere else.
 import json
 import logging
 import os
+import re
 import sys
 from typing import (
     TYPE_CHECKING,
@@ -144,28 +145,6 @@ class SynapseInternals:
         except ShadowBanError:
             return None
         return event_id
-
-    async def forget(self, requester: Requester, room_id: str, schedule_purge: bool) -> None:
-        """Forget a room through Synapse so that its caches and sync state stay right.
-
-        Args:
-            schedule_purge: Whether Synapse's own ``forgotten_room_retention_period``
-                purge may be scheduled; the module passes False for rooms the
-                server does not know, which Synapse would otherwise schedule.
-        """
-        await self._hs.get_room_member_handler().forget(
-            user=requester.user, room_id=room_id, do_not_schedule_purge=not schedule_purge
-        )
-
-    def synapse_purges_forgotten_rooms(self) -> bool:
-        """Whether Synapse's own ``forgotten_room_retention_period`` is set.
-
-        Why: with it, Synapse schedules a purge when a forget leaves the room
-        forgotten by every local user, and the module must tell it not to for
-        rooms the user never had a membership in; ModuleApi exposes no config.
-        """
-        server = getattr(self._hs.config, "server", None)
-        return getattr(server, "forgotten_room_retention_period", None) is not None
 
     # -- HTTP plumbing ---------------------------------------------------
 
@@ -413,72 +392,6 @@ class SynapseInternals:
             txn.execute("SET LOCAL enable_hashagg = off")
         txn.execute(sql.replace("?", paramstyle), (after, limit))
         return [str(r[0]) for r in txn.fetchall()]
-
-    @staticmethod
-    def forgotten_by_all_rooms_txn(txn: LoggingTransaction, limit: int) -> List[str]:
-        """Rooms whose local users all left (or were banned) and forgot them, per Synapse.
-
-        Rooms the module already has in a retention state other than ``active``
-        are left out, so that each start-up looks only at rooms still to do.
-        """
-        txn.execute(
-            """
-            SELECT lcm.room_id FROM local_current_membership AS lcm
-            LEFT JOIN room_memberships AS rm USING (room_id, event_id)
-            WHERE NOT EXISTS (
-                SELECT 1 FROM leave_forget_rooms AS lfr
-                WHERE lfr.room_id = lcm.room_id AND lfr.state != 'active'
-            )
-            GROUP BY lcm.room_id
-            HAVING SUM(
-                CASE WHEN lcm.membership IN ('leave', 'ban') AND rm.forgotten = 1
-                THEN 0 ELSE 1 END
-            ) = 0
-            LIMIT ?
-            """,
-            (limit,),
-        )
-        return [str(r[0]) for r in txn.fetchall()]
-
-    @staticmethod
-    def self_leaves_since_txn(
-        txn: LoggingTransaction, since_ts: int, server_name: str, limit: int
-    ) -> List[Tuple[str, str, str, int, Optional[str]]]:
-        """Leave events local users sent themselves since ``since_ts``, oldest first.
-
-        Returns (event_id, room_id, user_id, origin_server_ts, reason) tuples; the
-        scan uses Synapse's events_ts index.
-        """
-        txn.execute(
-            """
-            SELECT e.event_id, e.room_id, rm.user_id, e.origin_server_ts, ej.json
-            FROM events AS e
-            JOIN room_memberships AS rm USING (event_id)
-            JOIN event_json AS ej USING (event_id)
-            WHERE e.origin_server_ts >= ? AND e.type = 'm.room.member'
-                AND rm.membership = 'leave' AND rm.sender = rm.user_id
-                AND rm.user_id LIKE ?
-            ORDER BY e.origin_server_ts
-            LIMIT ?
-            """,
-            (since_ts, "%:" + server_name, limit),
-        )
-        leaves = []
-        for event_id, room_id, user_id, ts, event_json in txn.fetchall():
-            try:
-                reason = json.loads(event_json).get("content", {}).get("reason")
-            except (ValueError, AttributeError):
-                reason = None
-            leaves.append(
-                (
-                    str(event_id),
-                    str(room_id),
-                    str(user_id),
-                    int(ts),
-                    reason if isinstance(reason, str) else None,
-                )
-            )
-        return leaves
 
 
 # -- purge tasks (retention) ---------------------------------------------------
@@ -737,3 +650,260 @@ def run_in_request_context(request: Any, func: Callable[[], Awaitable[None]]) ->
         return
     with PreserveLoggingContext(context):
         run_in_background(func)
+
+
+# -- every route: forgets, departures and the events stream -----------------
+# Why: Synapse forgets rooms on several routes besides the client API
+# (deactivation, admin room deletion, forget_rooms_on_leave), all through
+# RoomMemberHandler.forget, and no module callback observes a forget. The
+# module takes that one method over so that every forget, whatever the route,
+# is written with its audit entry and retention state in one transaction, the
+# way Synapse's own forget writes its rows (tests/integration/test_audit_routes.py
+# checks the two against each other on the oldest and newest Synapse).
+
+# The membership of a requester who may not forget (as Synapse's handler refuses).
+FORGET_REFUSED = "User %s in room %s"
+
+# Synapse's background process that forgets rooms on leave (forget_rooms_on_leave).
+_ROOM_FORGETTER_PROCESS = "room_forgetter"
+# Synapse's background process that parts deactivated users.
+_USER_PARTER_PROCESS = "user_parter_loop"
+
+ForgetCallback = Callable[[str, str, bool], Awaitable[None]]
+
+
+def forget_rows_txn(store: Any, txn: LoggingTransaction, user_id: str, room_id: str) -> None:
+    """Synapse's forget, inside the caller's transaction: the same rows, the same caches.
+
+    Why: RoomMemberWorkerStore.forget runs its own transaction; the audit
+    entry must commit or fail with it. This mirrors its transaction function
+    (1.98: room_memberships; newer: also sliding_sync_membership_snapshots and
+    its cache), invalidating locally after commit and on other workers
+    through the cache invalidation stream, as Synapse does.
+    """
+    keys = {"user_id": user_id, "room_id": room_id}
+    store.db_pool.simple_update_txn(
+        txn, table="room_memberships", keyvalues=keys, updatevalues={"forgotten": 1}
+    )
+    snapshots = getattr(store, "get_sliding_sync_rooms_for_user_from_membership_snapshots", None)
+    if snapshots is not None:
+        store.db_pool.simple_update_txn(
+            txn,
+            table="sliding_sync_membership_snapshots",
+            keyvalues=keys,
+            updatevalues={"forgotten": 1},
+        )
+    store._invalidate_cache_and_stream(txn, store.did_forget, (user_id, room_id))
+    store._invalidate_cache_and_stream(txn, store.get_forgotten_rooms_for_user, (user_id,))
+    if snapshots is not None:
+        store._invalidate_cache_and_stream(txn, snapshots, (user_id,))
+
+
+def current_route() -> Tuple[Optional[str], Optional[str]]:
+    """(method, path) of the client request this code runs for, and the background process.
+
+    Returns:
+        ``(request, None)`` with ``request`` as ``"PUT /_matrix/client/..."`` when
+        running for an HTTP request, ``(None, name)`` in a background process,
+        ``(None, None)`` when neither is known.
+
+    Why: Synapse notifies modules of a new event (on_new_event) in the
+    logcontext of the request or background process that created it, and the
+    module API gives no other way to tell a state-API leave from a self-kick,
+    or Synapse's own forget-on-leave from a client's forget.
+    """
+    from synapse.logging.context import current_context
+
+    context: Any = current_context()
+    request = getattr(context, "request", None)
+    if request is not None:
+        return f"{request.method} {request.url}", None
+    name = getattr(context, "name", None)
+    return None, str(name) if name else None
+
+
+def current_requester() -> Optional[str]:
+    """The user id that authenticated the request this code runs for, if any.
+
+    Why: on_user_deactivation_status_changed says an admin deactivated the
+    user, not which admin; the request's logcontext knows.
+    """
+    from synapse.logging.context import current_context
+
+    request = getattr(current_context(), "request", None)
+    requester = getattr(request, "requester", None)
+    return str(requester) if requester else None
+
+
+def on_new_event_is_safe() -> bool:
+    """Whether this Synapse can run an on_new_event callback without breaking remote joins.
+
+    Why: from Synapse 1.76 to 1.102, registering any on_new_event callback
+    deadlocks every join of a remote room: the callback's state lookup waits
+    for the full state of the partial-state room being joined
+    (element-hq/synapse#16973, fixed in 1.103). The module then reads
+    departures from the events stream instead (reconcile.py).
+    """
+    from synapse import __version__
+
+    match = re.match(r"(\d+)\.(\d+)", __version__)
+    return match is None or (int(match.group(1)), int(match.group(2))) >= (1, 103)
+
+
+def in_background_process(name: Optional[str], process: str) -> bool:
+    return name is not None and name.startswith(process)
+
+
+def in_room_forgetter(name: Optional[str]) -> bool:
+    return in_background_process(name, _ROOM_FORGETTER_PROCESS)
+
+
+def in_user_parter(name: Optional[str]) -> bool:
+    return in_background_process(name, _USER_PARTER_PROCESS)
+
+
+class SynapseRoutes:
+    """What the module needs to see every route of leave and forget.
+
+    Args:
+        api: The module API handed to the module by Synapse.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        self._hs: HomeServer = api._hs
+        self._api = api
+
+    @property
+    def store(self) -> Any:
+        return self._hs.get_datastores().main
+
+    def take_over_forget(self, callback: ForgetCallback) -> None:
+        """Route every call of Synapse's RoomMemberHandler.forget to callback.
+
+        callback(user_id, room_id, schedule_purge) must do what Synapse's
+        forget does (refuse a member, forget, schedule Synapse's own purge).
+
+        Why: see the section comment; handlers hold the room-member handler
+        object itself, so replacing the method on that one object reaches
+        every caller.
+        """
+        handler = self._hs.get_room_member_handler()
+
+        async def forget(user: Any, room_id: str, do_not_schedule_purge: bool = False) -> None:
+            await callback(user.to_string(), room_id, not do_not_schedule_purge)
+
+        handler.forget = forget  # type: ignore[method-assign]
+
+    def forget_on_leave(self) -> bool:
+        """Whether Synapse's own ``forget_rooms_on_leave`` is on (ModuleApi has no config)."""
+        return bool(getattr(getattr(self._hs.config, "room", None), "forget_on_leave", False))
+
+    async def schedule_forgotten_purge(self, room_id: str) -> None:
+        """Schedule Synapse's own purge as its forget does, when the room is forgotten by all.
+
+        Why: Synapse's handler does this after its forget transaction; the
+        module's forget replaces that handler method.
+        """
+        period = getattr(self._hs.config.server, "forgotten_room_retention_period", None)
+        if period and await self.store.is_locally_forgotten_room(room_id):
+            await self._hs.get_task_scheduler().schedule_task(
+                PURGE_ROOM_ACTION_NAME,
+                resource_id=room_id,
+                timestamp=self._hs.get_clock().time_msec() + period,
+            )
+
+    @staticmethod
+    def user_departing_txn(txn: LoggingTransaction, user_id: str) -> bool:
+        """Whether user_id is deactivated or being parted from its rooms by deactivation."""
+        txn.execute("SELECT deactivated FROM users WHERE name = ?", (user_id,))
+        row = txn.fetchone()
+        if row is not None and row[0]:
+            return True
+        txn.execute("SELECT 1 FROM users_pending_deactivation WHERE user_id = ?", (user_id,))
+        return txn.fetchone() is not None
+
+    @staticmethod
+    def max_stream_ordering_txn(txn: LoggingTransaction) -> int:
+        """The newest position of Synapse's events stream (0 on an empty server)."""
+        txn.execute("SELECT COALESCE(MAX(stream_ordering), 0) FROM events")
+        row = txn.fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def current_departure_txn(
+        txn: LoggingTransaction, room_id: str, user_id: str
+    ) -> Optional[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+        """The leave or ban event that is user_id's current membership of room_id, if any.
+
+        Returns:
+            A row as departures_txn returns them.
+        """
+        txn.execute(
+            """
+            SELECT e.stream_ordering, e.event_id, e.room_id, rm.user_id, rm.sender,
+                rm.membership, e.origin_server_ts, ej.json
+            FROM local_current_membership AS lcm
+            JOIN events AS e ON e.event_id = lcm.event_id
+            JOIN room_memberships AS rm ON rm.event_id = lcm.event_id
+            JOIN event_json AS ej ON ej.event_id = lcm.event_id
+            WHERE lcm.room_id = ? AND lcm.user_id = ? AND lcm.membership IN ('leave', 'ban')
+            """,
+            (room_id, user_id),
+        )
+        rows = _departure_rows(txn.fetchall())
+        return rows[0] if rows else None
+
+    @staticmethod
+    def departures_txn(
+        txn: LoggingTransaction, after: int, upto: int, server_name: str, limit: int
+    ) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+        """Leave and ban events of local users in the events stream range (after, upto].
+
+        Reads a range of the events stream through its stream_ordering index,
+        so the cost follows the events in the range, not the memberships.
+
+        Returns:
+            (stream_ordering, event_id, room_id, user_id, sender, membership,
+            origin_server_ts, reason), in stream order, at most ``limit``.
+        """
+        txn.execute(
+            """
+            SELECT e.stream_ordering, e.event_id, e.room_id, rm.user_id, rm.sender,
+                rm.membership, e.origin_server_ts, ej.json
+            FROM events AS e
+            JOIN room_memberships AS rm ON rm.event_id = e.event_id
+            JOIN event_json AS ej ON ej.event_id = e.event_id
+            WHERE e.stream_ordering > ? AND e.stream_ordering <= ?
+                AND e.type = 'm.room.member' AND rm.membership IN ('leave', 'ban')
+                AND rm.user_id LIKE ?
+                AND NOT EXISTS (SELECT 1 FROM rejections AS r WHERE r.event_id = e.event_id)
+            ORDER BY e.stream_ordering
+            LIMIT ?
+            """,
+            (after, upto, "%:" + server_name, limit),
+        )
+        return _departure_rows(txn.fetchall())
+
+
+def _departure_rows(fetched: Any) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+    """(stream_ordering, event_id, room_id, user_id, sender, membership, ts, reason) rows,
+    from rows whose last column is the event's JSON."""
+    rows = []
+    for pos, event_id, room_id, user_id, sender, membership, ts, event_json in fetched:
+        try:
+            reason = json.loads(event_json).get("content", {}).get("reason")
+        except (ValueError, AttributeError):
+            reason = None
+        rows.append(
+            (
+                int(pos),
+                str(event_id),
+                str(room_id),
+                str(user_id),
+                str(sender),
+                str(membership),
+                int(ts),
+                reason if isinstance(reason, str) else None,
+            )
+        )
+    return rows

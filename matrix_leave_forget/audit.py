@@ -55,6 +55,12 @@ OPTIONAL_FIELDS: Sequence[str] = (
     "reason_sha256",
     # Refusals by this user not appended individually since their previous entry.
     "suppressed",
+    # How the departure or forget happened (docs/audit.md "Routes").
+    "via",
+    # Who acted, when not the user: the kicker or banner, the admin.
+    "actor",
+    # The origin_server_ts of the membership event an entry records.
+    "event_ts",
 )
 
 # The format marker of group-sealed entries.
@@ -64,6 +70,18 @@ FORMAT_GROUP = 2
 # neither database can store as text: U+0000 (PostgreSQL) or lone surrogates
 # (not encodable as UTF-8, on both engines).
 CLIENT_TEXT_FIELDS: Sequence[str] = ("user_id", "room_id", "reason", "event_id", "device_id")
+
+
+# How a departure or forget happened: the entry's ``via`` (docs/audit.md "Routes").
+VIA_API = "api"  # the module's own leave or forget endpoint
+VIA_STATE_API = "state_api"  # PUT /rooms/{roomId}/state/m.room.member/{own id}
+VIA_KICK = "kick"  # /kick: by another member (actor), or of oneself
+VIA_BAN = "ban"  # banned by another member (actor)
+VIA_CLIENT = "client"  # another client route, or one this process cannot see
+VIA_DEACTIVATION = "deactivation"  # account deactivation (by the user or an admin)
+VIA_ADMIN_ROOM_DELETE = "admin_room_delete"  # admin room deletion or shutdown
+VIA_FORGET_ON_LEAVE = "forget_on_leave"  # Synapse's forget_rooms_on_leave
+VIA_RECOVERED = "recovered"  # found by the catch-up; the route is not known
 
 
 def now_ms() -> int:

@@ -8,17 +8,19 @@ retention store.
 """
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget import metrics
+from matrix_leave_forget._synapse import FORGET_REFUSED, SynapseRoutes, forget_rows_txn
+from matrix_leave_forget.audit import VIA_API
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.refusals import RefusalBudget, refused_reason
-from matrix_leave_forget.store import AuditFields, MembershipRead, RetentionStore
+from matrix_leave_forget.store import AuditFields, RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
@@ -54,11 +56,16 @@ class MembershipHandler:
         config: LeaveForgetConfig,
         internals: "SynapseInternals",
         store: RetentionStore,
+        routes: Optional[SynapseRoutes] = None,
     ) -> None:
         self._api = api
         self._config = config
         self._internals = internals
         self._store = store
+        self._routes = routes or SynapseRoutes(api)
+        # (user_id, room_id) of leaves this process's endpoint is serving: it
+        # records them itself, with the device.
+        self._serving: Dict[Tuple[str, str], int] = {}
         limit = config.forget_rate_limit
         self._forget_limiter = (
             internals.new_ratelimiter(
@@ -100,17 +107,29 @@ class MembershipHandler:
         content: Optional[Dict[str, Any]] = {"reason": reason} if reason is not None else None
         if extra_content:
             content = {**(content or {}), **extra_content}
+        key = (requester.user.to_string(), room_id)
+        self._serving[key] = self._serving.get(key, 0) + 1
         try:
-            event_id = await self._internals.leave(requester, room_id, txn_id, content)
-        except SynapseError as error:
-            await self._record_failure(requester, "leave", room_id, reason, error)
-            raise
-        await self._record(
-            requester,
-            AuditFields(
-                action="leave", outcome="ok", room_id=room_id, reason=reason, event_id=event_id
-            ),
-        )
+            try:
+                event_id = await self._internals.leave(requester, room_id, txn_id, content)
+            except SynapseError as error:
+                await self._record_failure(requester, "leave", room_id, reason, error)
+                raise
+            await self._record(
+                requester,
+                AuditFields(
+                    action="leave",
+                    outcome="ok",
+                    room_id=room_id,
+                    reason=reason,
+                    event_id=event_id,
+                    via=VIA_API,
+                ),
+            )
+        finally:
+            self._serving[key] -= 1
+            if not self._serving[key]:
+                del self._serving[key]
         return event_id
 
     async def forget(self, requester: Requester, room_id: str) -> None:
@@ -134,68 +153,81 @@ class MembershipHandler:
         if self._forget_limiter is not None:
             await self._forget_limiter.ratelimit(requester)
         user_id = requester.user.to_string()
-        membership: MembershipRead
-        if self._internals.synapse_purges_forgotten_rooms():
-            # A room the user never had a membership in is answered 200 as
-            # Synapse does, but Synapse must not schedule its own purge for
-            # it: that needs the membership before the forget.
-            before = await self._api.run_db_interaction(
-                "leave_forget_membership_before_forget",
-                self._internals.user_membership_txn,
-                room_id,
+        try:
+            await self.forget_as(
                 user_id,
-            )
-            schedule_purge = before is not None
-
-            def read_before(txn: LoggingTransaction) -> Optional[str]:
-                return before
-
-            membership = read_before
-        else:
-            # Synapse schedules no purge: the membership (which forgetting
-            # leaves as it is) is read in the transaction that records the
-            # forget, saving a round trip.
-            schedule_purge = False
-
-            def read_in_txn(txn: LoggingTransaction) -> Optional[str]:
-                return self._internals.user_membership_txn(txn, room_id, user_id)
-
-            membership = read_in_txn
-
-        try:
-            await self._internals.forget(requester, room_id, schedule_purge=schedule_purge)
-        except SynapseError as error:
-            await self._record_failure(requester, "forget", room_id, None, error)
-            raise
-        fields = AuditFields(
-            action="forget",
-            outcome="ok",
-            user_id=user_id,
-            room_id=room_id,
-            device_id=requester.device_id,
-        )
-        try:
-            _, room = await self._store.record_forget(
-                fields,
                 room_id,
-                self.why_not_forgotten_txn,
-                self._config.retention.period_ms,
-                membership,
+                via=VIA_API,
+                device_id=requester.device_id,
+                schedule_purge=True,
                 # As for refusals, a garbage room id is not worth a row.
                 record_noop=is_valid_room_id(room_id),
             )
-        except Exception:
-            # The forget happened; the client must hear so. The gap is logged
-            # loudly for the operator rather than turned into a 500.
-            logger.exception("Could not record forget of %s by %s", room_id, user_id)
-            metrics.audit_write_failures_total.labels(self._api.server_name, "forget").inc()
-            return
-        if room is not None:
+        except SynapseError as error:
+            await self._record_failure(requester, "forget", room_id, None, error)
+            raise
+
+    async def forget_as(
+        self,
+        user_id: str,
+        room_id: str,
+        via: str,
+        actor: Optional[str] = None,
+        device_id: Optional[str] = None,
+        schedule_purge: bool = True,
+        record_noop: bool = True,
+    ) -> None:
+        """Forget room_id for a local user, whatever the route, with its entry, atomically.
+
+        Synapse's forget rows, the audit entry and the retention state are one
+        transaction; then, as Synapse's own forget, its purge is scheduled if
+        ``forgotten_room_retention_period`` is set (never for a room the user
+        had no membership in).
+
+        Raises:
+            SynapseError: 400 ``M_UNKNOWN`` while the user is still in the room
+                (joined, invited or knocking), as Synapse.
+        """
+        store = self._routes.store
+
+        def forget_rows(txn: LoggingTransaction) -> None:
+            forget_rows_txn(store, txn, user_id, room_id)
+
+        def membership(txn: LoggingTransaction) -> Optional[str]:
+            return self._internals.user_membership_txn(txn, room_id, user_id)
+
+        result = await self._store.record_forget(
+            AuditFields(
+                action="forget",
+                outcome="ok",
+                user_id=user_id,
+                room_id=room_id,
+                device_id=device_id,
+                via=via,
+                actor=actor,
+            ),
+            room_id,
+            self.why_not_forgotten_txn,
+            self._config.retention.period_ms,
+            membership,
+            forget_rows=forget_rows,
+            refuse=LIVE_MEMBERSHIPS,
+            record_noop=record_noop,
+        )
+        if result.refused:
+            raise SynapseError(400, FORGET_REFUSED % (user_id, room_id))
+        if result.room is not None:
             logger.info(
                 "Room %s is now forgotten by every local user (purge due at %s)",
                 room_id,
-                "never" if room.purge_due_at is None else iso8601(room.purge_due_at),
+                "never" if result.room.purge_due_at is None else iso8601(result.room.purge_due_at),
             )
+        if schedule_purge and result.membership is not None:
+            await self._routes.schedule_forgotten_purge(room_id)
+
+    def is_serving(self, user_id: str, room_id: str) -> bool:
+        """Whether this process's endpoint is serving user_id's leave of room_id now."""
+        return (user_id, room_id) in self._serving
 
     def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
         """None if every local user has forgotten room_id, else why it is still remembered."""

@@ -82,6 +82,25 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         # or a lone surrogate: 1 then, null otherwise.
         "ALTER TABLE leave_forget_holds ADD COLUMN reason_escaped INTEGER",
     ),
+    # 5 (audit-routes):
+    # how each departure or forget happened (audit.OPTIONAL_FIELDS via, actor,
+    # event_ts; null on older entries), entries found by their event (the
+    # live path and the catch-up must not record one event twice), and the
+    # positions in Synapse's events stream: where the module was installed
+    # and how far the catch-up has read (store.STREAM_INSTALLED,
+    # store.STREAM_DEPARTURES, set at first start-up).
+    (
+        "ALTER TABLE leave_forget_audit ADD COLUMN via TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN actor TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN event_ts BIGINT",
+        "CREATE INDEX leave_forget_audit_event ON leave_forget_audit (event_id)",
+        """
+        CREATE TABLE leave_forget_stream_positions (
+            name TEXT NOT NULL PRIMARY KEY,
+            stream_id BIGINT NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -54,7 +54,13 @@ STATE_PURGED = "purged"  # Synapse no longer has the room
 # an entry read back carries only when they are set (see audit.OPTIONAL_FIELDS).
 AUDIT_COLUMNS: Sequence[str] = (*ENTRY_FIELDS, "hash", "signatures")
 STORED_COLUMNS: Sequence[str] = (*AUDIT_COLUMNS, *OPTIONAL_FIELDS)
-_INT_OPTIONAL_FIELDS = frozenset({"format", "reason_bytes", "suppressed"})
+_INT_OPTIONAL_FIELDS = frozenset({"format", "reason_bytes", "suppressed", "event_ts"})
+
+# Positions in Synapse's events stream (leave_forget_stream_positions.name):
+# where the module was installed (nothing before it is recorded as a
+# departure), and how far the catch-up has read (reconcile.py).
+STREAM_INSTALLED = "installed"
+STREAM_DEPARTURES = "departures"
 
 # Outcome of entries written by start-up reconciliation, for actions Synapse
 # performed but whose audit write was lost (a crash between the two).
@@ -77,6 +83,42 @@ class AuditFields:
     reason_sha256: Optional[str] = None
     # This user's refusals counted but not appended since their previous entry.
     suppressed: Optional[int] = None
+    # How it happened (docs/audit.md "Routes"), who acted when not the user,
+    # and the membership event's own time.
+    via: Optional[str] = None
+    actor: Optional[str] = None
+    event_ts: Optional[int] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ForgetResult:
+    """What one forget transaction did.
+
+    Attributes:
+        membership: The user's membership at the forget (None: never had one).
+        refused: Whether the membership forbids forgetting (nothing was written).
+        entry: The audit entry (None if refused, or a noop not recorded).
+        room: The room's retention row if it was (re)marked forgotten by all.
+    """
+
+    membership: Optional[str]
+    refused: bool = False
+    entry: Optional[Dict[str, Any]] = None
+    room: Optional["RoomRetention"] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Departure:
+    """A membership event that took a local user out of a room, as the log records it."""
+
+    event_id: str
+    room_id: str
+    user_id: str
+    sender: str
+    membership: str
+    origin_server_ts: int
+    reason: Optional[str]
+    stream_ordering: int = 0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -253,9 +295,35 @@ class RetentionStore:
         # Leaves, forgets and refusals: the writes every request makes.
         self._records = GroupCommit(api, "leave_forget_record", self._lock_chain_txn)
 
-    async def setup(self) -> int:
-        """Create or upgrade the schema; returns the version now in place."""
-        return await self._api.run_db_interaction("leave_forget_migrate", run_migrations)
+    async def setup(
+        self, stream_position: Optional[Callable[[LoggingTransaction], int]] = None
+    ) -> int:
+        """Create or upgrade the schema; returns the version now in place.
+
+        Args:
+            stream_position: Reads the newest position of Synapse's events
+                stream; at the first start-up with this schema it is recorded
+                as the installation point (and the catch-up starts there).
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            version = run_migrations(txn)
+            if stream_position is not None:
+                txn.execute(
+                    "SELECT 1 FROM leave_forget_stream_positions WHERE name = ?",
+                    (STREAM_INSTALLED,),
+                )
+                if txn.fetchone() is None:
+                    position = stream_position(txn)
+                    for name in (STREAM_INSTALLED, STREAM_DEPARTURES):
+                        txn.execute(
+                            "INSERT INTO leave_forget_stream_positions (name, stream_id) "
+                            "VALUES (?, ?)",
+                            (name, position),
+                        )
+            return version
+
+        return await self._api.run_db_interaction("leave_forget_migrate", txn_fn)
 
     # -- audit -----------------------------------------------------------
 
@@ -353,45 +421,77 @@ class RetentionStore:
         forgotten_check: ForgottenCheck,
         retention_period_ms: Optional[int],
         membership: MembershipRead,
+        forget_rows: Optional[Callable[[LoggingTransaction], None]] = None,
+        refuse: AbstractSet[str] = frozenset(),
         record_noop: bool = True,
-    ) -> Tuple[Optional[Dict[str, Any]], Optional[RoomRetention]]:
-        """Record a successful forget and, atomically, whether the room is now forgotten by all.
+    ) -> ForgetResult:
+        """Forget, record the forget and, atomically, whether the room is now forgotten by all.
 
-        One transaction: the requester's membership (``ok``, or ``noop`` for a
-        room they never had one in), the audit entry, and the retention state.
+        One transaction: the requester's membership (refused if in
+        ``refuse``; ``ok``, or ``noop`` for a room they never had one in),
+        Synapse's own forget rows (``forget_rows``), the audit entry and the
+        retention state. A crash leaves either all of it or none.
 
         Args:
             fields: The entry; its outcome is set here from the membership.
-            membership: Reads the requester's membership inside the transaction
-                (Synapse's forget leaves it unchanged, so after it is as before).
+            membership: Reads the requester's membership inside the transaction.
+            forget_rows: Performs Synapse's forget in the transaction.
+            refuse: Memberships that may not forget (nothing is written).
             record_noop: Whether a ``noop`` forget gets an entry at all.
-
-        Returns:
-            The audit entry (None if a noop was not recorded), and the room's
-            retention row if it was (re)marked as forgotten by every local user.
         """
 
-        def txn_fn(
-            txn: LoggingTransaction,
-        ) -> Tuple[Optional[Dict[str, Any]], Optional[RoomRetention]]:
-            if membership(txn) is None:
+        def txn_fn(txn: LoggingTransaction) -> ForgetResult:
+            current = membership(txn)
+            if current in refuse:
+                return ForgetResult(current, refused=True)
+            if forget_rows is not None:
+                forget_rows(txn)
+            if current is None:
                 if not record_noop:
-                    return None, None
-                return self._append_txn(txn, attr.evolve(fields, outcome="noop")), None
+                    return ForgetResult(current)
+                entry = self._append_txn(txn, attr.evolve(fields, outcome="noop"))
+                return ForgetResult(current, entry=entry)
             entry = self._append_txn(txn, attr.evolve(fields, outcome="ok"))
             if forgotten_check(txn, room_id) is not None:
-                return entry, None
+                return ForgetResult(current, entry=entry)
             txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
             row = txn.fetchone()
             # A room already "forgotten" is re-armed: someone rejoined (or was
             # invited, or knocked) and is now the last to forget it, and the room
-            # must stay a full period after that forget, not the earlier one.
-            if row is not None and row[0] in (STATE_PURGING, STATE_PURGED):
-                return entry, None
+            # must stay a full period after that forget, not the earlier one. So
+            # is a "purged" one: forgotten_check found it in Synapse again, i.e.
+            # it was rejoined (over federation) after the purge and is a room
+            # to purge again. Only a purge under way is left to finish.
+            if row is not None and row[0] == STATE_PURGING:
+                return ForgetResult(current, entry=entry)
             self._mark_forgotten_txn(txn, room_id, int(entry["ts"]), retention_period_ms, None)
-            return entry, self._get_room_txn(txn, room_id)
+            return ForgetResult(current, entry=entry, room=self._get_room_txn(txn, room_id))
 
         return await self._records.run(txn_fn)
+
+    async def record_departure(self, fields: AuditFields) -> bool:
+        """Append a departure seen in Synapse's events, once per event.
+
+        Returns:
+            False if an entry for the event was already in the log (the
+            module's endpoint, or another route, recorded it first).
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            if self._has_event_txn(txn, fields.event_id):
+                return False
+            self._append_txn(txn, fields)
+            return True
+
+        return await self._records.run(txn_fn)
+
+    @staticmethod
+    def _has_event_txn(txn: LoggingTransaction, event_id: Optional[str]) -> bool:
+        txn.execute(
+            "SELECT 1 FROM leave_forget_audit WHERE event_id = ? AND action = 'leave' LIMIT 1",
+            (event_id,),
+        )
+        return txn.fetchone() is not None
 
     # -- retention -------------------------------------------------------
 
@@ -733,94 +833,80 @@ class RetentionStore:
         return await self._api.run_db_interaction("leave_forget_audit_page", txn_fn)
 
     async def member_history(self, room_id: str) -> Dict[str, Dict[str, Any]]:
-        """Each user's latest successful leave and forget in room_id, from the audit log."""
+        """Each user's latest leave and forget in room_id, from the audit log.
+
+        Successful entries of every route count, those found by the catch-up
+        after a crash (``recovered``) included; a leave's time is its event's
+        own when the entry has it.
+        """
 
         def txn_fn(txn: LoggingTransaction) -> Dict[str, Dict[str, Any]]:
             txn.execute(
-                "SELECT user_id, action, ts, reason, event_id FROM leave_forget_audit "
-                "WHERE room_id = ? AND action IN ('leave', 'forget') AND outcome IN ('ok', 'noop') "
-                "ORDER BY seq",
-                (room_id,),
+                "SELECT user_id, action, ts, reason, event_id, via, actor, event_ts, outcome "
+                "FROM leave_forget_audit WHERE room_id = ? AND action IN ('leave', 'forget') "
+                "AND outcome IN ('ok', 'noop', ?) AND user_id IS NOT NULL ORDER BY seq",
+                (room_id, OUTCOME_RECOVERED),
             )
             history: Dict[str, Dict[str, Any]] = {}
-            for user_id, action, ts, reason, event_id in txn.fetchall():
+            for (
+                user_id,
+                action,
+                ts,
+                reason,
+                event_id,
+                via,
+                actor,
+                event_ts,
+                outcome,
+            ) in txn.fetchall():
                 member = history.setdefault(str(user_id), {})
-                member[f"{action}_ts"] = ts
+                member[f"{action}_ts"] = int(event_ts if event_ts is not None else ts)
                 member[f"{action}_reason"] = reason
+                member[f"{action}_via"] = via
+                member[f"{action}_actor"] = actor
+                member[f"{action}_outcome"] = outcome
                 if action == "leave":
                     member["leave_event_id"] = event_id
             return history
 
         return await self._api.run_db_interaction("leave_forget_member_history", txn_fn)
 
-    # -- reconciliation after a crash ------------------------------------
+    # -- catch-up from Synapse's events stream ---------------------------
 
-    async def last_audit_ts(self) -> Optional[int]:
-        """The time of the newest audit entry, or None for an empty log."""
+    async def stream_position(self, name: str) -> int:
+        """A stored position in Synapse's events stream (0 if never set)."""
 
-        def txn_fn(txn: LoggingTransaction) -> Optional[int]:
-            txn.execute("SELECT ts FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
-            row = txn.fetchone()
-            return int(row[0]) if row else None
-
-        return await self._api.run_db_interaction("leave_forget_last_audit_ts", txn_fn)
-
-    async def record_recovered_leave(
-        self, event_id: str, room_id: str, user_id: str, reason: Optional[str]
-    ) -> bool:
-        """Record a leave Synapse has but the audit log lacks; False if it was recorded."""
-
-        def txn_fn(txn: LoggingTransaction) -> bool:
-            self._lock_chain_txn(txn)
+        def txn_fn(txn: LoggingTransaction) -> int:
             txn.execute(
-                "SELECT 1 FROM leave_forget_audit WHERE user_id = ? AND event_id = ?",
-                (user_id, event_id),
+                "SELECT stream_id FROM leave_forget_stream_positions WHERE name = ?", (name,)
             )
-            if txn.fetchone() is not None:
-                return False
-            self._append_txn(
-                txn,
-                AuditFields(
-                    action="leave",
-                    outcome=OUTCOME_RECOVERED,
-                    user_id=user_id,
-                    room_id=room_id,
-                    reason=reason,
-                    event_id=event_id,
-                ),
+            row = txn.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._api.run_db_interaction("leave_forget_stream_position", txn_fn)
+
+    async def record_recovered_departures(
+        self, departures: Sequence[Tuple[Departure, AuditFields]], position: int
+    ) -> int:
+        """Record the departures the log lacks and advance the catch-up, atomically.
+
+        Returns:
+            How many entries were appended (events already in the log are skipped).
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            missing = [
+                fields for d, fields in departures if not self._has_event_txn(txn, d.event_id)
+            ]
+            self._append_many_txn(txn, missing)
+            txn.execute(
+                "UPDATE leave_forget_stream_positions SET stream_id = ? "
+                "WHERE name = ? AND stream_id < ?",
+                (position, STREAM_DEPARTURES, position),
             )
-            return True
+            return len(missing)
 
-        return await self._api.run_db_interaction("leave_forget_recover_leave", txn_fn)
-
-    async def record_recovered_forgotten(
-        self,
-        room_id: str,
-        forgotten_check: ForgottenCheck,
-        retention_period_ms: Optional[int],
-    ) -> bool:
-        """Mark a room Synapse shows forgotten by all; False if its state already says so."""
-
-        def txn_fn(txn: LoggingTransaction) -> bool:
-            self._lock_chain_txn(txn)
-            room = self._get_room_txn(txn, room_id)
-            if room is not None and room.state != STATE_ACTIVE:
-                return False
-            if forgotten_check(txn, room_id) is not None:
-                return False
-            entry = self._append_txn(
-                txn, AuditFields(action="forget", outcome=OUTCOME_RECOVERED, room_id=room_id)
-            )
-            self._mark_forgotten_txn(
-                txn,
-                room_id,
-                int(entry["ts"]),
-                retention_period_ms,
-                "found forgotten by every local user at start-up",
-            )
-            return True
-
-        return await self._api.run_db_interaction("leave_forget_recover_forgotten", txn_fn)
+        return await self._records.run(txn_fn)
 
 
 def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:

@@ -247,8 +247,9 @@ class CliTest(SynapseTestCase):
         )
         self.assertEqual(entries[0]["outcome"], "M_UNKNOWN")
         self.assertEqual(entries[1]["reason"], "moving on")
-        # Every column; of the optional ones, the format marker (set on every new entry).
-        self.assertEqual(set(entries[1]), {*AUDIT_COLUMNS, "format"})
+        # Every column; of the optional ones, the format marker (set on every new
+        # entry) and the served leave's via (docs/audit.md "Routes").
+        self.assertEqual(set(entries[1]), {*AUDIT_COLUMNS, "format", "via"})
 
     def test_log_json_paginates_like_the_admin_api(self) -> None:
         """log --limit N --json gives next_from, and --from continues where it stopped."""

@@ -346,17 +346,29 @@ class WorkerTests(_DeploymentTestCase):
         self.assertEqual(entry["device_id"], alice.device_id)
 
     def test_worker_client_listener_leaves_natively(self) -> None:
-        """Why the proxy rule for leave matters: the worker's client listener serves
-        leave with Synapse's own servlet (200, no audit entry), so a proxy that only
-        has Synapse's usual worker rule for membership bypasses the audit."""
-        bob = self.user("bob")
+        """A leave the worker's client listener serves with Synapse's own servlet
+        (bypassing the module's endpoint) is still audited: the main process sees
+        the event and records it (via client, no device). A leave the worker's
+        module endpoint served just before stays one entry (via api)."""
+        alice, bob = self.user("alice"), self.user("bob")
         room = self.public_room()
+        self.join(alice, room)
         self.join(bob, room)
+        self.ok(self.via_proxy("POST", room, "leave", alice))
         resp = self.worker.client(
             "POST", f"/_matrix/client/v3/rooms/{quote_room(room)}/leave", {}, token=bob.access_token
         )
         self.assertEqual(resp.status, 200, resp.body)
-        self.assertEqual(self.audit(user_id=bob.user_id), [])
+        self.wait_until(lambda: bool(self.audit(user_id=bob.user_id)), "bob's leave entry")
+        (entry,) = self.audit(user_id=bob.user_id)
+        event = self.hs.member_event(self.admin, room, bob.user_id)
+        assert event is not None
+        self.assertEqual(
+            (entry["via"], entry["instance"], entry["event_id"], entry["device_id"]),
+            ("client", MAIN_INSTANCE, event["event_id"], None),
+        )
+        (served,) = self.audit(user_id=alice.user_id)
+        self.assertEqual((served["via"], served["instance"]), ("api", WORKER_NAME))
 
     def test_forget_on_the_worker_is_refused_and_main_serves_it(self) -> None:
         """Forget sent to the worker's module listener, POST or PUT/{txnId}, gets 404

@@ -25,6 +25,7 @@ MODULE_TABLES_BY_VERSION = {
     2: {"leave_forget_holds"},
     3: set(),  # an index only
     4: set(),  # columns only
+    5: {"leave_forget_stream_positions"},
 }
 
 
