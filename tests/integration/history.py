@@ -549,7 +549,8 @@ def sync_outcome(resp: Response, room: Room) -> Outcome:
         state: List[str] = []
         walk_labels(entry.get("state", {}).get("events", []), room.labels, state)
         where = (section, bool(timeline.get("limited")), "prev_batch" in timeline)
-        return Outcome(200, None, tuple(out), where, tuple(state))
+        # Synapse lists state in no particular order.
+        return Outcome(200, None, tuple(out), where, tuple(sorted(state)))
     return Outcome(200, None, (), ("absent",))
 
 
@@ -600,7 +601,9 @@ def _sliding(pos: Optional[str]) -> Callable[[World, Reader, Room], Outcome]:
         walk_labels(entry.get("timeline", []), room.labels, out)
         state: List[str] = []
         walk_labels(entry.get("required_state", []), room.labels, state)
-        return Outcome(200, None, tuple(out), ("present", bool(entry.get("limited"))), tuple(state))
+        return Outcome(
+            200, None, tuple(out), ("present", bool(entry.get("limited"))), tuple(sorted(state))
+        )
 
     return probe
 
