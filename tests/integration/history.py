@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import attr
 
 from tests.integration.harness import (
+    ListeningProcess,
     Response,
     SynapseProcess,
     User,
@@ -228,8 +229,15 @@ def wait_for_background_updates(hs: SynapseProcess) -> None:
 class World:
     """One server's scenario rooms and users, and the read paths on them."""
 
-    def __init__(self, hs: SynapseProcess, rooms: Sequence[Tuple[str, str, str]]) -> None:
+    def __init__(
+        self,
+        hs: SynapseProcess,
+        rooms: Sequence[Tuple[str, str, str]],
+        read_via: Optional[ListeningProcess] = None,
+    ) -> None:
         self.hs = hs
+        # Where the reads go: the main process, or a worker of its deployment.
+        self.reader = read_via or hs
         self.owner = hs.register("owner")
         self.members = {}
         for stage in sorted({s for _, _, s in rooms}):
@@ -415,9 +423,14 @@ class World:
                 room.departure = label
         room.after = tuple(after)
 
-    def build(self, threads: int = 4) -> None:
-        """All four phases on every room, the devices' tokens between phases 1 and 2."""
-        wait_for_background_updates(self.hs)
+    def build(self, threads: int = 4, wait: bool = True) -> None:
+        """All four phases on every room, the devices' tokens between phases 1 and 2.
+
+        With ``wait``, first wait for Synapse's background updates (needed by
+        the sliding sync cells only).
+        """
+        if wait:
+            wait_for_background_updates(self.hs)
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(self.phase1, self.rooms))
             for member in self.members.values():
@@ -460,7 +473,7 @@ class World:
         with self._lock:
             if key in self._memo:
                 return self._memo[key]  # type: ignore[no-any-return]
-        resp = self.hs.client(method, path, body, token=user.access_token)
+        resp = self.reader.client(method, path, body, token=user.access_token)
         with self._lock:
             self._memo[key] = resp
         return resp
