@@ -1,6 +1,7 @@
 """The history matrix (issue 9): every read path × departure × forget × visibility × rejoin.
 
-Two Synapses per class, built alike (tests/integration/history.py): ``guarded``
+Two Synapses per class, built alike (tests/integration/history.py; the read
+paths are in history_probes.py): ``guarded``
 runs the module as deployed (``mount: intercept``, ``history_guard`` at its
 default), ``native`` runs Synapse alone. Both get the same 48 scenario rooms
 (leave, kick, ban × shared, invited, joined, world_readable × left, forgotten,
@@ -43,15 +44,18 @@ from tests.integration.harness import SynapseProcess, User
 from tests.integration.history import (
     FAST_BACKGROUND_UPDATES,
     INCLUDE_LEAVE,
-    PROBES,
-    SYNC_PROBES,
     VISIBILITIES,
     Member,
-    Outcome,
     Room,
     World,
     all_rooms,
     c_path,
+)
+from tests.integration.history_probes import (
+    PROBES,
+    SYNC_PROBES,
+    Outcome,
+    read,
     sync_outcome,
 )
 
@@ -141,8 +145,8 @@ class HistoryMatrixTests(SynapseTestCase):
 
     def outcomes(self, probe: str, who: str, key: str) -> Tuple[Room, Outcome, Outcome]:
         g_room = self.guarded_world.room(key)
-        got = self.guarded_world.probe(probe, who, g_room)
-        native = self.native_world.probe(probe, who, self.native_world.room(key))
+        got = read(self.guarded_world, probe, who, g_room)
+        native = read(self.native_world, probe, who, self.native_world.room(key))
         self.assertNotEqual(got.status, 500, f"{probe}: the guarded server answered 500")
         return g_room, got, native
 
@@ -159,7 +163,7 @@ class HistoryMatrixTests(SynapseTestCase):
                 # Readable as for anyone (and native Synapse answers so already).
                 self.assertEqual(got, native, "differs from native Synapse")
             else:
-                stranger = self.guarded_world.probe(probe, "stranger", room)
+                stranger = read(self.guarded_world, probe, "stranger", room)
                 self.assertEqual(
                     (got.status, got.errcode, got.labels),
                     (stranger.status, stranger.errcode, stranger.labels),
@@ -268,8 +272,8 @@ class HistoryMatrixTests(SynapseTestCase):
         Synapse 1.163.2), for every departure kind."""
         for kind in ("leave", "kick", "ban"):
             room = self.guarded_world.room(f"{kind}_shared_forgotten")
-            got = self.guarded_world.probe("prev_batch_paging", "member", room)
-            never = self.guarded_world.probe("messages_b", "stranger", room)
+            got = read(self.guarded_world, "prev_batch_paging", "member", room)
+            never = read(self.guarded_world, "messages_b", "stranger", room)
             self.assertEqual((got.error, got.labels), (never.error, ()), kind)
             self.assertNotEqual(got.status, 200, kind)
 

@@ -27,6 +27,7 @@ from tests.integration.history import (
     c_path,
     qs,
 )
+from tests.integration.history_probes import read
 from tests.integration.test_workers import _DeploymentTestCase
 from tests.integration.workers import WorkerProcess
 
@@ -155,8 +156,8 @@ class HistoryWorkerTests(_DeploymentTestCase):
     def test_worker_serves_the_reads(self) -> None:
         """The reads below really reach the worker: its access log has them."""
         room = self.rooms("left")[0]
-        self.world.probe("messages_f", "member", room)
-        self.world.probe("sync_offline_device", "member", room)
+        read(self.world, "messages_f", "member", room)
+        read(self.world, "sync_offline_device", "member", room)
         log = self.worker.log_text()
         self.assertIn("/messages?", log)
         self.assertIn("/sync?", log)
@@ -175,7 +176,7 @@ class HistoryWorkerTests(_DeploymentTestCase):
                 "sync_offline_device",
                 "sync_offline_device_include_leave",
             ):
-                got = self.world.probe(probe, "member", room)
+                got = read(self.world, probe, "member", room)
                 if room.kind == "ban" and probe.startswith("messages"):
                     # Synapse refuses a banned user /messages altogether.
                     self.assertEqual((got.error, got.labels), ((403, "M_FORBIDDEN"), ()))
@@ -194,15 +195,15 @@ class HistoryWorkerTests(_DeploymentTestCase):
         with its departure event only (limited, no state)."""
         for room in self.rooms("forgotten"):
             for probe in ("messages_b", "messages_f", "messages_f_from_before"):
-                got = self.world.probe(probe, "member", room)
-                never = self.world.probe(probe, "stranger", room)
+                got = read(self.world, probe, "member", room)
+                never = read(self.world, probe, "stranger", room)
                 self.assertEqual(
                     (got.error, got.labels), (never.error, never.labels), (room.key, probe)
                 )
-            initial = self.world.probe("sync_initial_include_leave", "member", room)
+            initial = read(self.world, "sync_initial_include_leave", "member", room)
             self.assertEqual(initial.where, ("absent",), room.key)
             for probe in ("sync_offline_device", "sync_offline_device_include_leave"):
-                got = self.world.probe(probe, "member", room)
+                got = read(self.world, probe, "member", room)
                 self.assertEqual(
                     (got.where, got.labels, got.state_labels),
                     (("leave", True, True), (room.departure,), ()),
