@@ -1,9 +1,9 @@
 """The history matrix (issue 9): every read path × departure × forget × visibility × rejoin.
 
 Two Synapses per class, built alike (tests/integration/history.py; the read
-paths are in history_probes.py): ``guarded``
-runs the module as deployed (``mount: intercept``, ``history_guard`` at its
-default), ``native`` runs Synapse alone. Both get the same 48 scenario rooms
+paths are in history_probes.py): ``guarded`` runs the module as deployed
+(``mount: intercept``, ``history_guard`` at its default), ``native`` runs
+Synapse alone. Both get the same 48 scenario rooms
 (leave, kick, ban × shared, invited, joined, world_readable × left, forgotten,
 rejoined, forgotten then rejoined), and answers are compared by event labels,
 so the servers' different event ids do not matter.
@@ -14,10 +14,13 @@ twice, against the spec (what must be hidden) and against native Synapse
 
 * **forgotten**: the departed member gets exactly what ``stranger``, never in
   the room, gets on the same server (status, errcode, events: none of the
-  room's). /sync and sliding sync never carry the room's
-  history: the room is where native Synapse puts it (absent or ``leave``),
-  and a device whose token predates the departure gets only the member's own
-  departure event, ``limited`` timeline with ``prev_batch``, no state.
+  room's). /sync and sliding sync never carry the room's history: the room
+  is where native Synapse puts it (absent or ``leave``), and a device whose
+  token predates the departure gets only the member's own departure event,
+  ``limited`` timeline with ``prev_batch``, no state.
+* **left** and **forgotten**: a read path that native Synapse orders (a
+  timeline) must keep the order; answers that list state or rank search
+  results compare sorted (history_probes.py).
 * **left** (leave, kick, ban; not world_readable): no event sent after the
   departure, anywhere in the answer (bundled thread summaries included);
   everything else exactly as native Synapse answers (the same events in the
