@@ -125,6 +125,16 @@ def _event_probe(
     return probe
 
 
+def _legacy_event(label: str) -> Callable[[World, Reader, Room], Outcome]:
+    """The deprecated ``GET /events/{eventId}`` (no room in the path)."""
+
+    def probe(world: World, reader: Reader, room: Room) -> Outcome:
+        path = f"/_matrix/client/r0/events/{quote_room(room.ids[label])}"
+        return _outcome(world.get(reader.user, path), room)
+
+    return probe
+
+
 def _simple(
     tail: str, prefix: str = "", ordered: bool = True
 ) -> Callable[[World, Reader, Room], Outcome]:
@@ -248,6 +258,8 @@ PROBES: Dict[str, Callable[[World, Reader, Room], Outcome]] = {
     "context_after": _event_probe("context/{}?limit=" + str(BIG_LIMIT), "after-1", False),
     "event_before": _event_probe("event/{}", "before-1"),
     "event_after": _event_probe("event/{}", "after-1"),
+    "legacy_event_before": _legacy_event("before-1"),
+    "legacy_event_after": _legacy_event("after-1"),
     "relations": _simple("relations/{root}", "/_matrix/client/v1/"),
     "threads": _simple("threads", "/_matrix/client/v1/"),
     "state": _simple("state", ordered=False),
