@@ -1,6 +1,6 @@
 """Run every benchmark and write one report (tables + JSON) under bench/results/.
 
-    python bench/run_all.py --quick   # ~10 minutes: smaller sizes, SQLite endpoints only
+    python bench/run_all.py --quick   # smaller sizes, SQLite only for endpoints and reads
     python bench/run_all.py           # the full run (~1.5 hours): both engines, 10^4..10^6
 
 PostgreSQL runs need the usual PG* variables (PGHOST=127.0.0.1 PGUSER=postgres
@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import endpoints, purge_storm, queries, sweep  # noqa: E402
+from bench import endpoints, purge_storm, queries, reads, sweep  # noqa: E402
 from bench.common import RESULTS_DIR, log, machine, write_json  # noqa: E402
 
 
@@ -27,11 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument(
-        "--only", choices=("endpoints", "queries", "sweep", "purge_storm"), action="append"
+        "--only", choices=("endpoints", "queries", "sweep", "purge_storm", "reads"), action="append"
     )
     args = parser.parse_args(argv)
     dbs = ("sqlite", "postgres") if args.database == "both" else (args.database,)
-    only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm"))
+    only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm", "reads"))
     started = time.monotonic()
     report: List[str] = []
     data: Dict[str, Any] = {"machine": machine(), "quick": args.quick}
@@ -40,6 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = [endpoints.run(db, args.quick) for db in ep_dbs]
         data["endpoints"] = results
         report.append("## Endpoints: module vs native\n" + endpoints.report(results))
+    if "reads" in only:
+        rd_dbs = ("sqlite",) if args.quick and args.database == "both" else dbs
+        results = [reads.run(db, args.quick) for db in rd_dbs]
+        data["reads"] = results
+        report.append("## Guarded reads: module vs native\n" + reads.report(results))
     if "queries" in only:
         sizes = [10**4] if args.quick else [10**4, 10**5, 10**6]
         results = queries.run(dbs, sizes, 5 if args.quick else 7, {"postgres": 10**5})
