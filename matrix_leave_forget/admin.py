@@ -56,7 +56,9 @@ RATE_WINDOW_MS = 60 * 1000
 # Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
 # would fail in the database driver (a 500) instead of here.
 MAX_INT_ARG = 2**63 - 1
-_INT_RE = re.compile(r"-?[0-9]{1,30}")
+# Any number of digits (_arg bounds the length): a long one gets the same
+# "at most" answer as the CLI, not "must be an integer".
+_INT_RE = re.compile(r"-?[0-9]+")
 # Longest string argument (a user or room id is at most 255 bytes).
 MAX_STR_ARG = 1024
 # A hold reason is kept to what a leave reason can be: an event's size (64 KiB).

@@ -11,12 +11,18 @@ def iso8601(ms: Any) -> str:
         ms: Milliseconds since the epoch, or None.
 
     Returns:
-        For example ``2024-05-01T12:00:00.000Z``, or ``-`` for None.
+        For example ``2024-05-01T12:00:00.000Z``, or ``-`` for None. A value
+        that is no time the module writes (before 1970, beyond year 9999, not
+        a number: an edited row, a bad ``--since``) is shown as it is, with
+        " ms", and never raises.
     """
     if ms is None:
         return "-"
     try:
+        # Before 1970 too: no time the module writes, and --since refuses it back.
+        if int(ms) < 0:
+            return f"{ms} ms"
         moment = datetime.datetime.fromtimestamp(int(ms) // 1000, tz=datetime.timezone.utc)
-    except (OverflowError, ValueError, OSError):  # beyond year 9999 (an edited row)
+    except (OverflowError, ValueError, TypeError, OSError):  # beyond year 9999, not a number
         return f"{ms} ms"
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms) % 1000:03d}Z"

@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from matrix_leave_forget.admin import LISTINGS
+from matrix_leave_forget.admin import LISTINGS, MAX_INT_ARG
 from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, _is_database_error, open_database
@@ -33,6 +33,9 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError("must not be negative")
+    # The admin API's bound: the database's 64-bit integers hold no more.
+    if value > MAX_INT_ARG:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT_ARG}")
     return value
 
 
@@ -54,19 +57,30 @@ def parse_timestamp(text: str) -> int:
         Milliseconds since the epoch.
 
     Raises:
-        argparse.ArgumentTypeError: if it is neither.
+        argparse.ArgumentTypeError: if it is neither, or outside what the admin
+            API accepts (0 to MAX_INT_ARG ms: from 1970 on, and what the
+            database's 64-bit integers hold).
     """
-    if re.fullmatch(r"\d+", text.strip()):
-        return int(text)
-    try:
-        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+    # ASCII digits only: \d would also take other scripts' digits.
+    if re.fullmatch(r"[0-9]+", text.strip()):
+        ms = int(text)
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a timestamp: {text!r} (milliseconds, or ISO 8601 such as 2024-05-01T12:00)"
+            )
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        ms = int(moment.timestamp() * 1000)
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"out of range: {text!r} is before 1970-01-01T00:00Z")
+    if ms > MAX_INT_ARG:
         raise argparse.ArgumentTypeError(
-            f"not a timestamp: {text!r} (milliseconds, or ISO 8601 such as 2024-05-01T12:00)"
+            f"out of range: {text!r} is more than {MAX_INT_ARG} milliseconds"
         )
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(moment.timestamp() * 1000)
+    return ms
 
 
 def _format_options(required_default: bool) -> argparse.ArgumentParser:

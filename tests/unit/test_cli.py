@@ -237,6 +237,64 @@ class ConfigErrorTest(CliTestCase):
         self.assertCliError(["verify", "--verify-key", "garbage"], "not a verify key")
 
 
+class TimestampRangeTest(CliTestCase):
+    """Absurd times in rows or options: a clear rendering or a one-line usage error."""
+
+    def assertUsageError(self, argv: Sequence[str], option: str, message: str) -> None:
+        """Exit 2, no output, argparse's usage and one error line naming ``option``."""
+        code, out, err = self.run_cli(*argv)
+        self.assertEqual(code, 2, err)
+        self.assertEqual(out, "")
+        self.assertNotIn("Traceback", err)
+        last = err.splitlines()[-1]
+        self.assertIn(f"error: argument {option}: ", last)
+        self.assertIn(message, last)
+
+    def test_out_of_range_times_and_numbers_are_usage_errors(self) -> None:
+        """--since/--until beyond 64 bits or before 1970, and --from/--limit/--newest
+        beyond 64 bits, name the option (they reached the driver: a traceback)."""
+        self.chain(2)
+        for option in ("--since", "--until"):
+            for value in ("99999999999999999999999", str(2**63), "1969-12-31T23:59:59Z"):
+                for command in ("log", "export"):
+                    self.assertUsageError([command, option, value], option, "out of range")
+            # Other scripts' digits are not milliseconds.
+            self.assertUsageError(["log", option, "\u0661\u0662"], option, "not a timestamp")
+        for argv, option in (
+            (["log", "--from", str(2**63)], "--from"),
+            (["log", "--limit", str(2**63)], "--limit"),
+            (["log", "--newest", str(2**63)], "--newest"),
+            (["export", "--from", str(2**63)], "--from"),
+            (["rooms", "--limit", str(2**63)], "--limit"),
+        ):
+            self.assertUsageError(argv, option, f"must be at most {2**63 - 1}")
+
+    def test_the_bounds_themselves_are_accepted(self) -> None:
+        """0 and 2**63-1 ms are valid --since/--until values, like the admin API's."""
+        self.chain(2)
+        code, out, err = self.run_cli("log", "--json", "--since", "0", "--until", str(2**63 - 1))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([e["seq"] for e in json.loads(out)["entries"]], [1, 2])
+        code, out, _ = self.run_cli("log", "--json", "--since", str(2**63 - 1), "--newest", "1")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["entries"], [])
+
+    def test_absurd_row_times_render_raw(self) -> None:
+        """An edited row's ts beyond year 9999 or before 1970 shows as its number in the
+        table; JSON keeps the raw value."""
+        self.chain(3)
+        self.tamper("UPDATE leave_forget_audit SET ts = ? WHERE seq = 1", 10**18)
+        self.tamper("UPDATE leave_forget_audit SET ts = ? WHERE seq = 2", -1)
+        code, out, err = self.run_cli("log")
+        self.assertEqual((code, err), (0, ""))
+        times = [line.split()[1] for line in out.splitlines()[1:]]
+        self.assertEqual(times, [f"{10**18}", "-1", "2023-11-14T22:13:23.000Z"])
+        self.assertIn(f"{10**18} ms", out)
+        self.assertIn("-1 ms", out)
+        code, out, _ = self.run_cli("log", "--json")
+        self.assertEqual([e["ts"] for e in json.loads(out)["entries"]][:2], [10**18, -1])
+
+
 class ConfigReadingTest(CliTestCase):
     """homeserver.yaml is read as Synapse reads it; the database only ever read."""
 
