@@ -42,7 +42,7 @@ OUTCOME_RECOVERED = "recovered"
 
 @attr.s(frozen=True, auto_attribs=True)
 class AuditFields:
-    """What the caller knows about an action; the store adds seq, chain and signature."""
+    """What the caller knows about an action; the log adds seq, chain and signature."""
 
     action: str
     outcome: str
