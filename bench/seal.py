@@ -5,7 +5,7 @@ What the retention sweep's audit step costs, without Synapse: the first format
 group format (``seal_entries`` per 1000, as ``decide_due`` writes them: the
 same hashing, one signature per group) — CPU only, and with ``--sqlite`` each
 group also inserted and committed into a SQLite file with the module's schema
-(as ``_append_many_txn`` does). The two are interleaved, round after round, so
+(as ``AuditLog.append_many_txn`` does). The two are interleaved, round after round, so
 that load from other jobs on the machine hits both alike; the median round is
 reported.
 
@@ -37,8 +37,8 @@ from matrix_leave_forget.audit import (  # noqa: E402
     seal_entries,
     seal_entry,
 )
+from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS  # noqa: E402
 from matrix_leave_forget.schema import MIGRATIONS  # noqa: E402
-from matrix_leave_forget.store import AUDIT_COLUMNS, STORED_COLUMNS  # noqa: E402
 
 ORIGIN = "test.local"
 

@@ -96,7 +96,7 @@ class LeaveForgetModule:
             api,
             api.server_name,
             self._internals.signing_key,
-            self.store.head,
+            self.store.audit.head,
             audit.checkpoint_room,
             audit.checkpoint_sender,
         )

@@ -19,13 +19,13 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
-from matrix_leave_forget.store import (
+from matrix_leave_forget.retention_state import (
     STATE_DRY_RUN,
     STATE_FORGOTTEN,
     STATE_PURGED,
     STATE_PURGING,
-    RetentionStore,
 )
+from matrix_leave_forget.store import RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -178,10 +178,10 @@ class AdminResource(DirectServeJsonResource):
             room_id = _room_arg(match.group("room_id"))
             if method == b"PUT":
                 reason = _hold_reason(request)
-                created = await self._store.put_hold(room_id, admin_id, reason)
+                created = await self._store.retention.put_hold(room_id, admin_id, reason)
                 return 200, {"room_id": room_id, "held": True, "created": created}
             if method == b"DELETE":
-                lifted = await self._store.lift_hold(room_id, admin_id)
+                lifted = await self._store.retention.lift_hold(room_id, admin_id)
                 if room_id in self._retention.holds:
                     # Configured holds cannot be lifted through the API.
                     return 200, {"room_id": room_id, "held": True, "lifted": lifted}
@@ -210,7 +210,9 @@ class AdminResource(DirectServeJsonResource):
         if state == "held":
             # A page of the admin API's holds merged with the configured ones
             # (few): the first `limit` of the union are among these.
-            held = {h["room_id"]: h for h in await self._store.get_holds_page(after, limit)}
+            held = {
+                h["room_id"]: h for h in await self._store.retention.get_holds_page(after, limit)
+            }
             for room_id in self._retention.holds:
                 if after is None or room_id > after:
                     held.setdefault(
@@ -232,7 +234,7 @@ class AdminResource(DirectServeJsonResource):
             )
             rooms = [{"room_id": r} for r in room_ids]
         elif state in LISTINGS:
-            rows = await self._store.list_rooms(LISTINGS[state], after, limit)
+            rows = await self._store.retention.list_rooms(LISTINGS[state], after, limit)
             rooms = [attr.asdict(r) for r in rows]
         else:
             raise SynapseError(
@@ -252,8 +254,8 @@ class AdminResource(DirectServeJsonResource):
         pacing block is there on the process that purges.
         """
         now = now_ms()
-        counts = await self._store.backlog_counts(now, self._retention.holds)
-        purged = await self._store.count_purged_since(now - RATE_WINDOW_MS)
+        counts = await self._store.retention.backlog_counts(now, self._retention.holds)
+        purged = await self._store.audit.count_purged_since(now - RATE_WINDOW_MS)
         rate = purged / (RATE_WINDOW_MS / 1000)
         pacing: Optional[Dict[str, Any]] = None
         if self._sweeper is not None and self._api.should_run_background_tasks():
@@ -280,12 +282,12 @@ class AdminResource(DirectServeJsonResource):
         }
 
     async def _room_detail(self, room_id: str) -> Dict[str, Any]:
-        retention = await self._store.get_room(room_id)
+        retention = await self._store.retention.get_room(room_id)
         members = await self._api.run_db_interaction(
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
         )
-        history = await self._store.member_history(room_id)
-        hold = await self._store.get_hold(room_id)
+        history = await self._store.audit.member_history(room_id)
+        hold = await self._store.retention.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
         return {
@@ -305,7 +307,7 @@ class AdminResource(DirectServeJsonResource):
 
     async def _audit_page(self, request: SynapseRequest) -> Dict[str, Any]:
         limit = _limit_arg(request)
-        entries = await self._store.audit_page(
+        entries = await self._store.audit.audit_page(
             user_id=_arg(request, "user_id"),
             room_id=_arg(request, "room_id"),
             since_ts=_int_arg(request, "since", None),
@@ -328,7 +330,7 @@ class AdminResource(DirectServeJsonResource):
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         while True:
-            entries = await self._store.audit_page(
+            entries = await self._store.audit.audit_page(
                 user_id=user_id,
                 room_id=room_id,
                 since_ts=since_ts,

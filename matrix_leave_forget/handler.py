@@ -17,10 +17,11 @@ from synapse.module_api.errors import Codes, SynapseError
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse import FORGET_REFUSED, SynapseRoutes, forget_rows_txn
 from matrix_leave_forget.audit import VIA_API
+from matrix_leave_forget.audit_log import AuditFields
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.refusals import RefusalBudget, refused_reason
-from matrix_leave_forget.store import AuditFields, RetentionStore
+from matrix_leave_forget.store import RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ class MembershipHandler:
             reason=storable_reason(fields.reason),
         )
         try:
-            await self._store.append(fields)
+            await self._store.audit.append(fields)
         except Exception:
             logger.exception("Could not record %s of %s", fields.action, fields.room_id)
             metrics.audit_write_failures_total.labels(self._api.server_name, fields.action).inc()

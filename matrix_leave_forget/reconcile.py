@@ -30,13 +30,9 @@ import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget.audit import VIA_RECOVERED
+from matrix_leave_forget.audit_log import OUTCOME_RECOVERED
 from matrix_leave_forget.routes import departure_fields, departure_from_row
-from matrix_leave_forget.store import (
-    OUTCOME_RECOVERED,
-    STREAM_DEPARTURES,
-    Departure,
-    RetentionStore,
-)
+from matrix_leave_forget.store import STREAM_DEPARTURES, Departure, RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseRoutes

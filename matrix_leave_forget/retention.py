@@ -29,7 +29,8 @@ from matrix_leave_forget.audit import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.handler import MembershipHandler
 from matrix_leave_forget.pacing import PurgePacer
-from matrix_leave_forget.store import STATE_PURGING, RetentionStore
+from matrix_leave_forget.retention_state import STATE_PURGING
+from matrix_leave_forget.store import RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse import SynapseInternals
@@ -139,7 +140,7 @@ class RetentionSweeper:
         stats: Dict[str, float] = {"transactions": 0}
         if self._config.dry_run:
             await self._decide_all(now, counts, stats)
-        backlog = await self._store.backlog_counts(now, self._config.holds)
+        backlog = await self._store.retention.backlog_counts(now, self._config.holds)
         if backlog["held"]:
             counts["held"] = backlog["held"]
             metrics.purges_total.labels(server_name, "held").inc(backlog["held"])
@@ -174,7 +175,7 @@ class RetentionSweeper:
         # is fixed, so the loop ends with the rooms due when it began.
         for _ in range(MAX_DECIDE_TRANSACTIONS):
             batch_started = time.monotonic()
-            batch = await self._store.decide_due(
+            batch = await self._store.retention.decide_due(
                 now,
                 DECIDE_BATCH,
                 self._handler.why_not_forgotten_many_txn,
@@ -213,7 +214,7 @@ class RetentionSweeper:
         starts it again. One pump at a time (``_pumping``, set by the caller).
         """
         try:
-            for room_id in await self._store.get_in_state(STATE_PURGING, SWEEP_BATCH):
+            for room_id in await self._store.retention.get_in_state(STATE_PURGING, SWEEP_BATCH):
                 self._in_flight.setdefault(room_id, _InFlight())
             if not self._in_flight:
                 # What a small transaction costs with no purge running: the
@@ -293,7 +294,7 @@ class RetentionSweeper:
                     )
                 continue
             if not view.room_exists:
-                await self._store.mark_purged(room_id)
+                await self._store.retention.mark_purged(room_id)
                 del self._in_flight[room_id]
                 self._resumed.discard(room_id)
                 purged += 1
@@ -342,7 +343,7 @@ class RetentionSweeper:
             if slots <= 0:
                 return True
             started = time.monotonic()
-            batch = await self._store.decide_due(
+            batch = await self._store.retention.decide_due(
                 now,
                 slots,
                 self._handler.why_not_forgotten_many_txn,

@@ -40,8 +40,9 @@ from matrix_leave_forget.audit import (
     VIA_KICK,
     VIA_STATE_API,
 )
+from matrix_leave_forget.audit_log import AuditFields
 from matrix_leave_forget.handler import MembershipHandler, storable_reason
-from matrix_leave_forget.store import AuditFields, Departure, RetentionStore
+from matrix_leave_forget.store import Departure, RetentionStore
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,11 @@ from matrix_leave_forget.audit import (
     parse_head,
     parse_verify_key,
 )
+from matrix_leave_forget.audit_log import (
+    STORED_COLUMNS,
+    count_purged_since_txn,
+    select_audit_txn,
+)
 from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, checked_heads, read_checkpoints
 from matrix_leave_forget.cli.config import (
     HomeserverConfig,
@@ -53,12 +58,9 @@ from matrix_leave_forget.cli.render import (
     write_csv,
     write_json,
 )
-from matrix_leave_forget.store import (
-    STORED_COLUMNS,
-    count_purged_since_txn,
+from matrix_leave_forget.retention_state import (
     list_rooms_txn,
     retention_counts_txn,
-    select_audit_txn,
     select_holds_txn,
 )
 

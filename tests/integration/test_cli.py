@@ -24,7 +24,7 @@ from signedjson.key import (
 )
 
 from matrix_leave_forget.audit import ENTRY_FIELDS
-from matrix_leave_forget.store import AUDIT_COLUMNS, STORED_COLUMNS
+from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     SERVER_NAME,

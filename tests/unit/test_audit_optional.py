@@ -21,7 +21,7 @@ from matrix_leave_forget.audit import (
     verify_chain,
     verify_keys_from_signing_key,
 )
-from matrix_leave_forget.store import STORED_COLUMNS, row_to_entry
+from matrix_leave_forget.audit_log import STORED_COLUMNS, row_to_entry
 
 ORIGIN = "test.local"
 

@@ -29,9 +29,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget import cli
 from matrix_leave_forget.admin import LISTINGS
 from matrix_leave_forget.audit import ENTRY_FIELDS
+from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
 from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
 from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION
-from matrix_leave_forget.store import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
 from tests.unit.test_audit import make_chain
 
 ORIGIN = "example.org"
@@ -79,7 +79,7 @@ def create_database(
 
 
 def insert_entry(conn: sqlite3.Connection, entry: Dict[str, Any]) -> None:
-    """Store an entry as RetentionStore._append_txn does."""
+    """Store an entry as AuditLog.append_txn does."""
     conn.execute(
         f"INSERT INTO leave_forget_audit ({', '.join(AUDIT_COLUMNS)}) "
         f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})",

@@ -1,0 +1,519 @@
+"""The retention state: rooms forgotten by every local user, their purges, and holds.
+
+Each room's row in leave_forget_rooms (forgotten, due, purging, purged or
+active again), the sweep's due decisions, holds placed through the admin API,
+and the listings and counts the admin API and the offline CLI show. Every
+change of state is recorded in the audit log in the same transaction (the
+log's ``*_txn`` methods, after its chain lock).
+"""
+
+import time
+from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import attr
+from synapse.module_api import LoggingTransaction, ModuleApi
+
+from matrix_leave_forget.audit import escape_text, needs_escape, unescape_text
+from matrix_leave_forget.audit_log import AuditFields, AuditLog
+from matrix_leave_forget.schema import is_postgres
+
+# Retention states of a room (leave_forget_rooms.state).
+STATE_ACTIVE = "active"  # was forgotten by all, then someone came back
+STATE_FORGOTTEN = "forgotten"  # forgotten by every local user; purge pending if due
+STATE_DRY_RUN = "dry_run"  # due, but dry_run was on: recorded, not purged
+STATE_PURGING = "purging"  # Synapse was asked to purge it
+STATE_PURGED = "purged"  # Synapse no longer has the room
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RoomRetention:
+    """One row of leave_forget_rooms."""
+
+    room_id: str
+    state: str
+    forgotten_at: Optional[int]
+    purge_due_at: Optional[int]
+    purge_started_at: Optional[int]
+    purged_at: Optional[int]
+    cancelled_at: Optional[int]
+    note: Optional[str]
+    updated_at: int
+
+
+_ROOM_COLUMNS = ", ".join(f.name for f in attr.fields(RoomRetention))
+
+# Decides, inside a transaction, whether every local user has forgotten a room:
+# (txn, room_id) -> None if they have, else why not. Provided by the handler,
+# which asks Synapse's tables through the internals façade.
+ForgottenCheck = Callable[[LoggingTransaction, str], Optional[str]]
+# The same for many rooms at once: (txn, room_ids) -> {room_id: why not} for
+# the rooms that are *not* forgotten by every local user.
+ForgottenCheckMany = Callable[[LoggingTransaction, Sequence[str]], Dict[str, str]]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DueDecisions:
+    """What one decision transaction of the sweep decided.
+
+    Attributes:
+        decided: Rooms now ``purging`` (or ``dry_run``), oldest due first.
+        cancelled: (room_id, why) of rooms someone came back to, now ``active``.
+        more: Whether more due rooms may be waiting (the batch was full).
+        timings_ms: Where the transaction's time went, for logs and benchmarks.
+    """
+
+    decided: List[str]
+    cancelled: List[Tuple[str, str]]
+    more: bool
+    timings_ms: Dict[str, float]
+
+
+class RetentionState:
+    """Per-room retention state and holds, each change audited.
+
+    Args:
+        api: The module API (for run_db_interaction).
+        audit: The audit log every change of state is recorded in.
+    """
+
+    def __init__(self, api: ModuleApi, audit: AuditLog) -> None:
+        self._api = api
+        self._audit = audit
+
+    def _upsert_room_txn(self, txn: LoggingTransaction, room_id: str, **values: Any) -> None:
+        columns = ["room_id", *values]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in values)
+        txn.execute(
+            f"INSERT INTO leave_forget_rooms ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT (room_id) DO UPDATE SET {updates}",
+            [room_id, *values.values()],
+        )
+
+    def mark_forgotten_txn(
+        self,
+        txn: LoggingTransaction,
+        room_id: str,
+        now: int,
+        retention_period_ms: Optional[int],
+        note: Optional[str],
+    ) -> None:
+        """(Re)start the room's period as forgotten by every local user at ``now``."""
+        self._upsert_room_txn(
+            txn,
+            room_id,
+            state=STATE_FORGOTTEN,
+            forgotten_at=now,
+            purge_due_at=now + retention_period_ms if retention_period_ms is not None else None,
+            purge_started_at=None,
+            purged_at=None,
+            cancelled_at=None,
+            note=note,
+            updated_at=now,
+        )
+
+    def rearm_forgotten_txn(
+        self,
+        txn: LoggingTransaction,
+        room_id: str,
+        now: int,
+        retention_period_ms: Optional[int],
+    ) -> Optional[RoomRetention]:
+        """Mark a room every local user has now forgotten, at a forget at ``now``.
+
+        Returns:
+            The room's row, or None if a purge of it is under way (left to finish).
+        """
+        txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
+        row = txn.fetchone()
+        # A room already "forgotten" is re-armed: someone rejoined (or was
+        # invited, or knocked) and is now the last to forget it, and the room
+        # must stay a full period after that forget, not the earlier one. So
+        # is a "purged" one: forgotten_check found it in Synapse again, i.e.
+        # it was rejoined (over federation) after the purge and is a room
+        # to purge again. Only a purge under way is left to finish.
+        if row is not None and row[0] == STATE_PURGING:
+            return None
+        self.mark_forgotten_txn(txn, room_id, now, retention_period_ms, None)
+        return self.get_room_txn(txn, room_id)
+
+    @staticmethod
+    def get_room_txn(txn: LoggingTransaction, room_id: str) -> Optional[RoomRetention]:
+        txn.execute(f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
+        row = txn.fetchone()
+        return RoomRetention(*row) if row else None
+
+    async def get_room(self, room_id: str) -> Optional[RoomRetention]:
+        return await self._api.run_db_interaction(
+            "leave_forget_get_room", self.get_room_txn, room_id
+        )
+
+    async def is_pending(self, room_id: str) -> bool:
+        """Whether room_id is forgotten by all and not yet purged (cheap, no lock)."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            txn.execute(
+                "SELECT 1 FROM leave_forget_rooms WHERE room_id = ? AND state IN (?, ?)",
+                (room_id, STATE_FORGOTTEN, STATE_DRY_RUN),
+            )
+            return txn.fetchone() is not None
+
+        return await self._api.run_db_interaction("leave_forget_is_pending", txn_fn)
+
+    async def cancel(self, room_id: str, why: str) -> bool:
+        """Mark a forgotten room active again (someone came back); False if it was not pending."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            self._audit.lock_chain_txn(txn)
+            txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
+            row = txn.fetchone()
+            if row is None or row[0] not in (STATE_FORGOTTEN, STATE_DRY_RUN):
+                return False
+            entry = self._audit.append_txn(
+                txn, AuditFields(action="purge", outcome="cancelled", room_id=room_id, reason=why)
+            )
+            txn.execute(
+                "UPDATE leave_forget_rooms SET state = ?, cancelled_at = ?, note = ?, "
+                "purge_due_at = NULL, updated_at = ? WHERE room_id = ?",
+                (STATE_ACTIVE, entry["ts"], why, entry["ts"], room_id),
+            )
+            return True
+
+        return await self._api.run_db_interaction("leave_forget_cancel_purge", txn_fn)
+
+    async def get_in_state(self, state: str, limit: int) -> List[str]:
+        def txn_fn(txn: LoggingTransaction) -> List[str]:
+            txn.execute(
+                "SELECT room_id FROM leave_forget_rooms WHERE state = ? "
+                "ORDER BY updated_at LIMIT ?",
+                (state, limit),
+            )
+            return [str(r[0]) for r in txn.fetchall()]
+
+        return await self._api.run_db_interaction("leave_forget_get_in_state", txn_fn)
+
+    async def decide_due(
+        self,
+        now: int,
+        limit: int,
+        forgotten_check: ForgottenCheckMany,
+        config_holds: AbstractSet[str],
+        dry_run: bool,
+    ) -> DueDecisions:
+        """Decide up to ``limit`` due rooms in one transaction, oldest due first.
+
+        Inside the transaction that records the decisions: held rooms (a hold
+        through the admin API, or ``config_holds``) are left out and stay
+        due; every other due room is re-checked, set-based, for "still
+        forgotten by every local user, none joined, invited or knocking". Rooms
+        someone came back to are cancelled (``active``, an audit entry naming
+        why); the rest go to ``purging`` (or ``dry_run``), each with its audit
+        entry in the chain.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> DueDecisions:
+            clock = time.perf_counter()
+            timings: Dict[str, float] = {}
+
+            def lap(name: str) -> None:
+                nonlocal clock
+                now_clock = time.perf_counter()
+                timings[name] = round((now_clock - clock) * 1000, 2)
+                clock = now_clock
+
+            self._audit.lock_chain_txn(txn)
+            holds = sorted(config_holds)
+            txn.execute(
+                "SELECT room_id FROM leave_forget_rooms AS r "
+                "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ? "
+                "AND NOT EXISTS "
+                "(SELECT 1 FROM leave_forget_holds AS h WHERE h.room_id = r.room_id) "
+                + (f"AND room_id NOT IN ({', '.join('?' for _ in holds)}) " if holds else "")
+                + "ORDER BY purge_due_at LIMIT ?",
+                (STATE_FORGOTTEN, now, *holds, limit),
+            )
+            rooms = [str(r[0]) for r in txn.fetchall()]
+            lap("select_ms")
+            why_not = forgotten_check(txn, rooms) if rooms else {}
+            lap("recheck_ms")
+            cancelled = [(r, why_not[r]) for r in rooms if r in why_not]
+            decided = [r for r in rooms if r not in why_not]
+            outcome = "dry_run" if dry_run else "started"
+            entries = self._audit.append_many_txn(
+                txn,
+                [
+                    AuditFields(action="purge", outcome="cancelled", room_id=r, reason=why)
+                    for r, why in cancelled
+                ]
+                + [AuditFields(action="purge", outcome=outcome, room_id=r) for r in decided],
+            )
+            lap("audit_ms")
+            ts = {e["room_id"]: int(e["ts"]) for e in entries}
+            if cancelled:
+                txn.execute_batch(
+                    "UPDATE leave_forget_rooms SET state = ?, cancelled_at = ?, note = ?, "
+                    "purge_due_at = NULL, updated_at = ? WHERE room_id = ?",
+                    [(STATE_ACTIVE, ts[r], why, ts[r], r) for r, why in cancelled],
+                )
+            if decided and is_postgres(txn):
+                # One statement per 1000 rooms, not one per room.
+                txn.execute_values(
+                    "UPDATE leave_forget_rooms AS r SET state = v.state, "
+                    "purge_started_at = v.ts, updated_at = v.ts "
+                    "FROM (VALUES ?) AS v (room_id, state, ts) WHERE r.room_id = v.room_id",
+                    [(r, STATE_DRY_RUN if dry_run else STATE_PURGING, ts[r]) for r in decided],
+                    template="(%s, %s, %s::BIGINT)",
+                    fetch=False,
+                )
+            elif decided:
+                txn.execute_batch(
+                    "UPDATE leave_forget_rooms SET state = ?, purge_started_at = ?, "
+                    "updated_at = ? WHERE room_id = ?",
+                    [
+                        (STATE_DRY_RUN if dry_run else STATE_PURGING, ts[r], ts[r], r)
+                        for r in decided
+                    ],
+                )
+            lap("update_ms")
+            return DueDecisions(decided, cancelled, len(rooms) >= limit, timings)
+
+        return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
+
+    async def count_due_held(self, now: int, config_holds: AbstractSet[str]) -> int:
+        """How many due rooms a hold keeps (they are left out of decide_due)."""
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            txn.execute(
+                "SELECT COUNT(*) FROM leave_forget_holds AS h "
+                "JOIN leave_forget_rooms AS r ON r.room_id = h.room_id "
+                "WHERE r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ?",
+                (STATE_FORGOTTEN, now),
+            )
+            row = txn.fetchone()
+            count = int(row[0]) if row else 0
+            extra = sorted(config_holds)
+            if extra:
+                txn.execute(
+                    "SELECT COUNT(*) FROM leave_forget_rooms AS r "
+                    f"WHERE r.room_id IN ({', '.join('?' for _ in extra)}) "
+                    "AND r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ? "
+                    "AND NOT EXISTS (SELECT 1 FROM leave_forget_holds AS h "
+                    "WHERE h.room_id = r.room_id)",
+                    (*extra, STATE_FORGOTTEN, now),
+                )
+                row = txn.fetchone()
+                count += int(row[0]) if row else 0
+            return count
+
+        return await self._api.run_db_interaction("leave_forget_count_due_held", txn_fn)
+
+    async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> Dict[str, int]:
+        """What retention has to do (see retention_counts_txn), in one transaction."""
+        return await self._api.run_db_interaction(
+            "leave_forget_backlog_counts", retention_counts_txn, now, config_holds
+        )
+
+    async def mark_purged(self, room_id: str) -> None:
+        def txn_fn(txn: LoggingTransaction) -> None:
+            self._audit.lock_chain_txn(txn)
+            entry = self._audit.append_txn(
+                txn, AuditFields(action="purge", outcome="purged", room_id=room_id)
+            )
+            txn.execute(
+                "UPDATE leave_forget_rooms SET state = ?, purged_at = ?, updated_at = ? "
+                "WHERE room_id = ? AND state = ?",
+                (STATE_PURGED, entry["ts"], entry["ts"], room_id, STATE_PURGING),
+            )
+
+        await self._api.run_db_interaction("leave_forget_mark_purged", txn_fn)
+
+    # -- holds -----------------------------------------------------------
+
+    @staticmethod
+    def is_held_txn(txn: LoggingTransaction, room_id: str) -> bool:
+        txn.execute("SELECT 1 FROM leave_forget_holds WHERE room_id = ?", (room_id,))
+        return txn.fetchone() is not None
+
+    async def put_hold(self, room_id: str, held_by: str, reason: Optional[str]) -> bool:
+        """Hold a room; False if it was already held."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            self._audit.lock_chain_txn(txn)
+            if self.is_held_txn(txn, room_id):
+                return False
+            entry = self._audit.append_txn(
+                txn,
+                AuditFields(
+                    action="hold", outcome="ok", user_id=held_by, room_id=room_id, reason=reason
+                ),
+            )
+            txn.execute(
+                "INSERT INTO leave_forget_holds "
+                "(room_id, held_by, reason, created_at, reason_escaped) VALUES (?, ?, ?, ?, ?)",
+                _hold_values(room_id, held_by, reason, entry["ts"]),
+            )
+            return True
+
+        return await self._api.run_db_interaction("leave_forget_put_hold", txn_fn)
+
+    async def lift_hold(self, room_id: str, lifted_by: str) -> bool:
+        """Lift a hold; False if there was none."""
+
+        def txn_fn(txn: LoggingTransaction) -> bool:
+            self._audit.lock_chain_txn(txn)
+            if not self.is_held_txn(txn, room_id):
+                return False
+            self._audit.append_txn(
+                txn, AuditFields(action="unhold", outcome="ok", user_id=lifted_by, room_id=room_id)
+            )
+            txn.execute("DELETE FROM leave_forget_holds WHERE room_id = ?", (room_id,))
+            return True
+
+        return await self._api.run_db_interaction("leave_forget_lift_hold", txn_fn)
+
+    async def get_holds(self) -> List[Dict[str, Any]]:
+        return await self._api.run_db_interaction("leave_forget_get_holds", select_holds_txn)
+
+    async def get_holds_page(self, after: Optional[str], limit: int) -> List[Dict[str, Any]]:
+        """Holds placed through the admin API, keyset-paged by room id."""
+        return await self._api.run_db_interaction(
+            "leave_forget_get_holds_page", select_holds_page_txn, after, limit
+        )
+
+    async def get_hold(self, room_id: str) -> Optional[Dict[str, Any]]:
+        """The hold placed on room_id through the admin API, if any."""
+
+        def txn_fn(txn: LoggingTransaction) -> Optional[Dict[str, Any]]:
+            txn.execute(
+                f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id = ?", (room_id,)
+            )
+            r = txn.fetchone()
+            return _hold_dict(r) if r else None
+
+        return await self._api.run_db_interaction("leave_forget_get_hold", txn_fn)
+
+    async def list_rooms(
+        self, states: Iterable[str], after: Optional[str], limit: int
+    ) -> List[RoomRetention]:
+        """Rooms in any of ``states``, by room id, paged by keyset."""
+        return await self._api.run_db_interaction(
+            "leave_forget_list_rooms", list_rooms_txn, list(states), after, limit
+        )
+
+
+def list_rooms_txn(
+    txn: Any,
+    states: Sequence[str],
+    after: Optional[str],
+    limit: int,
+    paramstyle: str = "?",
+) -> List[RoomRetention]:
+    """Rooms in any of ``states``, by room id after ``after``; shared with the offline CLI.
+
+    Args:
+        txn: A DB-API cursor (see select_audit_txn for ``paramstyle``).
+    """
+    # One keyset range of the (state, room_id) index per state, merged: the
+    # cost grows with the page, not with the number of rooms in the states.
+    part = (
+        f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms "
+        "WHERE state = ? AND room_id > ? ORDER BY room_id LIMIT ?"
+    )
+    args: List[Any] = []
+    for state in states:
+        args.extend((state, after or "", limit))
+    if len(states) == 1:
+        sql = part
+    else:
+        sql = (
+            " UNION ALL ".join(f"SELECT * FROM ({part}) AS s{i}" for i in range(len(states)))
+            + " ORDER BY room_id LIMIT ?"
+        )
+        args.append(limit)
+    txn.execute(sql.replace("?", paramstyle), args)
+    return [RoomRetention(*r) for r in txn.fetchall()]
+
+
+def retention_counts_txn(
+    txn: Any, now: int, config_holds: AbstractSet[str], paramstyle: str = "?"
+) -> Dict[str, int]:
+    """What retention has to do: a few index ranges; shared with the offline CLI.
+
+    Returns:
+        ``due``: rooms due now and not held (the backlog); ``held``: due rooms a
+        hold keeps; ``waiting``: forgotten rooms not yet due; ``in_flight``: rooms
+        whose purge Synapse was asked for.
+    """
+
+    def count(sql: str, args: Sequence[Any]) -> int:
+        txn.execute(sql.replace("?", paramstyle), args)
+        row = txn.fetchone()
+        return int(row[0]) if row else 0
+
+    due_all = count(
+        "SELECT COUNT(*) FROM leave_forget_rooms "
+        "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ?",
+        (STATE_FORGOTTEN, now),
+    )
+    held = count(
+        "SELECT COUNT(*) FROM leave_forget_holds AS h "
+        "JOIN leave_forget_rooms AS r ON r.room_id = h.room_id "
+        "WHERE r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ?",
+        (STATE_FORGOTTEN, now),
+    )
+    extra = sorted(config_holds)
+    if extra:
+        held += count(
+            "SELECT COUNT(*) FROM leave_forget_rooms AS r "
+            f"WHERE r.room_id IN ({', '.join('?' for _ in extra)}) "
+            "AND r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM leave_forget_holds AS h "
+            "WHERE h.room_id = r.room_id)",
+            (*extra, STATE_FORGOTTEN, now),
+        )
+    return {
+        "due": max(0, due_all - held),
+        "held": held,
+        "waiting": count(
+            "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ? AND purge_due_at > ?",
+            (STATE_FORGOTTEN, now),
+        ),
+        "in_flight": count(
+            "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ?", (STATE_PURGING,)
+        ),
+    }
+
+
+def select_holds_page_txn(
+    txn: Any, after: Optional[str], limit: int, paramstyle: str = "?"
+) -> List[Dict[str, Any]]:
+    """Holds placed through the admin API, by room id after ``after``, at most ``limit``."""
+    sql = (
+        f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id > ? ORDER BY room_id LIMIT ?"
+    )
+    txn.execute(sql.replace("?", paramstyle), (after or "", limit))
+    return [_hold_dict(r) for r in txn.fetchall()]
+
+
+def select_holds_txn(txn: Any) -> List[Dict[str, Any]]:
+    """Every hold placed through the admin API, by room id; shared with the offline CLI."""
+    txn.execute(f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds ORDER BY room_id")
+    return [_hold_dict(r) for r in txn.fetchall()]
+
+
+_HOLD_COLUMNS = "room_id, held_by, reason, created_at, reason_escaped"
+
+
+def _hold_values(
+    room_id: str, held_by: str, reason: Optional[str], created_at: int
+) -> Tuple[Any, ...]:
+    """A hold row: a reason neither engine can store as-is is stored escaped, and marked."""
+    if reason is not None and needs_escape(reason):
+        return room_id, held_by, escape_text(reason), created_at, 1
+    return room_id, held_by, reason, created_at, None
+
+
+def _hold_dict(r: Sequence[Any]) -> Dict[str, Any]:
+    """A hold row (_HOLD_COLUMNS) as the admin API and the CLI show it: the reason as given."""
+    reason = unescape_text(r[2]) if r[4] and r[2] is not None else r[2]
+    return {"room_id": r[0], "held_by": r[1], "reason": reason, "created_at": r[3]}
