@@ -148,39 +148,6 @@ class RetentionState:
             "leave_forget_get_room", self.get_room_txn, room_id
         )
 
-    async def is_pending(self, room_id: str) -> bool:
-        """Whether room_id is forgotten by all and not yet purged (cheap, no lock)."""
-
-        def txn_fn(txn: LoggingTransaction) -> bool:
-            txn.execute(
-                "SELECT 1 FROM leave_forget_rooms WHERE room_id = ? AND state IN (?, ?)",
-                (room_id, STATE_FORGOTTEN, STATE_DRY_RUN),
-            )
-            return txn.fetchone() is not None
-
-        return await self._api.run_db_interaction("leave_forget_is_pending", txn_fn)
-
-    async def cancel(self, room_id: str, why: str) -> bool:
-        """Mark a forgotten room active again (someone came back); False if it was not pending."""
-
-        def txn_fn(txn: LoggingTransaction) -> bool:
-            self._audit.lock_chain_txn(txn)
-            txn.execute("SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
-            row = txn.fetchone()
-            if row is None or row[0] not in (STATE_FORGOTTEN, STATE_DRY_RUN):
-                return False
-            entry = self._audit.append_txn(
-                txn, AuditFields(action="purge", outcome="cancelled", room_id=room_id, reason=why)
-            )
-            txn.execute(
-                "UPDATE leave_forget_rooms SET state = ?, cancelled_at = ?, note = ?, "
-                "purge_due_at = NULL, updated_at = ? WHERE room_id = ?",
-                (STATE_ACTIVE, entry["ts"], why, entry["ts"], room_id),
-            )
-            return True
-
-        return await self._api.run_db_interaction("leave_forget_cancel_purge", txn_fn)
-
     async def get_in_state(self, state: str, limit: int) -> List[str]:
         def txn_fn(txn: LoggingTransaction) -> List[str]:
             txn.execute(
@@ -279,34 +246,6 @@ class RetentionState:
 
         return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
 
-    async def count_due_held(self, now: int, config_holds: AbstractSet[str]) -> int:
-        """How many due rooms a hold keeps (they are left out of decide_due)."""
-
-        def txn_fn(txn: LoggingTransaction) -> int:
-            txn.execute(
-                "SELECT COUNT(*) FROM leave_forget_holds AS h "
-                "JOIN leave_forget_rooms AS r ON r.room_id = h.room_id "
-                "WHERE r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ?",
-                (STATE_FORGOTTEN, now),
-            )
-            row = txn.fetchone()
-            count = int(row[0]) if row else 0
-            extra = sorted(config_holds)
-            if extra:
-                txn.execute(
-                    "SELECT COUNT(*) FROM leave_forget_rooms AS r "
-                    f"WHERE r.room_id IN ({', '.join('?' for _ in extra)}) "
-                    "AND r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ? "
-                    "AND NOT EXISTS (SELECT 1 FROM leave_forget_holds AS h "
-                    "WHERE h.room_id = r.room_id)",
-                    (*extra, STATE_FORGOTTEN, now),
-                )
-                row = txn.fetchone()
-                count += int(row[0]) if row else 0
-            return count
-
-        return await self._api.run_db_interaction("leave_forget_count_due_held", txn_fn)
-
     async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> Dict[str, int]:
         """What retention has to do (see retention_counts_txn), in one transaction."""
         return await self._api.run_db_interaction(
@@ -370,9 +309,6 @@ class RetentionState:
             return True
 
         return await self._api.run_db_interaction("leave_forget_lift_hold", txn_fn)
-
-    async def get_holds(self) -> List[Dict[str, Any]]:
-        return await self._api.run_db_interaction("leave_forget_get_holds", select_holds_txn)
 
     async def get_holds_page(self, after: Optional[str], limit: int) -> List[Dict[str, Any]]:
         """Holds placed through the admin API, keyset-paged by room id."""
