@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -83,16 +84,29 @@ def main() -> int:
         print(f"  alice (admin) and bob are in {room}\n")
 
         base = f"/_matrix/client/v3/rooms/{quote_room(room)}"
+        message = {"msgtype": "m.text", "body": "Good night, bob"}
+        sent = hs.client(
+            "PUT", f"{base}/send/m.room.message/demo1", message, token=alice.access_token
+        )
+        earlier = urllib.parse.quote(sent.body["event_id"], safe="")
         resp = hs.client("POST", f"{base}/forget", token=bob.access_token)
         show("bob forgets while joined (refused, as the spec says)", resp.status, resp.body)
         resp = hs.client("POST", f"{base}/leave", {"reason": "Off to bed"}, token=bob.access_token)
         show("bob leaves with a reason", resp.status, resp.body)
         event = hs.member_event(alice, room, bob.user_id) or {}
         show("bob's membership event", 200, event.get("content"))
+        message = {"msgtype": "m.text", "body": "bob has gone"}
+        hs.client("PUT", f"{base}/send/m.room.message/demo2", message, token=alice.access_token)
+        resp = hs.client("GET", f"{base}/messages?dir=f", token=bob.access_token)
+        chunk = resp.body.get("chunk", [])
+        bodies = [e["content"]["body"] for e in chunk if "body" in e["content"]]
+        show("bob pages forward: nothing sent after he left", resp.status, bodies)
         resp = hs.client("POST", f"{base}/forget", token=bob.access_token)
         show("bob forgets the room", resp.status, resp.body)
         resp = hs.client("GET", f"{base}/messages", token=bob.access_token)
         show("bob reads the history afterwards", resp.status, resp.errcode)
+        resp = hs.client("GET", f"{base}/context/{earlier}", token=bob.access_token)
+        show("bob reads an old message's context (Synapse: 200)", resp.status, resp.errcode)
 
         resp = hs.client(
             "GET", "/_synapse/client/leave_forget/v1/admin/audit", token=alice.access_token
