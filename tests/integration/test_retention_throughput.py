@@ -364,8 +364,14 @@ class QueuedRejoinTests(ThroughputHelpers):
         alice = self.user("alice")
         remote_room = self.remote.create_room(self.rita, preset="public_chat")
         self.federated_join(alice, remote_room)
-        ahead = self.forgotten_room(members=1)
-        # Taken before the room ahead falls due: its purge waits for the lock.
+        ahead, ahead_users = self.joined_room(members=1)
+        # Held from before its forget until the lock is taken: otherwise a
+        # loaded machine could let the 2 s period run out and the room ahead be
+        # purged (the slot freed) before the lock exists.
+        self.hold(ahead)
+        self.leave_and_forget(ahead_users, ahead)
+        self.assertEqual(self.state(ahead), "forgotten")
+        # Taken before the room ahead can be decided: its purge waits for the lock.
         synapse_exec(
             self.hs,
             "INSERT INTO worker_read_write_locks "
@@ -374,6 +380,7 @@ class QueuedRejoinTests(ThroughputHelpers):
             ("purge_pagination_lock", ahead, True, "test-holder", "testtoken", now_ms()),
         )
         try:
+            self.release(ahead)
             self.leave_and_forget([alice], remote_room)
             self.assertEqual(self.state(remote_room), "forgotten")
 
