@@ -14,7 +14,7 @@ import json
 import os
 import re
 import urllib.parse
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from matrix_leave_forget._synapse import on_new_event_is_safe
 from matrix_leave_forget.audit import now_ms
@@ -27,7 +27,7 @@ from tests.integration.harness import (
 from tests.integration.test_faults import synapse_rows
 from tests.integration.test_retention import (
     RELAXED_FORGET,
-    FederatingSynapseProcess,
+    FederatedPair,
     RetentionHelpers,
 )
 
@@ -338,33 +338,13 @@ class LifecycleTests(RouteHelpers):
         self.assertIsNotNone(retention["purge_due_at"])
 
 
-class FederatedLifecycleTests(RouteHelpers):
+class FederatedLifecycleTests(FederatedPair, RouteHelpers):
     """Two federating homeservers: a room purged here lives on at the remote."""
 
     MODULE_CONFIG = {
         "forget_rate_limit": RELAXED_FORGET,
         "retention": {"period": "2s", "sweep_interval": "100ms"},
     }
-    remote: ClassVar[FederatingSynapseProcess]
-    rita: ClassVar[User]
-
-    @classmethod
-    def boot(cls) -> None:
-        cls.hs = FederatingSynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG})
-        cls.remote = FederatingSynapseProcess(None)
-        try:
-            cls.hs.start()
-            cls.remote.start()
-            cls.admin = cls.hs.register("admin", admin=True)
-            cls.rita = cls.remote.register("rita")
-        except Exception:
-            cls.shutdown()
-            raise
-
-    @classmethod
-    def shutdown(cls) -> None:
-        cls.hs.cleanup()
-        cls.remote.cleanup()
 
     def test_purged_rejoined_forgotten_again_is_purged_again(self) -> None:
         """A federated room purged by retention, rejoined on a re-invite from the

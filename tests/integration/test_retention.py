@@ -782,13 +782,14 @@ class FederatingSynapseProcess(SynapseProcess):
         return config
 
 
-class FederatedRetentionTests(RetentionHelpers):
-    """Rooms that live on on a remote server: a rejoin, invite or knock cancels a pending purge."""
+class FederatedPair:
+    """Mixin for a RetentionHelpers class: its Synapse (``hs``, with the module and an
+    ``admin``) federates with a remote Synapse without the module, where ``rita`` lives."""
 
-    MODULE_CONFIG = {
-        "forget_rate_limit": RELAXED_FORGET,
-        "retention": {"period": "2s", "sweep_interval": "100ms"},
-    }
+    MODE: ClassVar[str]
+    MODULE_CONFIG: ClassVar[Dict[str, Any]]
+    hs: ClassVar[SynapseProcess]
+    admin: ClassVar[User]
     remote: ClassVar[FederatingSynapseProcess]
     rita: ClassVar[User]
 
@@ -809,6 +810,15 @@ class FederatedRetentionTests(RetentionHelpers):
     def shutdown(cls) -> None:
         cls.hs.cleanup()
         cls.remote.cleanup()
+
+
+class FederatedRetentionTests(FederatedPair, RetentionHelpers):
+    """Rooms that live on on a remote server: a rejoin, invite or knock cancels a pending purge."""
+
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {"period": "2s", "sweep_interval": "100ms"},
+    }
 
     def remote_room(self, **content: Any) -> str:
         return self.remote.create_room(self.rita, **content)

@@ -20,7 +20,7 @@ from tests.integration.harness import User, pg_connect_args, quote_room, run_cli
 from tests.integration.test_faults import synapse_rows
 from tests.integration.test_retention import (
     RELAXED_FORGET,
-    FederatingSynapseProcess,
+    FederatedPair,
     RetentionHelpers,
 )
 
@@ -316,7 +316,7 @@ def synapse_exec(hs: Any, sql: str, args: Tuple[Any, ...] = ()) -> None:
         pg.close()
 
 
-class QueuedRejoinTests(ThroughputHelpers):
+class QueuedRejoinTests(FederatedPair, ThroughputHelpers):
     """A local user rejoins a room that is due but queued behind a purge in flight."""
 
     MODULE_CONFIG = {
@@ -328,26 +328,6 @@ class QueuedRejoinTests(ThroughputHelpers):
             "purge_load": 1,
         },
     }
-    remote: ClassVar[FederatingSynapseProcess]
-    rita: ClassVar[User]
-
-    @classmethod
-    def boot(cls) -> None:
-        cls.hs = FederatingSynapseProcess({"mount": cls.MODE, **cls.MODULE_CONFIG})
-        cls.remote = FederatingSynapseProcess(None)
-        try:
-            cls.hs.start()
-            cls.remote.start()
-            cls.admin = cls.hs.register("admin", admin=True)
-            cls.rita = cls.remote.register("rita")
-        except Exception:
-            cls.shutdown()
-            raise
-
-    @classmethod
-    def shutdown(cls) -> None:
-        cls.hs.cleanup()
-        cls.remote.cleanup()
 
     def federated_join(self, user: User, room_id: str) -> None:
         via = quote_room(self.remote.server_name)
