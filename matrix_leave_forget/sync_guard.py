@@ -24,9 +24,20 @@ _BUNDLED = b'"m.relations"'
 # ("room_id", list "room_ids"). In valid JSON a match cannot start at a string's
 # closing quote (one is never followed by "!"), so no such string is missed.
 _BANG_STRING = re.compile(rb'"(![^"\\]*)"')
-# A room id that Synapse's encoder writes escaped (or that another encoder may
-# write escaped, like "/"): the byte search could miss it, so parse instead.
-_ESCAPED = re.compile(r'[^\x20-\x7e]|["\\/]')
+
+
+def _unescaped(text: str) -> bool:
+    """Whether JSON writes text as it is: printable ASCII without quote or backslash.
+
+    "/" counts as escaped too: some encoders write it as "\\/".
+    """
+    return (
+        text.isascii()
+        and text.isprintable()
+        and '"' not in text
+        and "\\" not in text
+        and "/" not in text
+    )
 
 
 def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
@@ -38,7 +49,7 @@ def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
     """
     if not forgotten:
         return False
-    if any(_ESCAPED.search(room_id) for room_id in forgotten):
+    if not _unescaped("".join(forgotten)):  # one scan: the test is per character
         return True
     named = {m.decode("ascii", "replace") for m in _BANG_STRING.findall(body)}
     return not named.isdisjoint(forgotten)
