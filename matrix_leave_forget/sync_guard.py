@@ -7,6 +7,7 @@ own departure event, so that it stops showing the user as joined
 """
 
 import json
+import re
 from typing import AbstractSet, Any, Dict, List, Optional, Tuple
 
 from matrix_leave_forget.departures import DEPARTED, DepartureLookup
@@ -18,6 +19,40 @@ _MEMBER = "m.room.member"
 # cost a parse): a /sync "leave" section, and bundled relations.
 _LEAVE_SECTION = b'"leave":{'
 _BUNDLED = b'"m.relations"'
+# Every JSON string in the answer that starts with "!" and holds no escape: a
+# superset of the room ids it names, as keys ("rooms", extensions) or values
+# ("room_id", list "room_ids"). In valid JSON a match cannot start at a string's
+# closing quote (one is never followed by "!"), so no such string is missed.
+_BANG_STRING = re.compile(rb'"(![^"\\]*)"')
+
+
+def _unescaped(text: str) -> bool:
+    """Whether JSON writes text as it is: printable ASCII without quote or backslash.
+
+    "/" counts as escaped too: some encoders write it as "\\/".
+    """
+    return (
+        text.isascii()
+        and text.isprintable()
+        and '"' not in text
+        and "\\" not in text
+        and "/" not in text
+    )
+
+
+def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
+    """Whether body may name a room of forgotten (False only when it certainly does not).
+
+    One regex pass instead of a parse: the strings of body that look like room ids
+    are collected and intersected with forgotten. A forgotten room id that would
+    be escaped in JSON answers True, so the caller parses (nothing slips through).
+    """
+    if not forgotten:
+        return False
+    if not _unescaped("".join(forgotten)):  # one scan: the test is per character
+        return True
+    named = {m.decode("ascii", "replace") for m in _BANG_STRING.findall(body)}
+    return not named.isdisjoint(forgotten)
 
 
 def _encode(data: Any) -> bytes:
@@ -74,8 +109,8 @@ class SyncGuard:
         timeline, which ends at the departure, but loses bundled relations sent later.
         """
         forgotten = await self._forgotten(user_id)
-        # Without forgotten rooms only a "leave" section can need a change.
-        if not forgotten and _LEAVE_SECTION not in body:
+        # Without forgotten rooms in the answer only a "leave" section can need a change.
+        if _LEAVE_SECTION not in body and not _may_mention(body, forgotten):
             return None
         data = json.loads(body)
         rooms = data.get("rooms") if isinstance(data, dict) else None
@@ -143,8 +178,9 @@ class SyncGuard:
     ) -> Optional[Replacement]:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
         forgotten = await self._forgotten(user_id)
-        # Without forgotten rooms only bundled relations can tell of later events.
-        if not forgotten and _BUNDLED not in body:
+        # Without forgotten rooms in the answer only bundled relations can tell of
+        # later events.
+        if _BUNDLED not in body and not _may_mention(body, forgotten):
             return None
         data = json.loads(body)
         if not isinstance(data, dict):
@@ -219,7 +255,7 @@ class SyncGuard:
     async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """The legacy /events stream: of a forgotten room only the user's departure passes."""
         forgotten = await self._forgotten(user_id)
-        if not forgotten:
+        if not _may_mention(body, forgotten):
             return None
         data = json.loads(body)
         chunk = data.get("chunk") if isinstance(data, dict) else None
@@ -239,7 +275,7 @@ class SyncGuard:
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
         forgotten = await self._forgotten(user_id)
-        if not forgotten:
+        if not _may_mention(body, forgotten):
             return None
         data = json.loads(body)
         notifications = data.get("notifications") if isinstance(data, dict) else None

@@ -1,13 +1,16 @@
 """Unit tests of the history guard's routing, response capture and config key."""
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+from unittest import mock
 
 from synapse.module_api.errors import ConfigError
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import parse_config
 from matrix_leave_forget.history_guard import Route, capture, classify
+from matrix_leave_forget.sync_guard import SyncGuard
 
 
 class ConfigTests(SynchronousTestCase):
@@ -130,3 +133,102 @@ class CaptureTests(SynchronousTestCase):
         self.assertEqual((request.code, b"".join(request.wire)), (403, body))
         self.assertEqual(request.headers[b"Content-Length"], str(len(body)).encode())
         self.assertTrue(request.finished)
+
+
+class FakeLookup:
+    """The departure lookups SyncGuard uses, for a user with a fixed forgotten set."""
+
+    def __init__(self, forgotten: AbstractSet[str]) -> None:
+        self.forgotten = frozenset(forgotten)
+
+    async def forgotten_rooms(self, user_id: str) -> AbstractSet[str]:
+        return self.forgotten
+
+    async def departure(self, user_id: str, room_id: str) -> None:
+        return None
+
+    async def token_position(self, token: str) -> Optional[int]:
+        return None
+
+
+class SyncPreCheckTests(SynchronousTestCase):
+    """The byte pre-check that lets answers naming no forgotten room pass unparsed."""
+
+    USER = "@u:test.local"
+    KEPT = "!kept:test.local"
+
+    def guard(self, forgotten: AbstractSet[str]) -> SyncGuard:
+        return SyncGuard(FakeLookup(forgotten))  # type: ignore[arg-type]
+
+    def sync(self, guard: SyncGuard, body: bytes) -> Optional[Tuple[int, bytes]]:
+        request = mock.Mock(args={})
+        return self.successResultOf(
+            defer.ensureDeferred(guard.check_sync(request, self.USER, body))
+        )
+
+    def notifications(self, guard: SyncGuard, body: bytes) -> Optional[Tuple[int, bytes]]:
+        return self.successResultOf(
+            defer.ensureDeferred(guard.check_notifications(self.USER, body))
+        )
+
+    @staticmethod
+    def sync_body(*room_ids: str, ensure_ascii: bool = True) -> bytes:
+        join = {r: {"timeline": {"events": [{"type": "m.room.message"}]}} for r in room_ids}
+        data = {"next_batch": "s1", "rooms": {"join": join}}
+        return json.dumps(data, ensure_ascii=ensure_ascii, separators=(",", ":")).encode()
+
+    @staticmethod
+    def notifications_body(*room_ids: str, ensure_ascii: bool = True) -> bytes:
+        data = {"notifications": [{"room_id": r, "event": {}} for r in room_ids]}
+        return json.dumps(data, ensure_ascii=ensure_ascii, separators=(",", ":")).encode()
+
+    def test_answer_without_forgotten_room_is_not_parsed(self) -> None:
+        """No forgotten room named and no "leave" section: released without json.loads."""
+        guard = self.guard({"!gone:test.local", "!other:test.local"})
+        mention = json.dumps({"body": "see !gone:test.local"}).encode()  # not a whole string
+        with mock.patch("matrix_leave_forget.sync_guard.json.loads") as loads:
+            self.assertIsNone(
+                self.sync(guard, self.sync_body(self.KEPT)[:-1] + b"," + b'"x":' + mention + b"}")
+            )
+            self.assertIsNone(self.notifications(guard, self.notifications_body(self.KEPT)))
+            loads.assert_not_called()
+
+    def test_forgotten_room_is_still_taken_out(self) -> None:
+        """A forgotten room named in the answer is parsed and removed; other rooms stay."""
+        gone = "!gone:test.local"
+        guard = self.guard({gone})
+        result = self.sync(guard, self.sync_body(self.KEPT, gone))
+        assert result is not None
+        self.assertEqual(list(json.loads(result[1])["rooms"]["join"]), [self.KEPT])
+        result = self.notifications(guard, self.notifications_body(gone, self.KEPT))
+        assert result is not None
+        kept = [n["room_id"] for n in json.loads(result[1])["notifications"]]
+        self.assertEqual(kept, [self.KEPT])
+
+    def test_escaped_room_id_falls_back_to_parsing(self) -> None:
+        """A forgotten room id JSON escapes (non-ASCII, quote, backslash, control, "/") is
+        not looked for in the bytes: the answer is parsed and the room still removed."""
+        for gone in (
+            "!caf\u00e9:test.local",
+            '!a"b:test.local',
+            "!a\\b:test.local",
+            "!a\nb:test.local",
+            "!a/b:test.local",
+        ):
+            for ensure_ascii in (True, False):
+                guard = self.guard({gone})
+                label = f"{gone!r} ensure_ascii={ensure_ascii}"
+                body = self.sync_body(self.KEPT, gone, ensure_ascii=ensure_ascii)
+                # The escaped form is what the bytes hold (no plain-text match).
+                with mock.patch(
+                    "matrix_leave_forget.sync_guard.json.loads", wraps=json.loads
+                ) as loads:
+                    result = self.sync(guard, body)
+                    loads.assert_called_once()
+                assert result is not None, label
+                self.assertEqual(list(json.loads(result[1])["rooms"]["join"]), [self.KEPT], label)
+                body = self.notifications_body(gone, self.KEPT, ensure_ascii=ensure_ascii)
+                result = self.notifications(guard, body)
+                assert result is not None, label
+                kept = [n["room_id"] for n in json.loads(result[1])["notifications"]]
+                self.assertEqual(kept, [self.KEPT], label)
