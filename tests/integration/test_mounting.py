@@ -267,8 +267,10 @@ class ListenerTests(_ServerPerTest):
 
     def test_client_listener_stays_native(self) -> None:
         """The fact the deployment advice rests on: on a listener that serves
-        `client`, leave is Synapse's own (no audit entry), which is why the
-        reverse proxy must route leave and forget to the module's listener."""
+        `client`, leave is Synapse's own. The module only observes the event
+        afterwards (an entry with via `client`, not `api`: no device, and a
+        refused request would leave no trace), which is why the reverse proxy
+        must route leave and forget to the module's listener."""
         hs = self.start({}, {"mount": "listener"})
         admin = hs.register("admin", admin=True)
         room = hs.create_room(admin)
@@ -279,7 +281,15 @@ class ListenerTests(_ServerPerTest):
             token=admin.access_token,
         )
         self.assertEqual(resp.status, 200)
-        self.assertEqual(self.audit_actions(hs, admin.access_token), [])
+
+        def observed() -> List[Dict[str, Any]]:
+            resp = hs.client("GET", ADMIN_AUDIT, token=admin.access_token)
+            self.assertEqual(resp.status, 200, resp.body)
+            return list(resp.body["entries"])
+
+        entries = wait_until(observed, what="the observed native leave")
+        self.assertEqual([(e["action"], e.get("via")) for e in entries], [("leave", "client")])
+        self.assertIsNone(entries[0].get("device_id"))
 
     def test_federation_and_replication_listeners_serve_the_module_too(self) -> None:
         """The fact docs/mounting.md warns about: Synapse gives module resources to
