@@ -263,6 +263,7 @@ def write_self_signed_cert(directory: str) -> Dict[str, str]:
         The ``homeserver.yaml`` keys naming them (for ``tls: true`` listeners).
     """
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -280,6 +281,10 @@ def write_self_signed_cert(directory: str) -> Dict[str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     paths = {

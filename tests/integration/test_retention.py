@@ -18,8 +18,6 @@ last member forgets keeps the room from ever becoming "forgotten"; the
 single-server tests cover that.
 """
 
-import datetime
-import ipaddress
 import itertools
 import json
 import os
@@ -38,6 +36,7 @@ from tests.integration.harness import (
     quote_room,
     request,
     wait_until,
+    write_self_signed_cert,
 )
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
@@ -710,47 +709,6 @@ class RestartTests(RetentionHelpers):
         self.assert_purged(room)
 
 
-def _write_self_signed_cert(workdir: str) -> Dict[str, str]:
-    """A throwaway TLS certificate for 127.0.0.1 (federation requires TLS)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    paths = {
-        "tls_certificate_path": os.path.join(workdir, "tls.crt"),
-        "tls_private_key_path": os.path.join(workdir, "tls.key"),
-    }
-    with open(paths["tls_certificate_path"], "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths["tls_private_key_path"], "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths
-
-
 class FederatingSynapseProcess(SynapseProcess):
     """A SynapseProcess that federates over loopback: named 127.0.0.1:<TLS port>."""
 
@@ -764,7 +722,7 @@ class FederatingSynapseProcess(SynapseProcess):
 
     def homeserver_config(self) -> Dict[str, Any]:
         config = super().homeserver_config()
-        config.update(_write_self_signed_cert(self.workdir))
+        config.update(write_self_signed_cert(self.workdir))
         config["server_name"] = self.server_name
         config["listeners"] = [
             *config["listeners"],
