@@ -64,16 +64,17 @@ class AuditFields:
 
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 # Most audit writes one group-commit transaction carries.
 GROUP_COMMIT_MAX = 100
 
 
-class _Job(Generic[T]):
+class _Job(Generic[Item, T]):
     """One caller's work in a group commit, and how it ended."""
 
-    def __init__(self, fn: Callable[[LoggingTransaction], T]) -> None:
-        self.fn = fn
+    def __init__(self, item: Item) -> None:
+        self.item = item
         self.turn: defer.Deferred[None] = defer.Deferred()
         self.done = False
         self.result: Optional[T] = None
@@ -88,7 +89,7 @@ class _Job(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
-class GroupCommit:
+class GroupCommit(Generic[Item, T]):
     """Runs concurrent audit writes together, in one transaction (group commit).
 
     Every leave and forget appends to the chain, whose head is one row: at most
@@ -105,19 +106,26 @@ class GroupCommit:
         api: The module API (run_db_interaction, background processes).
         desc: The transaction's description (Synapse's metrics and logs).
         prepare: Run first in every transaction (the chain lock).
+        run_txn: Does the queued jobs' work in the transaction, all at once
+            (set-based where it can), returning one result per item in order.
     """
 
     def __init__(
-        self, api: ModuleApi, desc: str, prepare: Callable[[LoggingTransaction], None]
+        self,
+        api: ModuleApi,
+        desc: str,
+        prepare: Callable[[LoggingTransaction], None],
+        run_txn: Callable[[LoggingTransaction, Sequence[Item]], Sequence[T]],
     ) -> None:
         self._api = api
         self._desc = desc
         self._prepare = prepare
-        self._waiting: List[_Job[Any]] = []
+        self._run_txn = run_txn
+        self._waiting: List[_Job[Item, T]] = []
         self._draining = False
 
-    async def run(self, fn: Callable[[LoggingTransaction], T]) -> T:
-        job: _Job[T] = _Job(fn)
+    async def run(self, item: Item) -> T:
+        job: _Job[Item, T] = _Job(item)
         self._waiting.append(job)
         if not self._draining:
             self._draining = True
@@ -145,32 +153,35 @@ class GroupCommit:
         finally:
             self._draining = False
 
-    async def _run_batch(self, batch: List[_Job[Any]]) -> None:
-        def txn_fn(txn: LoggingTransaction) -> List[Any]:
-            self._prepare(txn)
-            return [j.fn(txn) for j in batch]
-
+    async def _run_batch(self, batch: List[_Job[Item, T]]) -> None:
         try:
-            results = await self._api.run_db_interaction(self._desc, txn_fn)
+            results = await self._run_items([j.item for j in batch])
         except Exception as error:
             if len(batch) == 1:
                 batch[0].finish(error=error)
                 return
             for j in batch:
                 try:
-                    j.finish(await self._run_one(j))
+                    j.finish((await self._run_items([j.item]))[0])
                 except Exception as one_error:
                     j.finish(error=one_error)
             return
         for j, result in zip(batch, results, strict=True):
             j.finish(result)
 
-    async def _run_one(self, job: _Job[T]) -> T:
-        def txn_fn(txn: LoggingTransaction) -> T:
+    async def _run_items(self, items: List[Item]) -> Sequence[T]:
+        def txn_fn(txn: LoggingTransaction) -> Sequence[T]:
             self._prepare(txn)
-            return job.fn(txn)
+            return self._run_txn(txn, items)
 
         return await self._api.run_db_interaction(self._desc, txn_fn)
+
+
+def run_each_txn(
+    txn: LoggingTransaction, fns: Sequence[Callable[[LoggingTransaction], T]]
+) -> List[T]:
+    """GroupCommit's run_txn for jobs that are transaction functions: one after the other."""
+    return [fn(txn) for fn in fns]
 
 
 class AuditLog:
@@ -189,11 +200,14 @@ class AuditLog:
         self._instance = instance
         self._signing_key = signing_key
         # Leaves, forgets and refusals: the writes every request makes.
-        self._records = GroupCommit(api, "leave_forget_record", self.lock_chain_txn)
+        self._records: GroupCommit[Callable[[LoggingTransaction], Any], Any] = GroupCommit(
+            api, "leave_forget_record", self.lock_chain_txn, run_each_txn
+        )
 
     async def run_grouped(self, fn: Callable[[LoggingTransaction], T]) -> T:
         """Run ``fn`` in a group-committed transaction, after the chain lock."""
-        return await self._records.run(fn)
+        result: T = await self._records.run(fn)
+        return result
 
     def append_txn(self, txn: LoggingTransaction, fields: AuditFields) -> Dict[str, Any]:
         """Append one entry to the chain.
@@ -280,7 +294,8 @@ class AuditLog:
         def txn_fn(txn: LoggingTransaction) -> Dict[str, Any]:
             return self.append_txn(txn, fields)
 
-        return await self._records.run(txn_fn)
+        entry: Dict[str, Any] = await self._records.run(txn_fn)
+        return entry
 
     @staticmethod
     def has_event_txn(txn: LoggingTransaction, event_id: Optional[str]) -> bool:

@@ -8,7 +8,7 @@ retention store.
 """
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
@@ -21,7 +21,7 @@ from matrix_leave_forget.audit_log import AuditFields
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.refusals import RefusalBudget, refused_reason
-from matrix_leave_forget.store import RetentionStore
+from matrix_leave_forget.store import ForgetRequest, ForgetWriter, RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class MembershipHandler:
             if limit is not None
             else None
         )
+        self._forgets = ForgetWriter(api, store, self, config.retention.period_ms)
         budget = config.audit.refusal_budget
         suppressed = refusals_suppressed_total.labels(server_name=api.server_name)
         self._refusal_budget = RefusalBudget(
@@ -189,31 +190,20 @@ class MembershipHandler:
             SynapseError: 400 ``M_UNKNOWN`` while the user is still in the room
                 (joined, invited or knocking), as Synapse.
         """
-        store = self._routes.store
-
-        def forget_rows(txn: LoggingTransaction) -> None:
-            forget_rows_txn(store, txn, user_id, room_id)
-
-        def membership(txn: LoggingTransaction) -> Optional[str]:
-            return self._internals.user_membership_txn(txn, room_id, user_id)
-
-        result = await self._store.record_forget(
-            AuditFields(
-                action="forget",
-                outcome="ok",
-                user_id=user_id,
-                room_id=room_id,
-                device_id=device_id,
-                via=via,
-                actor=actor,
-            ),
-            room_id,
-            self.why_not_forgotten_txn,
-            self._config.retention.period_ms,
-            membership,
-            forget_rows=forget_rows,
-            refuse=LIVE_MEMBERSHIPS,
-            record_noop=record_noop,
+        result = await self._forgets.forget(
+            ForgetRequest(
+                AuditFields(
+                    action="forget",
+                    outcome="ok",
+                    user_id=user_id,
+                    room_id=room_id,
+                    device_id=device_id,
+                    via=via,
+                    actor=actor,
+                ),
+                refuse=LIVE_MEMBERSHIPS,
+                record_noop=record_noop,
+            )
         )
         if result.refused:
             raise SynapseError(400, FORGET_REFUSED % (user_id, room_id))
@@ -226,25 +216,27 @@ class MembershipHandler:
         if schedule_purge and result.membership is not None:
             await self._routes.schedule_forgotten_purge(room_id)
 
+    # -- ForgetOps: Synapse's side of a forget, for ForgetWriter --------
+
+    def memberships_txn(
+        self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
+    ) -> Dict[Tuple[str, str], str]:
+        return self._internals.user_memberships_txn(txn, pairs)
+
+    def forget_rows_txn(self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]) -> None:
+        forget_rows_txn(self._routes.store, txn, pairs)
+
+    def forgotten_by_all_txn(self, txn: LoggingTransaction, room_ids: Sequence[str]) -> Set[str]:
+        return self._internals.forgotten_by_all_txn(txn, room_ids, _LIVE)
+
     def is_serving(self, user_id: str, room_id: str) -> bool:
         """Whether this process's endpoint is serving user_id's leave of room_id now."""
         return (user_id, room_id) in self._serving
 
-    def why_not_forgotten_txn(self, txn: LoggingTransaction, room_id: str) -> Optional[str]:
-        """None if every local user has forgotten room_id, else why it is still remembered."""
-        if not self._internals.room_exists_txn(txn, room_id):
-            return "unknown room"
-        member = self._internals.remembering_member_txn(txn, room_id, _LIVE)
-        if member is not None:
-            return _still_has(*member)
-        if not self._internals.has_local_members_txn(txn, room_id):
-            return "no local members"
-        return None
-
     def why_not_forgotten_many_txn(
         self, txn: LoggingTransaction, room_ids: Sequence[str]
     ) -> Dict[str, str]:
-        """why_not_forgotten_txn for many rooms, set-based.
+        """Why each room some local user still has is remembered, set-based.
 
         Returns:
             {room_id: why} for the rooms that are still remembered.

@@ -42,12 +42,9 @@ class RoomRetention:
 
 _ROOM_COLUMNS = ", ".join(f.name for f in attr.fields(RoomRetention))
 
-# Decides, inside a transaction, whether every local user has forgotten a room:
-# (txn, room_id) -> None if they have, else why not. Provided by the handler,
-# which asks Synapse's tables through the internals façade.
-ForgottenCheck = Callable[[LoggingTransaction, str], Optional[str]]
-# The same for many rooms at once: (txn, room_ids) -> {room_id: why not} for
-# the rooms that are *not* forgotten by every local user.
+# Decides, inside a transaction, which rooms some local user still has:
+# (txn, room_ids) -> {room_id: why not forgotten by all}. Provided by the
+# handler, which asks Synapse's tables through the internals façade.
 ForgottenCheckMany = Callable[[LoggingTransaction, Sequence[str]], Dict[str, str]]
 
 

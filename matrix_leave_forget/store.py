@@ -8,14 +8,14 @@ runs the transactions that span them and Synapse's own tables: the schema, a
 forget, and departures recorded from Synapse's events stream.
 """
 
-from typing import AbstractSet, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 import attr
 from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget.audit_log import AuditFields, AuditLog
-from matrix_leave_forget.retention_state import ForgottenCheck, RetentionState, RoomRetention
+from matrix_leave_forget.audit_log import AuditFields, AuditLog, GroupCommit
+from matrix_leave_forget.retention_state import RetentionState, RoomRetention
 from matrix_leave_forget.schema import run_migrations
 
 # Positions in Synapse's events stream (leave_forget_stream_positions.name):
@@ -24,9 +24,41 @@ from matrix_leave_forget.schema import run_migrations
 STREAM_INSTALLED = "installed"
 STREAM_DEPARTURES = "departures"
 
-# Reads, inside a transaction, the requester's membership in the room (None if
-# they never had one).
-MembershipRead = Callable[[LoggingTransaction], Optional[str]]
+
+class ForgetOps(Protocol):
+    """What a forget reads and writes of Synapse's own tables, many forgets at once."""
+
+    def memberships_txn(
+        self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
+    ) -> Dict[Tuple[str, str], str]:
+        """Each (user_id, room_id)'s current membership; absent if none."""
+
+    def forget_rows_txn(self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]) -> None:
+        """Synapse's own forget of each (user_id, room_id)."""
+
+    def forgotten_by_all_txn(self, txn: LoggingTransaction, room_ids: Sequence[str]) -> Set[str]:
+        """The rooms every local user has left and forgotten."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ForgetRequest:
+    """One forget to perform and record.
+
+    Attributes:
+        fields: The entry (user_id and room_id set); its outcome is set from
+            the membership: ``ok``, or ``noop`` for a room never had.
+        refuse: Memberships that may not forget (nothing is written).
+        record_noop: Whether a ``noop`` forget gets an entry at all.
+    """
+
+    fields: AuditFields
+    refuse: AbstractSet[str] = frozenset()
+    record_noop: bool = True
+
+    @property
+    def pair(self) -> Tuple[str, str]:
+        assert self.fields.user_id is not None and self.fields.room_id is not None
+        return self.fields.user_id, self.fields.room_id
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -114,53 +146,6 @@ class RetentionStore:
 
         await self._api.run_db_interaction("leave_forget_probe", txn_fn)
 
-    async def record_forget(
-        self,
-        fields: AuditFields,
-        room_id: str,
-        forgotten_check: ForgottenCheck,
-        retention_period_ms: Optional[int],
-        membership: MembershipRead,
-        forget_rows: Optional[Callable[[LoggingTransaction], None]] = None,
-        refuse: AbstractSet[str] = frozenset(),
-        record_noop: bool = True,
-    ) -> ForgetResult:
-        """Forget, record the forget and, atomically, whether the room is now forgotten by all.
-
-        One transaction: the requester's membership (refused if in
-        ``refuse``; ``ok``, or ``noop`` for a room they never had one in),
-        Synapse's own forget rows (``forget_rows``), the audit entry and the
-        retention state. A crash leaves either all of it or none.
-
-        Args:
-            fields: The entry; its outcome is set here from the membership.
-            membership: Reads the requester's membership inside the transaction.
-            forget_rows: Performs Synapse's forget in the transaction.
-            refuse: Memberships that may not forget (nothing is written).
-            record_noop: Whether a ``noop`` forget gets an entry at all.
-        """
-
-        def txn_fn(txn: LoggingTransaction) -> ForgetResult:
-            current = membership(txn)
-            if current in refuse:
-                return ForgetResult(current, refused=True)
-            if forget_rows is not None:
-                forget_rows(txn)
-            if current is None:
-                if not record_noop:
-                    return ForgetResult(current)
-                entry = self.audit.append_txn(txn, attr.evolve(fields, outcome="noop"))
-                return ForgetResult(current, entry=entry)
-            entry = self.audit.append_txn(txn, attr.evolve(fields, outcome="ok"))
-            if forgotten_check(txn, room_id) is not None:
-                return ForgetResult(current, entry=entry)
-            room = self.retention.rearm_forgotten_txn(
-                txn, room_id, int(entry["ts"]), retention_period_ms
-            )
-            return ForgetResult(current, entry=entry, room=room)
-
-        return await self.audit.run_grouped(txn_fn)
-
     async def record_departure(self, fields: AuditFields) -> bool:
         """Append a departure seen in Synapse's events, once per event.
 
@@ -213,3 +198,82 @@ class RetentionStore:
             return len(missing)
 
         return await self.audit.run_grouped(txn_fn)
+
+
+class ForgetWriter:
+    """Forgets with their entries and retention state, atomically and set-based.
+
+    One transaction per group of concurrent forgets (group commit, after the
+    chain lock): the requesters' memberships, Synapse's own forget rows, the
+    audit entries and the retention state. A crash leaves either all of a
+    forget or none of it. The group's statements do not grow with its size
+    (one read of the memberships, one batched update per table, one bulk
+    cache invalidation per cache, one append, one forgotten-by-all check for
+    all its rooms), so concurrent forgets cost about what one does, although
+    the chain lock serialises them.
+
+    Args:
+        api: The module API.
+        store: The audit log and retention state.
+        ops: Synapse's side of a forget.
+        retention_period_ms: How long a room forgotten by all is kept.
+    """
+
+    def __init__(
+        self,
+        api: ModuleApi,
+        store: RetentionStore,
+        ops: ForgetOps,
+        retention_period_ms: Optional[int],
+    ) -> None:
+        self._store = store
+        self._ops = ops
+        self._period = retention_period_ms
+        self._group: GroupCommit[ForgetRequest, ForgetResult] = GroupCommit(
+            api, "leave_forget_forget", AuditLog.lock_chain_txn, self._forget_many_txn
+        )
+
+    async def forget(self, request: ForgetRequest) -> ForgetResult:
+        """Forget, record the forget and whether the room is now forgotten by all."""
+        return await self._group.run(request)
+
+    def _forget_many_txn(
+        self, txn: LoggingTransaction, requests: Sequence[ForgetRequest]
+    ) -> List[ForgetResult]:
+        pairs = [request.pair for request in requests]
+        memberships = self._ops.memberships_txn(txn, pairs)
+        done = [
+            i
+            for i, request in enumerate(requests)
+            if memberships.get(pairs[i]) not in request.refuse
+        ]
+        self._ops.forget_rows_txn(txn, [pairs[i] for i in done])
+        recorded = [i for i in done if pairs[i] in memberships or requests[i].record_noop]
+        entries = self._store.audit.append_many_txn(
+            txn,
+            [
+                attr.evolve(requests[i].fields, outcome="ok" if pairs[i] in memberships else "noop")
+                for i in recorded
+            ],
+        )
+        results = [
+            ForgetResult(memberships.get(pairs[i]), refused=True) for i in range(len(requests))
+        ]
+        for i, entry in zip(recorded, entries, strict=True):
+            results[i] = ForgetResult(memberships.get(pairs[i]), entry=entry)
+        for i in done:
+            if i not in recorded:
+                results[i] = ForgetResult(None)
+        # Checked once all the group's forgets are written: when the last two
+        # local users forget a room together, the room is forgotten by all.
+        last_forget = {pairs[i][1]: i for i in done if pairs[i] in memberships}
+        forgotten = self._ops.forgotten_by_all_txn(txn, sorted(last_forget))
+        for room_id, i in last_forget.items():
+            last_entry = results[i].entry
+            if room_id not in forgotten or last_entry is None:
+                continue
+            room = self._store.retention.rearm_forgotten_txn(
+                txn, room_id, int(last_entry["ts"]), self._period
+            )
+            results[i] = attr.evolve(results[i], room=room)
+        return results
