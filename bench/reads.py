@@ -24,6 +24,13 @@ does not turn the measurement into one of the cache.
 Usage::
 
     python bench/reads.py [--quick] [--database sqlite|postgres|both]
+                          [--reads event,context] [--module-side module|guard-off|native]
+
+``--module-side`` replaces the module side to tell costs apart: ``guard-off``
+is the module with ``history_guard: false`` (what the guard itself costs is
+the difference), ``native`` a second Synapse without the module (an A/A
+control: how far the ratios of two identical servers stray, i.e. the bench's
+own noise floor on this machine).
 """
 
 from __future__ import annotations
@@ -268,9 +275,18 @@ def start(module_config: Any, database: str) -> SynapseProcess:
     return hs
 
 
-def run(database: str, quick: bool) -> Dict[str, Any]:
+MODULE_SIDES: Dict[str, Any] = {
+    "module": {"mount": "intercept", "forget_rate_limit": None},
+    "guard-off": {"mount": "intercept", "forget_rate_limit": None, "history_guard": False},
+    "native": None,
+}
+
+
+def run(
+    database: str, quick: bool, reads: Sequence[str] = READS, module_side: str = "module"
+) -> Dict[str, Any]:
     plan = PLANS["quick" if quick else "full"]
-    module_hs = start({"mount": "intercept", "forget_rate_limit": None}, database)
+    module_hs = start(MODULE_SIDES[module_side], database)
     native_hs = None
     try:
         native_hs = start(None, database)
@@ -279,12 +295,13 @@ def run(database: str, quick: bool) -> Dict[str, Any]:
             log(f"{database}: building {side.name} ({ROOMS} rooms, {FORGOTTEN} forgotten)")
             side.build(FORGOTTEN)
         results: Dict[str, Any] = {}
-        for read in READS:
+        for read in reads:
             for user in USERS:
                 results[f"{read}.{user}"] = measure(sides, read, user, plan)
         return {
             "database": database,
             "mode": "quick" if quick else "full",
+            "module_side": module_side,
             "rooms": ROOMS,
             "messages": MESSAGES,
             "forgotten": FORGOTTEN,
@@ -319,7 +336,8 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
                     ]
                 )
         lines.append(
-            f"\nGuarded reads — {res['database']} ({res['mode']}; module vs native; "
+            f"\nGuarded reads — {res['database']} ({res['mode']}; "
+            f"{res.get('module_side', 'module')} vs native; "
             f"forgetful = {res['forgotten']} forgotten rooms)\n"
         )
         lines.append(
@@ -346,12 +364,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per cell")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--reads", default=",".join(READS), help="comma-separated subset")
+    parser.add_argument("--module-side", choices=sorted(MODULE_SIDES), default="module")
     args = parser.parse_args(argv)
+    reads = [r for r in args.reads.split(",") if r]
+    unknown = sorted(set(reads) - set(READS))
+    if unknown:
+        parser.error(f"unknown reads {unknown}; choose from {', '.join(READS)}")
     databases = ("sqlite", "postgres") if args.database == "both" else (args.database,)
-    results = [run(db, args.quick) for db in databases]
-    path = write_json(
-        f"reads{'-quick' if args.quick else ''}.json", {"machine": machine(), "results": results}
+    results = [run(db, args.quick, reads, args.module_side) for db in databases]
+    suffix = ("-quick" if args.quick else "") + (
+        "" if args.module_side == "module" else f"-{args.module_side}"
     )
+    path = write_json(f"reads{suffix}.json", {"machine": machine(), "results": results})
     print(report(results))
     print(f"\nJSON: {path}")
     return 0
