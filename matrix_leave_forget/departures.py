@@ -50,6 +50,15 @@ class DepartureLookup:
         """The rooms user_id forgot (cached per user by Synapse)."""
         return await self._internals.forgotten_rooms(user_id)
 
+    def joined_now(self, user_id: str, room_id: str) -> bool:
+        """True if Synapse's cache already says user_id is joined to room_id."""
+        rooms = self._internals.joined_rooms_now(user_id)
+        return rooms is not None and room_id in rooms
+
+    def forgotten_rooms_now(self, user_id: str) -> Optional[AbstractSet[str]]:
+        """forgotten_rooms if Synapse's cache holds it (None: ask forgotten_rooms)."""
+        return self._internals.forgotten_rooms_now(user_id)
+
     async def departure(self, user_id: str, room_id: str) -> Optional[Departure]:
         """user_id's departure from room_id, or None if they are not departed from it.
 

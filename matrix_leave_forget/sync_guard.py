@@ -55,6 +55,19 @@ def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
     return not named.isdisjoint(forgotten)
 
 
+def may_change(kind: str, body: bytes, forgotten: AbstractSet[str]) -> bool:
+    """Whether the answer of a read of kind may need a change (False only when certainly not).
+
+    Without forgotten rooms in the answer only a /sync "leave" section, or
+    sliding sync's bundled relations, can tell of events the user may not see.
+    """
+    if kind == "sync" and _LEAVE_SECTION in body:
+        return True
+    if kind == "sliding_sync" and _BUNDLED in body:
+        return True
+    return _may_mention(body, forgotten)
+
+
 def _encode(data: Any) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -109,8 +122,7 @@ class SyncGuard:
         timeline, which ends at the departure, but loses bundled relations sent later.
         """
         forgotten = await self._forgotten(user_id)
-        # Without forgotten rooms in the answer only a "leave" section can need a change.
-        if _LEAVE_SECTION not in body and not _may_mention(body, forgotten):
+        if not may_change("sync", body, forgotten):
             return None
         data = json.loads(body)
         rooms = data.get("rooms") if isinstance(data, dict) else None
@@ -178,9 +190,7 @@ class SyncGuard:
     ) -> Optional[Replacement]:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
         forgotten = await self._forgotten(user_id)
-        # Without forgotten rooms in the answer only bundled relations can tell of
-        # later events.
-        if _BUNDLED not in body and not _may_mention(body, forgotten):
+        if not may_change("sliding_sync", body, forgotten):
             return None
         data = json.loads(body)
         if not isinstance(data, dict):
@@ -255,7 +265,7 @@ class SyncGuard:
     async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """The legacy /events stream: of a forgotten room only the user's departure passes."""
         forgotten = await self._forgotten(user_id)
-        if not _may_mention(body, forgotten):
+        if not may_change("events", body, forgotten):
             return None
         data = json.loads(body)
         chunk = data.get("chunk") if isinstance(data, dict) else None
@@ -275,7 +285,7 @@ class SyncGuard:
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
         forgotten = await self._forgotten(user_id)
-        if not _may_mention(body, forgotten):
+        if not may_change("notifications", body, forgotten):
             return None
         data = json.loads(body)
         notifications = data.get("notifications") if isinstance(data, dict) else None

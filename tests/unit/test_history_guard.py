@@ -99,7 +99,10 @@ class FakeRequest:
 
 class CaptureTests(SynchronousTestCase):
     def run_capture(
-        self, chunks: List[bytes], replacement: Optional[Tuple[int, bytes]]
+        self,
+        chunks: List[bytes],
+        replacement: Optional[Tuple[int, bytes]],
+        passes_now: bool = False,
     ) -> Tuple[FakeRequest, List[Any]]:
         request = FakeRequest()
         seen: List[Any] = []
@@ -108,7 +111,7 @@ class CaptureTests(SynchronousTestCase):
             seen.append((code, body))
             return replacement
 
-        capture(request, check)
+        capture(request, lambda code, body: passes_now, check)
         for chunk in chunks:
             request.write(chunk)  # as Synapse's producer does, chunk by chunk
         self.assertEqual(request.wire, [])  # nothing leaves before the check
@@ -125,6 +128,16 @@ class CaptureTests(SynchronousTestCase):
         self.assertTrue(request.finished)
         # The class's own methods are back on the request.
         self.assertNotIn("write", vars(request))
+
+    def test_answer_that_passes_now_goes_out_without_the_check(self) -> None:
+        """When the synchronous pre-check passes the answer, Synapse's bytes go out
+        at once, unchanged, and the asynchronous check never runs."""
+        chunks = [b'{"a":', b"1}"]
+        request, seen = self.run_capture(chunks, (403, b"{}"), passes_now=True)
+        self.assertEqual(seen, [])
+        self.assertEqual((request.code, b"".join(request.wire)), (200, b"".join(chunks)))
+        self.assertTrue(request.finished)
+        self.assertNotIn("finish", vars(request))
 
     def test_replacement_sets_status_and_length(self) -> None:
         """A replaced answer goes out with its own status and Content-Length."""
