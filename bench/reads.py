@@ -39,6 +39,7 @@ import argparse
 import http.client
 import itertools
 import json
+import math
 import os
 import sys
 import threading
@@ -357,7 +358,34 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
                 rows,
             )
         )
+        lines.append(summary(res))
     return "\n".join(lines)
+
+
+def summary(res: Dict[str, Any]) -> str:
+    """Per user: the geometric mean and range of the p50 and throughput ratios over all cells.
+
+    Single cells of fast reads stray by several per cent even between two identical
+    servers (run with ``--module-side native`` to see how far on this machine); the
+    mean over all cells is what a per-request cost shows up in.
+    """
+    out = []
+    for user in USERS:
+        cells = [
+            row
+            for key, by_c in res["reads"].items()
+            if key.endswith(f".{user}")
+            for row in by_c.values()
+        ]
+        if not cells:
+            continue
+        parts = []
+        for name in ("ratio_p50", "ratio_throughput"):
+            values = [row[name] for row in cells]
+            mean = math.exp(sum(math.log(v) for v in values) / len(values))
+            parts.append(f"{name} {mean:.3f} (range {min(values):.3f}-{max(values):.3f})")
+        out.append(f"{user}: geometric mean over {len(cells)} cells: " + ", ".join(parts))
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
