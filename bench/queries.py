@@ -140,14 +140,21 @@ def time_query(hs: SynapseProcess, token: str, path: str, runs: int) -> Dict[str
 
 
 def time_verify(hs: SynapseProcess) -> Dict[str, Any]:
-    exe = os.path.join(os.path.dirname(sys.executable), "matrix-leave-forget")
+    # This checkout's CLI, as the benchmarked Synapse runs this checkout's
+    # module: an installed console script may be an older build.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH")))),
+    }
     started = time.perf_counter()
     proc = subprocess.run(
-        [exe, "--json", "-c", hs.config_path, "verify"],
+        [sys.executable, "-m", "matrix_leave_forget.cli", "--json", "-c", hs.config_path, "verify"],
         capture_output=True,
         text=True,
         timeout=1800,
         cwd=hs.workdir,
+        env=env,
     )
     elapsed = time.perf_counter() - started
     try:
