@@ -107,7 +107,9 @@ class LeaveForgetModule:
         self._intercept: Optional[InterceptingMatrixResource] = None
         self._history_guard: Optional[HistoryGuard] = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
-            self._history_guard = HistoryGuard(api, DepartureLookup(api, HistoryInternals(api)))
+            history = HistoryInternals(api)
+            history.leave_forgotten_rooms_out_of_notifications()
+            self._history_guard = HistoryGuard(api, DepartureLookup(api, history))
         if config.mount == MOUNT_INTERCEPT:
             self._intercept = InterceptingMatrixResource(
                 servlet, self._internals.unrecognized_resource()

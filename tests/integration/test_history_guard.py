@@ -310,6 +310,34 @@ class AfterForgetTests(HistoryGuardTestCase):
         self.assertEqual({n["room_id"] for n in after}, {other})
         self.assertIn(kept, {n["event"]["event_id"] for n in after})
 
+    def test_notification_pages_stay_full(self) -> None:
+        """/notifications pages are filled from the rooms the user still has: with the
+        two newest notifications in the forgotten room, a page of two holds the two
+        newest kept ones and its next_token leads to the rest (Synapse alone would
+        page through the forgotten room's notifications, the guard's net alone would
+        answer an empty first page)."""
+        n = next(_names)
+        alice, bob = self.hs.register(f"alice{n}"), self.hs.register(f"bob{n}")
+        kept_room = self.hs.create_room(alice, preset="private_chat")
+        self.ok(self.hs.membership(alice, kept_room, "invite", {"user_id": bob.user_id}), "i")
+        self.ok(self.hs.membership(bob, kept_room, "join"), "join")
+        kept = [self.send(alice, kept_room, f"kept{n}x{i}") for i in range(3)]
+        gone_room = self.hs.create_room(alice, preset="private_chat")
+        self.ok(self.hs.membership(alice, gone_room, "invite", {"user_id": bob.user_id}), "i")
+        self.ok(self.hs.membership(bob, gone_room, "join"), "join")
+        gone = [self.send(alice, gone_room, f"gone{n}x{i}") for i in range(2)]
+        path = "/_matrix/client/v3/notifications?limit=2"
+        page = self.ok(self.get(bob, path), "notifications").body
+        self.assertEqual([x["event"]["event_id"] for x in page["notifications"]], gone[::-1])
+        self.ok(self.hs.membership(bob, gone_room, "leave"), "leave")
+        self.ok(self.get(bob, self.room_path(gone_room, "forget"), "POST", {}), "forget")
+        page = self.ok(self.get(bob, path), "notifications").body
+        self.assertEqual([x["event"]["event_id"] for x in page["notifications"]], kept[:0:-1])
+        rest = self.ok(self.get(bob, f"{path}&from={q(page['next_token'])}"), "page 2").body
+        # Then the oldest message, and older still bob's invite to the kept room.
+        self.assertEqual(rest["notifications"][0]["event"]["event_id"], kept[0])
+        self.assertEqual({x["room_id"] for x in rest["notifications"]}, {kept_room})
+
 
 class SyncTests(HistoryGuardTestCase):
     """/sync and sliding sync after forget, for this device and the user's others."""
@@ -489,12 +517,18 @@ class GuardOffTests(HistoryGuardTestCase):
     MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"history_guard": False}
 
     def test_synapse_behaviour_is_kept(self) -> None:
-        """/context after forget answers 200 and forward /messages passes the leave, as natively."""
+        """/context after forget answers 200, forward /messages passes the leave and
+        /notifications keeps the forgotten room's notifications, as natively."""
         s = self.scene("leave")
         forward = self.ok(self.messages(s.bob, s.room_id, "dir=f&limit=50"), "f").body
         self.assertIn(s.after, self.ids(forward["chunk"]))
+        path = "/_matrix/client/v3/notifications"
+        before = self.ok(self.get(s.bob, path), "notifications").body["notifications"]
+        self.assertIn(s.room_id, {x["room_id"] for x in before})
         self.forget(s)
         self.ok(self.get(s.bob, self.read_paths(s)["context"]), "context after forget")
+        after = self.ok(self.get(s.bob, path), "notifications").body["notifications"]
+        self.assertIn(s.room_id, {x["room_id"] for x in after})
 
 
 class ListenerModeTests(HistoryGuardTestCase):
