@@ -107,9 +107,7 @@ class LeaveForgetModule:
         self._intercept: Optional[InterceptingMatrixResource] = None
         self._history_guard: Optional[HistoryGuard] = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
-            history = HistoryInternals(api)
-            history.leave_forgotten_rooms_out_of_notifications()
-            self._history_guard = HistoryGuard(api, DepartureLookup(api, history))
+            self._history_guard = HistoryGuard(api, DepartureLookup(api, HistoryInternals(api)))
         if config.mount == MOUNT_INTERCEPT:
             self._intercept = InterceptingMatrixResource(
                 servlet, self._internals.unrecognized_resource()

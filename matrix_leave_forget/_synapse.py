@@ -619,39 +619,6 @@ class HistoryInternals:
         rooms: AbstractSet[str] = await self._store.get_forgotten_rooms_for_user(user_id)
         return rooms
 
-    def leave_forgotten_rooms_out_of_notifications(self) -> None:
-        """Have /notifications' query skip each requester's forgotten rooms.
-
-        Why: Synapse's /notifications servlet pages through the user's push
-        actions with ``get_push_actions_for_user``, which knows nothing of
-        forgotten rooms, and ModuleApi has no hook into it. Taking them out of
-        the finished answer (which the guard still does, as the net) leaves the
-        page short by as many entries, costs a parse of the answer, and has
-        Synapse fetch and serialise events the user may no longer see. Here
-        the query asks for further pages until the page is full or the actions
-        run out: the answer is Synapse's own, as if the forgotten rooms'
-        notifications had never existed. Only the method on this process's
-        main datastore is replaced; the servlet is its only caller.
-        """
-        store = self._store
-        original = store.get_push_actions_for_user
-        forgotten_rooms = self.forgotten_rooms
-
-        async def get_push_actions_for_user(
-            user_id: str, before: Any = None, limit: int = 50, only_highlight: bool = False
-        ) -> List[Any]:
-            forgotten = await forgotten_rooms(user_id)
-            page: List[Any] = await original(user_id, before, limit, only_highlight)
-            if not forgotten:
-                return page
-            kept = [action for action in page if action.room_id not in forgotten]
-            while page and len(page) == limit and len(kept) < limit:
-                page = await original(user_id, page[-1].stream_ordering, limit, only_highlight)
-                kept.extend(action for action in page if action.room_id not in forgotten)
-            return kept[:limit]
-
-        store.get_push_actions_for_user = get_push_actions_for_user
-
     async def local_membership(
         self, user_id: str, room_id: str
     ) -> Tuple[Optional[str], Optional[str]]:
