@@ -20,6 +20,7 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget._synapse import run_in_request_context
 from matrix_leave_forget.departures import Departure, DepartureLookup
+from matrix_leave_forget.json_codec import decode, encode
 from matrix_leave_forget.later_events import is_later, later_events, scrub_aggregations
 from matrix_leave_forget.sync_guard import SyncGuard, may_change
 
@@ -92,10 +93,6 @@ def error_body(errcode: str, error: str) -> bytes:
     ).encode()
 
 
-def encode(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def arg(request: Any, name: bytes) -> Optional[str]:
     values = (getattr(request, "args", None) or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
@@ -157,7 +154,7 @@ class HistoryGuard:
             assert route.room_id is not None and route.endpoint is not None
             return await self._rooms.check(request, user_id, route.room_id, route.endpoint, body)
         if route.kind == "legacy_event":
-            data = json.loads(body)
+            data = decode(body)
             room_id = data.get("room_id") if isinstance(data, dict) else None
             if not isinstance(room_id, str):
                 return None
@@ -252,7 +249,7 @@ class RoomReadGuard:
         if departure.forgotten:
             status, errcode, error = NEVER_MEMBER[endpoint]
             return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
-        data = json.loads(body)
+        data = decode(body)
         if not isinstance(data, dict):
             return None
         later = await self._later_events(data, departure)

@@ -6,11 +6,11 @@ own departure event, so that it stops showing the user as joined
 (docs/history.md, "Other devices").
 """
 
-import json
 import re
 from typing import AbstractSet, Any, Dict, List, Optional, Tuple
 
 from matrix_leave_forget.departures import DEPARTED, DepartureLookup
+from matrix_leave_forget.json_codec import decode, encode
 from matrix_leave_forget.later_events import hide_later
 
 Replacement = Tuple[int, bytes]
@@ -68,10 +68,6 @@ def may_change(kind: str, body: bytes, forgotten: AbstractSet[str]) -> bool:
     return _may_mention(body, forgotten)
 
 
-def _encode(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def _arg(request: Any, name: bytes) -> Optional[str]:
     values = (getattr(request, "args", None) or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
@@ -124,7 +120,7 @@ class SyncGuard:
         forgotten = await self._forgotten(user_id)
         if not may_change("sync", body, forgotten):
             return None
-        data = json.loads(body)
+        data = decode(body)
         rooms = data.get("rooms") if isinstance(data, dict) else None
         if not isinstance(rooms, dict):
             return None
@@ -156,7 +152,7 @@ class SyncGuard:
         for section in [s for s, entries in rooms.items() if entries == {}]:
             # Synapse leaves empty sections out.
             del rooms[section]
-        return 200, _encode(data)
+        return 200, encode(data)
 
     async def _hide_later(self, user_id: str, room_id: str, lists: List[List[Any]]) -> bool:
         """Drop what was sent after user_id left room_id from lists (bundles included)."""
@@ -192,7 +188,7 @@ class SyncGuard:
         forgotten = await self._forgotten(user_id)
         if not may_change("sliding_sync", body, forgotten):
             return None
-        data = json.loads(body)
+        data = decode(body)
         if not isinstance(data, dict):
             return None
         rooms: Dict[str, Any] = data["rooms"] if isinstance(data.get("rooms"), dict) else {}
@@ -246,7 +242,7 @@ class SyncGuard:
             if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict):
                 for room_id in hits:
                     ext["rooms"].pop(room_id, None)
-        return 200, _encode(data)
+        return 200, encode(data)
 
     @staticmethod
     def _sliding_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
@@ -267,7 +263,7 @@ class SyncGuard:
         forgotten = await self._forgotten(user_id)
         if not may_change("events", body, forgotten):
             return None
-        data = json.loads(body)
+        data = decode(body)
         chunk = data.get("chunk") if isinstance(data, dict) else None
         if not isinstance(chunk, list):
             return None
@@ -280,14 +276,14 @@ class SyncGuard:
         if len(kept) == len(chunk):
             return None
         data["chunk"] = kept
-        return 200, _encode(data)
+        return 200, encode(data)
 
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
         forgotten = await self._forgotten(user_id)
         if not may_change("notifications", body, forgotten):
             return None
-        data = json.loads(body)
+        data = decode(body)
         notifications = data.get("notifications") if isinstance(data, dict) else None
         if not isinstance(notifications, list):
             return None
@@ -297,4 +293,4 @@ class SyncGuard:
         if len(kept) == len(notifications):
             return None
         data["notifications"] = kept
-        return 200, _encode(data)
+        return 200, encode(data)

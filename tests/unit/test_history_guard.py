@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import parse_config
 from matrix_leave_forget.history_guard import Route, capture, classify
+from matrix_leave_forget.json_codec import decode
 from matrix_leave_forget.sync_guard import SyncGuard
 
 
@@ -199,7 +200,7 @@ class SyncPreCheckTests(SynchronousTestCase):
         """No forgotten room named and no "leave" section: released without json.loads."""
         guard = self.guard({"!gone:test.local", "!other:test.local"})
         mention = json.dumps({"body": "see !gone:test.local"}).encode()  # not a whole string
-        with mock.patch("matrix_leave_forget.sync_guard.json.loads") as loads:
+        with mock.patch("matrix_leave_forget.sync_guard.decode") as loads:
             self.assertIsNone(
                 self.sync(guard, self.sync_body(self.KEPT)[:-1] + b"," + b'"x":' + mention + b"}")
             )
@@ -233,9 +234,7 @@ class SyncPreCheckTests(SynchronousTestCase):
                 label = f"{gone!r} ensure_ascii={ensure_ascii}"
                 body = self.sync_body(self.KEPT, gone, ensure_ascii=ensure_ascii)
                 # The escaped form is what the bytes hold (no plain-text match).
-                with mock.patch(
-                    "matrix_leave_forget.sync_guard.json.loads", wraps=json.loads
-                ) as loads:
+                with mock.patch("matrix_leave_forget.sync_guard.decode", wraps=decode) as loads:
                     result = self.sync(guard, body)
                     loads.assert_called_once()
                 assert result is not None, label
