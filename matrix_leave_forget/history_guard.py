@@ -131,10 +131,9 @@ class HistoryGuard:
         The usual case (a joined room's read, a /sync with no forgotten room in
         it) is decided here, synchronously, without the asynchronous check.
         """
-        requester = getattr(request, "requester", None)
-        if requester is None or code != 200 or not body:
+        user_id = _reader(request, code, body)
+        if user_id is None:
             return True
-        user_id = requester.user.to_string()
         if route.kind == "room":
             return route.room_id is not None and self._lookup.joined_now(user_id, route.room_id)
         if route.kind == "legacy_event":
@@ -145,11 +144,9 @@ class HistoryGuard:
     async def _check(
         self, request: Any, route: Route, code: int, body: bytes
     ) -> Optional[Replacement]:
-        requester = getattr(request, "requester", None)
-        # Only successful answers can carry history; errors pass as they are.
-        if requester is None or code != 200 or not body:
+        user_id = _reader(request, code, body)
+        if user_id is None:
             return None
-        user_id = requester.user.to_string()
         if route.kind == "room":
             assert route.room_id is not None and route.endpoint is not None
             return await self._rooms.check(request, user_id, route.room_id, route.endpoint, body)
@@ -166,6 +163,18 @@ class HistoryGuard:
         if route.kind == "sliding_sync":
             return await self._sync.check_sliding_sync(request, user_id, body)
         return await self._sync.check_notifications(user_id, body)
+
+
+def _reader(request: Any, code: int, body: bytes) -> Optional[str]:
+    """The user whose answer is to be checked; None when it passes as it is.
+
+    Only successful answers can carry history: errors, and answers to requests
+    with no authenticated user, pass as they are.
+    """
+    requester = getattr(request, "requester", None)
+    if requester is None or code != 200 or not body:
+        return None
+    return str(requester.user.to_string())
 
 
 def capture(
