@@ -715,7 +715,7 @@ def forget_rows_txn(store: Any, txn: LoggingTransaction, pairs: Sequence[Tuple[s
     """
     if not pairs:
         return
-    args = [(user_id, room_id) for user_id, room_id in pairs]
+    args = list(pairs)
     users = sorted({(user_id,) for user_id, _ in pairs})
     txn.execute_batch(
         "UPDATE room_memberships SET forgotten = 1 WHERE user_id = ? AND room_id = ?", args

@@ -256,14 +256,14 @@ class ForgetWriter:
                 for i in recorded
             ],
         )
+        entry_of = dict(zip(recorded, entries, strict=True))
+        done_set = set(done)
         results = [
-            ForgetResult(memberships.get(pairs[i]), refused=True) for i in range(len(requests))
+            ForgetResult(memberships.get(pair), entry=entry_of.get(i))
+            if i in done_set
+            else ForgetResult(memberships.get(pair), refused=True)
+            for i, pair in enumerate(pairs)
         ]
-        for i, entry in zip(recorded, entries, strict=True):
-            results[i] = ForgetResult(memberships.get(pairs[i]), entry=entry)
-        for i in done:
-            if i not in recorded:
-                results[i] = ForgetResult(None)
         # Checked once all the group's forgets are written: when the last two
         # local users forget a room together, the room is forgotten by all.
         last_forget = {pairs[i][1]: i for i in done if pairs[i] in memberships}
