@@ -251,27 +251,29 @@ class SigkillMidBatchTests(ThroughputHelpers):
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
 
     def test_sigkill_mid_concurrent_batch_resumes_and_loses_nothing(self) -> None:
-        """Killed while two or more purges are in flight and one holds Synapse's
-        purge lock (which outlives the process for 2 minutes), restarted:
-        every room is purged exactly once in the log (``started`` then
-        ``purged``), no more than 3 purge tasks run at once after the restart,
-        and the audit chain verifies."""
-        rooms = self.storm(12)
+        """Killed while purges are in flight and held up by Synapse's purge lock
+        (rows that outlive the process for 2 minutes), restarted: every room is
+        purged exactly once in the log (``started`` then ``purged``), no more
+        than 3 purge tasks run at once after the restart, and the audit chain
+        verifies.
 
-        def concurrent_batch_locked() -> bool:
-            locks = synapse_rows(
-                self.hs,
-                "SELECT COUNT(*) FROM worker_read_write_locks WHERE lock_name = ?",
-                ("purge_pagination_lock",),
-            )[0][0]
-            purging = synapse_rows(
-                self.hs, "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = 'purging'"
-            )[0][0]
-            return int(locks) >= 1 and int(purging) >= 2
+        A purge of a small room lasts ~0.1 s, too short to catch by polling;
+        so two rooms get the lock rows a purge meets in practice before they
+        are forgotten: the write lock a killed purge leaves behind (this
+        instance's name) and a read lock of a paginating request. Their purge
+        tasks start and wait on those locks, in flight, until the kill."""
+        prepared = [self.joined_room(members=1) for _ in range(12)]
+        rooms = [room for room, _ in prepared]
+        held = rooms[:2]
+        self.hold_purge_lock(held[0], write=True)
+        self.hold_purge_lock(held[1], write=False)
+        for room, users in prepared:
+            self.leave_and_forget(users, room)
 
-        wait_until(
-            concurrent_batch_locked, 60, "two purges in flight, one holding Synapse's purge lock"
-        )
+        def held_purges_in_flight() -> bool:
+            return all(self._state_offline(room) == "purging" for room in held)
+
+        wait_until(held_purges_in_flight, 60, "the purges of both held rooms to be in flight")
         self.hs.stop(signal.SIGKILL)
         in_flight = [r for r in rooms if self._state_offline(r) == "purging"]
         self.assertGreaterEqual(len(in_flight), 2, "the kill landed in a concurrent batch")
@@ -285,6 +287,16 @@ class SigkillMidBatchTests(ThroughputHelpers):
             self.assertFalse(self.synapse_has_room(room))
         result = run_cli(self.hs.config_path, "verify")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def hold_purge_lock(self, room_id: str, write: bool) -> None:
+        """A row in Synapse's read/write lock table that no process renews:
+        Synapse's purge of the room waits until it times out (2 minutes)."""
+        synapse_exec(
+            self.hs,
+            "INSERT INTO worker_read_write_locks (lock_name, lock_key, write_lock,"
+            " instance_name, token, last_renewed_ts) VALUES (?, ?, ?, ?, ?, ?)",
+            ("purge_pagination_lock", room_id, write, "master", f"held{int(write)}", now_ms()),
+        )
 
     def _state_offline(self, room_id: str) -> Optional[str]:
         rows = synapse_rows(
