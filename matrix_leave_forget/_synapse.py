@@ -68,6 +68,8 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from matrix_leave_forget.statements import StatementBatch
+
 if TYPE_CHECKING:
     from synapse.server import HomeServer
     from typing_extensions import LiteralString
@@ -266,34 +268,56 @@ class SynapseInternals:
         return [(str(u), str(m), bool(f)) for u, m, f in txn.fetchall()]
 
     @staticmethod
-    def forgotten_by_all_txn(
-        txn: LoggingTransaction, room_ids: Sequence[str], live: Sequence[str]
-    ) -> Set[str]:
-        """The rooms among room_ids that Synapse knows, that have local members,
-        and that every one of them has left (no ``live`` membership) and forgotten.
+    def forget_reads_txn(
+        txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]], live: Sequence[str]
+    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        """What a group of forgets needs to know, in one statement per chunk.
 
-        One statement for all the rooms; each EXISTS stops at its first match,
-        so a large room costs no more than a small one unless every member
-        forgot it.
+        Args:
+            pairs: The (user_id, room_id) pairs about to be forgotten.
+            live: The memberships that still hold a room (join, invite, knock).
+
+        Returns:
+            Each pair's current local membership (pairs without one are absent),
+            and the rooms of those pairs that no local member *outside*
+            ``pairs`` still has (a ``live`` membership, or one not forgotten).
+            Such a room is forgotten by every local user once the group's own
+            forgets are written, if none of them is refused. Asking this
+            before the group's writes, in the same transaction, spares a
+            statement after them: the answer cannot differ, as the group's
+            writes touch only its own pairs. (A room with a row in
+            local_current_membership is one Synapse has: its purge deletes
+            both in one transaction.)
         """
-        found: Set[str] = set()
-        for start in range(0, len(room_ids), _IN_LIST_MAX):
-            chunk = list(room_ids[start : start + _IN_LIST_MAX])
+        memberships: Dict[Tuple[str, str], str] = {}
+        unremembered: Set[str] = set()
+        unique = sorted(set(pairs))
+        # Four arguments per pair (looked up, and left out of "someone else").
+        for start in range(0, len(unique), _IN_LIST_MAX // 4):
+            chunk = unique[start : start + _IN_LIST_MAX // 4]
+            rooms = {room_id for _, room_id in chunk}
+            group = [pair for pair in unique if pair[1] in rooms]
             txn.execute(
-                "SELECT r.room_id FROM rooms AS r "
-                f"WHERE r.room_id IN ({', '.join('?' for _ in chunk)}) "
-                "AND EXISTS (SELECT 1 FROM local_current_membership AS lcm "
-                "WHERE lcm.room_id = r.room_id) "
-                "AND NOT EXISTS (SELECT 1 FROM local_current_membership AS lcm "
-                "LEFT JOIN room_memberships AS rm "
-                "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
-                "WHERE lcm.room_id = r.room_id "
-                f"AND (lcm.membership IN ({', '.join('?' for _ in live)}) "
-                "OR COALESCE(rm.forgotten, 0) = 0))",
-                [*chunk, *live],
+                "SELECT m.user_id, m.room_id, m.membership, "
+                "NOT EXISTS (SELECT 1 FROM local_current_membership AS o "
+                "LEFT JOIN room_memberships AS rm ON rm.event_id = o.event_id "
+                "WHERE o.room_id = m.room_id AND NOT ("
+                + " OR ".join("(o.user_id = ? AND o.room_id = ?)" for _ in group)
+                + f") AND (o.membership IN ({', '.join('?' for _ in live)}) "
+                "OR COALESCE(rm.forgotten, 0) = 0)) "
+                "FROM local_current_membership AS m WHERE "
+                + " OR ".join("(m.user_id = ? AND m.room_id = ?)" for _ in chunk),
+                [
+                    *(value for pair in group for value in pair),
+                    *live,
+                    *(value for pair in chunk for value in pair),
+                ],
             )
-            found.update(str(row[0]) for row in txn.fetchall())
-        return found
+            for user_id, room_id, membership, no_one_else in txn:
+                memberships[(str(user_id), str(room_id))] = str(membership)
+                if no_one_else:
+                    unremembered.add(str(room_id))
+        return memberships, unremembered
 
     @staticmethod
     def remembering_members_txn(
@@ -348,24 +372,6 @@ class SynapseInternals:
                 if current is None or (current[1] not in live and membership in live):
                     members[room_id] = (str(user_id), str(membership))
         return known, with_members, members
-
-    @staticmethod
-    def user_memberships_txn(
-        txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
-    ) -> Dict[Tuple[str, str], str]:
-        """Each (user_id, room_id)'s current local membership; pairs without one are absent."""
-        found: Dict[Tuple[str, str], str] = {}
-        unique = sorted(set(pairs))
-        for start in range(0, len(unique), _IN_LIST_MAX // 2):
-            chunk = unique[start : start + _IN_LIST_MAX // 2]
-            txn.execute(
-                "SELECT user_id, room_id, membership FROM local_current_membership WHERE "
-                + " OR ".join("(user_id = ? AND room_id = ?)" for _ in chunk),
-                [value for pair in chunk for value in pair],
-            )
-            for user_id, room_id, membership in txn:
-                found[(str(user_id), str(room_id))] = str(membership)
-        return found
 
     @staticmethod
     def abandoned_rooms_txn(
@@ -698,12 +704,18 @@ _USER_PARTER_PROCESS = "user_parter_loop"
 ForgetCallback = Callable[[str, str, bool], Awaitable[None]]
 
 
-def forget_rows_txn(store: Any, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]) -> None:
+def forget_rows_txn(
+    store: Any,
+    txn: LoggingTransaction,
+    pairs: Sequence[Tuple[str, str]],
+    together: Optional[StatementBatch] = None,
+) -> None:
     """Synapse's forget of each (user_id, room_id), inside the caller's transaction.
 
     The same rows and the same caches as Synapse's own forget, for many
-    forgets at once (a group commit's): one batched UPDATE per table and one
-    bulk cache invalidation per cache, instead of a dozen statements each.
+    forgets at once (a group commit's): one UPDATE per pair and table, sent
+    in one round trip with the caller's own statements (``together``), and
+    one bulk cache invalidation per cache, instead of a dozen statements each.
 
     Why: RoomMemberWorkerStore.forget runs its own transaction; the audit
     entry must commit or fail with it. This mirrors its transaction function
@@ -713,20 +725,22 @@ def forget_rows_txn(store: Any, txn: LoggingTransaction, pairs: Sequence[Tuple[s
     (``_invalidate_cache_and_stream_bulk`` is the bulk form of the
     ``_invalidate_cache_and_stream`` its forget calls, since 1.98).
     """
-    if not pairs:
-        return
+    batch = together or StatementBatch()
     args = list(pairs)
-    users = sorted({(user_id,) for user_id, _ in pairs})
-    txn.execute_batch(
+    batch.add_each(
         "UPDATE room_memberships SET forgotten = 1 WHERE user_id = ? AND room_id = ?", args
     )
     snapshots = getattr(store, "get_sliding_sync_rooms_for_user_from_membership_snapshots", None)
     if snapshots is not None:
-        txn.execute_batch(
+        batch.add_each(
             "UPDATE sliding_sync_membership_snapshots SET forgotten = 1 "
             "WHERE user_id = ? AND room_id = ?",
             args,
         )
+    batch.run(txn)
+    if not pairs:
+        return
+    users = sorted({(user_id,) for user_id, _ in pairs})
     store._invalidate_cache_and_stream_bulk(txn, store.did_forget, sorted(set(args)))
     store._invalidate_cache_and_stream_bulk(txn, store.get_forgotten_rooms_for_user, users)
     if snapshots is not None:

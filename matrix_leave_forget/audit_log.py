@@ -26,6 +26,7 @@ from matrix_leave_forget.audit import (
     seal_entries,
 )
 from matrix_leave_forget.schema import is_postgres
+from matrix_leave_forget.statements import StatementBatch
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class GroupCommit(Generic[Item, T]):
     Args:
         api: The module API (run_db_interaction, background processes).
         desc: The transaction's description (Synapse's metrics and logs).
-        prepare: Run first in every transaction (the chain lock).
+        prepare: Run first in every transaction (the chain lock), if given.
         run_txn: Does the queued jobs' work in the transaction, all at once
             (set-based where it can), returning one result per item in order.
     """
@@ -114,7 +115,7 @@ class GroupCommit(Generic[Item, T]):
         self,
         api: ModuleApi,
         desc: str,
-        prepare: Callable[[LoggingTransaction], None],
+        prepare: Optional[Callable[[LoggingTransaction], None]],
         run_txn: Callable[[LoggingTransaction, Sequence[Item]], Sequence[T]],
     ) -> None:
         self._api = api
@@ -171,7 +172,8 @@ class GroupCommit(Generic[Item, T]):
 
     async def _run_items(self, items: List[Item]) -> Sequence[T]:
         def txn_fn(txn: LoggingTransaction) -> Sequence[T]:
-            self._prepare(txn)
+            if self._prepare is not None:
+                self._prepare(txn)
             return self._run_txn(txn, items)
 
         return await self._api.run_db_interaction(self._desc, txn_fn)
@@ -217,7 +219,11 @@ class AuditLog:
         return self.append_many_txn(txn, [fields])[0]
 
     def append_many_txn(
-        self, txn: LoggingTransaction, many: Sequence[AuditFields]
+        self,
+        txn: LoggingTransaction,
+        many: Sequence[AuditFields],
+        head: Optional[Tuple[int, str]] = None,
+        together: Optional[StatementBatch] = None,
     ) -> List[Dict[str, Any]]:
         """Append entries to the chain in order: one head read, one signature, one insert.
 
@@ -226,13 +232,18 @@ class AuditLog:
         whole group; the group commits or fails as one. Client texts that
         neither engine can store (NUL, lone surrogates) are stored escaped.
 
-        Callers must have called lock_chain_txn first in the same transaction.
+        Callers must have called lock_chain_txn first in the same transaction
+        (or lock_chain_read_head_txn, whose head they may pass as ``head``,
+        sparing a statement).
+
+        Args:
+            together: If given, the insert is added to it for the caller to
+                run (with its own writes, in one round trip) before the
+                transaction ends; otherwise it runs now.
         """
         if not many:
             return []
-        txn.execute("SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
-        row = txn.fetchone()
-        seq, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+        seq, prev_hash = self.read_head_txn(txn) if head is None else head
         common = {"origin": self._origin, "instance": self._instance}
         entries = seal_entries(
             [escape_fields({**attr.asdict(fields), **common, "ts": now_ms()}) for fields in many],
@@ -250,13 +261,9 @@ class AuditLog:
             ]
             for entry in entries
         ]
-        sql = (
-            f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
-        )
-        if len(rows) == 1:
-            txn.execute(sql, rows[0])
-        elif is_postgres(txn):
+        if together is not None:
+            together.add_each(_INSERT_SQL, rows)
+        elif len(rows) > 1 and is_postgres(txn):
             # One multi-row INSERT per 1000 rows, not one statement per row.
             txn.execute_values(
                 f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) VALUES ?",
@@ -264,7 +271,9 @@ class AuditLog:
                 fetch=False,
             )
         else:
-            txn.execute_batch(sql, rows)
+            batch = StatementBatch()
+            batch.add_each(_INSERT_SQL, rows)
+            batch.run(txn)
         return entries
 
     @staticmethod
@@ -276,17 +285,30 @@ class AuditLog:
         latest head. SQLite allows one writer at a time already.
         """
         if is_postgres(txn):
-            txn.execute("LOCK TABLE leave_forget_audit IN SHARE ROW EXCLUSIVE MODE")
+            txn.execute(_LOCK_CHAIN_SQL)
+
+    @staticmethod
+    def lock_chain_read_head_txn(txn: LoggingTransaction) -> Tuple[int, str]:
+        """lock_chain_txn, then the head (as read_head_txn), in one round trip.
+
+        On PostgreSQL both statements go in one call (psycopg2 returns the
+        last one's rows); the SELECT still takes the transaction's snapshot
+        after the lock is granted.
+        """
+        if is_postgres(txn):
+            txn.execute(f"{_LOCK_CHAIN_SQL}; {_HEAD_SQL}")
+            return _head(txn.fetchone())
+        return AuditLog.read_head_txn(txn)
+
+    @staticmethod
+    def read_head_txn(txn: LoggingTransaction) -> Tuple[int, str]:
+        """The chain's head: (seq, hash) of the newest entry, (0, GENESIS_HASH) if none."""
+        txn.execute(_HEAD_SQL)
+        return _head(txn.fetchone())
 
     async def head(self) -> Tuple[int, str]:
-        """The chain's head: (seq, hash) of the newest entry, (0, "") for an empty log."""
-
-        def txn_fn(txn: LoggingTransaction) -> Tuple[int, str]:
-            txn.execute("SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1")
-            row = txn.fetchone()
-            return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
-
-        return await self._api.run_db_interaction("leave_forget_audit_head", txn_fn)
+        """The chain's head: (seq, hash) of the newest entry, (0, GENESIS_HASH) if none."""
+        return await self._api.run_db_interaction("leave_forget_audit_head", self.read_head_txn)
 
     async def append(self, fields: AuditFields) -> Dict[str, Any]:
         """Append one audit entry (group-committed with concurrent ones)."""
@@ -374,6 +396,18 @@ class AuditLog:
         return await self._api.run_db_interaction(
             "leave_forget_count_purged_since", count_purged_since_txn, since_ts
         )
+
+
+_LOCK_CHAIN_SQL = "LOCK TABLE leave_forget_audit IN SHARE ROW EXCLUSIVE MODE"
+_HEAD_SQL = "SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1"
+_INSERT_SQL = (
+    f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
+)
+
+
+def _head(row: Optional[Sequence[Any]]) -> Tuple[int, str]:
+    return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
 def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:

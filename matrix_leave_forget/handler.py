@@ -21,6 +21,7 @@ from matrix_leave_forget.audit_log import AuditFields
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.refusals import RefusalBudget, refused_reason
+from matrix_leave_forget.statements import StatementBatch
 from matrix_leave_forget.store import ForgetRequest, ForgetWriter, RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
@@ -218,16 +219,18 @@ class MembershipHandler:
 
     # -- ForgetOps: Synapse's side of a forget, for ForgetWriter --------
 
-    def memberships_txn(
+    def forget_reads_txn(
         self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
-    ) -> Dict[Tuple[str, str], str]:
-        return self._internals.user_memberships_txn(txn, pairs)
+    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        return self._internals.forget_reads_txn(txn, pairs, _LIVE)
 
-    def forget_rows_txn(self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]) -> None:
-        forget_rows_txn(self._routes.store, txn, pairs)
-
-    def forgotten_by_all_txn(self, txn: LoggingTransaction, room_ids: Sequence[str]) -> Set[str]:
-        return self._internals.forgotten_by_all_txn(txn, room_ids, _LIVE)
+    def forget_rows_txn(
+        self,
+        txn: LoggingTransaction,
+        pairs: Sequence[Tuple[str, str]],
+        together: StatementBatch,
+    ) -> None:
+        forget_rows_txn(self._routes.store, txn, pairs, together)
 
     def is_serving(self, user_id: str, room_id: str) -> bool:
         """Whether this process's endpoint is serving user_id's leave of room_id now."""

@@ -17,6 +17,7 @@ from synapse.module_api import LoggingTransaction, ModuleApi
 from matrix_leave_forget.audit_log import AuditFields, AuditLog, GroupCommit
 from matrix_leave_forget.retention_state import RetentionState, RoomRetention
 from matrix_leave_forget.schema import run_migrations
+from matrix_leave_forget.statements import StatementBatch
 
 # Positions in Synapse's events stream (leave_forget_stream_positions.name):
 # where the module was installed (nothing before it is recorded as a
@@ -28,16 +29,21 @@ STREAM_DEPARTURES = "departures"
 class ForgetOps(Protocol):
     """What a forget reads and writes of Synapse's own tables, many forgets at once."""
 
-    def memberships_txn(
+    def forget_reads_txn(
         self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
-    ) -> Dict[Tuple[str, str], str]:
-        """Each (user_id, room_id)'s current membership; absent if none."""
+    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        """Each (user_id, room_id)'s current membership (absent if none), and
+        the rooms Synapse knows that no local user outside ``pairs`` still has
+        (a live membership, or one not forgotten)."""
 
-    def forget_rows_txn(self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]) -> None:
-        """Synapse's own forget of each (user_id, room_id)."""
-
-    def forgotten_by_all_txn(self, txn: LoggingTransaction, room_ids: Sequence[str]) -> Set[str]:
-        """The rooms every local user has left and forgotten."""
+    def forget_rows_txn(
+        self,
+        txn: LoggingTransaction,
+        pairs: Sequence[Tuple[str, str]],
+        together: StatementBatch,
+    ) -> None:
+        """Synapse's own forget of each (user_id, room_id), its writes sent
+        with ``together``'s (in one round trip where the engine allows)."""
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -229,8 +235,9 @@ class ForgetWriter:
         self._store = store
         self._ops = ops
         self._period = retention_period_ms
+        # The chain lock is taken by _forget_many_txn, with the head in the same call.
         self._group: GroupCommit[ForgetRequest, ForgetResult] = GroupCommit(
-            api, "leave_forget_forget", AuditLog.lock_chain_txn, self._forget_many_txn
+            api, "leave_forget_forget", None, self._forget_many_txn
         )
 
     async def forget(self, request: ForgetRequest) -> ForgetResult:
@@ -240,22 +247,27 @@ class ForgetWriter:
     def _forget_many_txn(
         self, txn: LoggingTransaction, requests: Sequence[ForgetRequest]
     ) -> List[ForgetResult]:
+        head = AuditLog.lock_chain_read_head_txn(txn)
         pairs = [request.pair for request in requests]
-        memberships = self._ops.memberships_txn(txn, pairs)
+        memberships, unremembered = self._ops.forget_reads_txn(txn, pairs)
         done = [
             i
             for i, request in enumerate(requests)
             if memberships.get(pairs[i]) not in request.refuse
         ]
-        self._ops.forget_rows_txn(txn, [pairs[i] for i in done])
         recorded = [i for i in done if pairs[i] in memberships or requests[i].record_noop]
+        # The entries' insert and Synapse's forget rows go in one round trip.
+        writes = StatementBatch()
         entries = self._store.audit.append_many_txn(
             txn,
             [
                 attr.evolve(requests[i].fields, outcome="ok" if pairs[i] in memberships else "noop")
                 for i in recorded
             ],
+            head=head,
+            together=writes,
         )
+        self._ops.forget_rows_txn(txn, [pairs[i] for i in done], writes)
         entry_of = dict(zip(recorded, entries, strict=True))
         done_set = set(done)
         results = [
@@ -264,13 +276,21 @@ class ForgetWriter:
             else ForgetResult(memberships.get(pair), refused=True)
             for i, pair in enumerate(pairs)
         ]
-        # Checked once all the group's forgets are written: when the last two
-        # local users forget a room together, the room is forgotten by all.
-        last_forget = {pairs[i][1]: i for i in done if pairs[i] in memberships}
-        forgotten = self._ops.forgotten_by_all_txn(txn, sorted(last_forget))
-        for room_id, i in last_forget.items():
+        # A room no one outside the group still has is forgotten by all once
+        # the group's forgets of it are written, unless one of them was
+        # refused (a member still in it): so when the last two local users
+        # forget a room together, the room is forgotten by all.
+        refused_rooms = {pair[1] for i, pair in enumerate(pairs) if i not in done_set}
+        last_forget = {
+            pairs[i][1]: i
+            for i in done
+            if pairs[i] in memberships
+            and pairs[i][1] in unremembered
+            and pairs[i][1] not in refused_rooms
+        }
+        for room_id, i in sorted(last_forget.items()):
             last_entry = results[i].entry
-            if room_id not in forgotten or last_entry is None:
+            if last_entry is None:
                 continue
             room = self._store.retention.rearm_forgotten_txn(
                 txn, room_id, int(last_entry["ts"]), self._period
