@@ -92,16 +92,24 @@ class PurgePacer:
             self._busy = in_flight > 0
         return now
 
-    def slots(self, in_flight: int) -> int:
-        """How many purges may start now, with ``in_flight`` already running."""
-        self._settle(in_flight)
+    def slots(self, in_flight: int, working: Optional[int] = None) -> int:
+        """How many purges may start now, with ``in_flight`` already running.
+
+        Args:
+            working: How many of those count as busy time (default: all). A
+                purge that waits on a lock a dead process left behind (up to
+                Synapse's 2-minute lock timeout) holds its slot but does no
+                work: counted as busy, it would hold the rest of the backlog
+                back for that time divided by ``load`` once it ends.
+        """
+        self._settle(in_flight if working is None else working)
         if self._debt_s >= BURST_S:
             return 0
         return max(0, min(self.max_concurrent, int(self.window)) - in_flight)
 
-    def started(self, in_flight: int) -> None:
-        """Purges were started: ``in_flight`` are running now."""
-        self._settle(in_flight)
+    def started(self, in_flight: int, working: Optional[int] = None) -> None:
+        """Purges were started: ``in_flight`` are running now (``working``: as in slots)."""
+        self._settle(in_flight if working is None else working)
 
     def wait_s(self) -> float:
         """Seconds until a purge may start again, once none is in flight."""
@@ -129,9 +137,10 @@ class PurgePacer:
             self.slow_probes += 1
             self._decrease()
 
-    def finished(self, duration_s: float, in_flight: int) -> None:
-        """A purge took ``duration_s`` (``in_flight`` still running): adapt the window."""
-        now = self._settle(in_flight)
+    def finished(self, duration_s: float, in_flight: int, working: Optional[int] = None) -> None:
+        """A purge took ``duration_s`` (``in_flight`` still running; ``working``:
+        as in slots): adapt the window."""
+        now = self._settle(in_flight if working is None else working)
         self._done.append(now)
         typical = self.typical_s
         if typical is not None and duration_s > max(typical * SLOW_FACTOR, typical + SLOW_MARGIN_S):

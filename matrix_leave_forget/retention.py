@@ -254,6 +254,15 @@ class RetentionSweeper:
         """Purges in flight that hold a slot (not waiting to retry after a failure)."""
         return sum(1 for p in self._in_flight.values() if p.retry_at_ms <= now)
 
+    def _working(self, now: int) -> int:
+        """Of those, the ones that count as busy time: not a purge Synapse
+        resumed after a restart, which waits for the dead process's lock."""
+        return sum(
+            1
+            for room_id, p in self._in_flight.items()
+            if p.retry_at_ms <= now and room_id not in self._resumed
+        )
+
     async def _follow(self) -> int:
         """Look at every purge in flight in one transaction; record those done.
 
@@ -301,7 +310,7 @@ class RetentionSweeper:
                 metrics.purges_total.labels(server_name, "purged").inc()
                 if purge.requested_ms is not None:
                     duration = max(0.0, (now - purge.requested_ms) / 1000)
-                    self.pacer.finished(duration, self._running(now))
+                    self.pacer.finished(duration, self._running(now), self._working(now))
                     metrics.purge_task_seconds.labels(server_name).observe(duration)
                 continue
             if purge.retry_at_ms > now:
@@ -339,7 +348,7 @@ class RetentionSweeper:
             return False
         while True:
             now = now_ms()
-            slots = self.pacer.slots(self._running(now))
+            slots = self.pacer.slots(self._running(now), self._working(now))
             if slots <= 0:
                 return True
             started = time.monotonic()
@@ -354,7 +363,8 @@ class RetentionSweeper:
             for room_id in batch.decided:
                 purge = self._in_flight.setdefault(room_id, _InFlight())
                 await self._request_purge(room_id, purge, now_ms())
-            self.pacer.started(self._running(now_ms()))
+            now = now_ms()
+            self.pacer.started(self._running(now), self._working(now))
             if not batch.more:
                 return False
 

@@ -68,6 +68,19 @@ class PurgePacerTests(SynchronousTestCase):
         self.clock.now += 0.2
         self.assertEqual(pacer.slots(0), 1)
 
+    def test_a_purge_waiting_on_a_dead_lock_is_not_busy_time(self) -> None:
+        """A purge resumed after a crash waits up to 2 minutes for the dead
+        process's lock: it holds its slot, but the time adds no debt, so the
+        rest of the backlog is not held back afterwards. Counted as busy, the
+        same wait blocks new purges for minutes."""
+        for working, blocked in ((0, False), (None, True)):
+            pacer = self.pacer(max_concurrent=3, load=0.3)
+            pacer.started(1, working)
+            self.clock.now += 120.0
+            self.assertEqual(pacer.slots(1, working), 0 if blocked else 2, working)
+            pacer.finished(120.0, 0, 0)
+            self.assertEqual(pacer.wait_s() > 60, blocked, pacer.wait_s())
+
     def test_long_run_busy_share_stays_within_the_load(self) -> None:
         """Driving the pacer as the pump does, purges keep Synapse busy at most
         purge_load of the time (plus one burst)."""
@@ -143,7 +156,7 @@ class PacingConfigTests(SynchronousTestCase):
     def test_defaults_and_values(self) -> None:
         """The pacing keys default as documented and take valid values."""
         self.assertEqual(parse_config({}).retention.max_concurrent_purges, 3)
-        self.assertEqual(parse_config({}).retention.purge_load, 0.5)
+        self.assertEqual(parse_config({}).retention.purge_load, 0.3)
         retention = parse_config(
             {"retention": {"max_concurrent_purges": 5, "purge_load": 1}}
         ).retention
