@@ -266,7 +266,7 @@ class AuditLog:
         elif len(rows) > 1 and is_postgres(txn):
             # One multi-row INSERT per 1000 rows, not one statement per row.
             txn.execute_values(
-                f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) VALUES ?",
+                f"{_INSERT_INTO} VALUES ?",
                 rows,
                 fetch=False,
             )
@@ -400,10 +400,8 @@ class AuditLog:
 
 _LOCK_CHAIN_SQL = "LOCK TABLE leave_forget_audit IN SHARE ROW EXCLUSIVE MODE"
 _HEAD_SQL = "SELECT seq, hash FROM leave_forget_audit ORDER BY seq DESC LIMIT 1"
-_INSERT_SQL = (
-    f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
-)
+_INSERT_INTO = f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)})"
+_INSERT_SQL = f"{_INSERT_INTO} VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
 
 
 def _head(row: Optional[Sequence[Any]]) -> Tuple[int, str]:

@@ -33,8 +33,8 @@ class ForgetOps(Protocol):
         self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
     ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
         """Each (user_id, room_id)'s current membership (absent if none), and
-        the rooms Synapse knows that no local user outside ``pairs`` still has
-        (a live membership, or one not forgotten)."""
+        the rooms of those pairs that no local user outside ``pairs`` still
+        has (a live membership, or one not forgotten)."""
 
     def forget_rows_txn(
         self,
