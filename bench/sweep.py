@@ -20,11 +20,12 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
+    SynapseProcess,
     log,
     machine,
     metrics_delta,
@@ -46,21 +47,44 @@ RETENTION_REAL = {**RETENTION, "dry_run": False}
 PUMP_WATCH_S = 20.0
 
 
-def run_real(database: str, n: int) -> Dict[str, Any]:
-    """Time one real-mode sweep over n due rooms, then the pump's decisions."""
-    hs, _ = fresh_synapse(database, {"retention": RETENTION_REAL}, [HOOK])
+def _seeded_synapse(
+    database: str, retention: Dict[str, Any], n: int
+) -> Tuple[SynapseProcess, Dict[str, int]]:
+    """A fresh Synapse with the sweep hook, seeded with n due rooms, started and quiet.
+
+    The caller cleans it up (``hs.cleanup()``), also when this raises.
+    """
+    hs, _ = fresh_synapse(database, {"retention": retention}, [HOOK])
     try:
         sink = Sink(hs)
+        started = time.monotonic()
         seeded = seed_sweep(sink, n, int(time.time() * 1000))
         sink.finish()
+        log(f"{database} {n}: seeded in {time.monotonic() - started:.0f}s: {seeded}")
         hs.start(timeout=300)
-        wait_quiet(hs)
-        log(f"{database} {n}: seeded {seeded}; one real-mode sweep")
+        quiet = wait_quiet(hs)
+        log(f"{database} {n}: start-up work done after {quiet:.1f}s; sweeping")
+    except BaseException:
+        hs.cleanup()
+        raise
+    return hs, seeded
+
+
+def _sweep(hs: SynapseProcess, passes: int, timeout: float) -> List[Dict[str, Any]]:
+    """Run the sweeper's sweep() through the hook, up to ``passes`` times."""
+    resp = request(hs.client_port, "POST", f"/_bench/sweep?passes={passes}", {}, timeout=timeout)
+    if resp.status != 200:
+        raise RuntimeError(f"sweep hook failed: {resp.status} {resp.raw[:300]!r}")
+    result: List[Dict[str, Any]] = resp.body["passes"]
+    return result
+
+
+def run_real(database: str, n: int) -> Dict[str, Any]:
+    """Time one real-mode sweep over n due rooms, then the pump's decisions."""
+    hs, seeded = _seeded_synapse(database, RETENTION_REAL, n)
+    try:
         before = synapse_metrics(hs)
-        resp = request(hs.client_port, "POST", "/_bench/sweep?passes=1", {}, timeout=600)
-        if resp.status != 200:
-            raise RuntimeError(f"sweep hook failed: {resp.status} {resp.raw[:300]!r}")
-        sweep = resp.body["passes"][0]
+        sweep = _sweep(hs, 1, 600)[0]
         time.sleep(PUMP_WATCH_S)
         txns = metrics_delta(before, synapse_metrics(hs))
         decide = txns.get("leave_forget_decide_due", {"count": 0, "mean_ms": 0.0})
@@ -90,22 +114,9 @@ def run_real(database: str, n: int) -> Dict[str, Any]:
 
 
 def run(database: str, n: int, max_passes: int) -> Dict[str, Any]:
-    hs, admin = fresh_synapse(database, {"retention": RETENTION}, [HOOK])
+    hs, seeded = _seeded_synapse(database, RETENTION, n)
     try:
-        sink = Sink(hs)
-        started = time.monotonic()
-        seeded = seed_sweep(sink, n, int(time.time() * 1000))
-        sink.finish()
-        log(f"{database} {n}: seeded in {time.monotonic() - started:.0f}s: {seeded}")
-        hs.start(timeout=300)
-        quiet = wait_quiet(hs)
-        log(f"{database} {n}: start-up work done after {quiet:.1f}s; sweeping")
-        resp = request(
-            hs.client_port, "POST", f"/_bench/sweep?passes={max_passes}", {}, timeout=3600
-        )
-        if resp.status != 200:
-            raise RuntimeError(f"sweep hook failed: {resp.status} {resp.raw[:300]!r}")
-        passes: List[Dict[str, Any]] = resp.body["passes"]
+        passes = _sweep(hs, max_passes, 3600)
         decided = sum(sum(v for k, v in p["counts"].items() if k != "held") for p in passes)
         seconds = sum(p["seconds"] for p in passes)
         complete = not passes[-1]["counts"] or decided >= seeded["due"] - seeded["held"]
