@@ -107,7 +107,11 @@ class LeaveForgetModule:
         self._intercept: Optional[InterceptingMatrixResource] = None
         self._history_guard: Optional[HistoryGuard] = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
-            self._history_guard = HistoryGuard(api, DepartureLookup(api, HistoryInternals(api)))
+            # Synapse serves forget on the main process only; a worker hears of one late.
+            lookup = DepartureLookup(
+                api, HistoryInternals(api), forgets_elsewhere=api.worker_app is not None
+            )
+            self._history_guard = HistoryGuard(api, lookup)
         if config.mount == MOUNT_INTERCEPT:
             self._intercept = InterceptingMatrixResource(
                 servlet, self._internals.unrecognized_resource()

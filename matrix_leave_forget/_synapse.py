@@ -5,6 +5,7 @@ below says why the public API is not enough, so that a Synapse upgrade that
 breaks one of them breaks it here, visibly, and nowhere else.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -582,6 +583,9 @@ class HistoryInternals:
         self._hs: HomeServer = api._hs
         # Any: mypy sees Synapse's @cached methods as unbound descriptors.
         self._store: Any = self._hs.get_datastores().main
+        self._forgotten_rooms_uncached: Callable[..., Awaitable[AbstractSet[str]]] = (
+            inspect.getattr_static(type(self._store), "get_forgotten_rooms_for_user").orig
+        )
 
     async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
         """The rooms user_id is joined to.
@@ -623,6 +627,18 @@ class HistoryInternals:
         invalidated by forget and by every membership change; no ModuleApi equivalent.
         """
         rooms: AbstractSet[str] = await self._store.get_forgotten_rooms_for_user(user_id)
+        return rooms
+
+    async def forgotten_rooms_from_database(self, user_id: str) -> AbstractSet[str]:
+        """forgotten_rooms read from the database, past the cache (nothing is cached).
+
+        Why: on a worker the cache hears of a forget made on the main process
+        through replication, after the client had its 200; Synapse's own query
+        (the function under its ``@cached``, taken from the descriptor so that
+        no cache is consulted or filled) keeps "forgotten" meaning what it means
+        to Synapse.
+        """
+        rooms: AbstractSet[str] = await self._forgotten_rooms_uncached(self._store, user_id)
         return rooms
 
     async def local_membership(

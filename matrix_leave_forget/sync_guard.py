@@ -6,6 +6,7 @@ own departure event, so that it stops showing the user as joined
 (docs/history.md, "Other devices").
 """
 
+import json
 import re
 from typing import AbstractSet, Any, Dict, List, Optional, Tuple
 
@@ -19,40 +20,35 @@ _MEMBER = "m.room.member"
 # cost a parse): a /sync "leave" section, and bundled relations.
 _LEAVE_SECTION = b'"leave":{'
 _BUNDLED = b'"m.relations"'
-# Every JSON string in the answer that starts with "!" and holds no escape: a
-# superset of the room ids it names, as keys ("rooms", extensions) or values
-# ("room_id", list "room_ids"). In valid JSON a match cannot start at a string's
-# closing quote (one is never followed by "!"), so no such string is missed.
-_BANG_STRING = re.compile(rb'"(![^"\\]*)"')
+# Every JSON string in the answer that starts with "!": a superset of the room ids
+# it names, as keys ("rooms", extensions) or values ("room_id", list "room_ids").
+# In valid JSON a match cannot start at a string's closing quote (one is never
+# followed by "!"); one that starts at an escaped quote inside a string ends where
+# that string ends, so no string is missed.
+_BANG_STRING = re.compile(rb'"(![^"\\]*(?:\\.[^"\\]*)*)"')
 
 
-def _unescaped(text: str) -> bool:
-    """Whether JSON writes text as it is: printable ASCII without quote or backslash.
+def named_rooms(body: bytes) -> AbstractSet[str]:
+    """Every string of body that starts with "!", unescaped: the rooms body may name.
 
-    "/" counts as escaped too: some encoders write it as "\\/".
+    One regex pass instead of a parse; strings with escapes (rare in room ids)
+    are decoded one by one.
     """
-    return (
-        text.isascii()
-        and text.isprintable()
-        and '"' not in text
-        and "\\" not in text
-        and "/" not in text
-    )
+    named = set()
+    for raw in _BANG_STRING.findall(body):
+        if b"\\" in raw:
+            try:
+                named.add(json.loads(b'"' + raw + b'"'))
+                continue
+            except ValueError:
+                pass
+        named.add(raw.decode("utf-8", "replace"))
+    return named
 
 
 def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
-    """Whether body may name a room of forgotten (False only when it certainly does not).
-
-    One regex pass instead of a parse: the strings of body that look like room ids
-    are collected and intersected with forgotten. A forgotten room id that would
-    be escaped in JSON answers True, so the caller parses (nothing slips through).
-    """
-    if not forgotten:
-        return False
-    if not _unescaped("".join(forgotten)):  # one scan: the test is per character
-        return True
-    named = {m.decode("ascii", "replace") for m in _BANG_STRING.findall(body)}
-    return not named.isdisjoint(forgotten)
+    """Whether body may name a room of forgotten (False only when it certainly does not)."""
+    return bool(forgotten) and not named_rooms(body).isdisjoint(forgotten)
 
 
 def may_change(kind: str, body: bytes, forgotten: AbstractSet[str]) -> bool:
@@ -97,8 +93,8 @@ class SyncGuard:
     def __init__(self, lookup: DepartureLookup) -> None:
         self._lookup = lookup
 
-    async def _forgotten(self, user_id: str) -> AbstractSet[str]:
-        return await self._lookup.forgotten_rooms(user_id)
+    async def _forgotten(self, user_id: str, body: bytes) -> AbstractSet[str]:
+        return await self._lookup.forgotten_rooms(user_id, lambda: named_rooms(body))
 
     async def _departed_since(self, user_id: str, room_id: str, position: Optional[int]) -> bool:
         """Whether the user left room_id after the sync position (their device missed it)."""
@@ -117,7 +113,7 @@ class SyncGuard:
         the stub instead. A room in ``leave`` that is not forgotten keeps Synapse's
         timeline, which ends at the departure, but loses bundled relations sent later.
         """
-        forgotten = await self._forgotten(user_id)
+        forgotten = await self._forgotten(user_id, body)
         if not may_change("sync", body, forgotten):
             return None
         data = decode(body)
@@ -185,7 +181,7 @@ class SyncGuard:
         self, request: Any, user_id: str, body: bytes
     ) -> Optional[Replacement]:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
-        forgotten = await self._forgotten(user_id)
+        forgotten = await self._forgotten(user_id, body)
         if not may_change("sliding_sync", body, forgotten):
             return None
         data = decode(body)
@@ -260,7 +256,7 @@ class SyncGuard:
 
     async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """The legacy /events stream: of a forgotten room only the user's departure passes."""
-        forgotten = await self._forgotten(user_id)
+        forgotten = await self._forgotten(user_id, body)
         if not may_change("events", body, forgotten):
             return None
         data = decode(body)
@@ -280,7 +276,7 @@ class SyncGuard:
 
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
-        forgotten = await self._forgotten(user_id)
+        forgotten = await self._forgotten(user_id, body)
         if not may_change("notifications", body, forgotten):
             return None
         data = decode(body)

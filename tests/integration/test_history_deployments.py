@@ -26,6 +26,7 @@ from tests.integration.history import (
     World,
     c_path,
     qs,
+    wait_for_background_updates,
 )
 from tests.integration.history_probes import read
 from tests.integration.test_workers import _DeploymentTestCase
@@ -210,26 +211,78 @@ class HistoryWorkerTests(_DeploymentTestCase):
                     (room.key, probe),
                 )
 
-    def test_forget_on_main_reaches_the_workers_sync_at_once(self) -> None:
-        """A forget served by the main process shows in the very next identical
-        /sync the worker answers (the worker's response cache included)."""
+    def test_forget_on_main_holds_on_the_worker_before_replication(self) -> None:
+        """A forget served by the main process holds on the worker's very next
+        reads even while replication stands still (redis stopped, so the worker
+        has not heard of the forget and its caches still say "not forgotten"):
+        the identical incremental /sync (from the worker's response cache) gets
+        the departure stub, an include_leave initial /sync, a fresh sliding sync
+        connection and /notifications leave the room out, the legacy /events
+        stream keeps only the departure, and /messages answers what a
+        never-member gets."""
         world, hs = self.world, self.hs
+        wait_for_background_updates(hs)  # sliding sync needs them
         member = hs.register("cacheworker")
+        stranger = hs.register("cachestranger")
         room = Room("leave", "shared", "forgotten", world.members["left"])
-        room.room_id = hs.create_room(world.owner, preset="public_chat")
-        world.ok(hs.membership(member, room.room_id, "join"), "join")
+        room.room_id = room_id = hs.create_room(world.owner, preset="public_chat")
+        world.ok(hs.membership(member, room_id, "join"), "join")
         since = world.sync_token(member)
+        # Two members: Synapse's one-to-one push rule gives the member a notification.
         world.text(world.owner, room, "cached-1")
-        world.ok(hs.membership(member, room.room_id, "leave"), "leave")
+        world.ok(hs.membership(member, room_id, "leave"), "leave")
         path = c_path("/sync?" + urllib.parse.urlencode({"timeout": 0, "since": since}))
         first = self.worker.client("GET", path, token=member.access_token)
         self.assertEqual(first.status, 200)
-        self.assertIn(room.room_id, first.body["rooms"]["leave"])
-        world.ok(world.forget(member, room.room_id), "forget")
-        second = self.worker.client("GET", path, token=member.access_token)
+        self.assertIn(room_id, first.body["rooms"]["leave"])  # the worker heard of the leave
+        messages = c_path(f"/rooms/{quote_room(room_id)}/messages?dir=b")
+        with self.deployment.redis.paused():
+            world.ok(world.forget(member, room_id), "forget")
+            second = self.worker.client("GET", path, token=member.access_token)
+            initial = self.worker.client(
+                "GET",
+                c_path("/sync?timeout=0&" + qs(filter=INCLUDE_LEAVE)),
+                token=member.access_token,
+            )
+            sliding = self.worker.client(
+                "POST",
+                SLIDING_SYNC + "?timeout=0",
+                {**SLIDING_BODY, "conn_id": "before-replication"},
+                token=member.access_token,
+            )
+            notifications = self.worker.client(
+                "GET", c_path("/notifications"), token=member.access_token
+            )
+            stream = self.worker.client(
+                "GET",
+                c_path("/events?" + qs(**{"from": since, "timeout": 0})),
+                token=member.access_token,
+            )
+            got = self.worker.client("GET", messages, token=member.access_token)
+            never = self.worker.client("GET", messages, token=stranger.access_token)
         self.assertEqual(second.status, 200)
-        events = second.body["rooms"]["leave"][room.room_id]["timeline"]["events"]
+        events = second.body["rooms"]["leave"][room_id]["timeline"]["events"]
         self.assertEqual(
-            [(e["type"], e["state_key"], e["content"]["membership"]) for e in events],
+            [(e["type"], e.get("state_key"), e["content"].get("membership")) for e in events],
             [("m.room.member", member.user_id, "leave")],
         )
+        for what, resp in (
+            ("initial", initial),
+            ("sliding", sliding),
+            ("notifications", notifications),
+        ):
+            self.assertEqual(resp.status, 200, what)
+            self.assertNotIn(room_id.encode(), resp.raw, what)
+        self.assertEqual(stream.status, 200)
+        self.assertEqual(
+            [
+                (e["type"], e.get("state_key"), e["content"].get("membership"))
+                for e in stream.body["chunk"]
+                if e.get("room_id") == room_id
+            ],
+            [("m.room.member", member.user_id, "leave")],
+        )
+        # Synapse's error names the reader.
+        expected = json.loads(json.dumps(never.body).replace(stranger.user_id, member.user_id))
+        self.assertEqual((got.status, got.body), (never.status, expected))
+        self.assertEqual(never.status, 403)

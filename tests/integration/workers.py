@@ -26,15 +26,17 @@ both). ``python -m tests.integration.workers`` prints them in the doc's form.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import attr
 import yaml
@@ -210,6 +212,21 @@ class RedisServer:
     def stop(self) -> None:
         _stop_process(self.process)
         self.process = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Replication stands still inside the block: redis is stopped (SIGSTOP),
+        so no process hears what another writes meanwhile; it resumes after.
+
+        What the processes publish waits in their sockets (nothing is lost), as
+        it would behind a slow network or a busy redis.
+        """
+        assert self.process is not None, "redis is not running"
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
 
 class MainProcess(SynapseProcess):

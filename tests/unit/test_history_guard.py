@@ -1,7 +1,7 @@
 """Unit tests of the history guard's routing, response capture and config key."""
 
 import json
-from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
 from unittest import mock
 
 from synapse.module_api.errors import ConfigError
@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget.config import parse_config
 from matrix_leave_forget.history_guard import Route, capture, classify
 from matrix_leave_forget.json_codec import decode
-from matrix_leave_forget.sync_guard import SyncGuard
+from matrix_leave_forget.sync_guard import SyncGuard, named_rooms
 
 
 class ConfigTests(SynchronousTestCase):
@@ -155,7 +155,9 @@ class FakeLookup:
     def __init__(self, forgotten: AbstractSet[str]) -> None:
         self.forgotten = frozenset(forgotten)
 
-    async def forgotten_rooms(self, user_id: str) -> AbstractSet[str]:
+    async def forgotten_rooms(
+        self, user_id: str, named: Callable[[], AbstractSet[str]]
+    ) -> AbstractSet[str]:
         return self.forgotten
 
     async def departure(self, user_id: str, room_id: str) -> None:
@@ -220,8 +222,8 @@ class SyncPreCheckTests(SynchronousTestCase):
         self.assertEqual(kept, [self.KEPT])
 
     def test_escaped_room_id_falls_back_to_parsing(self) -> None:
-        """A forgotten room id JSON escapes (non-ASCII, quote, backslash, control, "/") is
-        not looked for in the bytes: the answer is parsed and the room still removed."""
+        """A forgotten room id JSON escapes (non-ASCII, quote, backslash, control) is
+        found in its escaped form too: the answer is parsed and the room removed."""
         for gone in (
             "!caf\u00e9:test.local",
             '!a"b:test.local',
@@ -244,3 +246,40 @@ class SyncPreCheckTests(SynchronousTestCase):
                 assert result is not None, label
                 kept = [n["room_id"] for n in json.loads(result[1])["notifications"]]
                 self.assertEqual(kept, [self.KEPT], label)
+
+    def test_escaped_forgotten_room_not_named_is_not_parsed(self) -> None:
+        """An escaped forgotten room id no longer forces a parse: an answer that does
+        not name it is released unparsed."""
+        guard = self.guard({"!caf\u00e9:test.local", '!a"b:test.local'})
+        with mock.patch("matrix_leave_forget.sync_guard.decode") as loads:
+            self.assertIsNone(self.sync(guard, self.sync_body(self.KEPT)))
+            self.assertIsNone(self.notifications(guard, self.notifications_body(self.KEPT)))
+            loads.assert_not_called()
+
+
+class NamedRoomsTests(SynchronousTestCase):
+    """named_rooms: every string of an answer that starts with "!", escapes decoded."""
+
+    def test_keys_and_values_in_every_encoding(self) -> None:
+        """Room ids as keys and values, ASCII-escaped or not, and "/" written "\\/"."""
+        rooms = ["!plain:test.local", "!caf\u00e9:test.local", '!q"uote:x', "!back\\slash:x"]
+        for ensure_ascii in (True, False):
+            body = json.dumps(
+                {"rooms": {r: {"room_id": r} for r in rooms}, "room_ids": rooms},
+                ensure_ascii=ensure_ascii,
+            ).encode()
+            self.assertEqual(named_rooms(body), set(rooms), ensure_ascii)
+        self.assertEqual(named_rooms(b'{"room_id":"!a\\/b:x"}'), {"!a/b:x"})
+        self.assertEqual(named_rooms(b'{"room_id":"!lone\\ud800:x"}'), {"!lone\ud800:x"})
+
+    def test_text_inside_strings_does_not_hide_a_room(self) -> None:
+        """A "!" after an escaped quote inside a message is a false positive at most;
+        the room id after it is still found."""
+        body = json.dumps(
+            {"body": 'say "!hi" and \\"', "x": "!", "room_id": "!r:x", "y": "a!b"}
+        ).encode()
+        found = named_rooms(body)
+        self.assertIn("!r:x", found)
+        self.assertIn("!", found)
+        self.assertNotIn("a!b", found)
+        self.assertEqual(named_rooms(b'{"body":"no rooms here"}'), set())
