@@ -213,9 +213,9 @@ class ForgetWriter:
     chain lock): the requesters' memberships, Synapse's own forget rows, the
     audit entries and the retention state. A crash leaves either all of a
     forget or none of it. The group's statements do not grow with its size
-    (one read of the memberships, one batched update per table, one bulk
-    cache invalidation per cache, one append, one forgotten-by-all check for
-    all its rooms), so concurrent forgets cost about what one does, although
+    (one read of the memberships, one batched update per table, one
+    allocation of cache-stream ids, one append, one forgotten-by-all check
+    for all its rooms), so concurrent forgets cost about what one does, although
     the chain lock serialises them.
 
     Args:

@@ -15,7 +15,7 @@ import os
 import re
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from matrix_leave_forget._synapse import on_new_event_is_safe
 from matrix_leave_forget.audit import now_ms
@@ -398,7 +398,9 @@ class ForgetParityTests(RouteHelpers):
         """Same rows as Synapse's own forget (checked against a Synapse without the
         module), and the same caches invalidated: a departed user's /messages
         (did_forget) and /sync's left rooms (get_forgotten_rooms_for_user), both
-        read (and cached) before the forget, are refused and empty right after."""
+        read (and cached) before the forget, are refused and empty right after;
+        on PostgreSQL the same rows in the cache invalidation stream other
+        workers follow (cache, keys, instance)."""
         oracle = SynapseProcess(None, database=self.hs.database)
         try:
             oracle.start()
@@ -412,11 +414,13 @@ class ForgetParityTests(RouteHelpers):
                 self.assertIn(room_id, _left_rooms(hs, alice))
                 messages = hs.client("GET", f"{path}/messages?dir=b&limit=1", token=token)
                 self.assertEqual(messages.status, 200, messages.body)
+                streamed = _cache_stream_position(hs)
                 if forget == "native":
                     resp = hs.client("POST", f"{path}/forget", {}, token=token)
                 else:
                     resp = self.via_module("POST", room_id, "forget", {}, token=token)
                 self.assertEqual(resp.status, 200, resp.body)
+                invalidations = _forget_invalidations(hs, streamed, alice.user_id, room_id)
                 self.assertNotIn(room_id, _left_rooms(hs, alice), forget)
                 messages = hs.client("GET", f"{path}/messages?dir=b&limit=1", token=token)
                 self.assertEqual(messages.status, 403, (forget, messages.body))
@@ -426,9 +430,11 @@ class ForgetParityTests(RouteHelpers):
                     "WHERE user_id = ? AND room_id = ? ORDER BY membership",
                     (alice.user_id, room_id),
                 )
-                results.append((rows, _snapshot_rows(hs, alice.user_id, room_id)))
+                results.append((rows, _snapshot_rows(hs, alice.user_id, room_id), invalidations))
             self.assertEqual(results[0], results[1])
             self.assertTrue(all(r[1] == 1 for r in results[1][0]), results)
+            if self.hs.database == "postgres":
+                self.assertEqual(len(results[1][2]), 3, results)  # three caches
         finally:
             oracle.cleanup()
 
@@ -506,6 +512,43 @@ def _left_rooms(hs: Any, user: User) -> Dict[str, Any]:
     )
     assert resp.status == 200, resp.body
     return dict(resp.body.get("rooms", {}).get("leave", {}))
+
+
+def _cache_stream_position(hs: Any) -> int:
+    """The newest row of Synapse's cache invalidation stream (PostgreSQL; 0 on SQLite)."""
+    if hs.database != "postgres":
+        return 0
+    rows = synapse_rows(hs, "SELECT MAX(stream_id) FROM cache_invalidation_stream_by_instance")
+    return int(rows[0][0] or 0)
+
+
+def _forget_invalidations(
+    hs: Any, after: int, user_id: str, room_id: str
+) -> List[Tuple[str, str, Tuple[str, ...]]]:
+    """(instance, cache, keys) of the stream rows after ``after`` about user_id's
+    forget caches, ids written as placeholders, sorted (PostgreSQL; [] on SQLite)."""
+    if hs.database != "postgres":
+        return []
+    rows = synapse_rows(
+        hs,
+        "SELECT instance_name, cache_func, keys FROM cache_invalidation_stream_by_instance "
+        "WHERE stream_id > ? AND ? = ANY(keys)",
+        (after, user_id),
+    )
+    names = {user_id: "USER", room_id: "ROOM"}
+    return sorted(
+        (str(instance), str(cache), tuple(names.get(k, k) for k in keys))
+        for instance, cache, keys in rows
+        if cache in _FORGET_CACHES
+    )
+
+
+# The caches Synapse's forget invalidates (the last one since sliding sync's tables).
+_FORGET_CACHES = (
+    "did_forget",
+    "get_forgotten_rooms_for_user",
+    "get_sliding_sync_rooms_for_user_from_membership_snapshots",
+)
 
 
 def _snapshot_rows(hs: Any, user_id: str, room_id: str) -> Any:
