@@ -434,7 +434,9 @@ class ForgetParityTests(RouteHelpers):
             self.assertEqual(results[0], results[1])
             self.assertTrue(all(r[1] == 1 for r in results[1][0]), results)
             if self.hs.database == "postgres":
-                self.assertEqual(len(results[1][2]), 3, results)  # three caches
+                # Both sides streamed at least these (newer Synapses add sliding sync's).
+                caches = {cache for _, cache, _ in results[1][2]}
+                self.assertLessEqual({"did_forget", "get_forgotten_rooms_for_user"}, caches)
         finally:
             oracle.cleanup()
 
