@@ -22,7 +22,7 @@ from matrix_leave_forget._synapse import run_in_request_context
 from matrix_leave_forget.departures import Departure, DepartureLookup
 from matrix_leave_forget.json_codec import decode, encode
 from matrix_leave_forget.later_events import is_later, later_events, scrub_aggregations
-from matrix_leave_forget.sync_guard import SyncGuard, may_change, named_rooms
+from matrix_leave_forget.sync_guard import SyncGuard, may_change, rooms_named_by
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,9 @@ class HistoryGuard:
             return route.room_id is not None and self._lookup.joined_now(user_id, route.room_id)
         if route.kind == "legacy_event":
             return False
-        forgotten = self._lookup.forgotten_rooms_now(user_id, lambda: named_rooms(body))
-        return forgotten is not None and not may_change(route.kind, body, forgotten)
+        named = rooms_named_by(body)
+        forgotten = self._lookup.forgotten_rooms_now(user_id, named)
+        return forgotten is not None and not may_change(route.kind, body, forgotten, named)
 
     async def _check(
         self, request: Any, route: Route, code: int, body: bytes

@@ -6,9 +6,10 @@ own departure event, so that it stops showing the user as joined
 (docs/history.md, "Other devices").
 """
 
+import functools
 import json
 import re
-from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
 
 from matrix_leave_forget.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.json_codec import decode, encode
@@ -46,12 +47,20 @@ def named_rooms(body: bytes) -> AbstractSet[str]:
     return named
 
 
-def _may_mention(body: bytes, forgotten: AbstractSet[str]) -> bool:
-    """Whether body may name a room of forgotten (False only when it certainly does not)."""
-    return bool(forgotten) and not named_rooms(body).isdisjoint(forgotten)
+def rooms_named_by(body: bytes) -> Callable[[], AbstractSet[str]]:
+    """named_rooms(body), scanned on the first call only: the lookups and may_change
+    of one check share the scan."""
+    return functools.cache(lambda: named_rooms(body))
 
 
-def may_change(kind: str, body: bytes, forgotten: AbstractSet[str]) -> bool:
+def _may_mention(named: Callable[[], AbstractSet[str]], forgotten: AbstractSet[str]) -> bool:
+    """Whether the answer may name a room of forgotten (False only when it certainly does not)."""
+    return bool(forgotten) and not named().isdisjoint(forgotten)
+
+
+def may_change(
+    kind: str, body: bytes, forgotten: AbstractSet[str], named: Callable[[], AbstractSet[str]]
+) -> bool:
     """Whether the answer of a read of kind may need a change (False only when certainly not).
 
     Without forgotten rooms in the answer only a /sync "leave" section, or
@@ -61,7 +70,7 @@ def may_change(kind: str, body: bytes, forgotten: AbstractSet[str]) -> bool:
         return True
     if kind == "sliding_sync" and _BUNDLED in body:
         return True
-    return _may_mention(body, forgotten)
+    return _may_mention(named, forgotten)
 
 
 def _arg(request: Any, name: bytes) -> Optional[str]:
@@ -93,9 +102,6 @@ class SyncGuard:
     def __init__(self, lookup: DepartureLookup) -> None:
         self._lookup = lookup
 
-    async def _forgotten(self, user_id: str, body: bytes) -> AbstractSet[str]:
-        return await self._lookup.forgotten_rooms(user_id, lambda: named_rooms(body))
-
     async def _departed_since(self, user_id: str, room_id: str, position: Optional[int]) -> bool:
         """Whether the user left room_id after the sync position (their device missed it)."""
         if position is None:
@@ -113,8 +119,9 @@ class SyncGuard:
         the stub instead. A room in ``leave`` that is not forgotten keeps Synapse's
         timeline, which ends at the departure, but loses bundled relations sent later.
         """
-        forgotten = await self._forgotten(user_id, body)
-        if not may_change("sync", body, forgotten):
+        named = rooms_named_by(body)
+        forgotten = await self._lookup.forgotten_rooms(user_id, named)
+        if not may_change("sync", body, forgotten, named):
             return None
         data = decode(body)
         rooms = data.get("rooms") if isinstance(data, dict) else None
@@ -181,8 +188,9 @@ class SyncGuard:
         self, request: Any, user_id: str, body: bytes
     ) -> Optional[Replacement]:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
-        forgotten = await self._forgotten(user_id, body)
-        if not may_change("sliding_sync", body, forgotten):
+        named = rooms_named_by(body)
+        forgotten = await self._lookup.forgotten_rooms(user_id, named)
+        if not may_change("sliding_sync", body, forgotten, named):
             return None
         data = decode(body)
         if not isinstance(data, dict):
@@ -256,8 +264,9 @@ class SyncGuard:
 
     async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """The legacy /events stream: of a forgotten room only the user's departure passes."""
-        forgotten = await self._forgotten(user_id, body)
-        if not may_change("events", body, forgotten):
+        named = rooms_named_by(body)
+        forgotten = await self._lookup.forgotten_rooms(user_id, named)
+        if not may_change("events", body, forgotten, named):
             return None
         data = decode(body)
         chunk = data.get("chunk") if isinstance(data, dict) else None
@@ -276,8 +285,9 @@ class SyncGuard:
 
     async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
         """/notifications: forgotten rooms' notifications are left out."""
-        forgotten = await self._forgotten(user_id, body)
-        if not may_change("notifications", body, forgotten):
+        named = rooms_named_by(body)
+        forgotten = await self._lookup.forgotten_rooms(user_id, named)
+        if not may_change("notifications", body, forgotten, named):
             return None
         data = decode(body)
         notifications = data.get("notifications") if isinstance(data, dict) else None

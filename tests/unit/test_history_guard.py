@@ -283,3 +283,25 @@ class NamedRoomsTests(SynchronousTestCase):
         self.assertIn("!", found)
         self.assertNotIn("a!b", found)
         self.assertEqual(named_rooms(b'{"body":"no rooms here"}'), set())
+
+
+class ScannedOnceTests(SynchronousTestCase):
+    def test_one_check_scans_the_answer_once(self) -> None:
+        """A lookup that looks at the answer's rooms (as on a worker) and may_change
+        share one scan of the body."""
+
+        class AskingLookup(FakeLookup):
+            async def forgotten_rooms(
+                self, user_id: str, named: Callable[[], AbstractSet[str]]
+            ) -> AbstractSet[str]:
+                named()
+                return self.forgotten
+
+        guard = SyncGuard(AskingLookup({"!gone:test.local"}))  # type: ignore[arg-type]
+        body = SyncPreCheckTests.notifications_body("!kept:test.local")
+        with mock.patch("matrix_leave_forget.sync_guard.named_rooms", wraps=named_rooms) as scan:
+            result = self.successResultOf(
+                defer.ensureDeferred(guard.check_notifications("@u:test.local", body))
+            )
+        self.assertIsNone(result)
+        scan.assert_called_once_with(body)
