@@ -193,6 +193,28 @@ def wait_until(predicate: Callable[[], T], timeout: float = PURGE_TIMEOUT, what:
         time.sleep(0.05)
 
 
+def wait_while_progressing(
+    progress: Callable[[], int], goal: int, stall: float, what: str = ""
+) -> None:
+    """Poll progress every 50 ms until it reaches goal; fail once it stalls for stall seconds.
+
+    For background work whose pace is set by the machine (purges paced by
+    their own duration): a slow machine takes longer, a stuck one still fails.
+    """
+    best, moved = -1, time.monotonic()
+    while True:
+        value = progress()
+        if value >= goal:
+            return
+        if value > best:
+            best, moved = value, time.monotonic()
+        elif time.monotonic() - moved >= stall:
+            raise AssertionError(
+                f"no progress for {stall}s waiting for {what or progress!r}: {value} of {goal}"
+            )
+        time.sleep(0.05)
+
+
 def run_cli(
     config_path: str, *args: str, timeout: float = 120, cwd: Optional[str] = None
 ) -> subprocess.CompletedProcess[str]:
