@@ -192,7 +192,7 @@ def seal_cost(hs: Any, n: int = 2000) -> Dict[str, float]:
     """The cost of sealing one entry (canonical JSON, SHA-256, ed25519), in process."""
     from signedjson.key import read_signing_keys
 
-    from matrix_leave_forget.audit import GENESIS_HASH, seal_entry
+    from matrix_leave_forget.audit.entry import GENESIS_HASH, seal_entry
 
     with open(os.path.join(hs.workdir, "signing.key")) as f:
         key = read_signing_keys(f)[0]

@@ -30,15 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from signedjson.key import generate_signing_key  # noqa: E402
 
-from matrix_leave_forget.audit import (  # noqa: E402
+from matrix_leave_forget.audit.entry import (  # noqa: E402
     FORMAT_GROUP,
     GENESIS_HASH,
     escape_fields,
     seal_entries,
     seal_entry,
 )
-from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS  # noqa: E402
-from matrix_leave_forget.schema import MIGRATIONS  # noqa: E402
+from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS  # noqa: E402
+from matrix_leave_forget.db.schema import MIGRATIONS  # noqa: E402
 
 ORIGIN = "test.local"
 

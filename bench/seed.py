@@ -23,8 +23,8 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from bench.common import SERVER_NAME, SynapseProcess, User, log, pg_connect_args
-from matrix_leave_forget.audit import GENESIS_HASH, seal_entry
-from matrix_leave_forget.audit_log import AUDIT_COLUMNS
+from matrix_leave_forget.audit.entry import GENESIS_HASH, seal_entry
+from matrix_leave_forget.audit.log import AUDIT_COLUMNS
 
 # Room kinds, by room index modulo 20 (see seed_memberships).
 ACTIVE, ABANDONED, FORGOTTEN, DRY_RUN, CANCELLED, PURGED, PURGING = (

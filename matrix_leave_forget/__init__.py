@@ -14,33 +14,31 @@ from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import (
-    HistoryInternals,
-    SynapseInternals,
-    SynapseRoutes,
-    on_new_event_is_safe,
-)
-from matrix_leave_forget.admin import ADMIN_PREFIX, AdminResource
-from matrix_leave_forget.checkpoint import Checkpointer
+from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
+from matrix_leave_forget._synapse.history import HistoryInternals
+from matrix_leave_forget._synapse.internals import SynapseInternals
+from matrix_leave_forget._synapse.routes import SynapseRoutes
+from matrix_leave_forget.audit.checkpoint import Checkpointer
 from matrix_leave_forget.config import (
     MOUNT_INTERCEPT,
     LeaveForgetConfig,
     describe_config,
     parse_config,
 )
-from matrix_leave_forget.departures import DepartureLookup
-from matrix_leave_forget.handler import MembershipHandler
-from matrix_leave_forget.history_guard import HistoryGuard
-from matrix_leave_forget.reconcile import Reconciler
-from matrix_leave_forget.resource import (
+from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.history.departures import DepartureLookup
+from matrix_leave_forget.history.guard import HistoryGuard
+from matrix_leave_forget.http.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.http.client import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
     LeaveForgetServlet,
     MatrixNode,
 )
-from matrix_leave_forget.retention import RetentionSweeper
-from matrix_leave_forget.routes import RouteObserver
-from matrix_leave_forget.store import RetentionStore
+from matrix_leave_forget.membership.handler import MembershipHandler
+from matrix_leave_forget.membership.observer import RouteObserver
+from matrix_leave_forget.membership.reconcile import Reconciler
+from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
 __version__ = "0.1.0"
 __all__ = ["LeaveForgetModule", "__version__"]

@@ -7,7 +7,6 @@ import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from matrix_leave_forget.admin import LISTINGS, MAX_INT_ARG
 from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, _is_database_error, open_database
@@ -19,6 +18,7 @@ from matrix_leave_forget.cli.errors import (
     _one_line,
 )
 from matrix_leave_forget.cli.render import _warn
+from matrix_leave_forget.http.admin import LISTINGS, MAX_INT_ARG
 
 DEFAULT_LIMIT = 100
 

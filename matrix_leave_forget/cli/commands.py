@@ -25,21 +25,24 @@ from typing import (
 import attr
 from signedjson.types import VerifyKey
 
-from matrix_leave_forget._synapse import SynapseInternals
-from matrix_leave_forget.admin import LISTINGS
-from matrix_leave_forget.audit import (
+from matrix_leave_forget._synapse.internals import SynapseInternals
+from matrix_leave_forget.audit.checkpoint import (
+    CHECKPOINT_EVENT_TYPE,
+    checked_heads,
+    read_checkpoints,
+)
+from matrix_leave_forget.audit.entry import (
     GENESIS_HASH,
     VerifyResult,
     iter_verify,
     parse_head,
     parse_verify_key,
 )
-from matrix_leave_forget.audit_log import (
+from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
     count_purged_since_txn,
     select_audit_txn,
 )
-from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, checked_heads, read_checkpoints
 from matrix_leave_forget.cli.config import (
     HomeserverConfig,
     configured_holds,
@@ -58,7 +61,8 @@ from matrix_leave_forget.cli.render import (
     write_csv,
     write_json,
 )
-from matrix_leave_forget.retention_state import (
+from matrix_leave_forget.http.admin import LISTINGS
+from matrix_leave_forget.retention.state import (
     list_rooms_txn,
     retention_counts_txn,
     select_holds_txn,

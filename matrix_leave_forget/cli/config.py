@@ -9,8 +9,11 @@ from signedjson.key import get_verify_key
 from signedjson.types import VerifyKey
 from synapse.module_api.errors import ConfigError
 
-from matrix_leave_forget._synapse import main_database_from_config, signing_keys_from_config
-from matrix_leave_forget.audit import parse_old_signing_keys, verify_key_id
+from matrix_leave_forget._synapse.offline_config import (
+    main_database_from_config,
+    signing_keys_from_config,
+)
+from matrix_leave_forget.audit.entry import parse_old_signing_keys, verify_key_id
 from matrix_leave_forget.cli.errors import CliError, _one_line
 
 MODULE_NAME = "matrix_leave_forget.LeaveForgetModule"

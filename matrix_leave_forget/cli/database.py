@@ -10,7 +10,7 @@ import attr
 from matrix_leave_forget.cli.config import HomeserverConfig, database_settings
 from matrix_leave_forget.cli.errors import CliError
 from matrix_leave_forget.cli.render import _warn
-from matrix_leave_forget.schema import SCHEMA_VERSION
+from matrix_leave_forget.db.schema import SCHEMA_VERSION
 
 
 @attr.s(auto_attribs=True)

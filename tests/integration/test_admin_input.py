@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from signedjson.key import read_signing_keys
 
-from matrix_leave_forget.audit import verify_chain, verify_keys_from_signing_key
+from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import SERVER_NAME, Response, User, quote_room, request
 

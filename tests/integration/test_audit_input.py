@@ -16,10 +16,18 @@ from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from signedjson.key import read_signing_keys
 
-from matrix_leave_forget.audit import unescape_entry, verify_chain, verify_keys_from_signing_key
-from matrix_leave_forget.audit_log import STORED_COLUMNS, row_to_entry
-from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, check_checkpoint, checked_heads
-from matrix_leave_forget.refusals import REFUSED_REASON_PREFIX_CHARS
+from matrix_leave_forget.audit.checkpoint import (
+    CHECKPOINT_EVENT_TYPE,
+    check_checkpoint,
+    checked_heads,
+)
+from matrix_leave_forget.audit.entry import (
+    unescape_entry,
+    verify_chain,
+    verify_keys_from_signing_key,
+)
+from matrix_leave_forget.audit.log import STORED_COLUMNS, row_to_entry
+from matrix_leave_forget.audit.refusals import REFUSED_REASON_PREFIX_CHARS
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     SERVER_NAME,

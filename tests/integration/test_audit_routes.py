@@ -17,8 +17,8 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
-from matrix_leave_forget._synapse import on_new_event_is_safe
-from matrix_leave_forget.audit import now_ms
+from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
+from matrix_leave_forget.audit.entry import now_ms
 from tests.integration.harness import (
     SynapseProcess,
     User,
@@ -379,13 +379,13 @@ class ForgetParityTests(RouteHelpers):
 
     def test_forget_rows_mirror_synapse(self) -> None:
         """Synapse's forget transaction writes the tables and invalidates the caches
-        that _synapse.forget_rows_txn writes and invalidates (this Synapse's version)."""
+        that _synapse.forget.forget_rows_txn writes and invalidates (this Synapse's version)."""
         from synapse.storage.databases.main.roommember import RoomMemberWorkerStore
 
-        from matrix_leave_forget import _synapse
+        from matrix_leave_forget._synapse import forget
 
         theirs = inspect.getsource(RoomMemberWorkerStore.forget)
-        ours = inspect.getsource(_synapse.forget_rows_txn)
+        ours = inspect.getsource(forget.forget_rows_txn)
         tables = set(re.findall(r'table="(\w+)"', theirs))
         caches = set(re.findall(r"self\.(\w+),\s*\(", theirs))
         self.assertTrue(tables and caches, theirs)

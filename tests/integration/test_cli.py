@@ -23,8 +23,8 @@ from signedjson.key import (
     read_signing_keys,
 )
 
-from matrix_leave_forget.audit import ENTRY_FIELDS
-from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS
+from matrix_leave_forget.audit.entry import ENTRY_FIELDS
+from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     SERVER_NAME,

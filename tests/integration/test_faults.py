@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
-from matrix_leave_forget.retention import SYNAPSE_LOCK_TIMEOUT_S
+from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
 from tests.integration.harness import (
     User,
     pg_connect_args,

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Counter, Dict, List, 
 import attr
 from signedjson.key import read_signing_keys
 
-from matrix_leave_forget.audit import verify_chain, verify_keys_from_signing_key
+from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     REPO_ROOT,

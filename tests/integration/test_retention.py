@@ -25,7 +25,7 @@ import re
 import signal
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from matrix_leave_forget.audit import now_ms
+from matrix_leave_forget.audit.entry import now_ms
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     PURGE_TIMEOUT,

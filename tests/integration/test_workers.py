@@ -27,7 +27,7 @@ import yaml
 from signedjson.key import read_signing_keys
 from twisted.trial.unittest import SynchronousTestCase
 
-from matrix_leave_forget.audit import verify_chain, verify_keys_from_signing_key
+from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     REPO_ROOT,

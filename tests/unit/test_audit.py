@@ -15,7 +15,14 @@ from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64, encode_base64
 
-from matrix_leave_forget.audit import (
+from matrix_leave_forget.audit.checkpoint import (
+    CHECKPOINT_EVENT_TYPE,
+    check_checkpoint,
+    checked_heads,
+    make_checkpoint,
+    read_checkpoints,
+)
+from matrix_leave_forget.audit.entry import (
     ENTRY_FIELDS,
     FORMAT_GROUP,
     GENESIS_HASH,
@@ -32,14 +39,7 @@ from matrix_leave_forget.audit import (
     verify_key_id,
     verify_keys_from_signing_key,
 )
-from matrix_leave_forget.checkpoint import (
-    CHECKPOINT_EVENT_TYPE,
-    check_checkpoint,
-    checked_heads,
-    make_checkpoint,
-    read_checkpoints,
-)
-from matrix_leave_forget.refusals import (
+from matrix_leave_forget.audit.refusals import (
     REFUSED_REASON_PREFIX_CHARS,
     RefusalBudget,
     refused_reason,

@@ -13,7 +13,7 @@ from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
-from matrix_leave_forget.audit import (
+from matrix_leave_forget.audit.entry import (
     ENTRY_FIELDS,
     GENESIS_HASH,
     entry_hash,
@@ -21,7 +21,7 @@ from matrix_leave_forget.audit import (
     verify_chain,
     verify_keys_from_signing_key,
 )
-from matrix_leave_forget.audit_log import STORED_COLUMNS, row_to_entry
+from matrix_leave_forget.audit.log import STORED_COLUMNS, row_to_entry
 
 ORIGIN = "test.local"
 

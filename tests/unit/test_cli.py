@@ -27,11 +27,11 @@ from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget import cli
-from matrix_leave_forget.admin import LISTINGS
-from matrix_leave_forget.audit import ENTRY_FIELDS
-from matrix_leave_forget.audit_log import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
-from matrix_leave_forget.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
-from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION
+from matrix_leave_forget.audit.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
+from matrix_leave_forget.audit.entry import ENTRY_FIELDS
+from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
+from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION
+from matrix_leave_forget.http.admin import LISTINGS
 from tests.unit.test_audit import make_chain
 
 ORIGIN = "example.org"

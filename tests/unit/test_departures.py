@@ -8,8 +8,8 @@ from synapse.storage.databases.main.roommember import RoomMemberWorkerStore
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from matrix_leave_forget._synapse import HistoryInternals
-from matrix_leave_forget.departures import DepartureLookup
+from matrix_leave_forget._synapse.history import HistoryInternals
+from matrix_leave_forget.history.departures import DepartureLookup
 
 USER = "@u:test.local"
 JOINED = "!joined:test.local"

@@ -9,9 +9,9 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import parse_config
-from matrix_leave_forget.history_guard import Route, capture, classify
-from matrix_leave_forget.json_codec import decode
-from matrix_leave_forget.sync_guard import SyncGuard, named_rooms
+from matrix_leave_forget.history.guard import Route, capture, classify
+from matrix_leave_forget.history.json_codec import decode
+from matrix_leave_forget.history.sync import SyncGuard, named_rooms
 
 
 class ConfigTests(SynchronousTestCase):
@@ -202,7 +202,7 @@ class SyncPreCheckTests(SynchronousTestCase):
         """No forgotten room named and no "leave" section: released without json.loads."""
         guard = self.guard({"!gone:test.local", "!other:test.local"})
         mention = json.dumps({"body": "see !gone:test.local"}).encode()  # not a whole string
-        with mock.patch("matrix_leave_forget.sync_guard.decode") as loads:
+        with mock.patch("matrix_leave_forget.history.sync.decode") as loads:
             self.assertIsNone(
                 self.sync(guard, self.sync_body(self.KEPT)[:-1] + b"," + b'"x":' + mention + b"}")
             )
@@ -236,7 +236,7 @@ class SyncPreCheckTests(SynchronousTestCase):
                 label = f"{gone!r} ensure_ascii={ensure_ascii}"
                 body = self.sync_body(self.KEPT, gone, ensure_ascii=ensure_ascii)
                 # The escaped form is what the bytes hold (no plain-text match).
-                with mock.patch("matrix_leave_forget.sync_guard.decode", wraps=decode) as loads:
+                with mock.patch("matrix_leave_forget.history.sync.decode", wraps=decode) as loads:
                     result = self.sync(guard, body)
                     loads.assert_called_once()
                 assert result is not None, label
@@ -251,7 +251,7 @@ class SyncPreCheckTests(SynchronousTestCase):
         """An escaped forgotten room id no longer forces a parse: an answer that does
         not name it is released unparsed."""
         guard = self.guard({"!caf\u00e9:test.local", '!a"b:test.local'})
-        with mock.patch("matrix_leave_forget.sync_guard.decode") as loads:
+        with mock.patch("matrix_leave_forget.history.sync.decode") as loads:
             self.assertIsNone(self.sync(guard, self.sync_body(self.KEPT)))
             self.assertIsNone(self.notifications(guard, self.notifications_body(self.KEPT)))
             loads.assert_not_called()
@@ -299,7 +299,7 @@ class ScannedOnceTests(SynchronousTestCase):
 
         guard = SyncGuard(AskingLookup({"!gone:test.local"}))  # type: ignore[arg-type]
         body = SyncPreCheckTests.notifications_body("!kept:test.local")
-        with mock.patch("matrix_leave_forget.sync_guard.named_rooms", wraps=named_rooms) as scan:
+        with mock.patch("matrix_leave_forget.history.sync.named_rooms", wraps=named_rooms) as scan:
             result = self.successResultOf(
                 defer.ensureDeferred(guard.check_notifications("@u:test.local", body))
             )

@@ -4,7 +4,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from matrix_leave_forget.json_codec import decode, encode
+from matrix_leave_forget.history.json_codec import decode, encode
 
 
 class JsonCodecTests(SynchronousTestCase):

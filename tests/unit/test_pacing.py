@@ -8,7 +8,7 @@ from synapse.module_api.errors import ConfigError
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import RetentionConfig, parse_config
-from matrix_leave_forget.pacing import BURST_S, PurgePacer
+from matrix_leave_forget.retention.pacer import BURST_S, PurgePacer
 from tests.unit.test_audit import make_chain
 from tests.unit.test_cli import ORIGIN, CliTestCase, create_database
 

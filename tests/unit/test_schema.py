@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Set
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from matrix_leave_forget.schema import MIGRATIONS, SCHEMA_VERSION, run_migrations
+from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION, run_migrations
 
 MODULE_TABLES_BY_VERSION = {
     1: {"leave_forget_audit", "leave_forget_rooms"},

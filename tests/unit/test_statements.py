@@ -5,7 +5,7 @@ from typing import Any, List, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from matrix_leave_forget.statements import StatementBatch
+from matrix_leave_forget.db.statements import StatementBatch
 from tests.unit.test_schema import Txn, _postgres_or_skip
 
 

@@ -13,9 +13,9 @@ from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, S
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget.audit import escape_text, needs_escape, unescape_text
-from matrix_leave_forget.audit_log import AuditFields, AuditLog
-from matrix_leave_forget.schema import is_postgres
+from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
+from matrix_leave_forget.audit.log import AuditFields, AuditLog
+from matrix_leave_forget.db.schema import is_postgres
 
 # Retention states of a room (leave_forget_rooms.state).
 STATE_ACTIVE = "active"  # was forgotten by all, then someone came back

@@ -7,7 +7,7 @@ summary's latest reply, an edit, references).
 
 from typing import Any, Dict, List, Set
 
-from matrix_leave_forget.departures import Departure, DepartureLookup
+from matrix_leave_forget.history.departures import Departure, DepartureLookup
 
 
 async def later_events(

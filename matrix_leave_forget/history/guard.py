@@ -18,11 +18,11 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 import attr
 from synapse.module_api import ModuleApi
 
-from matrix_leave_forget._synapse import run_in_request_context
-from matrix_leave_forget.departures import Departure, DepartureLookup
-from matrix_leave_forget.json_codec import decode, encode
-from matrix_leave_forget.later_events import is_later, later_events, scrub_aggregations
-from matrix_leave_forget.sync_guard import SyncGuard, may_change, rooms_named_by
+from matrix_leave_forget._synapse.contexts import run_in_request_context
+from matrix_leave_forget.history.departures import Departure, DepartureLookup
+from matrix_leave_forget.history.json_codec import decode, encode
+from matrix_leave_forget.history.later_events import is_later, later_events, scrub_aggregations
+from matrix_leave_forget.history.sync import SyncGuard, may_change, rooms_named_by
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import attr
 from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget.audit_log import AuditFields, AuditLog, GroupCommit
-from matrix_leave_forget.retention_state import RetentionState, RoomRetention
-from matrix_leave_forget.schema import run_migrations
-from matrix_leave_forget.statements import StatementBatch
+from matrix_leave_forget.audit.log import AuditFields, AuditLog, GroupCommit
+from matrix_leave_forget.db.schema import run_migrations
+from matrix_leave_forget.db.statements import StatementBatch
+from matrix_leave_forget.retention.state import RetentionState, RoomRetention
 
 # Positions in Synapse's events stream (leave_forget_stream_positions.name):
 # where the module was installed (nothing before it is recorded as a

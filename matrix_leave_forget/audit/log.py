@@ -16,8 +16,8 @@ from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
-from matrix_leave_forget._synapse import run_in_background_process, wake
-from matrix_leave_forget.audit import (
+from matrix_leave_forget._synapse.contexts import run_in_background_process, wake
+from matrix_leave_forget.audit.entry import (
     ENTRY_FIELDS,
     GENESIS_HASH,
     OPTIONAL_FIELDS,
@@ -25,8 +25,8 @@ from matrix_leave_forget.audit import (
     now_ms,
     seal_entries,
 )
-from matrix_leave_forget.schema import is_postgres
-from matrix_leave_forget.statements import StatementBatch
+from matrix_leave_forget.db.schema import is_postgres
+from matrix_leave_forget.db.statements import StatementBatch
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import attr
 from synapse.module_api import ModuleApi
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import HistoryInternals
+    from matrix_leave_forget._synapse.history import HistoryInternals
 
 # Memberships that mean the user was in the room and is no longer.
 DEPARTED = ("leave", "ban")

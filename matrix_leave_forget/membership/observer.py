@@ -24,14 +24,14 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from synapse.module_api import ModuleApi
 
-from matrix_leave_forget._synapse import (
-    SynapseRoutes,
+from matrix_leave_forget._synapse.contexts import (
     current_requester,
     current_route,
     in_room_forgetter,
     in_user_parter,
 )
-from matrix_leave_forget.audit import (
+from matrix_leave_forget._synapse.routes import SynapseRoutes
+from matrix_leave_forget.audit.entry import (
     VIA_ADMIN_ROOM_DELETE,
     VIA_BAN,
     VIA_CLIENT,
@@ -40,9 +40,9 @@ from matrix_leave_forget.audit import (
     VIA_KICK,
     VIA_STATE_API,
 )
-from matrix_leave_forget.audit_log import AuditFields
-from matrix_leave_forget.handler import MembershipHandler, storable_reason
-from matrix_leave_forget.store import Departure, RetentionStore
+from matrix_leave_forget.audit.log import AuditFields
+from matrix_leave_forget.db.store import Departure, RetentionStore
+from matrix_leave_forget.membership.handler import MembershipHandler, storable_reason
 
 logger = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from synapse.module_api.errors import Codes, SynapseError
 from twisted.web.resource import IResource, Resource
 
 from matrix_leave_forget import metrics
-from matrix_leave_forget.handler import MembershipHandler, client_errcode
+from matrix_leave_forget.membership.handler import MembershipHandler, client_errcode
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import SynapseInternals
-    from matrix_leave_forget.history_guard import HistoryGuard
+    from matrix_leave_forget._synapse.internals import SynapseInternals
+    from matrix_leave_forget.history.guard import HistoryGuard
 
 logger = logging.getLogger(__name__)
 

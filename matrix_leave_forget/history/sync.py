@@ -11,9 +11,9 @@ import json
 import re
 from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
 
-from matrix_leave_forget.departures import DEPARTED, DepartureLookup
-from matrix_leave_forget.json_codec import decode, encode
-from matrix_leave_forget.later_events import hide_later
+from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
+from matrix_leave_forget.history.json_codec import decode, encode
+from matrix_leave_forget.history.later_events import hide_later
 
 Replacement = Tuple[int, bytes]
 _MEMBER = "m.room.member"

@@ -17,19 +17,19 @@ from synapse.module_api import (
 )
 from synapse.module_api.errors import Codes, SynapseError
 
-from matrix_leave_forget.audit import now_ms
+from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
-from matrix_leave_forget.retention_state import (
+from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.retention.state import (
     STATE_DRY_RUN,
     STATE_FORGOTTEN,
     STATE_PURGED,
     STATE_PURGING,
 )
-from matrix_leave_forget.store import RetentionStore
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import SynapseInternals
-    from matrix_leave_forget.retention import RetentionSweeper
+    from matrix_leave_forget._synapse.internals import SynapseInternals
+    from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
 ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
 

@@ -15,18 +15,19 @@ from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget import metrics
-from matrix_leave_forget._synapse import FORGET_REFUSED, SynapseRoutes, forget_rows_txn
-from matrix_leave_forget.audit import VIA_API
-from matrix_leave_forget.audit_log import AuditFields
+from matrix_leave_forget._synapse.forget import FORGET_REFUSED, forget_rows_txn
+from matrix_leave_forget._synapse.routes import SynapseRoutes
+from matrix_leave_forget.audit.entry import VIA_API
+from matrix_leave_forget.audit.log import AuditFields
+from matrix_leave_forget.audit.refusals import RefusalBudget, refused_reason
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
+from matrix_leave_forget.db.statements import StatementBatch
+from matrix_leave_forget.db.store import ForgetRequest, ForgetWriter, RetentionStore
 from matrix_leave_forget.metrics import refusals_suppressed_total
-from matrix_leave_forget.refusals import RefusalBudget, refused_reason
-from matrix_leave_forget.statements import StatementBatch
-from matrix_leave_forget.store import ForgetRequest, ForgetWriter, RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import SynapseInternals
+    from matrix_leave_forget._synapse.internals import SynapseInternals
 
 logger = logging.getLogger(__name__)
 

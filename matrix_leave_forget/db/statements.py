@@ -11,7 +11,7 @@ from typing import Any, List, Sequence
 
 from synapse.module_api import LoggingTransaction
 
-from matrix_leave_forget.schema import is_postgres
+from matrix_leave_forget.db.schema import is_postgres
 
 
 class StatementBatch:

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from matrix_leave_forget.audit import reason_digest
+from matrix_leave_forget.audit.entry import reason_digest
 
 logger = logging.getLogger(__name__)
 

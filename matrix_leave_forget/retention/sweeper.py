@@ -8,7 +8,7 @@ Synapse no longer has them.
 
 Every ``sweep_interval`` the sweep counts the backlog and starts the *purge
 pump* unless it runs already. The pump drains the backlog at the pace
-:class:`~matrix_leave_forget.pacing.PurgePacer` allows, independently of the
+:class:`~matrix_leave_forget.retention.pacer.PurgePacer` allows, independently of the
 sweep interval: it looks at the purges in flight (one transaction for all of
 them, every fraction of a typical purge), and as slots free up it decides the
 next due rooms, only as many as it can start now. So each room is re-checked
@@ -24,16 +24,17 @@ import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
-from matrix_leave_forget._synapse import purge_tasks_txn, run_in_background_process
-from matrix_leave_forget.audit import now_ms
+from matrix_leave_forget._synapse.contexts import run_in_background_process
+from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
+from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
-from matrix_leave_forget.handler import MembershipHandler
-from matrix_leave_forget.pacing import PurgePacer
-from matrix_leave_forget.retention_state import STATE_PURGING
-from matrix_leave_forget.store import RetentionStore
+from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.membership.handler import MembershipHandler
+from matrix_leave_forget.retention.pacer import PurgePacer
+from matrix_leave_forget.retention.state import STATE_PURGING
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import SynapseInternals
+    from matrix_leave_forget._synapse.internals import SynapseInternals
 
 logger = logging.getLogger(__name__)
 

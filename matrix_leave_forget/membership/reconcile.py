@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Tuple
 import attr
 from synapse.module_api import ModuleApi
 
-from matrix_leave_forget.audit import VIA_RECOVERED
-from matrix_leave_forget.audit_log import OUTCOME_RECOVERED
-from matrix_leave_forget.routes import departure_fields, departure_from_row
-from matrix_leave_forget.store import STREAM_DEPARTURES, Departure, RetentionStore
+from matrix_leave_forget.audit.entry import VIA_RECOVERED
+from matrix_leave_forget.audit.log import OUTCOME_RECOVERED
+from matrix_leave_forget.db.store import STREAM_DEPARTURES, Departure, RetentionStore
+from matrix_leave_forget.membership.observer import departure_fields, departure_from_row
 
 if TYPE_CHECKING:
-    from matrix_leave_forget._synapse import SynapseRoutes
+    from matrix_leave_forget._synapse.routes import SynapseRoutes
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,16 @@
+"""The one place where matrix-leave-forget reaches past Synapse's public ModuleApi.
+
+Everything else in the package uses ``synapse.module_api`` only. Each reach in
+this package says why the public API is not enough, so that a Synapse upgrade
+that breaks one of them breaks it here, visibly, and nowhere else. One file per
+concern:
+
+* ``contexts``: logcontexts and background processes (who a callback runs for);
+* ``internals``: the handlers, HTTP plumbing, identity and tables a leave needs;
+* ``forget``: Synapse's forget rows and cache invalidations, in our transactions;
+* ``routes``: every route of leave and forget (Synapse's forget taken over);
+* ``history``: cached membership lookups and stream tokens for the history guard;
+* ``purge_tasks``: where Synapse's purge of a room stands;
+* ``listeners``: the live HTTP listeners, for the mount checks;
+* ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI.
+"""

@@ -1,0 +1,1 @@
+"""The signed, hash-chained audit log: entry format, the log, checkpoints, refusals."""

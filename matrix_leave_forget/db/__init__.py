@@ -1,0 +1,1 @@
+"""The module's own tables: schema, migrations, statements and the store."""

@@ -1,0 +1,1 @@
+"""The history guard: the spec's history promises kept on client reads."""

@@ -1,0 +1,1 @@
+"""The rules of leave and forget, and every other route by which a member departs."""
