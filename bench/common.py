@@ -17,8 +17,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -50,7 +51,7 @@ __all__ = [
 # -- machine -------------------------------------------------------------------
 
 
-def machine() -> Dict[str, Any]:
+def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = "?"
     try:
@@ -165,8 +166,8 @@ def log(message: str) -> None:
 
 def start_synapse(
     database: str,
-    module_config: Optional[Dict[str, Any]] = None,
-    extra_config: Optional[Dict[str, Any]] = None,
+    module_config: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> SynapseProcess:
     """A running Synapse with the module in ``mount: listener`` mode, forget unlimited."""
     config = {"mount": "listener", "forget_rate_limit": None, **(module_config or {})}
@@ -179,16 +180,16 @@ def start_synapse(
     return hs
 
 
-def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 8) -> List[Any]:
+def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 8) -> list[Any]:
     """Run fn over items on a few threads (set-up only, never measured)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(fn, items))
 
 
-def synapse_metrics(hs: SynapseProcess) -> Dict[str, float]:
+def synapse_metrics(hs: SynapseProcess) -> dict[str, float]:
     """Synapse's per-transaction counters: {"count:desc": n, "sum:desc": seconds}."""
     text = hs.metrics()
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     pattern = re.compile(
         r'^synapse_storage_transaction_time_(count|sum)(?:_total)?\{desc="([^"]+)"[^}]*\} (\S+)$'
     )
@@ -201,9 +202,9 @@ def synapse_metrics(hs: SynapseProcess) -> Dict[str, float]:
     return out
 
 
-def metrics_delta(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
     """Per transaction description: how many ran and their mean duration in ms."""
-    result: Dict[str, Dict[str, float]] = {}
+    result: dict[str, dict[str, float]] = {}
     for key, value in after.items():
         kind, desc = key.split(":", 1)
         if kind != "count":
@@ -235,7 +236,7 @@ class KeepAlivePool:
 
 def _post(
     conn: http.client.HTTPConnection, path: str, token: str, body: bytes
-) -> Tuple[int, bytes]:
+) -> tuple[int, bytes]:
     headers = {
         "Authorization": f"Bearer {token}",
         "Content-Type": "application/json",
@@ -256,17 +257,17 @@ def _post(
 
 def run_batch(
     pool: KeepAlivePool,
-    jobs: Sequence[Tuple[str, str]],
+    jobs: Sequence[tuple[str, str]],
     concurrency: int,
     body: bytes = b"{}",
-) -> Tuple[List[float], float, Dict[int, int]]:
+) -> tuple[list[float], float, dict[int, int]]:
     """POST each (path, token) job, ``concurrency`` at a time on keep-alive connections.
 
     Returns:
         Per-request latencies (s), the batch's wall time (s), and a count per status.
     """
-    latencies: List[float] = []
-    statuses: Dict[int, int] = {}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
     lock = threading.Lock()
     index = [0]
 

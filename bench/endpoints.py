@@ -27,7 +27,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,7 +70,7 @@ def _path(room_id: str, action: str) -> str:
     return f"/_matrix/client/v3/rooms/{quote_room(room_id)}/{action}"
 
 
-def set_up(hs: Any, users: int, rooms: int) -> List[Tuple[str, str]]:
+def set_up(hs: Any, users: int, rooms: int) -> list[tuple[str, str]]:
     """Register users, create rooms, join every user to every room; returns (room, token) pairs.
 
     The pairs are ordered so that consecutive requests hit different rooms and users.
@@ -86,7 +87,7 @@ def set_up(hs: Any, users: int, rooms: int) -> List[Tuple[str, str]]:
     log(f"joining {len(pairs)} (user, room) pairs")
     started = time.monotonic()
 
-    def join(pair: Tuple[str, str]) -> None:
+    def join(pair: tuple[str, str]) -> None:
         room_id, token = pair
         resp = hs.client("POST", f"/_matrix/client/v3/join/{quote_room(room_id)}", {}, token=token)
         if resp.status != 200:
@@ -98,11 +99,11 @@ def set_up(hs: Any, users: int, rooms: int) -> List[Tuple[str, str]]:
 
 
 def measure(
-    servers: Dict[str, Tuple[Any, int]],
+    servers: dict[str, tuple[Any, int]],
     action: str,
-    pairs: Dict[str, List[Tuple[str, str]]],
-    plan: Dict[int, Tuple[int, int]],
-) -> Tuple[Dict[str, Any], Dict[str, List[Tuple[str, str]]]]:
+    pairs: dict[str, list[tuple[str, str]]],
+    plan: dict[int, tuple[int, int]],
+) -> tuple[dict[str, Any], dict[str, list[tuple[str, str]]]]:
     """Run the plan for one action; returns results and each side's pairs used, in order.
 
     Args:
@@ -110,9 +111,9 @@ def measure(
         pairs: side -> that Synapse's (room, token) pairs.
     """
     cursors = {side: 0 for side in servers}
-    used: Dict[str, List[Tuple[str, str]]] = {side: [] for side in servers}
+    used: dict[str, list[tuple[str, str]]] = {side: [] for side in servers}
 
-    def take(side: str, n: int) -> List[Tuple[str, str]]:
+    def take(side: str, n: int) -> list[tuple[str, str]]:
         chunk = pairs[side][cursors[side] : cursors[side] + n]
         cursors[side] += n
         if len(chunk) < n:
@@ -125,12 +126,12 @@ def measure(
     for side in ("module", "native"):
         chunk = take(side, WARMUP)
         run_batch(pools[side], [(_path(r, action), t) for r, t in chunk], 8)
-    results: Dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for concurrency, (per_side, batch) in plan.items():
-        lat: Dict[str, List[float]] = {"module": [], "native": []}
-        wall: Dict[str, float] = {"module": 0.0, "native": 0.0}
-        statuses: Dict[str, Dict[int, int]] = {"module": {}, "native": {}}
-        txns: Dict[str, Dict[str, Dict[str, float]]] = {"module": {}, "native": {}}
+        lat: dict[str, list[float]] = {"module": [], "native": []}
+        wall: dict[str, float] = {"module": 0.0, "native": 0.0}
+        statuses: dict[str, dict[int, int]] = {"module": {}, "native": {}}
+        txns: dict[str, dict[str, dict[str, float]]] = {"module": {}, "native": {}}
         rounds = per_side // batch
         for i in range(rounds):
             order = ("module", "native") if i % 2 == 0 else ("native", "module")
@@ -150,7 +151,7 @@ def measure(
                     acc = txns[side].setdefault(desc, {"count": 0.0, "total_ms": 0.0})
                     acc["count"] += d["count"]
                     acc["total_ms"] += d["total_ms"]
-        row: Dict[str, Any] = {"concurrency": concurrency}
+        row: dict[str, Any] = {"concurrency": concurrency}
         for side in ("module", "native"):
             n = len(lat[side])
             row[side] = {
@@ -188,7 +189,7 @@ def measure(
     return results, used
 
 
-def seal_cost(hs: Any, n: int = 2000) -> Dict[str, float]:
+def seal_cost(hs: Any, n: int = 2000) -> dict[str, float]:
     """The cost of sealing one entry (canonical JSON, SHA-256, ed25519), in process."""
     from signedjson.key import read_signing_keys
 
@@ -216,7 +217,7 @@ def seal_cost(hs: Any, n: int = 2000) -> Dict[str, float]:
     return {"seal_entry_us": round((time.perf_counter() - started) / n * 1e6, 1)}
 
 
-def run(database: str, quick: bool) -> Dict[str, Any]:
+def run(database: str, quick: bool) -> dict[str, Any]:
     plan = PLANS["quick" if quick else "full"]
     need = 2 * (WARMUP + sum(n for n, _ in plan.values()))
     users = 24 if quick else 48
@@ -235,7 +236,7 @@ def run(database: str, quick: bool) -> Dict[str, Any]:
         leave, used = measure(servers, "leave", pairs, plan)
         # Forget the pairs just left, in the same order: identical work per side.
         forget, _ = measure(servers, "forget", used, plan)
-        result: Dict[str, Any] = {
+        result: dict[str, Any] = {
             "database": database,
             "mode": "quick" if quick else "full",
             "users": users,
@@ -250,7 +251,7 @@ def run(database: str, quick: bool) -> Dict[str, Any]:
         native.cleanup()
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
+def report(results: Sequence[dict[str, Any]]) -> str:
     lines = []
     for res in results:
         for action in ("leave", "forget"):
@@ -312,9 +313,9 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The headline numbers as one JSON object (the full record is in the JSON file)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for res in results:
         for action in ("leave", "forget"):
             for c, row in res[action].items():

@@ -36,7 +36,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import attr
 
@@ -69,7 +70,7 @@ DRAIN_TIMEOUT_S = 1800.0
 # -- database --------------------------------------------------------------------
 
 
-def _query(hs: SynapseProcess, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+def _query(hs: SynapseProcess, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     if hs.pg_database is None:
         conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=60)
         try:
@@ -90,10 +91,10 @@ def _query(hs: SynapseProcess, sql: str, args: Sequence[Any] = ()) -> List[Tuple
         conn_pg.close()
 
 
-def space(hs: SynapseProcess, live_room: str) -> Dict[str, Any]:
+def space(hs: SynapseProcess, live_room: str) -> dict[str, Any]:
     """Rows of the biggest per-room tables outside the live user's room, and
     the database's size (Synapse stopped)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for table_name in ("events", "event_json", "state_groups_state", "rooms"):
         out[table_name] = int(
             _query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[0][0]
@@ -124,7 +125,7 @@ class Conn:
         self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
-    def call(self, method: str, path: str, token: str, body: Any = None) -> Tuple[int, Any]:
+    def call(self, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Authorization": f"Bearer {token}"}
         if payload is not None:
@@ -150,10 +151,10 @@ class LiveUser(threading.Thread):
         self.conn = Conn(hs.client_port)
         self.user = user
         self.room_id = room_id
-        self.samples: List[Tuple[float, str, float]] = []  # (monotonic, kind, seconds)
+        self.samples: list[tuple[float, str, float]] = []  # (monotonic, kind, seconds)
         self.stop_event = threading.Event()
         self.errors = 0
-        self._since: Optional[str] = None
+        self._since: str | None = None
         self._txn = 0
 
     def _sync(self) -> None:
@@ -189,11 +190,11 @@ class LiveUser(threading.Thread):
             next_at += LIVE_EVERY_S
             self.stop_event.wait(max(0.0, next_at - time.monotonic()))
 
-    def window(self, kind: str, start: float, end: float) -> List[float]:
+    def window(self, kind: str, start: float, end: float) -> list[float]:
         return [s for t, k, s in self.samples if k == kind and start <= t <= end]
 
 
-def latency(values: Sequence[float]) -> Dict[str, float]:
+def latency(values: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(values),
         "p50_ms": ms(percentile(values, 50)),
@@ -205,7 +206,7 @@ def latency(values: Sequence[float]) -> Dict[str, float]:
 # -- one run -------------------------------------------------------------------------
 
 
-def seed_room(args: Tuple[SynapseProcess, User, int]) -> str:
+def seed_room(args: tuple[SynapseProcess, User, int]) -> str:
     hs, user, index = args
     state = [
         {
@@ -237,8 +238,8 @@ class Seeded:
 
     hs: SynapseProcess
     admin: User
-    owners: List[User]
-    rooms: List[str]
+    owners: list[User]
+    rooms: list[str]
     live_user: User
     live_room: str
 
@@ -263,7 +264,7 @@ def seed(database: str, n: int) -> Seeded:
 
 
 def copy_of(
-    seeded: Seeded, module_config: Optional[Dict[str, Any]], extra: Dict[str, Any]
+    seeded: Seeded, module_config: dict[str, Any] | None, extra: dict[str, Any]
 ) -> SynapseProcess:
     """A new Synapse (own workdir, ports and config) on a copy of the seeded database."""
     workdir = tempfile.mkdtemp(prefix="mlf-storm-")
@@ -287,8 +288,8 @@ def run(
     seeded: Seeded,
     side: str,
     idle_s: float,
-    module_retention: Dict[str, Any],
-) -> Dict[str, Any]:
+    module_retention: dict[str, Any],
+) -> dict[str, Any]:
     database, n = seeded.hs.database, len(seeded.rooms)
     if side == "native":
         hs = copy_of(seeded, None, {"forgotten_room_retention_period": f"{int(PERIOD_S)}s"})
@@ -333,7 +334,7 @@ def run(
         due = last_forget + PERIOD_S
         took = last_forget - storm_start
         log(f"{database} {side} N={n}: {n} rooms left and forgotten in {took:.1f}s")
-        first_gone: Optional[float] = None
+        first_gone: float | None = None
         remaining = n
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while remaining > 0 and time.monotonic() < deadline:
@@ -367,7 +368,7 @@ def run(
         ).get("count", 0.0)
         module_total = sum(v["count"] for v in module_txns.values())
         during_start = first_gone or drained
-        result: Dict[str, Any] = {
+        result: dict[str, Any] = {
             "database": database,
             "side": side,
             "rooms": n,
@@ -414,9 +415,9 @@ def run(
         hs.cleanup()
 
 
-def purge_task_seconds(hs: SynapseProcess) -> Dict[str, float]:
+def purge_task_seconds(hs: SynapseProcess) -> dict[str, float]:
     """The module's purge durations (request to seen gone): count and mean."""
-    values: Dict[str, float] = {}
+    values: dict[str, float] = {}
     for line in hs.metrics().splitlines():
         for kind in ("count", "sum"):
             if line.startswith(f"synapse_leave_forget_purge_task_seconds_{kind}{{"):
@@ -425,12 +426,12 @@ def purge_task_seconds(hs: SynapseProcess) -> Dict[str, float]:
     return {"count": count, "mean_s": round(values.get("sum", 0.0) / count, 3) if count else 0.0}
 
 
-def _lat(d: Dict[str, float], with_max: bool = False) -> str:
+def _lat(d: dict[str, float], with_max: bool = False) -> str:
     out = f"{d['p50_ms']:.0f} / {d['p95_ms']:.0f}"
     return out + (f" / {d['max_ms']:.0f}" if with_max else "")
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
+def report(results: Sequence[dict[str, Any]]) -> str:
     rows = []
     for r in results:
         i, d = r["idle"], r["during"]
@@ -480,7 +481,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 50 only, shorter idle phase")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
@@ -509,8 +510,8 @@ def run_all(
     sizes: Sequence[int],
     sides: Sequence[str],
     idle_s: float,
-    module_retention: Optional[Dict[str, Any]] = None,
-) -> List[Dict[str, Any]]:
+    module_retention: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     results = []
     for database in databases:
         for n in sizes:

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,8 +70,8 @@ def wait_quiet(hs: SynapseProcess, timeout: float = 600.0) -> float:
 
 
 def queries(
-    hs: SynapseProcess, sink_info: Dict[str, Any], n_audit: int, base_ts: int, step_ms: int
-) -> List[Tuple[str, str]]:
+    hs: SynapseProcess, sink_info: dict[str, Any], n_audit: int, base_ts: int, step_ms: int
+) -> list[tuple[str, str]]:
     """The (name, path) of each timed admin query."""
     samples = sink_info["samples"]
     mid_room = sink_info["mid_room"]
@@ -101,10 +102,10 @@ def queries(
     ]
 
 
-def time_query(hs: SynapseProcess, token: str, path: str, runs: int) -> Dict[str, Any]:
+def time_query(hs: SynapseProcess, token: str, path: str, runs: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", hs.client_port, timeout=300)
     headers = {"Authorization": f"Bearer {token}"}
-    times: List[float] = []
+    times: list[float] = []
     before = synapse_metrics(hs)
     size = 0
     status = 0
@@ -139,7 +140,7 @@ def time_query(hs: SynapseProcess, token: str, path: str, runs: int) -> Dict[str
     }
 
 
-def time_verify(hs: SynapseProcess) -> Dict[str, Any]:
+def time_verify(hs: SynapseProcess) -> dict[str, Any]:
     # This checkout's CLI, as the benchmarked Synapse runs this checkout's
     # module: an installed console script may be an older build.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,8 +175,8 @@ def run(
     databases: Sequence[str],
     sizes: Sequence[int],
     runs: int,
-    verify_max: Optional[Dict[str, int]] = None,
-) -> List[Dict[str, Any]]:
+    verify_max: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
     """Seed, then time every query (and verify) at each size on each engine.
 
     Args:
@@ -186,8 +187,8 @@ def run(
     now = int(time.time() * 1000)
     step_ms = 1000
     base_ts = now - max(sizes) * step_ms - 3600_000
-    prepared: List[Tuple[str, int, SynapseProcess, Any, Dict[str, Any]]] = []
-    results: List[Dict[str, Any]] = []
+    prepared: list[tuple[str, int, SynapseProcess, Any, dict[str, Any]]] = []
+    results: list[dict[str, Any]] = []
     try:
         for db in databases:
             for n in sizes:
@@ -226,7 +227,7 @@ def run(
             hs.start(timeout=300)
             quiet = wait_quiet(hs)
             log(f"{db} {n}: start-up work done after {quiet:.1f}s; timing queries")
-            timings: Dict[str, Any] = {}
+            timings: dict[str, Any] = {}
             for name, path in queries(hs, info, n, base_ts, step_ms):
                 timings[name] = time_query(hs, admin.access_token, path, runs)
             hs.stop()
@@ -259,7 +260,7 @@ def run(
     return results
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
+def report(results: Sequence[dict[str, Any]]) -> str:
     out = []
     for db in sorted({r["database"] for r in results}, reverse=True):
         rows_db = [r for r in results if r["database"] == db]
@@ -268,7 +269,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
         header = ["query"] + [f"{s:.0e} ms (db ms)".replace("+0", "") for s in sizes] + ["rows"]
         rows = []
         for name in names:
-            cells: List[Any] = [name]
+            cells: list[Any] = [name]
             for r in rows_db:
                 t = r["queries"][name]
                 cell = f"{t['median_ms']:.1f} ({t['db_ms']:.1f})"
@@ -303,7 +304,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="sizes 10^4 and 10^5 only, fewer runs")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")

@@ -45,7 +45,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,10 +87,10 @@ class Side:
     def __init__(self, name: str, hs: SynapseProcess) -> None:
         self.name = name
         self.hs = hs
-        self.users: Dict[str, User] = {}
-        self.rooms: List[str] = []
-        self.events: List[Tuple[str, str]] = []  # (room, event id) the users can read
-        self.tokens: Dict[str, str] = {}
+        self.users: dict[str, User] = {}
+        self.rooms: list[str] = []
+        self.events: list[tuple[str, str]] = []  # (room, event id) the users can read
+        self.tokens: dict[str, str] = {}
 
     def ok(self, resp: Any, what: str) -> Any:
         if resp.status != 200:
@@ -114,7 +115,7 @@ class Side:
         plain, forgetful = hs.register("plain"), hs.register("forgetful")
         self.users = {"plain": plain, "forgetful": forgetful}
 
-        def shared_room(_: int) -> Tuple[str, List[str]]:
+        def shared_room(_: int) -> tuple[str, list[str]]:
             room = hs.create_room(owner, preset="public_chat")
             for user in (plain, forgetful):
                 self.ok(hs.membership(user, room, "join"), "join")
@@ -152,7 +153,7 @@ class Side:
         """The i-th request of a read for a user (reads rotate over rooms and events)."""
         room, event = self.events[i % len(self.events)]
         if read.startswith("sync"):
-            params: Dict[str, Any] = {
+            params: dict[str, Any] = {
                 "timeout": 0,
                 "filter": json.dumps({"account_data": {"limit": 1000 + next(_filter_seq)}}),
             }
@@ -170,11 +171,11 @@ class Side:
 
 
 def run_gets(
-    pool: KeepAlivePool, jobs: Sequence[Tuple[str, str]], concurrency: int
-) -> Tuple[List[float], float, Dict[int, int]]:
+    pool: KeepAlivePool, jobs: Sequence[tuple[str, str]], concurrency: int
+) -> tuple[list[float], float, dict[int, int]]:
     """GET each (path, token), ``concurrency`` at a time; latencies, wall time, statuses."""
-    latencies: List[float] = []
-    statuses: Dict[int, int] = {}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
     lock = threading.Lock()
     index = [0]
 
@@ -213,11 +214,11 @@ def run_gets(
 
 
 def measure(
-    sides: Dict[str, Side], read: str, user: str, plan: Dict[int, Tuple[int, int]]
-) -> Dict[str, Any]:
+    sides: dict[str, Side], read: str, user: str, plan: dict[int, tuple[int, int]]
+) -> dict[str, Any]:
     counter = {name: itertools.count() for name in sides}
 
-    def jobs(name: str, n: int) -> List[Tuple[str, str]]:
+    def jobs(name: str, n: int) -> list[tuple[str, str]]:
         side = sides[name]
         token = side.users[user].access_token
         return [(side.path(read, user, next(counter[name])), token) for _ in range(n)]
@@ -226,11 +227,11 @@ def measure(
     try:
         for name in sides:
             run_gets(pools[name], jobs(name, WARMUP), 8)
-        results: Dict[str, Any] = {}
+        results: dict[str, Any] = {}
         for concurrency, (per_side, batch) in plan.items():
-            lat: Dict[str, List[float]] = {n: [] for n in sides}
+            lat: dict[str, list[float]] = {n: [] for n in sides}
             wall = {n: 0.0 for n in sides}
-            statuses: Dict[str, Dict[int, int]] = {n: {} for n in sides}
+            statuses: dict[str, dict[int, int]] = {n: {} for n in sides}
             for i in range(per_side // batch):
                 for name in ("module", "native") if i % 2 == 0 else ("native", "module"):
                     latencies, elapsed, status = run_gets(
@@ -240,7 +241,7 @@ def measure(
                     wall[name] += elapsed
                     for code, k in status.items():
                         statuses[name][code] = statuses[name].get(code, 0) + k
-            row: Dict[str, Any] = {}
+            row: dict[str, Any] = {}
             for name in sides:
                 row[name] = {
                     "requests": len(lat[name]),
@@ -276,7 +277,7 @@ def start(module_config: Any, database: str) -> SynapseProcess:
     return hs
 
 
-MODULE_SIDES: Dict[str, Any] = {
+MODULE_SIDES: dict[str, Any] = {
     "module": {"mount": "intercept", "forget_rate_limit": None},
     "guard-off": {"mount": "intercept", "forget_rate_limit": None, "history_guard": False},
     "native": None,
@@ -285,7 +286,7 @@ MODULE_SIDES: Dict[str, Any] = {
 
 def run(
     database: str, quick: bool, reads: Sequence[str] = READS, module_side: str = "module"
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     plan = PLANS["quick" if quick else "full"]
     module_hs = start(MODULE_SIDES[module_side], database)
     native_hs = None
@@ -295,7 +296,7 @@ def run(
         for side in sides.values():
             log(f"{database}: building {side.name} ({ROOMS} rooms, {FORGOTTEN} forgotten)")
             side.build(FORGOTTEN)
-        results: Dict[str, Any] = {}
+        results: dict[str, Any] = {}
         for read in reads:
             for user in USERS:
                 results[f"{read}.{user}"] = measure(sides, read, user, plan)
@@ -314,8 +315,8 @@ def run(
             native_hs.cleanup()
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
-    lines: List[str] = []
+def report(results: Sequence[dict[str, Any]]) -> str:
+    lines: list[str] = []
     for res in results:
         rows = []
         for key, by_c in res["reads"].items():
@@ -362,7 +363,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary(res: Dict[str, Any]) -> str:
+def summary(res: dict[str, Any]) -> str:
     """Per user: the geometric mean and range of the p50 and throughput ratios over all cells.
 
     Single cells of fast reads stray by several per cent even between two identical

@@ -14,7 +14,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +23,7 @@ from bench import endpoints, purge_storm, queries, reads, sweep  # noqa: E402
 from bench.common import RESULTS_DIR, log, machine, write_json  # noqa: E402
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
@@ -33,8 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dbs = ("sqlite", "postgres") if args.database == "both" else (args.database,)
     only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm", "reads"))
     started = time.monotonic()
-    report: List[str] = []
-    data: Dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    report: list[str] = []
+    data: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     if "endpoints" in only:
         ep_dbs = ("sqlite",) if args.quick and args.database == "both" else dbs
         results = [endpoints.run(db, args.quick) for db in ep_dbs]

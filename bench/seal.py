@@ -24,7 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,7 +54,7 @@ class Sink:
                 self.conn.execute(statement)
         self.conn.commit()
 
-    def insert(self, entries: List[Dict[str, Any]], columns: Sequence[str]) -> None:
+    def insert(self, entries: list[dict[str, Any]], columns: Sequence[str]) -> None:
         self.conn.executemany(
             f"INSERT INTO leave_forget_audit ({', '.join(columns)}) "
             f"VALUES ({', '.join('?' for _ in columns)})",
@@ -72,7 +73,7 @@ class Sink:
         self.conn.commit()
 
 
-def fields(i: int) -> Dict[str, Any]:
+def fields(i: int) -> dict[str, Any]:
     return {
         "ts": 1_700_000_000_000 + i,
         "origin": ORIGIN,
@@ -87,7 +88,7 @@ def fields(i: int) -> Dict[str, Any]:
     }
 
 
-def per_entry(n: int, group: int, key: Any, sink: Optional[Sink]) -> float:
+def per_entry(n: int, group: int, key: Any, sink: Sink | None) -> float:
     """The first format, as the module wrote it before: every entry signed."""
     if sink is not None:
         sink.reset()
@@ -104,7 +105,7 @@ def per_entry(n: int, group: int, key: Any, sink: Optional[Sink]) -> float:
     return time.perf_counter() - started
 
 
-def per_group(n: int, group: int, key: Any, sink: Optional[Sink]) -> float:
+def per_group(n: int, group: int, key: Any, sink: Sink | None) -> float:
     """Format 2: one signature per group."""
     if sink is not None:
         sink.reset()
@@ -122,7 +123,7 @@ def per_group(n: int, group: int, key: Any, sink: Optional[Sink]) -> float:
     return time.perf_counter() - started
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--group", type=int, default=1000)
@@ -130,8 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sqlite", action="store_true", help="also insert into SQLite")
     args = parser.parse_args(argv)
     key = generate_signing_key("bench")
-    old: List[float] = []
-    new: List[float] = []
+    old: list[float] = []
+    new: list[float] = []
     with tempfile.TemporaryDirectory() as directory:
         sinks = (
             (Sink(directory, "old.db"), Sink(directory, "new.db")) if args.sqlite else (None, None)

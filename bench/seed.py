@@ -20,7 +20,8 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from bench.common import SERVER_NAME, SynapseProcess, User, log, pg_connect_args
 from matrix_leave_forget.audit.entry import GENESIS_HASH, seal_entry
@@ -56,7 +57,7 @@ def user_id(j: int) -> str:
     return f"@u{j}:{SERVER_NAME}"
 
 
-def members_of(i: int, n_users: int) -> List[int]:
+def members_of(i: int, n_users: int) -> list[int]:
     """1 to 4 local members (2.5 on average), distinct users."""
     count = 1 + (i * 7919) % 4
     return [(i * 31 + k * 104729) % n_users for k in range(count)]
@@ -94,7 +95,7 @@ class Sink:
             for name, _ in self._triggers:
                 self.conn.execute(f"DROP TRIGGER {name}")
 
-    def insert(self, table: str, columns: Sequence[str], rows: List[Sequence[Any]]) -> None:
+    def insert(self, table: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
         if not rows:
             return
         cur = self.conn.cursor()
@@ -111,7 +112,7 @@ class Sink:
                 rows,
             )
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cur = self.conn.cursor()
         cur.execute(sql.replace("?", "%s") if self.is_pg else sql, args)
         try:
@@ -162,16 +163,16 @@ def signing_key() -> Any:
 
 def fresh_synapse(
     database: str,
-    module_config: Optional[Dict[str, Any]] = None,
-    extra_modules: Sequence[Dict[str, Any]] = (),
-) -> Tuple[SynapseProcess, User]:
+    module_config: dict[str, Any] | None = None,
+    extra_modules: Sequence[dict[str, Any]] = (),
+) -> tuple[SynapseProcess, User]:
     """A Synapse whose schema exists, with an admin user, stopped, using the bench key."""
     workdir = tempfile.mkdtemp(prefix="mlf-bench-")
     shutil.copy(bench_key_dir(), os.path.join(workdir, "signing.key"))
     config = {"mount": "listener", "forget_rate_limit": None, **(module_config or {})}
     # A fresh database has Synapse's own background updates to run; run them
     # now, flat out, so that they are done before anything is measured.
-    extra: Dict[str, Any] = {
+    extra: dict[str, Any] = {
         "background_updates": {
             "sleep_enabled": False,
             "min_batch_size": 1000,
@@ -218,7 +219,7 @@ def fresh_synapse(
 
 def audit_chain(
     n: int, n_rooms: int, n_users: int, base_ts: int, step_ms: int
-) -> Iterator[Tuple[Any, ...]]:
+) -> Iterator[tuple[Any, ...]]:
     """n sealed audit rows (in AUDIT_COLUMNS order), a valid chain from seq 1."""
     key = signing_key()
     prev = GENESIS_HASH
@@ -264,11 +265,11 @@ def audit_chain(
 
 
 def seed_audit(
-    sinks: Sequence[Tuple[Sink, int]], n_rooms: int, n_users: int, base_ts: int, step_ms: int
+    sinks: Sequence[tuple[Sink, int]], n_rooms: int, n_users: int, base_ts: int, step_ms: int
 ) -> None:
     """Write one chain into several sinks, each getting its first ``limit`` entries."""
     total = max(limit for _, limit in sinks)
-    batch: List[Tuple[Any, ...]] = []
+    batch: list[tuple[Any, ...]] = []
     started = time.monotonic()
     done = 0
     for row in audit_chain(total, n_rooms, n_users, base_ts, step_ms):
@@ -282,7 +283,7 @@ def seed_audit(
 
 
 def _flush_audit(
-    sinks: Sequence[Tuple[Sink, int]], batch: List[Tuple[Any, ...]], offset: int
+    sinks: Sequence[tuple[Sink, int]], batch: list[tuple[Any, ...]], offset: int
 ) -> None:
     for sink, limit in sinks:
         rows = batch[: max(0, limit - offset)]
@@ -292,7 +293,7 @@ def _flush_audit(
 # -- memberships -------------------------------------------------------------------
 
 
-def layout(n_members: int) -> Tuple[int, int]:
+def layout(n_members: int) -> tuple[int, int]:
     """(rooms, users) for about n_members local membership rows."""
     # 2.5 local members per room on average; purged and purging rooms (15%) have none.
     return int(n_members / 2.5 / 0.85), max(50, n_members // 20)
@@ -303,11 +304,11 @@ class SeedRows:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.rooms: List[Tuple[Any, ...]] = []
-        self.lcm: List[Tuple[Any, ...]] = []
-        self.rm: List[Tuple[Any, ...]] = []
-        self.retention: List[Tuple[Any, ...]] = []
-        self.holds: List[Tuple[Any, ...]] = []
+        self.rooms: list[tuple[Any, ...]] = []
+        self.lcm: list[tuple[Any, ...]] = []
+        self.rm: list[tuple[Any, ...]] = []
+        self.retention: list[tuple[Any, ...]] = []
+        self.holds: list[tuple[Any, ...]] = []
 
     def flush_if_full(self) -> None:
         if len(self.lcm) >= 50000:
@@ -350,7 +351,7 @@ class SeedRows:
             rows.clear()
 
 
-def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
+def seed_memberships(sink: Sink, n_members: int, now: int) -> dict[str, Any]:
     """About n_members local membership rows over n_members / 2.5 rooms, of every kind.
 
     Returns:
@@ -358,8 +359,8 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
     """
     n_rooms, n_users = layout(n_members)
     rows = SeedRows(sink)
-    samples: Dict[str, List[str]] = {}
-    counts: Dict[str, int] = {}
+    samples: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
 
     for i in range(n_rooms):
         kind = KIND_BY_MOD20[i % 20]
@@ -462,8 +463,8 @@ def seed_memberships(sink: Sink, n_members: int, now: int) -> Dict[str, Any]:
     }
 
 
-def iter_chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
-    chunk: List[Any] = []
+def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
     for item in items:
         chunk.append(item)
         if len(chunk) >= size:
@@ -473,7 +474,7 @@ def iter_chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
         yield chunk
 
 
-def seed_sweep(sink: Sink, n: int, now: int) -> Dict[str, int]:
+def seed_sweep(sink: Sink, n: int, now: int) -> dict[str, int]:
     """n rooms due for purge (forgotten by both local members), and n more not yet due.
 
     Of the due rooms, 1 % are held through the admin API, 1 % have a member who

@@ -20,7 +20,8 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,17 +33,17 @@ _CATCH_UP = re.compile(
 )
 
 
-def catch_ups(hs: Any) -> List[Dict[str, float]]:
+def catch_ups(hs: Any) -> list[dict[str, float]]:
     return [
         {"read": int(m.group(1)), "position": int(m.group(2)), "ms": float(m.group(3))}
         for m in _CATCH_UP.finditer(hs.log_text())
     ]
 
 
-def start_and_time(hs: Any, admin: Any) -> Dict[str, Any]:
+def start_and_time(hs: Any, admin: Any) -> dict[str, Any]:
     """Start hs; time client requests made while the module starts up."""
     before = len(catch_ups(hs))
-    latencies: List[float] = []
+    latencies: list[float] = []
     stop = threading.Event()
 
     def probe() -> None:
@@ -79,7 +80,7 @@ def start_and_time(hs: Any, admin: Any) -> Dict[str, Any]:
     }
 
 
-def run(database: str, n: int, departures: int) -> Dict[str, Any]:
+def run(database: str, n: int, departures: int) -> dict[str, Any]:
     hs, admin = fresh_synapse(database)
     try:
         sink = Sink(hs)
@@ -115,7 +116,7 @@ def run(database: str, n: int, departures: int) -> Dict[str, Any]:
         hs.cleanup()
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
+def report(results: Sequence[dict[str, Any]]) -> str:
     rows = []
     for r in results:
         for label, key in (
@@ -148,7 +149,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10^5 memberships")
     parser.add_argument("--database", default="sqlite", choices=("sqlite", "postgres", "both"))

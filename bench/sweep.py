@@ -20,7 +20,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,8 +49,8 @@ PUMP_WATCH_S = 20.0
 
 
 def _seeded_synapse(
-    database: str, retention: Dict[str, Any], n: int
-) -> Tuple[SynapseProcess, Dict[str, int]]:
+    database: str, retention: dict[str, Any], n: int
+) -> tuple[SynapseProcess, dict[str, int]]:
     """A fresh Synapse with the sweep hook, seeded with n due rooms, started and quiet.
 
     The caller cleans it up (``hs.cleanup()``), also when this raises.
@@ -70,16 +71,16 @@ def _seeded_synapse(
     return hs, seeded
 
 
-def _sweep(hs: SynapseProcess, passes: int, timeout: float) -> List[Dict[str, Any]]:
+def _sweep(hs: SynapseProcess, passes: int, timeout: float) -> list[dict[str, Any]]:
     """Run the sweeper's sweep() through the hook, up to ``passes`` times."""
     resp = request(hs.client_port, "POST", f"/_bench/sweep?passes={passes}", {}, timeout=timeout)
     if resp.status != 200:
         raise RuntimeError(f"sweep hook failed: {resp.status} {resp.raw[:300]!r}")
-    result: List[Dict[str, Any]] = resp.body["passes"]
+    result: list[dict[str, Any]] = resp.body["passes"]
     return result
 
 
-def run_real(database: str, n: int) -> Dict[str, Any]:
+def run_real(database: str, n: int) -> dict[str, Any]:
     """Time one real-mode sweep over n due rooms, then the pump's decisions."""
     hs, seeded = _seeded_synapse(database, RETENTION_REAL, n)
     try:
@@ -113,7 +114,7 @@ def run_real(database: str, n: int) -> Dict[str, Any]:
         hs.cleanup()
 
 
-def run(database: str, n: int, max_passes: int) -> Dict[str, Any]:
+def run(database: str, n: int, max_passes: int) -> dict[str, Any]:
     hs, seeded = _seeded_synapse(database, RETENTION, n)
     try:
         passes = _sweep(hs, max_passes, 3600)
@@ -145,10 +146,10 @@ def run(database: str, n: int, max_passes: int) -> Dict[str, Any]:
         hs.cleanup()
 
 
-def report(results: Sequence[Dict[str, Any]]) -> str:
+def report(results: Sequence[dict[str, Any]]) -> str:
     rows = []
     for r in results:
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for p in r["passes"]:
             for k, v in p["counts"].items():
                 counts[k] = counts.get(k, 0) + v
@@ -194,7 +195,7 @@ def report(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10^4 rooms instead of 10^5")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")

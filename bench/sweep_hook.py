@@ -7,11 +7,11 @@ answers with each pass's wall time and outcome counts.
 """
 
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 from synapse.module_api import DirectServeJsonResource, ModuleApi
 
-_INSTANCES: List[Any] = []
+_INSTANCES: list[Any] = []
 
 
 class SweepHook:
@@ -43,10 +43,10 @@ def _sweeper() -> Any:
 class _SweepResource(DirectServeJsonResource):
     isLeaf = True
 
-    async def _async_render_POST(self, request: Any) -> Tuple[int, Dict[str, Any]]:
+    async def _async_render_POST(self, request: Any) -> tuple[int, dict[str, Any]]:
         passes = int(request.args.get(b"passes", [b"1"])[0])
         sweeper = _sweeper()
-        out: List[Dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         for _ in range(passes):
             started = time.perf_counter()
             counts = await sweeper.sweep()

@@ -8,7 +8,7 @@ Load it in ``homeserver.yaml``::
 """
 
 import logging
-from typing import Any, List, Optional
+from typing import Any
 
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
@@ -102,8 +102,8 @@ class LeaveForgetModule:
 
         servlet = LeaveForgetServlet(api, self.handler, self._internals, self._ready.wait)
         self._servlet = servlet
-        self._intercept: Optional[InterceptingMatrixResource] = None
-        self._history_guard: Optional[HistoryGuard] = None
+        self._intercept: InterceptingMatrixResource | None = None
+        self._history_guard: HistoryGuard | None = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
             # Synapse serves forget on the main process only; a worker hears of one late.
             lookup = DepartureLookup(
@@ -211,7 +211,7 @@ class LeaveForgetModule:
                 "to it (docs/mounting.md)"
             )
 
-    def _check_intercept(self, intercept: InterceptingMatrixResource) -> List[str]:
+    def _check_intercept(self, intercept: InterceptingMatrixResource) -> list[str]:
         roots = self._internals.listener_roots()
         problems = intercept.install(roots)
         intercepted = 0
@@ -234,7 +234,7 @@ class _StartupGate:
 
     def __init__(self) -> None:
         self._open = False
-        self._waiters: List[defer.Deferred[None]] = []
+        self._waiters: list[defer.Deferred[None]] = []
 
     def open(self) -> None:
         self._open = True

@@ -7,7 +7,8 @@ so that a typo stops Synapse at start-up instead of silently doing nothing.
 
 import math
 import re
-from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attr
 from synapse.module_api.errors import ConfigError
@@ -61,9 +62,9 @@ class RetentionConfig:
             start (see pacing.PurgePacer).
     """
 
-    period_ms: Optional[int] = None
+    period_ms: int | None = None
     dry_run: bool = False
-    holds: FrozenSet[str] = frozenset()
+    holds: frozenset[str] = frozenset()
     sweep_interval_ms: int = 60 * 1000
     max_concurrent_purges: int = 3
     # Measured (docs/benchmarks.md §5): on PostgreSQL 0.3 keeps live send and
@@ -90,8 +91,8 @@ class AuditConfig:
     """
 
     refusal_budget: RateLimitConfig = DEFAULT_REFUSAL_BUDGET
-    checkpoint_room: Optional[str] = None
-    checkpoint_sender: Optional[str] = None
+    checkpoint_room: str | None = None
+    checkpoint_sender: str | None = None
     checkpoint_interval_ms: int = 60 * 60 * 1000
 
 
@@ -111,7 +112,7 @@ class LeaveForgetConfig:
     """
 
     mount: str = MOUNT_INTERCEPT
-    forget_rate_limit: Optional[RateLimitConfig] = None
+    forget_rate_limit: RateLimitConfig | None = None
     audit_failures: bool = True
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
@@ -131,11 +132,11 @@ def _check_keys(section: Mapping[Any, Any], allowed: Iterable[str], path: str) -
         )
 
 
-def _path(path: str, key: str) -> Tuple[str, ...]:
+def _path(path: str, key: str) -> tuple[str, ...]:
     return tuple(p for p in (path, key) if p)
 
 
-def _mapping(value: Any, path: Tuple[str, ...]) -> Dict[str, Any]:
+def _mapping(value: Any, path: tuple[str, ...]) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -150,7 +151,7 @@ def _bool(section: Mapping[str, Any], key: str, default: bool, path: str) -> boo
     return value
 
 
-def parse_duration_ms(value: Any, path: Tuple[str, ...]) -> int:
+def parse_duration_ms(value: Any, path: tuple[str, ...]) -> int:
     """Parse a duration the way Synapse does: an int of milliseconds or "10s", "7d"…
 
     Args:
@@ -187,7 +188,7 @@ def is_valid_room_id(room_id: str) -> bool:
     return size <= 255 and bool(_ROOM_ID_RE.fullmatch(room_id))
 
 
-def _parse_rate_limit(value: Any, path: str) -> Optional[RateLimitConfig]:
+def _parse_rate_limit(value: Any, path: str) -> RateLimitConfig | None:
     if value is None:
         return None
     section = _mapping(value, (path,))

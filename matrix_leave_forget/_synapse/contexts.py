@@ -2,7 +2,8 @@
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, List, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 # Why: the audit log's group commit wakes callers that wait in other requests'
 # logcontexts; Synapse's rules say to fire their deferreds in the sentinel
@@ -35,7 +36,7 @@ def run_in_background_process(
         run_as_background_process(desc, func)
 
 
-def wake(deferreds: "List[defer.Deferred[None]]") -> None:
+def wake(deferreds: "list[defer.Deferred[None]]") -> None:
     """Fire deferreds that other logcontexts wait on (through make_deferred_yieldable)."""
     with PreserveLoggingContext():
         for deferred in deferreds:
@@ -65,7 +66,7 @@ _ROOM_FORGETTER_PROCESS = "room_forgetter"
 _USER_PARTER_PROCESS = "user_parter_loop"
 
 
-def current_route() -> Tuple[Optional[str], Optional[str]]:
+def current_route() -> tuple[str | None, str | None]:
     """(method, path) of the client request this code runs for, and the background process.
 
     Returns:
@@ -88,7 +89,7 @@ def current_route() -> Tuple[Optional[str], Optional[str]]:
     return None, str(name) if name else None
 
 
-def current_requester() -> Optional[str]:
+def current_requester() -> str | None:
     """The user id that authenticated the request this code runs for, if any.
 
     Why: on_user_deactivation_status_changed says an admin deactivated the
@@ -116,13 +117,13 @@ def on_new_event_is_safe() -> bool:
     return match is None or (int(match.group(1)), int(match.group(2))) >= (1, 103)
 
 
-def in_background_process(name: Optional[str], process: str) -> bool:
+def in_background_process(name: str | None, process: str) -> bool:
     return name is not None and name.startswith(process)
 
 
-def in_room_forgetter(name: Optional[str]) -> bool:
+def in_room_forgetter(name: str | None) -> bool:
     return in_background_process(name, _ROOM_FORGETTER_PROCESS)
 
 
-def in_user_parter(name: Optional[str]) -> bool:
+def in_user_parter(name: str | None) -> bool:
     return in_background_process(name, _USER_PARTER_PROCESS)

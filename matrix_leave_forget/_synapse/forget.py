@@ -1,7 +1,8 @@
 """Synapse's forget rows and cache invalidations, inside the module's transactions."""
 
 import logging
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from synapse.module_api import LoggingTransaction
 
@@ -30,8 +31,8 @@ ForgetCallback = Callable[[str, str, bool], Awaitable[None]]
 def forget_rows_txn(
     store: Any,
     txn: LoggingTransaction,
-    pairs: Sequence[Tuple[str, str]],
-    together: Optional[StatementBatch] = None,
+    pairs: Sequence[tuple[str, str]],
+    together: StatementBatch | None = None,
 ) -> None:
     """Synapse's forget of each (user_id, room_id), inside the caller's transaction.
 
@@ -62,7 +63,7 @@ def forget_rows_txn(
         )
     if pairs:
         users = sorted({(user_id,) for user_id, _ in pairs})
-        invalidations: List[Tuple[Any, Sequence[Tuple[str, ...]]]] = [
+        invalidations: list[tuple[Any, Sequence[tuple[str, ...]]]] = [
             (store.did_forget, sorted(set(args))),
             (store.get_forgotten_rooms_for_user, users),
         ]
@@ -82,7 +83,7 @@ _CACHE_STREAM_INSERT = (
 def _invalidate_and_stream_txn(
     store: Any,
     txn: LoggingTransaction,
-    invalidations: Sequence[Tuple[Any, Sequence[Tuple[str, ...]]]],
+    invalidations: Sequence[tuple[Any, Sequence[tuple[str, ...]]]],
     batch: StatementBatch,
 ) -> None:
     """Synapse's ``_invalidate_cache_and_stream_bulk`` for several caches at once.

@@ -2,17 +2,9 @@
 
 import inspect
 import logging
-from typing import (
-    TYPE_CHECKING,
-    AbstractSet,
-    Any,
-    Awaitable,
-    Callable,
-    Dict,
-    Iterable,
-    Optional,
-    Tuple,
-)
+from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import ModuleApi
 
@@ -57,24 +49,24 @@ class HistoryInternals:
         rooms: AbstractSet[str] = await self._store.get_rooms_for_user(user_id)
         return rooms
 
-    def joined_rooms_now(self, user_id: str) -> Optional[AbstractSet[str]]:
+    def joined_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
         """joined_rooms if Synapse's cache holds the answer, without waiting; else None.
 
         Why: the guard's pre-check runs in ``request.finish``, synchronously;
         a cache hit there spares the request a trip through a new logcontext
         and the reactor (see history_guard.capture).
         """
-        rooms: Optional[AbstractSet[str]] = self._store.get_rooms_for_user.cache.get_immediate(
+        rooms: AbstractSet[str] | None = self._store.get_rooms_for_user.cache.get_immediate(
             user_id, None, update_metrics=False
         )
         return rooms
 
-    def forgotten_rooms_now(self, user_id: str) -> Optional[AbstractSet[str]]:
+    def forgotten_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
         """forgotten_rooms if Synapse's cache holds the answer, without waiting; else None.
 
         Why: as joined_rooms_now.
         """
-        rooms: Optional[AbstractSet[str]] = (
+        rooms: AbstractSet[str] | None = (
             self._store.get_forgotten_rooms_for_user.cache.get_immediate(
                 user_id, None, update_metrics=False
             )
@@ -102,9 +94,7 @@ class HistoryInternals:
         rooms: AbstractSet[str] = await self._forgotten_rooms_uncached(self._store, user_id)
         return rooms
 
-    async def local_membership(
-        self, user_id: str, room_id: str
-    ) -> Tuple[Optional[str], Optional[str]]:
+    async def local_membership(self, user_id: str, room_id: str) -> tuple[str | None, str | None]:
         """A local user's current membership in room_id and its event id (None, None if none).
 
         Why: ModuleApi has no single-row lookup of local_current_membership.
@@ -114,21 +104,21 @@ class HistoryInternals:
         )
         return membership, event_id
 
-    async def stream_orderings(self, event_ids: Iterable[str]) -> Dict[str, int]:
+    async def stream_orderings(self, event_ids: Iterable[str]) -> dict[str, int]:
         """Each known event's position in the room event stream (outliers left out).
 
         Why: the position is internal metadata, not part of the client event;
         Synapse's event cache answers this without a query for recent events.
         """
         events = await self._store.get_events(list(set(event_ids)), allow_rejected=True)
-        positions: Dict[str, int] = {}
+        positions: dict[str, int] = {}
         for event_id, event in events.items():
             ordering = event.internal_metadata.stream_ordering
             if ordering is not None and not event.internal_metadata.is_outlier():
                 positions[event_id] = int(ordering)
         return positions
 
-    async def token_position(self, token: str) -> Optional[int]:
+    async def token_position(self, token: str) -> int | None:
         """The room-stream position of a /sync ``since`` or a sliding-sync ``pos``.
 
         Returns None when the token cannot be parsed (Synapse answers it with an error).

@@ -3,7 +3,8 @@
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from signedjson.types import SigningKey
 
@@ -61,9 +62,9 @@ class SynapseInternals:
         self,
         requester: Requester,
         room_id: str,
-        txn_id: Optional[str],
-        content: Optional[Dict[str, Any]],
-    ) -> Optional[str]:
+        txn_id: str | None,
+        content: dict[str, Any] | None,
+    ) -> str | None:
         """Leave (or reject an invite, or rescind a knock) as Synapse's servlet does.
 
         Returns:
@@ -97,7 +98,7 @@ class SynapseInternals:
             cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
         )
 
-    async def purge_task_status(self, room_id: str) -> Tuple[Optional[str], Optional[str]]:
+    async def purge_task_status(self, room_id: str) -> tuple[str | None, str | None]:
         """The state of Synapse's latest purge task for room_id, and its error.
 
         Returns ("active", None) while a purge is scheduled or running,
@@ -118,7 +119,7 @@ class SynapseInternals:
             return "active", None
         return status, latest.error
 
-    def extra_leave_content_keys(self) -> Tuple[str, ...]:
+    def extra_leave_content_keys(self) -> tuple[str, ...]:
         """Request-body keys Synapse's own leave copies into the event besides ``reason``.
 
         Why: these follow experimental features switched on in Synapse's config,
@@ -132,7 +133,7 @@ class SynapseInternals:
     def unrecognized_resource(self) -> Resource:
         return UnrecognizedRequestResource()
 
-    def listener_roots(self) -> List[Resource]:
+    def listener_roots(self) -> list[Resource]:
         """The root resource of each HTTP listener of this process, in config order.
 
         Why: interception relies on Synapse's create_resource_tree handing the
@@ -156,7 +157,7 @@ class SynapseInternals:
                 if listener.type == "http"
             }
             ports.sort(key=lambda port: order.get(port_key(port), len(order)))
-        roots: List[Resource] = []
+        roots: list[Resource] = []
         for port in ports:
             root = getattr(site_of(getattr(port, "factory", None)), "resource", None)
             if isinstance(root, Resource) and all(root is not r for r in roots):
@@ -191,7 +192,7 @@ class SynapseInternals:
     # that the decision and its record are atomic.
 
     @staticmethod
-    def local_memberships_txn(txn: LoggingTransaction, room_id: str) -> List[Tuple[str, str, bool]]:
+    def local_memberships_txn(txn: LoggingTransaction, room_id: str) -> list[tuple[str, str, bool]]:
         """Each local user's current membership in room_id and whether they forgot it."""
         txn.execute(
             """
@@ -206,8 +207,8 @@ class SynapseInternals:
 
     @staticmethod
     def forget_reads_txn(
-        txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]], live: Sequence[str]
-    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        txn: LoggingTransaction, pairs: Sequence[tuple[str, str]], live: Sequence[str]
+    ) -> tuple[dict[tuple[str, str], str], set[str]]:
         """What a group of forgets needs to know, in one statement per chunk.
 
         Args:
@@ -226,8 +227,8 @@ class SynapseInternals:
             local_current_membership is one Synapse has: its purge deletes
             both in one transaction.)
         """
-        memberships: Dict[Tuple[str, str], str] = {}
-        unremembered: Set[str] = set()
+        memberships: dict[tuple[str, str], str] = {}
+        unremembered: set[str] = set()
         unique = sorted(set(pairs))
         # Four arguments per pair (looked up, and left out of "someone else").
         for start in range(0, len(unique), IN_LIST_MAX // 4):
@@ -259,20 +260,20 @@ class SynapseInternals:
     @staticmethod
     def remembering_members_txn(
         txn: LoggingTransaction, room_ids: Sequence[str], live: Sequence[str]
-    ) -> Tuple[Set[str], Set[str], Dict[str, Tuple[str, str]]]:
+    ) -> tuple[set[str], set[str], dict[str, tuple[str, str]]]:
         """A local member who still has each room (live memberships first), set-based.
 
         Returns:
             The rooms Synapse knows, the rooms with local members, and for each
             room a local member who still has it (live memberships first).
         """
-        known: Set[str] = set()
-        with_members: Set[str] = set()
-        members: Dict[str, Tuple[str, str]] = {}
+        known: set[str] = set()
+        with_members: set[str] = set()
+        members: dict[str, tuple[str, str]] = {}
         postgres = "psycopg" in txn.database_engine.module.__name__
         for start in range(0, len(room_ids), IN_LIST_MAX):
             chunk = list(room_ids[start : start + IN_LIST_MAX])
-            args: List[Any]
+            args: list[Any]
             if postgres:
                 # A join with the unnested ids probes the indexes once per
                 # room; with "= ANY(...)" PostgreSQL prefers scanning the
@@ -313,7 +314,7 @@ class SynapseInternals:
     @staticmethod
     def abandoned_rooms_txn(
         txn: LoggingTransaction, after: str, limit: int, paramstyle: str = "?"
-    ) -> List[str]:
+    ) -> list[str]:
         """Rooms that local users were in but none of them still joins, is invited or knocks.
 
         Args:

@@ -2,14 +2,14 @@
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 from twisted.web.server import Site
 
 logger = logging.getLogger(__name__)
 
 
-def site_of(factory: Any) -> Optional[Site]:
+def site_of(factory: Any) -> Site | None:
     """The Site a listening port serves, through any wrapping factories.
 
     Why: a ``tls: true`` listener is a Twisted listenSSL port, whose factory is

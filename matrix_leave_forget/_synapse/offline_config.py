@@ -2,7 +2,7 @@
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from signedjson.types import SigningKey
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 # config), which an operator's read-only account may not have.
 
 
-def main_database_from_config(values: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+def main_database_from_config(values: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The driver name and connection args Synapse's main data store would use.
 
     Args:
@@ -46,8 +46,8 @@ def main_database_from_config(values: Dict[str, Any]) -> Optional[Tuple[str, Dic
 
 
 def signing_keys_from_config(
-    values: Dict[str, Any], config_dir: str
-) -> Tuple[str, List[SigningKey], Dict[str, Any]]:
+    values: dict[str, Any], config_dir: str
+) -> tuple[str, list[SigningKey], dict[str, Any]]:
     """The homeserver's signing keys and old verify keys, read as Synapse reads them.
 
     Args:

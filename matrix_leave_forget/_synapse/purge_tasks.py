@@ -1,7 +1,7 @@
 """Where Synapse's purge task of each room stands (retention)."""
 
 import logging
-from typing import Dict, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
 
 import attr
 
@@ -41,18 +41,18 @@ class PurgeTaskView:
         room_exists: Whether Synapse still has the room's row.
     """
 
-    status: Optional[str]
-    error: Optional[str]
-    task_ts: Optional[int]
+    status: str | None
+    error: str | None
+    task_ts: int | None
     room_exists: bool
 
 
-def purge_tasks_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> Dict[str, PurgeTaskView]:
+def purge_tasks_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> dict[str, PurgeTaskView]:
     """Synapse's purge state of each room in room_ids: two indexed queries per 500 rooms."""
     actions = (PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME)
     statuses = (*TASK_ACTIVE_STATES, TASK_FAILED)
-    latest: Dict[str, Tuple[int, str, Optional[str]]] = {}
-    exists: Set[str] = set()
+    latest: dict[str, tuple[int, str, str | None]] = {}
+    exists: set[str] = set()
     for start in range(0, len(room_ids), IN_LIST_MAX):
         chunk = list(room_ids[start : start + IN_LIST_MAX])
         marks = ", ".join("?" for _ in chunk)
@@ -70,7 +70,7 @@ def purge_tasks_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> Dict[st
                 latest[room_id] = (ts, str(status), error)
         txn.execute(f"SELECT room_id FROM rooms WHERE room_id IN ({marks})", chunk)
         exists.update(str(r[0]) for r in txn.fetchall())
-    views: Dict[str, PurgeTaskView] = {}
+    views: dict[str, PurgeTaskView] = {}
     for room_id in room_ids:
         task = latest.get(room_id)
         if task is None:

@@ -2,7 +2,7 @@
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 # Why: ModuleApi.delete_room schedules Synapse's purge task under these names
 # and offers no way to follow it; the sweep reads the tasks to know.
@@ -87,7 +87,7 @@ class SynapseRoutes:
     @staticmethod
     def current_departure_txn(
         txn: LoggingTransaction, room_id: str, user_id: str
-    ) -> Optional[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+    ) -> tuple[int, str, str, str, str, str, int, str | None] | None:
         """The leave or ban event that is user_id's current membership of room_id, if any.
 
         Returns:
@@ -111,7 +111,7 @@ class SynapseRoutes:
     @staticmethod
     def departures_txn(
         txn: LoggingTransaction, after: int, upto: int, server_name: str, limit: int
-    ) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+    ) -> list[tuple[int, str, str, str, str, str, int, str | None]]:
         """Leave and ban events of local users in the events stream range (after, upto].
 
         Reads a range of the events stream through its stream_ordering index,
@@ -140,7 +140,7 @@ class SynapseRoutes:
         return _departure_rows(txn.fetchall())
 
 
-def _departure_rows(fetched: Any) -> List[Tuple[int, str, str, str, str, str, int, Optional[str]]]:
+def _departure_rows(fetched: Any) -> list[tuple[int, str, str, str, str, str, int, str | None]]:
     """(stream_ordering, event_id, room_id, user_id, sender, membership, ts, reason) rows,
     from rows whose last column is the event's JSON."""
     rows = []

@@ -13,7 +13,8 @@ fails. docs/audit.md, "Checkpoints", has the threat model.
 
 import json
 import logging
-from typing import IO, Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import IO, Any
 
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from signedjson.types import SigningKey, VerifyKey
@@ -32,7 +33,7 @@ _FIELDS = ("origin", "seq", "hash", "ts")
 
 def make_checkpoint(
     origin: str, seq: int, head_hash: str, ts: int, signing_key: SigningKey
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """A checkpoint of the head (seq, head_hash) at ts, signed by origin."""
     return sign_json(
         {"origin": origin, "seq": seq, "hash": head_hash, "ts": ts}, origin, signing_key
@@ -43,8 +44,8 @@ def check_checkpoint(
     checkpoint: Mapping[str, Any],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
-    key_expiry: Optional[Mapping[str, int]] = None,
-) -> Tuple[int, str]:
+    key_expiry: Mapping[str, int] | None = None,
+) -> tuple[int, str]:
     """(seq, hash) of a checkpoint whose signature by origin is valid.
 
     A key in ``key_expiry`` signs no checkpoint taken at or after its expiry.
@@ -72,7 +73,7 @@ def check_checkpoint(
     return seq, head_hash
 
 
-def read_checkpoints(stream: IO[str]) -> List[Dict[str, Any]]:
+def read_checkpoints(stream: IO[str]) -> list[dict[str, Any]]:
     """Checkpoints from a file: JSON lines, each a checkpoint or an event whose content is one.
 
     An export of the checkpoint room's events (one JSON event per line, as
@@ -81,7 +82,7 @@ def read_checkpoints(stream: IO[str]) -> List[Dict[str, Any]]:
     Raises:
         ValueError: naming the line that is not a JSON object.
     """
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -101,15 +102,15 @@ def checked_heads(
     checkpoints: Iterable[Mapping[str, Any]],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
-    key_expiry: Optional[Mapping[str, int]] = None,
-) -> Tuple[List[Tuple[int, str]], List[str]]:
+    key_expiry: Mapping[str, int] | None = None,
+) -> tuple[list[tuple[int, str]], list[str]]:
     """The heads of the valid checkpoints, and why each other one was rejected.
 
     An invalid checkpoint (forged, or signed by an unknown or expired key) is
     ignored rather than trusted: it proves nothing either way.
     """
-    heads: List[Tuple[int, str]] = []
-    problems: List[str] = []
+    heads: list[tuple[int, str]] = []
+    problems: list[str] = []
     for checkpoint in checkpoints:
         try:
             heads.append(check_checkpoint(checkpoint, origin, verify_keys, key_expiry))
@@ -135,9 +136,9 @@ class Checkpointer:
         api: ModuleApi,
         origin: str,
         signing_key: SigningKey,
-        head: Callable[[], Awaitable[Tuple[int, str]]],
-        room_id: Optional[str],
-        sender: Optional[str],
+        head: Callable[[], Awaitable[tuple[int, str]]],
+        room_id: str | None,
+        sender: str | None,
     ) -> None:
         self._api = api
         self._origin = origin
@@ -145,9 +146,9 @@ class Checkpointer:
         self._head = head
         self._room_id = room_id
         self._sender = sender
-        self._last: Optional[Tuple[int, str]] = None
+        self._last: tuple[int, str] | None = None
 
-    async def run(self) -> Optional[Dict[str, Any]]:
+    async def run(self) -> dict[str, Any] | None:
         """Write a checkpoint if the head moved since the last one; returns it."""
         seq, head_hash = await self._head()
         if self._last == (seq, head_hash) or seq == 0:

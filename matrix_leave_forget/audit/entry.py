@@ -15,7 +15,8 @@ chain cannot be rebuilt by someone without that key.
 import hashlib
 import json
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import attr
 from canonicaljson import encode_canonical_json
@@ -122,7 +123,7 @@ def unescape_text(stored: str) -> str:
     return value
 
 
-def escape_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
+def escape_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """fields with each client text that cannot be stored as-is escaped; ``escaped`` names them.
 
     Text that can be stored is left alone, so ordinary entries stay readable
@@ -141,7 +142,7 @@ def escape_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def unescape_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
+def unescape_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     """An entry with its escaped fields decoded back to what the client sent."""
     out = dict(entry)
     for name in (entry.get("escaped") or "").split(","):
@@ -150,7 +151,7 @@ def unescape_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def reason_digest(reason: str) -> Tuple[int, str]:
+def reason_digest(reason: str) -> tuple[int, str]:
     """(size in bytes, unpadded-base64 SHA-256) of a reason's UTF-8 form.
 
     Lone surrogates count as their 3-byte (WTF-8) form, so any string has a digest.
@@ -162,7 +163,7 @@ def reason_digest(reason: str) -> Tuple[int, str]:
 # -- hashing and signing ------------------------------------------------------
 
 
-def hashed_body(entry: Mapping[str, Any]) -> Dict[str, Any]:
+def hashed_body(entry: Mapping[str, Any]) -> dict[str, Any]:
     """What an entry's hash covers: every ENTRY_FIELD, and the OPTIONAL_FIELDS that are set."""
     body = {k: entry[k] for k in ENTRY_FIELDS}
     for k in OPTIONAL_FIELDS:
@@ -180,7 +181,7 @@ def _hash_body(body: Mapping[str, Any]) -> str:
     return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
 
 
-def chain_entry(fields: Mapping[str, Any]) -> Dict[str, Any]:
+def chain_entry(fields: Mapping[str, Any]) -> dict[str, Any]:
     """An entry with its hash and no signature yet (``signatures`` is empty)."""
     entry = hashed_body(fields)
     entry["hash"] = _hash_body(entry)
@@ -188,7 +189,7 @@ def chain_entry(fields: Mapping[str, Any]) -> Dict[str, Any]:
     return entry
 
 
-def sign_entry(entry: Dict[str, Any], origin: str, signing_key: SigningKey) -> None:
+def sign_entry(entry: dict[str, Any], origin: str, signing_key: SigningKey) -> None:
     """Sign an entry's ``{"hash", "seq"}`` with the homeserver's key, in place.
 
     Through ``prev_hash`` the hash covers every earlier entry, so this
@@ -198,7 +199,7 @@ def sign_entry(entry: Dict[str, Any], origin: str, signing_key: SigningKey) -> N
     entry["signatures"] = signed["signatures"]
 
 
-def seal_entry(fields: Mapping[str, Any], origin: str, signing_key: SigningKey) -> Dict[str, Any]:
+def seal_entry(fields: Mapping[str, Any], origin: str, signing_key: SigningKey) -> dict[str, Any]:
     """Complete an entry with its hash and the homeserver's signature.
 
     Args:
@@ -217,7 +218,7 @@ def seal_entries(
     prev_hash: str,
     origin: str,
     signing_key: SigningKey,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Chain entries after (seq, prev_hash) in the group format: one signature, on the last.
 
     Every entry carries ``format: 2``: it may be unsigned, covered by the next
@@ -229,7 +230,7 @@ def seal_entries(
         seq: The head's seq (0 for an empty log).
         prev_hash: The head's hash.
     """
-    entries: List[Dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     for fields in many:
         seq += 1
         entry = chain_entry({**fields, "seq": seq, "prev_hash": prev_hash, "format": FORMAT_GROUP})
@@ -247,11 +248,11 @@ def verify_key_id(signing_key: SigningKey) -> str:
     return f"{signing_key.alg}:{signing_key.version}"
 
 
-def verify_keys_from_signing_key(signing_key: SigningKey) -> Dict[str, VerifyKey]:
+def verify_keys_from_signing_key(signing_key: SigningKey) -> dict[str, VerifyKey]:
     return {verify_key_id(signing_key): get_verify_key(signing_key)}
 
 
-def parse_verify_key(text: str) -> Dict[str, VerifyKey]:
+def parse_verify_key(text: str) -> dict[str, VerifyKey]:
     """Parse ``ed25519:<version> <unpadded base64>``, as published by /_matrix/key/v2/server."""
     try:
         key_id, key_b64 = text.split()
@@ -266,7 +267,7 @@ def parse_verify_key(text: str) -> Dict[str, VerifyKey]:
     return {key_id: key}
 
 
-def parse_old_signing_keys(value: Any) -> Tuple[Dict[str, VerifyKey], Dict[str, int]]:
+def parse_old_signing_keys(value: Any) -> tuple[dict[str, VerifyKey], dict[str, int]]:
     """Synapse's ``old_signing_keys``: verify keys, and when each expired.
 
     ``{"ed25519:<version>": {"key": "<base64>", "expired_ts": <ms>}}``, as in
@@ -280,8 +281,8 @@ def parse_old_signing_keys(value: Any) -> Tuple[Dict[str, VerifyKey], Dict[str, 
         return {}, {}
     if not isinstance(value, Mapping):
         raise ValueError("old_signing_keys must be a mapping")
-    keys: Dict[str, VerifyKey] = {}
-    expiry: Dict[str, int] = {}
+    keys: dict[str, VerifyKey] = {}
+    expiry: dict[str, int] = {}
     for key_id, data in value.items():
         try:
             algorithm, version = str(key_id).split(":", 1)
@@ -300,7 +301,7 @@ def parse_old_signing_keys(value: Any) -> Tuple[Dict[str, VerifyKey], Dict[str, 
     return keys, expiry
 
 
-def parse_head(text: str) -> Tuple[int, str]:
+def parse_head(text: str) -> tuple[int, str]:
     """Parse ``SEQ:HASH`` (as verify prints a head) into (seq, hash).
 
     Raises:
@@ -329,8 +330,8 @@ class VerifyResult:
 
     checked: int
     head_hash: str
-    bad_seq: Optional[int] = None
-    problem: Optional[str] = None
+    bad_seq: int | None = None
+    problem: str | None = None
     heads_matched: int = 0
 
     @property
@@ -347,8 +348,8 @@ def iter_verify(
     entries: Iterable[Mapping[str, Any]],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
-    key_expiry: Optional[Mapping[str, int]] = None,
-    expected_heads: Iterable[Tuple[int, str]] = (),
+    key_expiry: Mapping[str, int] | None = None,
+    expected_heads: Iterable[tuple[int, str]] = (),
 ) -> Iterator[VerifyResult]:
     """Check entries in seq order, yielding progress and stopping at the first bad one.
 
@@ -369,7 +370,7 @@ def iter_verify(
     A result is yielded after each entry that is covered by a signature.
     """
     expiry = key_expiry or {}
-    heads: Dict[int, str] = {}
+    heads: dict[int, str] = {}
     for head_seq, head_hash in expected_heads:
         heads.setdefault(head_seq, head_hash)
     matched = 0
@@ -377,8 +378,8 @@ def iter_verify(
     prev = GENESIS_HASH
     signed_hash = GENESIS_HASH
     checked = 0
-    pending: List[int] = []  # unsigned entries waiting for a signature
-    max_ts: Optional[int] = None
+    pending: list[int] = []  # unsigned entries waiting for a signature
+    max_ts: int | None = None
     for entry in entries:
         seq = entry.get("seq")
         problem = None
@@ -447,8 +448,8 @@ def _signature_problem(
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
     expiry: Mapping[str, int],
-    max_ts: Optional[int],
-) -> Optional[str]:
+    max_ts: int | None,
+) -> str | None:
     try:
         key_id = _known_key_id(entry["signatures"], origin, verify_keys)
         verify_signed_json(
@@ -482,8 +483,8 @@ def verify_chain(
     entries: Iterable[Mapping[str, Any]],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],
-    key_expiry: Optional[Mapping[str, int]] = None,
-    expected_heads: Iterable[Tuple[int, str]] = (),
+    key_expiry: Mapping[str, int] | None = None,
+    expected_heads: Iterable[tuple[int, str]] = (),
 ) -> VerifyResult:
     """Check a whole chain; see iter_verify."""
     *_, last = iter_verify(entries, origin, verify_keys, key_expiry, expected_heads)

@@ -9,7 +9,8 @@ transaction as their own writes call the ``*_txn`` methods after
 
 import json
 import logging
-from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import attr
 from signedjson.types import SigningKey
@@ -47,21 +48,21 @@ class AuditFields:
 
     action: str
     outcome: str
-    user_id: Optional[str] = None
-    room_id: Optional[str] = None
-    reason: Optional[str] = None
-    event_id: Optional[str] = None
-    device_id: Optional[str] = None
+    user_id: str | None = None
+    room_id: str | None = None
+    reason: str | None = None
+    event_id: str | None = None
+    device_id: str | None = None
     # A refused request's reason cut to a prefix: the whole reason's size and hash.
-    reason_bytes: Optional[int] = None
-    reason_sha256: Optional[str] = None
+    reason_bytes: int | None = None
+    reason_sha256: str | None = None
     # This user's refusals counted but not appended since their previous entry.
-    suppressed: Optional[int] = None
+    suppressed: int | None = None
     # How it happened (docs/audit.md "Routes"), who acted when not the user,
     # and the membership event's own time.
-    via: Optional[str] = None
-    actor: Optional[str] = None
-    event_ts: Optional[int] = None
+    via: str | None = None
+    actor: str | None = None
+    event_ts: int | None = None
 
 
 T = TypeVar("T")
@@ -78,10 +79,10 @@ class _Job(Generic[Item, T]):
         self.item = item
         self.turn: defer.Deferred[None] = defer.Deferred()
         self.done = False
-        self.result: Optional[T] = None
-        self.error: Optional[BaseException] = None
+        self.result: T | None = None
+        self.error: BaseException | None = None
 
-    def finish(self, result: Optional[T] = None, error: Optional[BaseException] = None) -> None:
+    def finish(self, result: T | None = None, error: BaseException | None = None) -> None:
         self.done, self.result, self.error = True, result, error
 
     def outcome(self) -> T:
@@ -115,14 +116,14 @@ class GroupCommit(Generic[Item, T]):
         self,
         api: ModuleApi,
         desc: str,
-        prepare: Optional[Callable[[LoggingTransaction], None]],
+        prepare: Callable[[LoggingTransaction], None] | None,
         run_txn: Callable[[LoggingTransaction, Sequence[Item]], Sequence[T]],
     ) -> None:
         self._api = api
         self._desc = desc
         self._prepare = prepare
         self._run_txn = run_txn
-        self._waiting: List[_Job[Item, T]] = []
+        self._waiting: list[_Job[Item, T]] = []
         self._draining = False
 
     async def run(self, item: Item) -> T:
@@ -154,7 +155,7 @@ class GroupCommit(Generic[Item, T]):
         finally:
             self._draining = False
 
-    async def _run_batch(self, batch: List[_Job[Item, T]]) -> None:
+    async def _run_batch(self, batch: list[_Job[Item, T]]) -> None:
         try:
             results = await self._run_items([j.item for j in batch])
         except Exception as error:
@@ -170,7 +171,7 @@ class GroupCommit(Generic[Item, T]):
         for j, result in zip(batch, results, strict=True):
             j.finish(result)
 
-    async def _run_items(self, items: List[Item]) -> Sequence[T]:
+    async def _run_items(self, items: list[Item]) -> Sequence[T]:
         def txn_fn(txn: LoggingTransaction) -> Sequence[T]:
             if self._prepare is not None:
                 self._prepare(txn)
@@ -181,7 +182,7 @@ class GroupCommit(Generic[Item, T]):
 
 def run_each_txn(
     txn: LoggingTransaction, fns: Sequence[Callable[[LoggingTransaction], T]]
-) -> List[T]:
+) -> list[T]:
     """GroupCommit's run_txn for jobs that are transaction functions: one after the other."""
     return [fn(txn) for fn in fns]
 
@@ -211,7 +212,7 @@ class AuditLog:
         result: T = await self._records.run(fn)
         return result
 
-    def append_txn(self, txn: LoggingTransaction, fields: AuditFields) -> Dict[str, Any]:
+    def append_txn(self, txn: LoggingTransaction, fields: AuditFields) -> dict[str, Any]:
         """Append one entry to the chain.
 
         Callers must have called lock_chain_txn first in the same transaction.
@@ -222,9 +223,9 @@ class AuditLog:
         self,
         txn: LoggingTransaction,
         many: Sequence[AuditFields],
-        head: Optional[Tuple[int, str]] = None,
-        together: Optional[StatementBatch] = None,
-    ) -> List[Dict[str, Any]]:
+        head: tuple[int, str] | None = None,
+        together: StatementBatch | None = None,
+    ) -> list[dict[str, Any]]:
         """Append entries to the chain in order: one head read, one signature, one insert.
 
         The entries are sealed as a group (audit.seal_entries): each is hashed
@@ -288,7 +289,7 @@ class AuditLog:
             txn.execute(_LOCK_CHAIN_SQL)
 
     @staticmethod
-    def lock_chain_read_head_txn(txn: LoggingTransaction) -> Tuple[int, str]:
+    def lock_chain_read_head_txn(txn: LoggingTransaction) -> tuple[int, str]:
         """lock_chain_txn, then the head (as read_head_txn), in one round trip.
 
         On PostgreSQL both statements go in one call (psycopg2 returns the
@@ -301,26 +302,26 @@ class AuditLog:
         return AuditLog.read_head_txn(txn)
 
     @staticmethod
-    def read_head_txn(txn: LoggingTransaction) -> Tuple[int, str]:
+    def read_head_txn(txn: LoggingTransaction) -> tuple[int, str]:
         """The chain's head: (seq, hash) of the newest entry, (0, GENESIS_HASH) if none."""
         txn.execute(_HEAD_SQL)
         return _head(txn.fetchone())
 
-    async def head(self) -> Tuple[int, str]:
+    async def head(self) -> tuple[int, str]:
         """The chain's head: (seq, hash) of the newest entry, (0, GENESIS_HASH) if none."""
         return await self._api.run_db_interaction("leave_forget_audit_head", self.read_head_txn)
 
-    async def append(self, fields: AuditFields) -> Dict[str, Any]:
+    async def append(self, fields: AuditFields) -> dict[str, Any]:
         """Append one audit entry (group-committed with concurrent ones)."""
 
-        def txn_fn(txn: LoggingTransaction) -> Dict[str, Any]:
+        def txn_fn(txn: LoggingTransaction) -> dict[str, Any]:
             return self.append_txn(txn, fields)
 
-        entry: Dict[str, Any] = await self._records.run(txn_fn)
+        entry: dict[str, Any] = await self._records.run(txn_fn)
         return entry
 
     @staticmethod
-    def has_event_txn(txn: LoggingTransaction, event_id: Optional[str]) -> bool:
+    def has_event_txn(txn: LoggingTransaction, event_id: str | None) -> bool:
         txn.execute(
             "SELECT 1 FROM leave_forget_audit WHERE event_id = ? AND action = 'leave' LIMIT 1",
             (event_id,),
@@ -330,16 +331,16 @@ class AuditLog:
     async def audit_page(
         self,
         *,
-        user_id: Optional[str] = None,
-        room_id: Optional[str] = None,
-        since_ts: Optional[int] = None,
-        until_ts: Optional[int] = None,
+        user_id: str | None = None,
+        room_id: str | None = None,
+        since_ts: int | None = None,
+        until_ts: int | None = None,
         after_seq: int = 0,
         limit: int = 100,
-    ) -> List[Dict[str, Any]]:
+    ) -> list[dict[str, Any]]:
         """Audit entries in seq order, filtered, keyset-paged by ``after_seq``."""
 
-        def txn_fn(txn: LoggingTransaction) -> List[Dict[str, Any]]:
+        def txn_fn(txn: LoggingTransaction) -> list[dict[str, Any]]:
             return select_audit_txn(
                 txn,
                 user_id=user_id,
@@ -352,7 +353,7 @@ class AuditLog:
 
         return await self._api.run_db_interaction("leave_forget_audit_page", txn_fn)
 
-    async def member_history(self, room_id: str) -> Dict[str, Dict[str, Any]]:
+    async def member_history(self, room_id: str) -> dict[str, dict[str, Any]]:
         """Each user's latest leave and forget in room_id, from the audit log.
 
         Successful entries of every route count, those found by the catch-up
@@ -360,14 +361,14 @@ class AuditLog:
         own when the entry has it.
         """
 
-        def txn_fn(txn: LoggingTransaction) -> Dict[str, Dict[str, Any]]:
+        def txn_fn(txn: LoggingTransaction) -> dict[str, dict[str, Any]]:
             txn.execute(
                 "SELECT user_id, action, ts, reason, event_id, via, actor, event_ts, outcome "
                 "FROM leave_forget_audit WHERE room_id = ? AND action IN ('leave', 'forget') "
                 "AND outcome IN ('ok', 'noop', ?) AND user_id IS NOT NULL ORDER BY seq",
                 (room_id, OUTCOME_RECOVERED),
             )
-            history: Dict[str, Dict[str, Any]] = {}
+            history: dict[str, dict[str, Any]] = {}
             for (
                 user_id,
                 action,
@@ -404,11 +405,11 @@ _INSERT_INTO = f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)})"
 _INSERT_SQL = f"{_INSERT_INTO} VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
 
 
-def _head(row: Optional[Sequence[Any]]) -> Tuple[int, str]:
+def _head(row: Sequence[Any] | None) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
-def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
+def row_to_entry(row: Sequence[Any]) -> dict[str, Any]:
     """An audit row (STORED_COLUMNS) as the entry that was hashed and signed.
 
     Optional fields appear only when set: an entry without them is exactly
@@ -429,14 +430,14 @@ def row_to_entry(row: Sequence[Any]) -> Dict[str, Any]:
 def select_audit_txn(
     txn: Any,
     *,
-    user_id: Optional[str] = None,
-    room_id: Optional[str] = None,
-    since_ts: Optional[int] = None,
-    until_ts: Optional[int] = None,
+    user_id: str | None = None,
+    room_id: str | None = None,
+    since_ts: int | None = None,
+    until_ts: int | None = None,
     after_seq: int = 0,
-    limit: Optional[int] = 100,
+    limit: int | None = 100,
     paramstyle: str = "?",
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Select audit entries; shared by the admin API and the offline CLI.
 
     Args:
@@ -444,7 +445,7 @@ def select_audit_txn(
             CLI passes psycopg2's ``%s`` as ``paramstyle``).
     """
     clauses = ["seq > ?"]
-    args: List[Any] = [after_seq]
+    args: list[Any] = [after_seq]
     for clause, value in (
         ("user_id = ?", user_id),
         ("room_id = ?", room_id),

@@ -14,7 +14,7 @@ refusal entry) but not appended one by one. See docs/audit.md, "Growth bound".
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 from matrix_leave_forget.audit.entry import reason_digest
 
@@ -27,7 +27,7 @@ REFUSED_REASON_PREFIX_CHARS = 128
 _PRUNE_AT = 10_000
 
 
-def refused_reason(reason: Optional[str]) -> Tuple[Optional[str], Optional[int], Optional[str]]:
+def refused_reason(reason: str | None) -> tuple[str | None, int | None, str | None]:
     """What a refusal's entry keeps of its reason: (prefix, size, sha256).
 
     A reason of at most REFUSED_REASON_PREFIX_CHARS characters is kept whole
@@ -63,9 +63,9 @@ class RefusalBudget:
         self._on_suppressed = on_suppressed
         self._clock = clock
         # user_id -> [tokens, at, refusals suppressed since the user's last entry]
-        self._buckets: Dict[str, List[float]] = {}
+        self._buckets: dict[str, list[float]] = {}
 
-    def take(self, user_id: str) -> Optional[int]:
+    def take(self, user_id: str) -> int | None:
         """Spend one entry of user_id's budget.
 
         Returns:

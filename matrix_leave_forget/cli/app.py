@@ -5,7 +5,8 @@ import datetime
 import os
 import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         db.close()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """The ``matrix-leave-forget`` console script.
 
     Args:

@@ -8,17 +8,10 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import (
     IO,
     Any,
-    Callable,
-    Dict,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
     TypeVar,
 )
 
@@ -75,7 +68,7 @@ BATCH = 1000
 T = TypeVar("T")
 
 
-def _progress(label: str, db: Database) -> Optional[Progress]:
+def _progress(label: str, db: Database) -> Progress | None:
     """A progress bar on stderr if it is a terminal, else None (and no extra query)."""
     if not Progress.wanted(sys.stderr):
         return None
@@ -83,8 +76,8 @@ def _progress(label: str, db: Database) -> Optional[Progress]:
 
 
 def fetch_paged(
-    fetch: Callable[[Any, int], List[T]], key: Callable[[T], Any], after: Any, limit: int
-) -> List[T]:
+    fetch: Callable[[Any, int], list[T]], key: Callable[[T], Any], after: Any, limit: int
+) -> list[T]:
     """Collect up to ``limit`` rows from a keyset-paged query, BATCH rows at a time.
 
     Args:
@@ -96,7 +89,7 @@ def fetch_paged(
     Returns:
         The rows, in key order.
     """
-    rows: List[T] = []
+    rows: list[T] = []
     while True:
         want = BATCH if not limit else min(BATCH, limit - len(rows))
         page = fetch(after, want)
@@ -140,7 +133,7 @@ _LOG_COLUMNS = (
 
 def _list_rooms(
     db: Database, config: HomeserverConfig, args: argparse.Namespace
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """The rooms of ``rooms --state``, shaped as the admin API's listing shapes them."""
     state: str = args.state
     cur = db.cursor()
@@ -176,7 +169,7 @@ def _list_rooms(
 RATE_WINDOW_MS = 60 * 1000
 
 
-def pending_summary(db: Database, config: HomeserverConfig) -> Dict[str, Any]:
+def pending_summary(db: Database, config: HomeserverConfig) -> dict[str, Any]:
     """The purge backlog, the rate over the last minute and the time to drain it.
 
     The same numbers as ``GET .../admin/retention`` (without the pacer's state,
@@ -230,7 +223,7 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     )
     summary = pending_summary(db, config) if args.state == "pending" else None
     if args.format == "json":
-        result: Dict[str, Any] = {"state": args.state, "rooms": rooms}
+        result: dict[str, Any] = {"state": args.state, "rooms": rooms}
         if more:
             result["next_from"] = rooms[-1]["room_id"]
         if summary is not None:
@@ -251,7 +244,7 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     return EXIT_OK
 
 
-def _audit_filters(args: argparse.Namespace) -> Dict[str, Any]:
+def _audit_filters(args: argparse.Namespace) -> dict[str, Any]:
     """The filter options as select_audit_txn's keyword arguments."""
     return {
         "user_id": args.user,
@@ -287,7 +280,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
     )
     more = not args.newest and bool(limit) and len(entries) == limit
     if args.format == "json" and not args.follow:
-        result: Dict[str, Any] = {"entries": entries}
+        result: dict[str, Any] = {"entries": entries}
         if more:
             result["next_from"] = entries[-1]["seq"]
         write_json(sys.stdout, result)
@@ -310,7 +303,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
 FOLLOW_INTERVAL = 1.0
 
 
-def _write_json_lines(entries: List[Dict[str, Any]]) -> None:
+def _write_json_lines(entries: list[dict[str, Any]]) -> None:
     for entry in entries:
         sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
 
@@ -345,7 +338,7 @@ def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -
             after = page[-1]["seq"]
 
 
-def _pages(db: Database, filters: Mapping[str, Any], after: int) -> Iterator[List[Dict[str, Any]]]:
+def _pages(db: Database, filters: Mapping[str, Any], after: int) -> Iterator[list[dict[str, Any]]]:
     """The matching entries after ``after``, BATCH at a time (no empty page)."""
     cur = db.cursor()
     while True:
@@ -361,7 +354,7 @@ def _pages(db: Database, filters: Mapping[str, Any], after: int) -> Iterator[Lis
 
 def iter_audit(
     db: Database, filters: Mapping[str, Any], after: int = 0
-) -> Iterator[Dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Every matching entry in seq order, fetched BATCH at a time.
 
     Args:
@@ -443,13 +436,13 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
 class _UnreadableEntryError(Exception):
     """A row whose columns do not even decode (say, signatures that are not JSON)."""
 
-    def __init__(self, seq: Optional[int], problem: str) -> None:
+    def __init__(self, seq: int | None, problem: str) -> None:
         super().__init__(problem)
         self.seq = seq
         self.problem = problem
 
 
-def _entries_for_verify(db: Database, current: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def _entries_for_verify(db: Database, current: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The whole log in seq order, noting in ``current`` the entry being checked."""
     cur = db.cursor()
     after = 0
@@ -484,9 +477,9 @@ def verify_database(
     db: Database,
     origin: str,
     keys: Mapping[str, VerifyKey],
-    progress: Optional[Progress],
-    key_expiry: Optional[Mapping[str, int]] = None,
-    expected_heads: Sequence[Tuple[int, str]] = (),
+    progress: Progress | None,
+    key_expiry: Mapping[str, int] | None = None,
+    expected_heads: Sequence[tuple[int, str]] = (),
 ) -> VerifyResult:
     """Check the whole audit chain in the database, streaming it.
 
@@ -502,7 +495,7 @@ def verify_database(
         The result; ``bad_seq`` names the first bad entry, if any.
     """
     result = VerifyResult(0, GENESIS_HASH)
-    current: Dict[str, Any] = {"seq": None}
+    current: dict[str, Any] = {"seq": None}
     try:
         for result in iter_verify(
             _entries_for_verify(db, current), origin, keys, key_expiry, expected_heads
@@ -540,7 +533,7 @@ def _entries(count: int, where: str = "") -> str:
     return text
 
 
-def room_checkpoints(db: Database, room_id: str) -> List[Dict[str, Any]]:
+def room_checkpoints(db: Database, room_id: str) -> list[dict[str, Any]]:
     """The contents of the checkpoint events Synapse's database holds for room_id."""
     cur = db.cursor()
     cur.execute(
@@ -548,7 +541,7 @@ def room_checkpoints(db: Database, room_id: str) -> List[Dict[str, Any]]:
         "WHERE e.room_id = ? AND e.type = ? ORDER BY e.stream_ordering".replace("?", db.paramstyle),
         (room_id, CHECKPOINT_EVENT_TYPE),
     )
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for (text,) in cur.fetchall():
         try:
             content = json.loads(text).get("content")
@@ -565,15 +558,15 @@ def _expected_heads(
     origin: str,
     keys: Mapping[str, VerifyKey],
     expiry: Mapping[str, int],
-) -> Tuple[List[Tuple[int, str]], List[str], int]:
+) -> tuple[list[tuple[int, str]], list[str], int]:
     """The heads to check from --expect-head and the checkpoints; rejected checkpoints; count."""
-    heads: List[Tuple[int, str]] = []
+    heads: list[tuple[int, str]] = []
     for text in args.expect_head or ():
         try:
             heads.append(parse_head(text))
         except ValueError as exc:
             raise CliError(f"--expect-head: {exc}")
-    checkpoints: List[Dict[str, Any]] = []
+    checkpoints: list[dict[str, Any]] = []
     for path in args.checkpoints or ():
         try:
             with open(path, encoding="utf-8") as f:
@@ -602,9 +595,9 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
     Raises:
         CliError: if a key, a head or a checkpoint file cannot be read or parsed.
     """
-    expiry: Dict[str, int] = {}
+    expiry: dict[str, int] = {}
     if args.verify_key:
-        keys: Dict[str, VerifyKey] = {}
+        keys: dict[str, VerifyKey] = {}
         for text in args.verify_key:
             try:
                 keys.update(parse_verify_key(text))

@@ -1,7 +1,8 @@
 """Reading homeserver.yaml: the database settings, the signing keys, the module's holds."""
 
 import os
-from typing import Any, Dict, FrozenSet, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attr
 import yaml
@@ -27,7 +28,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return _one_line(str(exc))
 
 
-def _config_files(paths: Sequence[str]) -> List[str]:
+def _config_files(paths: Sequence[str]) -> list[str]:
     """Expand ``-c`` arguments the way Synapse does: a directory means its *.yaml files.
 
     Args:
@@ -39,7 +40,7 @@ def _config_files(paths: Sequence[str]) -> List[str]:
     Raises:
         CliError: if the arguments name no file at all.
     """
-    files: List[str] = []
+    files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
             files.extend(
@@ -95,7 +96,7 @@ def load_config(paths: Sequence[str]) -> HomeserverConfig:
         CliError: a file is missing, unreadable, not YAML or not a mapping.
     """
     files = _config_files(paths)
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for path in files:
         try:
             with open(path, encoding="utf-8") as f:
@@ -116,7 +117,7 @@ def load_config(paths: Sequence[str]) -> HomeserverConfig:
     )
 
 
-def database_settings(config: HomeserverConfig) -> Tuple[str, Dict[str, Any]]:
+def database_settings(config: HomeserverConfig) -> tuple[str, dict[str, Any]]:
     """The driver name and connection args of the database holding Synapse's main store.
 
     Synapse's own config section decides (``database``, ``databases`` with
@@ -144,7 +145,7 @@ def database_settings(config: HomeserverConfig) -> Tuple[str, Dict[str, Any]]:
     return found
 
 
-def server_verify_keys(config: HomeserverConfig) -> Dict[str, VerifyKey]:
+def server_verify_keys(config: HomeserverConfig) -> dict[str, VerifyKey]:
     """The homeserver's verify keys: its signing keys' public halves and ``old_signing_keys``.
 
     Old keys matter after a key rotation: entries written before it carry
@@ -168,13 +169,13 @@ def server_verify_keys(config: HomeserverConfig) -> Dict[str, VerifyKey]:
         raise CliError(f"cannot read signing key: {_config_error(exc)}")
     except Exception as exc:
         raise CliError(f"cannot parse signing key: {_one_line(str(exc))}")
-    keys: Dict[str, VerifyKey] = {verify_key_id(k): get_verify_key(k) for k in signing_keys}
+    keys: dict[str, VerifyKey] = {verify_key_id(k): get_verify_key(k) for k in signing_keys}
     for key_id, key in old.items():
         keys.setdefault(key_id, key)
     return keys
 
 
-def server_key_expiry(config: HomeserverConfig) -> Dict[str, int]:
+def server_key_expiry(config: HomeserverConfig) -> dict[str, int]:
     """When each of ``old_signing_keys`` expired (``expired_ts``, ms), by key id.
 
     A key signs no audit entry or checkpoint from that time on (docs/audit.md,
@@ -195,7 +196,7 @@ def _config_error(exc: ConfigError) -> str:
     return _one_line(f"{path}: {exc.msg}" if path else exc.msg)
 
 
-def configured_holds(config: HomeserverConfig) -> FrozenSet[str]:
+def configured_holds(config: HomeserverConfig) -> frozenset[str]:
     """Rooms held by the module's config (``retention.holds``); the admin API lists them too.
 
     Args:

@@ -3,7 +3,8 @@
 import os
 import sqlite3
 import urllib.parse
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import attr
 
@@ -154,7 +155,7 @@ def _max_seq(db: Database) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _next_seq(db: Database, after: int) -> Optional[int]:
+def _next_seq(db: Database, after: int) -> int | None:
     """The seq of the row after ``after``, to name a row whose columns do not decode."""
     cur = db.cursor()
     cur.execute(

@@ -5,7 +5,8 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
 
 import attr
 

@@ -8,7 +8,8 @@ once and recorded in ``leave_forget_schema_version``. Synapse's own tables are
 never altered.
 """
 
-from typing import Any, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Arbitrary, fixed: the advisory lock key for this module's migrations.
 _MIGRATION_LOCK_KEY = 0x4C46_4D31  # "LFM1"
@@ -148,7 +149,7 @@ def run_migrations(txn: Any, target: int = SCHEMA_VERSION) -> int:
             f"matrix-leave-forget schema is at version {version}, newer than this "
             f"module's {SCHEMA_VERSION}: upgrade the module"
         )
-    applied: List[int] = []
+    applied: list[int] = []
     for number in range(version + 1, target + 1):
         for statement in MIGRATIONS[number - 1]:
             txn.execute(statement)

@@ -7,7 +7,8 @@ psycopg2 sends ``"a; b; c"`` as one query. SQLite is in process (no round
 trips) and runs one statement per call, so there they run one by one.
 """
 
-from typing import Any, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from synapse.module_api import LoggingTransaction
 
@@ -18,7 +19,7 @@ class StatementBatch:
     """Statements to run in order, in the caller's transaction, returning no rows."""
 
     def __init__(self) -> None:
-        self._each: List[tuple[str, List[Sequence[Any]]]] = []
+        self._each: list[tuple[str, list[Sequence[Any]]]] = []
 
     def add_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """Run ``sql`` once per row of arguments (``?`` placeholders)."""

@@ -8,7 +8,9 @@ runs the transactions that span them and Synapse's own tables: the schema, a
 forget, and departures recorded from Synapse's events stream.
 """
 
-from typing import AbstractSet, Any, Callable, Dict, List, Optional, Protocol, Sequence, Set, Tuple
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any, Optional, Protocol
 
 import attr
 from signedjson.types import SigningKey
@@ -30,8 +32,8 @@ class ForgetOps(Protocol):
     """What a forget reads and writes of Synapse's own tables, many forgets at once."""
 
     def forget_reads_txn(
-        self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
-    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        self, txn: LoggingTransaction, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], str], set[str]]:
         """Each (user_id, room_id)'s current membership (absent if none), and
         the rooms of those pairs that no local user outside ``pairs`` still
         has (a live membership, or one not forgotten)."""
@@ -39,7 +41,7 @@ class ForgetOps(Protocol):
     def forget_rows_txn(
         self,
         txn: LoggingTransaction,
-        pairs: Sequence[Tuple[str, str]],
+        pairs: Sequence[tuple[str, str]],
         together: StatementBatch,
     ) -> None:
         """Synapse's own forget of each (user_id, room_id), its writes sent
@@ -62,7 +64,7 @@ class ForgetRequest:
     record_noop: bool = True
 
     @property
-    def pair(self) -> Tuple[str, str]:
+    def pair(self) -> tuple[str, str]:
         assert self.fields.user_id is not None and self.fields.room_id is not None
         return self.fields.user_id, self.fields.room_id
 
@@ -78,9 +80,9 @@ class ForgetResult:
         room: The room's retention row if it was (re)marked forgotten by all.
     """
 
-    membership: Optional[str]
+    membership: str | None
     refused: bool = False
-    entry: Optional[Dict[str, Any]] = None
+    entry: dict[str, Any] | None = None
     room: Optional["RoomRetention"] = None
 
 
@@ -94,7 +96,7 @@ class Departure:
     sender: str
     membership: str
     origin_server_ts: int
-    reason: Optional[str]
+    reason: str | None
     stream_ordering: int = 0
 
 
@@ -114,7 +116,7 @@ class RetentionStore:
         self.retention = RetentionState(api, self.audit)
 
     async def setup(
-        self, stream_position: Optional[Callable[[LoggingTransaction], int]] = None
+        self, stream_position: Callable[[LoggingTransaction], int] | None = None
     ) -> int:
         """Create or upgrade the schema; returns the version now in place.
 
@@ -183,7 +185,7 @@ class RetentionStore:
         return await self._api.run_db_interaction("leave_forget_stream_position", txn_fn)
 
     async def record_recovered_departures(
-        self, departures: Sequence[Tuple[Departure, AuditFields]], position: int
+        self, departures: Sequence[tuple[Departure, AuditFields]], position: int
     ) -> int:
         """Record the departures the log lacks and advance the catch-up, atomically.
 
@@ -230,7 +232,7 @@ class ForgetWriter:
         api: ModuleApi,
         store: RetentionStore,
         ops: ForgetOps,
-        retention_period_ms: Optional[int],
+        retention_period_ms: int | None,
     ) -> None:
         self._store = store
         self._ops = ops
@@ -246,7 +248,7 @@ class ForgetWriter:
 
     def _forget_many_txn(
         self, txn: LoggingTransaction, requests: Sequence[ForgetRequest]
-    ) -> List[ForgetResult]:
+    ) -> list[ForgetResult]:
         head = AuditLog.lock_chain_read_head_txn(txn)
         pairs = [request.pair for request in requests]
         memberships, unremembered = self._ops.forget_reads_txn(txn, pairs)

@@ -13,7 +13,9 @@ answer naming such a room is checked against the forgotten rooms read from the
 database.
 """
 
-from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Optional
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING
 
 import attr
 from synapse.module_api import ModuleApi
@@ -83,7 +85,7 @@ class DepartureLookup:
 
     def forgotten_rooms_now(
         self, user_id: str, named: Callable[[], AbstractSet[str]]
-    ) -> Optional[AbstractSet[str]]:
+    ) -> AbstractSet[str] | None:
         """forgotten_rooms if Synapse's caches answer it without waiting (None: ask it)."""
         forgotten = self._internals.forgotten_rooms_now(user_id)
         if forgotten is None or not self._forgets_elsewhere:
@@ -93,7 +95,7 @@ class DepartureLookup:
             return None
         return forgotten
 
-    async def departure(self, user_id: str, room_id: str) -> Optional[Departure]:
+    async def departure(self, user_id: str, room_id: str) -> Departure | None:
         """user_id's departure from room_id, or None if they are not departed from it.
 
         None for a joined user (one cache hit), and for one who was never in the
@@ -116,10 +118,10 @@ class DepartureLookup:
         event = state.get((_HISTORY_VISIBILITY, ""))
         return event is not None and event.content.get("history_visibility") == "world_readable"
 
-    async def stream_orderings(self, event_ids: Iterable[str]) -> Dict[str, int]:
+    async def stream_orderings(self, event_ids: Iterable[str]) -> dict[str, int]:
         """Stream positions of the given events (unknown ones left out)."""
         return await self._internals.stream_orderings(event_ids)
 
-    async def token_position(self, token: str) -> Optional[int]:
+    async def token_position(self, token: str) -> int | None:
         """The room-stream position of a sync token, or None if unparseable."""
         return await self._internals.token_position(token)

@@ -13,7 +13,8 @@ import json
 import logging
 import re
 import urllib.parse
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attr
 from synapse.module_api import ModuleApi
@@ -27,7 +28,7 @@ from matrix_leave_forget.history.sync import SyncGuard, may_change, rooms_named_
 logger = logging.getLogger(__name__)
 
 # What the guard sends instead of Synapse's answer: (status, body).
-Replacement = Tuple[int, bytes]
+Replacement = tuple[int, bytes]
 
 _CLIENT = rb"^/_matrix/client/(?:api/v1|r0|v1|v3|unstable(?:/[^/]+)?)"
 _ROOM_READ = re.compile(
@@ -46,7 +47,7 @@ _NOT_IN_ROOM = "User {user_id} not in room {room_id}, and room previews are disa
 # What Synapse 1.163.2 answers a user who was never in a (non world_readable)
 # room on each guarded room path (measured; tests/integration/test_history_guard.py
 # compares them with a live never-member on every run).
-NEVER_MEMBER: Dict[str, Tuple[int, str, str]] = {
+NEVER_MEMBER: dict[str, tuple[int, str, str]] = {
     "messages": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
     "relations": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
     "threads": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
@@ -62,11 +63,11 @@ class Route:
 
     # "room", "legacy_event", "sync", "events", "sliding_sync" or "notifications"
     kind: str
-    room_id: Optional[str] = None
-    endpoint: Optional[str] = None
+    room_id: str | None = None
+    endpoint: str | None = None
 
 
-def classify(method: bytes, path: bytes) -> Optional[Route]:
+def classify(method: bytes, path: bytes) -> Route | None:
     """The guarded read that method and raw path are, or None for any other request."""
     if method in _READS:
         match = _ROOM_READ.match(path)
@@ -93,7 +94,7 @@ def error_body(errcode: str, error: str) -> bytes:
     ).encode()
 
 
-def arg(request: Any, name: bytes) -> Optional[str]:
+def arg(request: Any, name: bytes) -> str | None:
     values = (getattr(request, "args", None) or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
 
@@ -144,7 +145,7 @@ class HistoryGuard:
 
     async def _check(
         self, request: Any, route: Route, code: int, body: bytes
-    ) -> Optional[Replacement]:
+    ) -> Replacement | None:
         user_id = _reader(request, code, body)
         if user_id is None:
             return None
@@ -166,7 +167,7 @@ class HistoryGuard:
         return await self._sync.check_notifications(user_id, body)
 
 
-def _reader(request: Any, code: int, body: bytes) -> Optional[str]:
+def _reader(request: Any, code: int, body: bytes) -> str | None:
     """The user whose answer is to be checked; None when it passes as it is.
 
     Only successful answers can carry history: errors, and answers to requests
@@ -181,7 +182,7 @@ def _reader(request: Any, code: int, body: bytes) -> Optional[str]:
 def capture(
     request: Any,
     passes_now: Callable[[int, bytes], bool],
-    check: Callable[[int, bytes], Awaitable[Optional[Replacement]]],
+    check: Callable[[int, bytes], Awaitable[Replacement | None]],
 ) -> None:
     """Hold back what Synapse writes to request until check has seen it.
 
@@ -193,7 +194,7 @@ def capture(
     ``finish``, so the status and Content-Length can still change. The
     listener's gzip encoder, if any, sits below ``write`` and still applies.
     """
-    chunks: List[bytes] = []
+    chunks: list[bytes] = []
 
     def write(data: bytes) -> None:
         chunks.append(data)
@@ -213,7 +214,7 @@ def capture(
 
 
 async def _release(
-    request: Any, body: bytes, check: Callable[[int, bytes], Awaitable[Optional[Replacement]]]
+    request: Any, body: bytes, check: Callable[[int, bytes], Awaitable[Replacement | None]]
 ) -> None:
     try:
         replacement = await check(request.code, body)
@@ -252,7 +253,7 @@ class RoomReadGuard:
 
     async def check(
         self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
-    ) -> Optional[Replacement]:
+    ) -> Replacement | None:
         departure = await self._lookup.departure(user_id, room_id)
         if departure is None or await self._lookup.world_readable(room_id):
             return None
@@ -287,18 +288,18 @@ class RoomReadGuard:
             data.pop("next_batch", None)
         return 200, encode(data)
 
-    async def _later_events(self, data: Dict[str, Any], departure: Departure) -> Set[str]:
+    async def _later_events(self, data: dict[str, Any], departure: Departure) -> set[str]:
         """The ids of the events in data (bundled ones too) sent after departure."""
         return await later_events(self._lookup, _top_events(data), departure)
 
 
-def _event_id(data: Dict[str, Any]) -> Optional[str]:
+def _event_id(data: dict[str, Any]) -> str | None:
     event = data.get("event")
     return event.get("event_id") if isinstance(event, dict) else None
 
 
-def _top_events(data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    events: List[Dict[str, Any]] = []
+def _top_events(data: dict[str, Any]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
     if "event_id" in data and "type" in data:
         events.append(data)
     for key in ("event", "original_event"):

@@ -5,14 +5,14 @@ their own nor bundled into earlier ones (``unsigned.m.relations``: a thread
 summary's latest reply, an edit, references).
 """
 
-from typing import Any, Dict, List, Set
+from typing import Any
 
 from matrix_leave_forget.history.departures import Departure, DepartureLookup
 
 
 async def later_events(
-    lookup: DepartureLookup, events: List[Dict[str, Any]], departure: Departure
-) -> Set[str]:
+    lookup: DepartureLookup, events: list[dict[str, Any]], departure: Departure
+) -> set[str]:
     """The ids of events (bundled ones too) that were sent after departure."""
     ids = {i for event in events for i in _ids_with_bundled(event)}
     if not ids:
@@ -22,7 +22,7 @@ async def later_events(
 
 
 async def hide_later(
-    lookup: DepartureLookup, event_lists: List[List[Any]], departure: Departure
+    lookup: DepartureLookup, event_lists: list[list[Any]], departure: Departure
 ) -> bool:
     """Drop later events from each list (in place) and later bundles from the rest.
 
@@ -41,12 +41,12 @@ async def hide_later(
     return True
 
 
-def _bundled(event: Dict[str, Any]) -> Dict[str, Any]:
+def _bundled(event: dict[str, Any]) -> dict[str, Any]:
     relations = (event.get("unsigned") or {}).get("m.relations")
     return relations if isinstance(relations, dict) else {}
 
 
-def _ids_with_bundled(event: Dict[str, Any]) -> List[str]:
+def _ids_with_bundled(event: dict[str, Any]) -> list[str]:
     ids = [event["event_id"]] if isinstance(event.get("event_id"), str) else []
     relations = _bundled(event)
     thread = relations.get("m.thread")
@@ -63,11 +63,11 @@ def _ids_with_bundled(event: Dict[str, Any]) -> List[str]:
     return ids
 
 
-def is_later(event: Any, later: Set[str]) -> bool:
+def is_later(event: Any, later: set[str]) -> bool:
     return isinstance(event, dict) and event.get("event_id") in later
 
 
-def scrub_aggregations(event: Dict[str, Any], later: Set[str]) -> None:
+def scrub_aggregations(event: dict[str, Any], later: set[str]) -> None:
     """Drop bundled relations that were sent after the departure.
 
     A thread summary whose latest reply is later is dropped whole: its count

@@ -9,13 +9,15 @@ own departure event, so that it stops showing the user as joined
 import functools
 import json
 import re
-from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
 from matrix_leave_forget.history.later_events import hide_later
 
-Replacement = Tuple[int, bytes]
+Replacement = tuple[int, bytes]
 _MEMBER = "m.room.member"
 # Cheap tests on the encoded answer before parsing it (false positives only
 # cost a parse): a /sync "leave" section, and bundled relations.
@@ -73,12 +75,12 @@ def may_change(
     return _may_mention(named, forgotten)
 
 
-def _arg(request: Any, name: bytes) -> Optional[str]:
+def _arg(request: Any, name: bytes) -> str | None:
     values = (getattr(request, "args", None) or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def _departure_events(events: Any, user_id: str) -> List[Dict[str, Any]]:
+def _departure_events(events: Any, user_id: str) -> list[dict[str, Any]]:
     """The user's own leave/kick/ban membership events among events, in order."""
     if not isinstance(events, list):
         return []
@@ -102,17 +104,17 @@ class SyncGuard:
     def __init__(self, lookup: DepartureLookup) -> None:
         self._lookup = lookup
 
-    async def _departed_since(self, user_id: str, room_id: str, position: Optional[int]) -> bool:
+    async def _departed_since(self, user_id: str, room_id: str, position: int | None) -> bool:
         """Whether the user left room_id after the sync position (their device missed it)."""
         if position is None:
             return False
         departure = await self._lookup.departure(user_id, room_id)
         return departure is not None and departure.stream_ordering > position
 
-    async def _position(self, token: Optional[str]) -> Optional[int]:
+    async def _position(self, token: str | None) -> int | None:
         return await self._lookup.token_position(token) if token else None
 
-    async def check_sync(self, request: Any, user_id: str, body: bytes) -> Optional[Replacement]:
+    async def check_sync(self, request: Any, user_id: str, body: bytes) -> Replacement | None:
         """/sync v3: forgotten rooms leave every section; left rooms show nothing later.
 
         A device whose ``since`` predates the departure from a forgotten room gets
@@ -157,7 +159,7 @@ class SyncGuard:
             del rooms[section]
         return 200, encode(data)
 
-    async def _hide_later(self, user_id: str, room_id: str, lists: List[List[Any]]) -> bool:
+    async def _hide_later(self, user_id: str, room_id: str, lists: list[list[Any]]) -> bool:
         """Drop what was sent after user_id left room_id from lists (bundles included)."""
         departure = await self._lookup.departure(user_id, room_id)
         if departure is None or await self._lookup.world_readable(room_id):
@@ -165,16 +167,16 @@ class SyncGuard:
         return await hide_later(self._lookup, lists, departure)
 
     @staticmethod
-    def _sync_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
+    def _sync_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:
         """The room as a device that missed the departure gets it: the departure event only."""
-        timeline: Dict[str, Any] = (
+        timeline: dict[str, Any] = (
             entry["timeline"] if isinstance(entry.get("timeline"), dict) else {}
         )
-        state: Dict[str, Any] = entry["state"] if isinstance(entry.get("state"), dict) else {}
+        state: dict[str, Any] = entry["state"] if isinstance(entry.get("state"), dict) else {}
         found = _departure_events(timeline.get("events"), user_id) or _departure_events(
             state.get("events"), user_id
         )
-        stub: Dict[str, Any] = {}
+        stub: dict[str, Any] = {}
         for key, value in entry.items():
             if key == "timeline":
                 stub[key] = {"events": found[-1:], "limited": True}
@@ -186,7 +188,7 @@ class SyncGuard:
 
     async def check_sliding_sync(
         self, request: Any, user_id: str, body: bytes
-    ) -> Optional[Replacement]:
+    ) -> Replacement | None:
         """Simplified sliding sync: the same rule as /sync, in its shapes."""
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
@@ -195,7 +197,7 @@ class SyncGuard:
         data = decode(body)
         if not isinstance(data, dict):
             return None
-        rooms: Dict[str, Any] = data["rooms"] if isinstance(data.get("rooms"), dict) else {}
+        rooms: dict[str, Any] = data["rooms"] if isinstance(data.get("rooms"), dict) else {}
         listed = {
             room_id
             for entry in (data.get("lists") or {}).values()
@@ -249,12 +251,12 @@ class SyncGuard:
         return 200, encode(data)
 
     @staticmethod
-    def _sliding_stub(entry: Dict[str, Any], user_id: str) -> Dict[str, Any]:
+    def _sliding_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:
         """The departure event in the timeline and as the only required state; no room details."""
         found = _departure_events(entry.get("timeline"), user_id) or _departure_events(
             entry.get("required_state"), user_id
         )
-        stub: Dict[str, Any] = {"timeline": found[-1:], "limited": True}
+        stub: dict[str, Any] = {"timeline": found[-1:], "limited": True}
         if "required_state" in entry:
             stub["required_state"] = _departure_events(entry.get("required_state"), user_id)[-1:]
         for key in ("initial", "prev_batch", "membership"):
@@ -262,7 +264,7 @@ class SyncGuard:
                 stub[key] = entry[key]
         return stub
 
-    async def check_event_stream(self, user_id: str, body: bytes) -> Optional[Replacement]:
+    async def check_event_stream(self, user_id: str, body: bytes) -> Replacement | None:
         """The legacy /events stream: of a forgotten room only the user's departure passes."""
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
@@ -283,7 +285,7 @@ class SyncGuard:
         data["chunk"] = kept
         return 200, encode(data)
 
-    async def check_notifications(self, user_id: str, body: bytes) -> Optional[Replacement]:
+    async def check_notifications(self, user_id: str, body: bytes) -> Replacement | None:
         """/notifications: forgotten rooms' notifications are left out."""
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)

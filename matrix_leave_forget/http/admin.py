@@ -6,7 +6,8 @@ Server admins only. Every route is documented in the README's "Routes" section.
 import json
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 import attr
 from synapse.module_api import (
@@ -65,7 +66,7 @@ MAX_STR_ARG = 1024
 MAX_STORED_REASON_BYTES = 64 * 1024
 
 
-def _arg(request: SynapseRequest, name: str) -> Optional[str]:
+def _arg(request: SynapseRequest, name: str) -> str | None:
     values = request.args.get(name.encode())
     if not values:
         return None
@@ -78,7 +79,7 @@ def _arg(request: SynapseRequest, name: str) -> Optional[str]:
     return value
 
 
-def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Optional[int]:
+def _int_arg(request: SynapseRequest, name: str, default: int | None) -> int | None:
     value = _arg(request, name)
     if value is None:
         return default
@@ -93,7 +94,7 @@ def _int_arg(request: SynapseRequest, name: str, default: Optional[int]) -> Opti
     return number
 
 
-def _hold_reason(request: SynapseRequest) -> Optional[str]:
+def _hold_reason(request: SynapseRequest) -> str | None:
     """The ``reason`` of a PUT hold body: a string of storable text, bounded like leave reasons."""
     body = parse_json_object_from_request(request, allow_empty_body=True)
     reason = body.get("reason")
@@ -160,7 +161,7 @@ class AdminResource(DirectServeJsonResource):
         self._retention = retention
         self._internals = internals
 
-    async def _async_render(self, request: SynapseRequest) -> Optional[Tuple[int, Any]]:
+    async def _async_render(self, request: SynapseRequest) -> tuple[int, Any] | None:
         await self._ready()
         requester = await self._api.get_user_by_req(request)
         admin_id = requester.user.to_string()
@@ -203,7 +204,7 @@ class AdminResource(DirectServeJsonResource):
             raise SynapseError(405, "Unrecognized request", Codes.UNRECOGNIZED)
         raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
 
-    async def _list_rooms(self, request: SynapseRequest) -> Dict[str, Any]:
+    async def _list_rooms(self, request: SynapseRequest) -> dict[str, Any]:
         state = _arg(request, "state") or "forgotten"
         after = _arg(request, "from")
         limit = _limit_arg(request)
@@ -224,7 +225,7 @@ class AdminResource(DirectServeJsonResource):
                             "created_at": None,
                         },
                     )
-            rooms: List[Dict[str, Any]] = [held[r] for r in sorted(held)][:limit]
+            rooms: list[dict[str, Any]] = [held[r] for r in sorted(held)][:limit]
         elif state == "abandoned":
             room_ids = await self._api.run_db_interaction(
                 "leave_forget_abandoned_rooms",
@@ -242,12 +243,12 @@ class AdminResource(DirectServeJsonResource):
                 f"'state' must be one of {', '.join([*LISTINGS, 'held', 'abandoned'])}",
                 Codes.INVALID_PARAM,
             )
-        result: Dict[str, Any] = {"state": state, "rooms": rooms}
+        result: dict[str, Any] = {"state": state, "rooms": rooms}
         if len(rooms) == limit:
             result["next_from"] = rooms[-1]["room_id"]
         return result
 
-    async def _retention_status(self) -> Dict[str, Any]:
+    async def _retention_status(self) -> dict[str, Any]:
         """The purge backlog, the current rate and the estimated time to drain it.
 
         Counts come from the database, so every process answers alike; the
@@ -257,7 +258,7 @@ class AdminResource(DirectServeJsonResource):
         counts = await self._store.retention.backlog_counts(now, self._retention.holds)
         purged = await self._store.audit.count_purged_since(now - RATE_WINDOW_MS)
         rate = purged / (RATE_WINDOW_MS / 1000)
-        pacing: Optional[Dict[str, Any]] = None
+        pacing: dict[str, Any] | None = None
         if self._sweeper is not None and self._api.should_run_background_tasks():
             pacing = {"pumping": self._sweeper.pumping, **self._sweeper.pacer.snapshot()}
         if not rate and pacing is not None and pacing["estimated_rate_per_s"]:
@@ -281,7 +282,7 @@ class AdminResource(DirectServeJsonResource):
             "pacing": pacing,
         }
 
-    async def _room_detail(self, room_id: str) -> Dict[str, Any]:
+    async def _room_detail(self, room_id: str) -> dict[str, Any]:
         retention = await self._store.retention.get_room(room_id)
         members = await self._api.run_db_interaction(
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
@@ -305,7 +306,7 @@ class AdminResource(DirectServeJsonResource):
             ],
         }
 
-    async def _audit_page(self, request: SynapseRequest) -> Dict[str, Any]:
+    async def _audit_page(self, request: SynapseRequest) -> dict[str, Any]:
         limit = _limit_arg(request)
         entries = await self._store.audit.audit_page(
             user_id=_arg(request, "user_id"),
@@ -315,7 +316,7 @@ class AdminResource(DirectServeJsonResource):
             after_seq=_int_arg(request, "from", 0) or 0,
             limit=limit,
         )
-        result: Dict[str, Any] = {"entries": entries}
+        result: dict[str, Any] = {"entries": entries}
         if len(entries) == limit:
             result["next_from"] = entries[-1]["seq"]
         return result

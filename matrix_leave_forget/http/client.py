@@ -17,7 +17,8 @@ import logging
 import re
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 from synapse.module_api import (
     DirectServeJsonResource,
@@ -50,12 +51,12 @@ LEAVE_FORGET_PATH = re.compile(
 )
 
 
-def _unquote(value: Optional[str]) -> Optional[str]:
+def _unquote(value: str | None) -> str | None:
     # Exactly what Synapse's JsonResource does with path groups.
     return urllib.parse.unquote(value) if value else value
 
 
-def _is_served_shape(method: bytes, txn_id: Optional[str]) -> bool:
+def _is_served_shape(method: bytes, txn_id: str | None) -> bool:
     """POST .../leave and PUT .../leave/{txnId}: the two shapes Synapse registers."""
     return (method == b"POST" and txn_id is None) or (method == b"PUT" and txn_id is not None)
 
@@ -86,7 +87,7 @@ class LeaveForgetServlet(DirectServeJsonResource):
         self._txns = internals.new_transaction_cache()
         self._extra_content_keys = internals.extra_leave_content_keys()
 
-    async def _async_render(self, request: SynapseRequest) -> Tuple[int, Dict[str, Any]]:
+    async def _async_render(self, request: SynapseRequest) -> tuple[int, dict[str, Any]]:
         await self._ready()
         try:
             path = request.path.decode("ascii")
@@ -134,8 +135,8 @@ class LeaveForgetServlet(DirectServeJsonResource):
         requester: Requester,
         action: str,
         room_id: str,
-        txn_id: Optional[str],
-    ) -> Tuple[int, Dict[str, Any]]:
+        txn_id: str | None,
+    ) -> tuple[int, dict[str, Any]]:
         if action == "forget":
             await self._handler.forget(requester, room_id)
             return 200, {}
@@ -166,12 +167,12 @@ class MatrixNode(Resource):
         self,
         servlet: IResource,
         unrecognized: Resource,
-        children: Optional[Dict[bytes, IResource]] = None,
+        children: dict[bytes, IResource] | None = None,
     ) -> None:
         super().__init__()
         self._servlet = servlet
         self._unrecognized = unrecognized
-        self._history_guard: Optional[HistoryGuard] = None
+        self._history_guard: HistoryGuard | None = None
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
 
@@ -209,8 +210,8 @@ class InterceptingMatrixResource(MatrixNode):
 
     def __init__(self, servlet: IResource, unrecognized: Resource) -> None:
         self._server: Any = None
-        self._batches: List[Dict[bytes, IResource]] = []
-        self._pending: Dict[bytes, IResource] = {}
+        self._batches: list[dict[bytes, IResource]] = []
+        self._pending: dict[bytes, IResource] = {}
         super().__init__(servlet, unrecognized)
 
     def putChild(self, path: bytes, child: IResource) -> None:
@@ -229,7 +230,7 @@ class InterceptingMatrixResource(MatrixNode):
         self._batches.append(self._pending)
         self._pending = {}
 
-    def install(self, roots: List[Resource]) -> List[str]:
+    def install(self, roots: list[Resource]) -> list[str]:
         """Give each listener root that adopted this resource its own MatrixNode.
 
         Args:
@@ -239,7 +240,7 @@ class InterceptingMatrixResource(MatrixNode):
             Problems that mean interception is not what it should be.
         """
         adopters = [root for root in roots if root.children.get(b"_matrix") is self]
-        problems: List[str] = []
+        problems: list[str] = []
         if self._pending:
             names = ", ".join(sorted(n.decode() for n in self._pending))
             problems.append(

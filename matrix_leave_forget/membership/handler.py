@@ -8,7 +8,8 @@ retention store.
 """
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi, Requester
@@ -59,7 +60,7 @@ class MembershipHandler:
         config: LeaveForgetConfig,
         internals: "SynapseInternals",
         store: RetentionStore,
-        routes: Optional[SynapseRoutes] = None,
+        routes: SynapseRoutes | None = None,
     ) -> None:
         self._api = api
         self._config = config
@@ -68,7 +69,7 @@ class MembershipHandler:
         self._routes = routes or SynapseRoutes(api)
         # (user_id, room_id) of leaves this process's endpoint is serving: it
         # records them itself, with the device.
-        self._serving: Dict[Tuple[str, str], int] = {}
+        self._serving: dict[tuple[str, str], int] = {}
         limit = config.forget_rate_limit
         self._forget_limiter = (
             internals.new_ratelimiter(
@@ -88,10 +89,10 @@ class MembershipHandler:
         self,
         requester: Requester,
         room_id: str,
-        reason: Optional[str],
-        txn_id: Optional[str] = None,
-        extra_content: Optional[Dict[str, Any]] = None,
-    ) -> Optional[str]:
+        reason: str | None,
+        txn_id: str | None = None,
+        extra_content: dict[str, Any] | None = None,
+    ) -> str | None:
         """Leave room_id, reject an invite to it or rescind a knock on it.
 
         Args:
@@ -108,7 +109,7 @@ class MembershipHandler:
         Raises:
             SynapseError: exactly as Synapse's own endpoint would.
         """
-        content: Optional[Dict[str, Any]] = {"reason": reason} if reason is not None else None
+        content: dict[str, Any] | None = {"reason": reason} if reason is not None else None
         if extra_content:
             content = {**(content or {}), **extra_content}
         key = (requester.user.to_string(), room_id)
@@ -176,8 +177,8 @@ class MembershipHandler:
         user_id: str,
         room_id: str,
         via: str,
-        actor: Optional[str] = None,
-        device_id: Optional[str] = None,
+        actor: str | None = None,
+        device_id: str | None = None,
         schedule_purge: bool = True,
         record_noop: bool = True,
     ) -> None:
@@ -221,14 +222,14 @@ class MembershipHandler:
     # -- ForgetOps: Synapse's side of a forget, for ForgetWriter --------
 
     def forget_reads_txn(
-        self, txn: LoggingTransaction, pairs: Sequence[Tuple[str, str]]
-    ) -> Tuple[Dict[Tuple[str, str], str], Set[str]]:
+        self, txn: LoggingTransaction, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], str], set[str]]:
         return self._internals.forget_reads_txn(txn, pairs, _LIVE)
 
     def forget_rows_txn(
         self,
         txn: LoggingTransaction,
-        pairs: Sequence[Tuple[str, str]],
+        pairs: Sequence[tuple[str, str]],
         together: StatementBatch,
     ) -> None:
         forget_rows_txn(self._routes.store, txn, pairs, together)
@@ -239,14 +240,14 @@ class MembershipHandler:
 
     def why_not_forgotten_many_txn(
         self, txn: LoggingTransaction, room_ids: Sequence[str]
-    ) -> Dict[str, str]:
+    ) -> dict[str, str]:
         """Why each room some local user still has is remembered, set-based.
 
         Returns:
             {room_id: why} for the rooms that are still remembered.
         """
         known, with_members, members = self._internals.remembering_members_txn(txn, room_ids, _LIVE)
-        reasons: Dict[str, str] = {}
+        reasons: dict[str, str] = {}
         for room_id in room_ids:
             if room_id not in known:
                 reasons[room_id] = "unknown room"
@@ -274,7 +275,7 @@ class MembershipHandler:
         requester: Requester,
         action: str,
         room_id: str,
-        reason: Optional[str],
+        reason: str | None,
         error: SynapseError,
     ) -> None:
         """Record a refused request within the user's refusal budget (docs/audit.md).
@@ -304,7 +305,7 @@ class MembershipHandler:
         )
 
 
-def storable_reason(reason: Optional[str]) -> Optional[str]:
+def storable_reason(reason: str | None) -> str | None:
     """A successful leave's reason as the audit log keeps it: whole.
 
     It is in the event already, so it is no larger than an event (64 KiB).

@@ -20,7 +20,8 @@ The vocabulary of ``via`` is documented in docs/audit.md "Routes".
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from synapse.module_api import ModuleApi
 
@@ -60,7 +61,7 @@ _STATE_API = re.compile(r"/rooms/[^/]+/state/m\.room\.member/")
 _KICK = re.compile(r"/rooms/[^/]+/kick(/|$|\?)")
 
 
-def departure_fields(departure: Departure, via: str, actor: Optional[str]) -> AuditFields:
+def departure_fields(departure: Departure, via: str, actor: str | None) -> AuditFields:
     """The audit entry of a departure read from Synapse's events."""
     return AuditFields(
         action="leave",
@@ -75,7 +76,7 @@ def departure_fields(departure: Departure, via: str, actor: Optional[str]) -> Au
     )
 
 
-def departure_from_row(row: Tuple[int, str, str, str, str, str, int, Optional[str]]) -> Departure:
+def departure_from_row(row: tuple[int, str, str, str, str, str, int, str | None]) -> Departure:
     """A departure from a row of SynapseRoutes.departures_txn."""
     return Departure(
         stream_ordering=row[0],
@@ -89,7 +90,7 @@ def departure_from_row(row: Tuple[int, str, str, str, str, str, int, Optional[st
     )
 
 
-def _reason(content: Any) -> Optional[str]:
+def _reason(content: Any) -> str | None:
     reason = content.get("reason") if hasattr(content, "get") else None
     return reason if isinstance(reason, str) else None
 
@@ -122,9 +123,9 @@ class RouteObserver:
         self._handler = handler
         self._store = store
         # Rooms an admin is deleting on this process: room_id -> (admin, since).
-        self._shutdowns: Dict[str, Tuple[str, int]] = {}
+        self._shutdowns: dict[str, tuple[str, int]] = {}
         # Users an admin deactivated on this process: user_id -> admin.
-        self._deactivated_by: Dict[str, str] = {}
+        self._deactivated_by: dict[str, str] = {}
 
     async def synapse_forget(self, user_id: str, room_id: str, schedule_purge: bool) -> None:
         """Synapse's own forget, from any of its routes (SynapseRoutes.take_over_forget)."""
@@ -145,7 +146,7 @@ class RouteObserver:
         )
 
     async def _record_leave_before_forget(
-        self, user_id: str, room_id: str, via: str, actor: Optional[str]
+        self, user_id: str, room_id: str, via: str, actor: str | None
     ) -> None:
         """Make sure the leave a Synapse route forgets after is in the log first.
 
@@ -213,7 +214,7 @@ class RouteObserver:
             desc="leave_forget_unseen_route",
         )
 
-    async def stream_route(self, departure: Departure) -> Tuple[str, Optional[str]]:
+    async def stream_route(self, departure: Departure) -> tuple[str, str | None]:
         """(via, actor) of a departure read from the events stream, without its request.
 
         Used where Synapse cannot run on_new_event safely (see
@@ -232,7 +233,7 @@ class RouteObserver:
 
     async def _self_departure_route(
         self, user_id: str, room_id: str
-    ) -> Optional[Tuple[str, Optional[str]]]:
+    ) -> tuple[str, str | None] | None:
         """(via, actor) of a leave a user sent themselves, None if not visible here."""
         shutdown = self._shutdown_actor(room_id)
         if shutdown is not None:
@@ -250,7 +251,7 @@ class RouteObserver:
             return VIA_KICK, None
         return VIA_CLIENT, None
 
-    async def _record_departure(self, departure: Departure, via: str, actor: Optional[str]) -> None:
+    async def _record_departure(self, departure: Departure, via: str, actor: str | None) -> None:
         fields = departure_fields(departure, via, actor)
         try:
             await self._store.record_departure(fields)
@@ -268,7 +269,7 @@ class RouteObserver:
             "leave_forget_user_departing", SynapseRoutes.user_departing_txn, user_id
         )
 
-    def _shutdown_actor(self, room_id: str) -> Optional[str]:
+    def _shutdown_actor(self, room_id: str) -> str | None:
         shutdown = self._shutdowns.get(room_id)
         if shutdown is None:
             return None
@@ -277,7 +278,7 @@ class RouteObserver:
             return None
         return shutdown[0]
 
-    async def check_can_shutdown_room(self, user_id: Optional[str], room_id: str) -> bool:
+    async def check_can_shutdown_room(self, user_id: str | None, room_id: str) -> bool:
         """Note an admin's room deletion (always allowed): its leaves and forgets name them."""
         if user_id is not None:
             self._shutdowns[room_id] = (user_id, _now_ms())

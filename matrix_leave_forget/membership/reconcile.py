@@ -24,7 +24,8 @@ for another worker) always record first.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import attr
 from synapse.module_api import ModuleApi
@@ -48,7 +49,7 @@ CATCH_UP_INTERVAL_MS = 60 * 1000
 LIVE_INTERVAL_MS = 2 * 1000
 
 # (departure) -> (via, actor) of a departure read from the stream.
-StreamRoute = Callable[[Departure], Awaitable[Tuple[str, Optional[str]]]]
+StreamRoute = Callable[[Departure], Awaitable[tuple[str, str | None]]]
 
 
 class Reconciler:
@@ -67,16 +68,16 @@ class Reconciler:
         api: ModuleApi,
         store: RetentionStore,
         routes: "SynapseRoutes",
-        live: Optional[StreamRoute] = None,
+        live: StreamRoute | None = None,
     ) -> None:
         self._api = api
         self._store = store
         self._routes = routes
         self._live = live
         # The head of the stream at the previous periodic run.
-        self._previous_head: Optional[int] = None
+        self._previous_head: int | None = None
 
-    async def run(self) -> Dict[str, int]:
+    async def run(self) -> dict[str, int]:
         """Catch up to the head of the stream (at start-up); counts for logs and tests."""
         started = time.perf_counter()
         head = await self._head()
@@ -113,7 +114,7 @@ class Reconciler:
                     counts["leaves"],
                 )
 
-    async def catch_up(self, upto: int, live: Optional[StreamRoute] = None) -> Dict[str, int]:
+    async def catch_up(self, upto: int, live: StreamRoute | None = None) -> dict[str, int]:
         """Record missing departures up to stream position ``upto``, in batches.
 
         Args:

@@ -28,7 +28,8 @@ Pure logic on an injected clock, so that it is unit-tested without Synapse.
 
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 # Busy time (s) the bucket lets run ahead of the budget: purges start while the
 # debt is below this, so a burst of a second or so runs at full concurrency.
@@ -69,17 +70,17 @@ class PurgePacer:
         # The operator's bound until the server shows strain (AIMD from the top,
         # as Synapse's own scheduler starts its 5 at once).
         self.window = float(max_concurrent)
-        self.typical_s: Optional[float] = None
+        self.typical_s: float | None = None
         self._debt_s = 0.0
         self._debt_at = clock()
-        self._done: Deque[float] = collections.deque()
+        self._done: collections.deque[float] = collections.deque()
         self._busy = False
         self._decreased_at = -1e9
-        self.idle_probe_s: Optional[float] = None
+        self.idle_probe_s: float | None = None
         self.slow_purges = 0
         self.slow_probes = 0
 
-    def _settle(self, in_flight: Optional[int] = None) -> float:
+    def _settle(self, in_flight: int | None = None) -> float:
         """Bring the debt up to now; ``in_flight`` is the count from now on."""
         now = self._clock()
         elapsed = now - self._debt_at
@@ -92,7 +93,7 @@ class PurgePacer:
             self._busy = in_flight > 0
         return now
 
-    def slots(self, in_flight: int, working: Optional[int] = None) -> int:
+    def slots(self, in_flight: int, working: int | None = None) -> int:
         """How many purges may start now, with ``in_flight`` already running.
 
         Args:
@@ -107,7 +108,7 @@ class PurgePacer:
             return 0
         return max(0, min(self.max_concurrent, int(self.window)) - in_flight)
 
-    def started(self, in_flight: int, working: Optional[int] = None) -> None:
+    def started(self, in_flight: int, working: int | None = None) -> None:
         """Purges were started: ``in_flight`` are running now (``working``: as in slots)."""
         self._settle(in_flight if working is None else working)
 
@@ -137,7 +138,7 @@ class PurgePacer:
             self.slow_probes += 1
             self._decrease()
 
-    def finished(self, duration_s: float, in_flight: int, working: Optional[int] = None) -> None:
+    def finished(self, duration_s: float, in_flight: int, working: int | None = None) -> None:
         """A purge took ``duration_s`` (``in_flight`` still running; ``working``:
         as in slots): adapt the window."""
         now = self._settle(in_flight if working is None else working)
@@ -170,13 +171,13 @@ class PurgePacer:
         span = min(RATE_WINDOW_S, max(now - self._done[0], 1.0))
         return len(self._done) / span
 
-    def estimated_rate_per_s(self) -> Optional[float]:
+    def estimated_rate_per_s(self) -> float | None:
         """The steady rate the budget allows at the typical duration, if known."""
         if not self.typical_s:
             return None
         return self.load * max(1.0, self.window) / self.typical_s
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """The pacer's state, for the admin API."""
         estimated = self.estimated_rate_per_s()
         return {

@@ -8,7 +8,9 @@ log's ``*_txn`` methods, after its chain lock).
 """
 
 import time
-from typing import AbstractSet, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi
@@ -31,12 +33,12 @@ class RoomRetention:
 
     room_id: str
     state: str
-    forgotten_at: Optional[int]
-    purge_due_at: Optional[int]
-    purge_started_at: Optional[int]
-    purged_at: Optional[int]
-    cancelled_at: Optional[int]
-    note: Optional[str]
+    forgotten_at: int | None
+    purge_due_at: int | None
+    purge_started_at: int | None
+    purged_at: int | None
+    cancelled_at: int | None
+    note: str | None
     updated_at: int
 
 
@@ -45,7 +47,7 @@ _ROOM_COLUMNS = ", ".join(f.name for f in attr.fields(RoomRetention))
 # Decides, inside a transaction, which rooms some local user still has:
 # (txn, room_ids) -> {room_id: why not forgotten by all}. Provided by the
 # handler, which asks Synapse's tables through the internals façade.
-ForgottenCheckMany = Callable[[LoggingTransaction, Sequence[str]], Dict[str, str]]
+ForgottenCheckMany = Callable[[LoggingTransaction, Sequence[str]], dict[str, str]]
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -59,10 +61,10 @@ class DueDecisions:
         timings_ms: Where the transaction's time went, for logs and benchmarks.
     """
 
-    decided: List[str]
-    cancelled: List[Tuple[str, str]]
+    decided: list[str]
+    cancelled: list[tuple[str, str]]
     more: bool
-    timings_ms: Dict[str, float]
+    timings_ms: dict[str, float]
 
 
 class RetentionState:
@@ -92,8 +94,8 @@ class RetentionState:
         txn: LoggingTransaction,
         room_id: str,
         now: int,
-        retention_period_ms: Optional[int],
-        note: Optional[str],
+        retention_period_ms: int | None,
+        note: str | None,
     ) -> None:
         """(Re)start the room's period as forgotten by every local user at ``now``."""
         self._upsert_room_txn(
@@ -114,8 +116,8 @@ class RetentionState:
         txn: LoggingTransaction,
         room_id: str,
         now: int,
-        retention_period_ms: Optional[int],
-    ) -> Optional[RoomRetention]:
+        retention_period_ms: int | None,
+    ) -> RoomRetention | None:
         """Mark a room every local user has now forgotten, at a forget at ``now``.
 
         Returns:
@@ -135,18 +137,18 @@ class RetentionState:
         return self.get_room_txn(txn, room_id)
 
     @staticmethod
-    def get_room_txn(txn: LoggingTransaction, room_id: str) -> Optional[RoomRetention]:
+    def get_room_txn(txn: LoggingTransaction, room_id: str) -> RoomRetention | None:
         txn.execute(f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
         row = txn.fetchone()
         return RoomRetention(*row) if row else None
 
-    async def get_room(self, room_id: str) -> Optional[RoomRetention]:
+    async def get_room(self, room_id: str) -> RoomRetention | None:
         return await self._api.run_db_interaction(
             "leave_forget_get_room", self.get_room_txn, room_id
         )
 
-    async def get_in_state(self, state: str, limit: int) -> List[str]:
-        def txn_fn(txn: LoggingTransaction) -> List[str]:
+    async def get_in_state(self, state: str, limit: int) -> list[str]:
+        def txn_fn(txn: LoggingTransaction) -> list[str]:
             txn.execute(
                 "SELECT room_id FROM leave_forget_rooms WHERE state = ? "
                 "ORDER BY updated_at LIMIT ?",
@@ -177,7 +179,7 @@ class RetentionState:
 
         def txn_fn(txn: LoggingTransaction) -> DueDecisions:
             clock = time.perf_counter()
-            timings: Dict[str, float] = {}
+            timings: dict[str, float] = {}
 
             def lap(name: str) -> None:
                 nonlocal clock
@@ -243,7 +245,7 @@ class RetentionState:
 
         return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
 
-    async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> Dict[str, int]:
+    async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> dict[str, int]:
         """What retention has to do (see retention_counts_txn), in one transaction."""
         return await self._api.run_db_interaction(
             "leave_forget_backlog_counts", retention_counts_txn, now, config_holds
@@ -270,7 +272,7 @@ class RetentionState:
         txn.execute("SELECT 1 FROM leave_forget_holds WHERE room_id = ?", (room_id,))
         return txn.fetchone() is not None
 
-    async def put_hold(self, room_id: str, held_by: str, reason: Optional[str]) -> bool:
+    async def put_hold(self, room_id: str, held_by: str, reason: str | None) -> bool:
         """Hold a room; False if it was already held."""
 
         def txn_fn(txn: LoggingTransaction) -> bool:
@@ -307,16 +309,16 @@ class RetentionState:
 
         return await self._api.run_db_interaction("leave_forget_lift_hold", txn_fn)
 
-    async def get_holds_page(self, after: Optional[str], limit: int) -> List[Dict[str, Any]]:
+    async def get_holds_page(self, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Holds placed through the admin API, keyset-paged by room id."""
         return await self._api.run_db_interaction(
             "leave_forget_get_holds_page", select_holds_page_txn, after, limit
         )
 
-    async def get_hold(self, room_id: str) -> Optional[Dict[str, Any]]:
+    async def get_hold(self, room_id: str) -> dict[str, Any] | None:
         """The hold placed on room_id through the admin API, if any."""
 
-        def txn_fn(txn: LoggingTransaction) -> Optional[Dict[str, Any]]:
+        def txn_fn(txn: LoggingTransaction) -> dict[str, Any] | None:
             txn.execute(
                 f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id = ?", (room_id,)
             )
@@ -326,8 +328,8 @@ class RetentionState:
         return await self._api.run_db_interaction("leave_forget_get_hold", txn_fn)
 
     async def list_rooms(
-        self, states: Iterable[str], after: Optional[str], limit: int
-    ) -> List[RoomRetention]:
+        self, states: Iterable[str], after: str | None, limit: int
+    ) -> list[RoomRetention]:
         """Rooms in any of ``states``, by room id, paged by keyset."""
         return await self._api.run_db_interaction(
             "leave_forget_list_rooms", list_rooms_txn, list(states), after, limit
@@ -337,10 +339,10 @@ class RetentionState:
 def list_rooms_txn(
     txn: Any,
     states: Sequence[str],
-    after: Optional[str],
+    after: str | None,
     limit: int,
     paramstyle: str = "?",
-) -> List[RoomRetention]:
+) -> list[RoomRetention]:
     """Rooms in any of ``states``, by room id after ``after``; shared with the offline CLI.
 
     Args:
@@ -352,7 +354,7 @@ def list_rooms_txn(
         f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms "
         "WHERE state = ? AND room_id > ? ORDER BY room_id LIMIT ?"
     )
-    args: List[Any] = []
+    args: list[Any] = []
     for state in states:
         args.extend((state, after or "", limit))
     if len(states) == 1:
@@ -369,7 +371,7 @@ def list_rooms_txn(
 
 def retention_counts_txn(
     txn: Any, now: int, config_holds: AbstractSet[str], paramstyle: str = "?"
-) -> Dict[str, int]:
+) -> dict[str, int]:
     """What retention has to do: a few index ranges; shared with the offline CLI.
 
     Returns:
@@ -418,8 +420,8 @@ def retention_counts_txn(
 
 
 def select_holds_page_txn(
-    txn: Any, after: Optional[str], limit: int, paramstyle: str = "?"
-) -> List[Dict[str, Any]]:
+    txn: Any, after: str | None, limit: int, paramstyle: str = "?"
+) -> list[dict[str, Any]]:
     """Holds placed through the admin API, by room id after ``after``, at most ``limit``."""
     sql = (
         f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id > ? ORDER BY room_id LIMIT ?"
@@ -428,7 +430,7 @@ def select_holds_page_txn(
     return [_hold_dict(r) for r in txn.fetchall()]
 
 
-def select_holds_txn(txn: Any) -> List[Dict[str, Any]]:
+def select_holds_txn(txn: Any) -> list[dict[str, Any]]:
     """Every hold placed through the admin API, by room id; shared with the offline CLI."""
     txn.execute(f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds ORDER BY room_id")
     return [_hold_dict(r) for r in txn.fetchall()]
@@ -438,15 +440,15 @@ _HOLD_COLUMNS = "room_id, held_by, reason, created_at, reason_escaped"
 
 
 def _hold_values(
-    room_id: str, held_by: str, reason: Optional[str], created_at: int
-) -> Tuple[Any, ...]:
+    room_id: str, held_by: str, reason: str | None, created_at: int
+) -> tuple[Any, ...]:
     """A hold row: a reason neither engine can store as-is is stored escaped, and marked."""
     if reason is not None and needs_escape(reason):
         return room_id, held_by, escape_text(reason), created_at, 1
     return room_id, held_by, reason, created_at, None
 
 
-def _hold_dict(r: Sequence[Any]) -> Dict[str, Any]:
+def _hold_dict(r: Sequence[Any]) -> dict[str, Any]:
     """A hold row (_HOLD_COLUMNS) as the admin API and the CLI show it: the reason as given."""
     reason = unescape_text(r[2]) if r[4] and r[2] is not None else r[2]
     return {"room_id": r[0], "held_by": r[1], "reason": reason, "created_at": r[3]}

@@ -18,7 +18,7 @@ immediately before Synapse is asked to purge it, however long it queued.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Set
+from typing import TYPE_CHECKING
 
 import attr
 from synapse.module_api import ModuleApi
@@ -70,7 +70,7 @@ class _InFlight:
         retry_at_ms: After a failure, when to ask again (0: not waiting).
     """
 
-    requested_ms: Optional[int] = None
+    requested_ms: int | None = None
     attempts: int = 0
     retry_at_ms: int = 0
 
@@ -108,24 +108,24 @@ class RetentionSweeper:
         self.pacer = PurgePacer(config.max_concurrent_purges, config.purge_load)
         # Rooms in "purging" that this process follows (loaded from the
         # database when the pump starts, so a restart resumes them).
-        self._in_flight: Dict[str, _InFlight] = {}
+        self._in_flight: dict[str, _InFlight] = {}
         # Rooms whose purge Synapse resumed from an earlier process, once reported.
-        self._resumed: Set[str] = set()
+        self._resumed: set[str] = set()
         self._pumping = False
         self._due_checked = 0.0
         # The backlog as last counted, lowered as the pump decides rooms.
         self._backlog = 0
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
-        self.last_stats: Dict[str, float] = {}
+        self.last_stats: dict[str, float] = {}
         # The pump's work so far, for benchmarks: rounds and transactions.
-        self.pump_stats: Dict[str, int] = {"rounds": 0, "follow_transactions": 0}
+        self.pump_stats: dict[str, int] = {"rounds": 0, "follow_transactions": 0}
 
     @property
     def pumping(self) -> bool:
         """Whether the purge pump is running in this process."""
         return self._pumping
 
-    async def sweep(self) -> Dict[str, int]:
+    async def sweep(self) -> dict[str, int]:
         """One pass: count the backlog and make sure the pump drains it.
 
         Under ``dry_run`` nothing is purged, so nothing is paced: every due room
@@ -134,11 +134,11 @@ class RetentionSweeper:
         Returns:
             How many rooms ended in each outcome, for logs and tests.
         """
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         now = now_ms()
         server_name = self._api.server_name
         started = time.monotonic()
-        stats: Dict[str, float] = {"transactions": 0}
+        stats: dict[str, float] = {"transactions": 0}
         if self._config.dry_run:
             await self._decide_all(now, counts, stats)
         backlog = await self._store.retention.backlog_counts(now, self._config.holds)
@@ -169,7 +169,7 @@ class RetentionSweeper:
             logger.debug("Retention sweep: backlog %s", backlog)
         return counts
 
-    async def _decide_all(self, now: int, counts: Dict[str, int], stats: Dict[str, float]) -> None:
+    async def _decide_all(self, now: int, counts: dict[str, int], stats: dict[str, float]) -> None:
         """Decide every room due at ``now``, DECIDE_BATCH per transaction (dry run)."""
         # Each transaction decides a batch of due rooms (oldest first) and
         # takes them out of "forgotten", so every one makes progress; `now`
@@ -191,7 +191,7 @@ class RetentionSweeper:
                 break
 
     def _count_decisions(
-        self, decided: List[str], cancelled: int, started: float, counts: Dict[str, int]
+        self, decided: list[str], cancelled: int, started: float, counts: dict[str, int]
     ) -> None:
         server_name = self._api.server_name
         per_room = (time.monotonic() - started) / max(1, len(decided) + cancelled)

@@ -1,7 +1,7 @@
 """Base class for tests that run against a real Synapse subprocess."""
 
 import atexit
-from typing import Any, ClassVar, Dict, Optional, Type
+from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,10 +17,10 @@ class ClassFixtures:
     unittest-style runner calling setUpClass first does no harm.
     """
 
-    current: ClassVar[Optional[Type["SynapseTestCase"]]] = None
+    current: ClassVar[type["SynapseTestCase"] | None] = None
 
     @classmethod
-    def enter(cls, test_class: Type["SynapseTestCase"]) -> None:
+    def enter(cls, test_class: type["SynapseTestCase"]) -> None:
         if cls.current is test_class:
             return
         cls.leave()
@@ -52,11 +52,11 @@ class SynapseTestCase(SynchronousTestCase):
     MODULE_CONFIG / EXTRA_CONFIG. ``self.hs`` is the running SynapseProcess.
     """
 
-    _boot_failure: ClassVar[Optional[str]] = None
+    _boot_failure: ClassVar[str | None] = None
 
     MODE: ClassVar[str] = "intercept"
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {}
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = {}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {}
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = {}
     hs: ClassVar[SynapseProcess]
 
     def setUp(self) -> None:
@@ -87,7 +87,7 @@ class SynapseTestCase(SynchronousTestCase):
         return self.hs.client_port if self.MODE == "intercept" else self.hs.module_port
 
     def via_module(
-        self, method: str, room_id: Optional[str], action: str, body: Any = None, **kw: Any
+        self, method: str, room_id: str | None, action: str, body: Any = None, **kw: Any
     ) -> Response:
         """Call /rooms/{roomId}/{action} through the module (room_id percent-encoded)."""
         path = kw.pop("path", None) or (

@@ -1,6 +1,6 @@
 """A stand-in for another operator module that serves a resource of its own."""
 
-from typing import Any, Dict
+from typing import Any
 
 from synapse.module_api import ModuleApi
 from twisted.web.resource import Resource
@@ -17,9 +17,9 @@ class _Hello(Resource):
 class PathClaimingModule:
     """Registers a resource at ``config["path"]``, as many real modules do."""
 
-    def __init__(self, config: Dict[str, Any], api: ModuleApi) -> None:
+    def __init__(self, config: dict[str, Any], api: ModuleApi) -> None:
         api.register_web_resource(config["path"], _Hello())
 
     @staticmethod
-    def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    def parse_config(config: dict[str, Any]) -> dict[str, Any]:
         return config

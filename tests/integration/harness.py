@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import attr
 import yaml
@@ -49,7 +50,7 @@ def _ephemeral_low() -> int:
 # is also one it hands to outgoing connections (the tests', Synapse's, PostgreSQL
 # clients'), which can take it between the choice and Synapse's bind.
 _PORTS = (max(1024, _ephemeral_low() - 12000), _ephemeral_low())
-_handed_out: Set[int] = set()
+_handed_out: set[int] = set()
 _random = random.SystemRandom()
 
 
@@ -83,7 +84,7 @@ class Response:
     headers: Mapping[str, str]
 
     @property
-    def errcode(self) -> Optional[str]:
+    def errcode(self) -> str | None:
         if isinstance(self.body, dict):
             return self.body.get("errcode")
         return None
@@ -95,7 +96,7 @@ class User:
 
     user_id: str
     access_token: str
-    device_id: Optional[str]
+    device_id: str | None
     is_guest: bool = False
 
 
@@ -105,13 +106,13 @@ def request(
     path: str,
     body: Any = None,
     *,
-    token: Optional[str] = None,
-    raw_body: Optional[bytes] = None,
-    headers: Optional[Mapping[str, str]] = None,
+    token: str | None = None,
+    raw_body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
     timeout: float = 30.0,
-    source_ip: Optional[str] = None,
+    source_ip: str | None = None,
     tls: bool = False,
-    unix_socket: Optional[str] = None,
+    unix_socket: str | None = None,
 ) -> Response:
     """Send one HTTP request to 127.0.0.1:port and decode a JSON answer.
 
@@ -137,7 +138,7 @@ def request(
     send_headers = dict(headers or {})
     if token is not None:
         send_headers["Authorization"] = f"Bearer {token}"
-    payload: Optional[bytes] = raw_body
+    payload: bytes | None = raw_body
     if payload is None and body is not None:
         payload = json.dumps(body).encode()
     if payload is not None:
@@ -216,7 +217,7 @@ def wait_while_progressing(
 
 
 def run_cli(
-    config_path: str, *args: str, timeout: float = 120, cwd: Optional[str] = None
+    config_path: str, *args: str, timeout: float = 120, cwd: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``matrix-leave-forget -c config_path args...`` as its own process."""
     return subprocess.run(
@@ -228,9 +229,9 @@ def run_cli(
     )
 
 
-def pg_connect_args(dbname: Optional[str]) -> Dict[str, Any]:
+def pg_connect_args(dbname: str | None) -> dict[str, Any]:
     """psycopg2 connection args for the test PostgreSQL server (PG* variables)."""
-    args: Dict[str, Any] = {
+    args: dict[str, Any] = {
         "user": os.environ.get("PGUSER", "postgres"),
         "host": os.environ.get("PGHOST", "127.0.0.1"),
         "port": int(os.environ.get("PGPORT", "5432")),
@@ -278,7 +279,7 @@ def drop_pg_database(name: str) -> None:
         conn.close()
 
 
-def write_self_signed_cert(directory: str) -> Dict[str, str]:
+def write_self_signed_cert(directory: str) -> dict[str, str]:
     """A self-signed certificate for 127.0.0.1 and its key, as PEM files in directory.
 
     Returns:
@@ -326,7 +327,7 @@ def write_self_signed_cert(directory: str) -> Dict[str, str]:
     return paths
 
 
-def every_kind_of_client_listener(workdir: str) -> Dict[str, Any]:
+def every_kind_of_client_listener(workdir: str) -> dict[str, Any]:
     """Client listeners of every kind Synapse has, to add to a process's listeners.
 
     Returns:
@@ -388,7 +389,7 @@ class ListeningProcess:
     _stderr_path: str = ""
 
     def tail_logs(self, lines: int = 60) -> str:
-        out: List[str] = []
+        out: list[str] = []
         for path in (self._stderr_path, self.log_path):
             if path and os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -423,15 +424,15 @@ class SynapseProcess(ListeningProcess):
 
     def __init__(
         self,
-        module_config: Optional[Dict[str, Any]] = None,
-        extra_config: Optional[Dict[str, Any]] = None,
-        database: Optional[str] = None,
-        workdir: Optional[str] = None,
+        module_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+        database: str | None = None,
+        workdir: str | None = None,
     ) -> None:
         self.module_config = module_config
         self.extra_config = extra_config or {}
         self.database = database or os.environ.get("MLF_TEST_DATABASE", "sqlite")
-        self.pg_database: Optional[str] = None
+        self.pg_database: str | None = None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="mlf-synapse-")
         self.client_port = free_port()
@@ -439,27 +440,27 @@ class SynapseProcess(ListeningProcess):
         self.metrics_port = free_port()
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         self.log_path = os.path.join(self.workdir, "homeserver.log")
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
         if self.database == "postgres":
             self.pg_database = create_pg_database()
         self._write_config()
 
     # -- configuration ---------------------------------------------------
 
-    def homeserver_config(self) -> Dict[str, Any]:
+    def homeserver_config(self) -> dict[str, Any]:
         """The full homeserver.yaml this process runs with."""
         key_path = os.path.join(self.workdir, "signing.key")
         if not os.path.exists(key_path):
             with open(key_path, "w") as f:
                 write_signing_keys(f, [generate_signing_key("a_test")])
         if self.database == "sqlite":
-            database: Dict[str, Any] = {
+            database: dict[str, Any] = {
                 "name": "sqlite3",
                 "args": {"database": os.path.join(self.workdir, "homeserver.db")},
             }
         else:
             database = {"name": "psycopg2", "args": pg_connect_args(self.pg_database)}
-        config: Dict[str, Any] = {
+        config: dict[str, Any] = {
             "server_name": SERVER_NAME,
             "public_baseurl": f"http://127.0.0.1:{self.client_port}/",
             "pid_file": os.path.join(self.workdir, "homeserver.pid"),
@@ -575,8 +576,8 @@ class SynapseProcess(ListeningProcess):
 
     def reconfigure(
         self,
-        module_config: Optional[Dict[str, Any]] = None,
-        extra_config: Optional[Dict[str, Any]] = None,
+        module_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         """Change the configuration; takes effect at the next start."""
         if module_config is not None:
@@ -738,7 +739,7 @@ class SynapseProcess(ListeningProcess):
             path = f"/_matrix/client/v3/rooms/{quote_room(room_id)}/{action}"
         return self.client("POST", path, body or {}, token=user.access_token)
 
-    def member_event(self, admin: User, room_id: str, user_id: str) -> Optional[Dict[str, Any]]:
+    def member_event(self, admin: User, room_id: str, user_id: str) -> dict[str, Any] | None:
         """The current m.room.member event for user_id, read through the admin API."""
         resp = self.client(
             "GET",
@@ -752,7 +753,7 @@ class SynapseProcess(ListeningProcess):
                 return dict(event)
         return None
 
-    def sync_rooms(self, user: User) -> Dict[str, Any]:
+    def sync_rooms(self, user: User) -> dict[str, Any]:
         """The rooms section of an initial /sync."""
         resp = self.client(
             "GET",

@@ -33,8 +33,9 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import attr
 
@@ -103,7 +104,7 @@ class Member:
 
     user: User
     device_b: User
-    tokens: Dict[str, str] = attr.Factory(dict)
+    tokens: dict[str, str] = attr.Factory(dict)
 
 
 @attr.s(auto_attribs=True)
@@ -115,11 +116,11 @@ class Room:
     stage: str
     member: Member
     room_id: str = ""
-    ids: Dict[str, str] = attr.Factory(dict)  # label -> event id (labels the test sent)
-    labels: Dict[str, str] = attr.Factory(dict)  # event id -> label (every event)
-    order: List[str] = attr.Factory(list)  # labels in timeline order
+    ids: dict[str, str] = attr.Factory(dict)  # label -> event id (labels the test sent)
+    labels: dict[str, str] = attr.Factory(dict)  # event id -> label (every event)
+    order: list[str] = attr.Factory(list)  # labels in timeline order
     departure: str = ""  # label of member's departure event
-    after: Tuple[str, ...] = ()  # labels of the events sent after the departure
+    after: tuple[str, ...] = ()  # labels of the events sent after the departure
 
     @property
     def key(self) -> str:
@@ -171,8 +172,8 @@ class World:
     def __init__(
         self,
         hs: SynapseProcess,
-        rooms: Sequence[Tuple[str, str, str]],
-        read_via: Optional[ListeningProcess] = None,
+        rooms: Sequence[tuple[str, str, str]],
+        read_via: ListeningProcess | None = None,
     ) -> None:
         self.hs = hs
         # Where the reads go: the main process, or a worker of its deployment.
@@ -184,7 +185,7 @@ class World:
             self.members[stage] = Member(user, hs.login(user))
         self.stranger = hs.register("stranger")
         self.rooms = [Room(k, v, s, self.members[s]) for k, v, s in rooms]
-        self._memo: Dict[Tuple[Any, ...], Any] = {}
+        self._memo: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
 
     # -- building ---------------------------------------------------------
@@ -194,7 +195,7 @@ class World:
             raise RuntimeError(f"{what}: {resp.status} {resp.body}")
         return resp
 
-    def send(self, user: User, room: Room, label: str, content: Dict[str, Any]) -> str:
+    def send(self, user: User, room: Room, label: str, content: dict[str, Any]) -> str:
         content = {**content, LABEL: label}
         resp = self.hs.client(
             "PUT",
@@ -337,9 +338,9 @@ class World:
             ),
             "owner's timeline",
         )
-        seen: Dict[str, int] = {}
+        seen: dict[str, int] = {}
         departed = False
-        after: List[str] = []
+        after: list[str] = []
         for event in resp.body["chunk"]:
             content = event.get("content", {})
             label = content.get(LABEL) or (
@@ -418,5 +419,5 @@ class World:
         return resp
 
 
-def all_rooms() -> List[Tuple[str, str, str]]:
+def all_rooms() -> list[tuple[str, str, str]]:
     return [(k, v, s) for k in KINDS for v in VISIBILITIES for s in STAGES]

@@ -14,7 +14,8 @@ user and a never-member (the table in the report on issue 9).
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import attr
 
@@ -50,13 +51,13 @@ class Outcome:
     """
 
     status: int
-    errcode: Optional[str]
-    labels: Tuple[str, ...]
-    where: Tuple[Any, ...] = ()
-    state_labels: Tuple[str, ...] = ()
+    errcode: str | None
+    labels: tuple[str, ...]
+    where: tuple[Any, ...] = ()
+    state_labels: tuple[str, ...] = ()
 
     @property
-    def error(self) -> Tuple[int, Optional[str]]:
+    def error(self) -> tuple[int, str | None]:
         return (self.status, self.errcode)
 
 
@@ -69,7 +70,7 @@ class Reader:
     tokens: Mapping[str, str]
 
 
-def walk_labels(body: Any, labels: Mapping[str, str], out: List[str]) -> None:
+def walk_labels(body: Any, labels: Mapping[str, str], out: list[str]) -> None:
     """Append the label of every event of the room found in body.
 
     An event is a mapping with a known ``event_id``; its ``content`` is not
@@ -96,7 +97,7 @@ def walk_labels(body: Any, labels: Mapping[str, str], out: List[str]) -> None:
 def _outcome(resp: Response, room: Room, part: Any = None, ordered: bool = True) -> Outcome:
     """``ordered=False`` for answers that list state (or rank search results) in no
     fixed order: their labels are sorted."""
-    out: List[str] = []
+    out: list[str] = []
     walk_labels(resp.body if part is None else part, room.labels, out)
     return Outcome(resp.status, resp.errcode, tuple(out if ordered else sorted(out)))
 
@@ -106,7 +107,7 @@ def _room_path(room: Room, tail: str) -> str:
 
 
 def _messages(
-    extra: Callable[[Mapping[str, str]], Dict[str, str]], direction: str
+    extra: Callable[[Mapping[str, str]], dict[str, str]], direction: str
 ) -> Callable[[World, Reader, Room], Outcome]:
     def probe(world: World, reader: Reader, room: Room) -> Outcome:
         params = {"dir": direction, "limit": str(BIG_LIMIT), **extra(reader.tokens)}
@@ -184,9 +185,9 @@ def sync_outcome(resp: Response, room: Room) -> Outcome:
         if entry is None:
             continue
         timeline = entry.get("timeline", {})
-        out: List[str] = []
+        out: list[str] = []
         walk_labels(timeline.get("events", []), room.labels, out)
-        state: List[str] = []
+        state: list[str] = []
         walk_labels(entry.get("state", {}).get("events", []), room.labels, state)
         where = (section, bool(timeline.get("limited")), "prev_batch" in timeline)
         # Synapse lists state in no particular order.
@@ -195,11 +196,11 @@ def sync_outcome(resp: Response, room: Room) -> Outcome:
 
 
 def _sync(
-    since: Optional[str], sync_filter: Optional[Dict[str, Any]], device_b: bool = False
+    since: str | None, sync_filter: dict[str, Any] | None, device_b: bool = False
 ) -> Callable[[World, Reader, Room], Outcome]:
     def probe(world: World, reader: Reader, room: Room) -> Outcome:
         user = reader.device_b if device_b else reader.user
-        params: Dict[str, Any] = {"timeout": 0}
+        params: dict[str, Any] = {"timeout": 0}
         if since:
             params["since"] = reader.tokens[since]
         if sync_filter is not None:
@@ -225,7 +226,7 @@ def _prev_batch_paging(world: World, reader: Reader, room: Room) -> Outcome:
     return _outcome(world.get(reader.user, _room_path(room, "messages?" + qs(**query))), room)
 
 
-def _sliding(pos: Optional[str]) -> Callable[[World, Reader, Room], Outcome]:
+def _sliding(pos: str | None) -> Callable[[World, Reader, Room], Outcome]:
     def probe(world: World, reader: Reader, room: Room) -> Outcome:
         user = reader.device_b
         path = SLIDING_SYNC + "?timeout=0"
@@ -237,9 +238,9 @@ def _sliding(pos: Optional[str]) -> Callable[[World, Reader, Room], Outcome]:
         entry = resp.body.get("rooms", {}).get(room.room_id)
         if entry is None:
             return Outcome(200, None, (), ("absent",))
-        out: List[str] = []
+        out: list[str] = []
         walk_labels(entry.get("timeline", []), room.labels, out)
-        state: List[str] = []
+        state: list[str] = []
         walk_labels(entry.get("required_state", []), room.labels, state)
         return Outcome(
             200, None, tuple(out), ("present", bool(entry.get("limited"))), tuple(sorted(state))
@@ -248,11 +249,11 @@ def _sliding(pos: Optional[str]) -> Callable[[World, Reader, Room], Outcome]:
     return probe
 
 
-def _tok(name: str) -> Callable[[Mapping[str, str]], Dict[str, str]]:
+def _tok(name: str) -> Callable[[Mapping[str, str]], dict[str, str]]:
     return lambda tokens: {"from": tokens[name]}
 
 
-PROBES: Dict[str, Callable[[World, Reader, Room], Outcome]] = {
+PROBES: dict[str, Callable[[World, Reader, Room], Outcome]] = {
     "messages_b": _messages(lambda w: {}, "b"),
     "messages_f": _messages(lambda w: {}, "f"),
     "messages_f_from_before": _messages(_tok("token_before"), "f"),
@@ -321,7 +322,7 @@ def describe(outcome: Outcome, room: Room) -> str:
 def native_table(world: World, visibility: str = "shared") -> str:
     """Markdown: per read path, what a departed member gets before/after forget, and a stranger."""
     headers = ["read path"]
-    cells: List[Tuple[str, str]] = []
+    cells: list[tuple[str, str]] = []
     for kind in KINDS:
         for stage in ("left", "forgotten"):
             headers.append(f"{kind}{' + forget' if stage == 'forgotten' else ''}")
@@ -339,7 +340,7 @@ def native_table(world: World, visibility: str = "shared") -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Iterable[str]] = None) -> None:
+def main(argv: Iterable[str] | None = None) -> None:
     hs = SynapseProcess(None, dict(FAST_BACKGROUND_UPDATES))  # native Synapse, no module
     hs.start()
     try:

@@ -10,7 +10,7 @@ log, and the audit chain still verifies afterwards.
 
 import json
 import urllib.parse
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -37,9 +37,7 @@ class AdminInputTests(SynapseTestCase):
         if "admin" not in cls.__dict__:
             cls.admin = cls.hs.register("admin", admin=True)
 
-    def call(
-        self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None
-    ) -> Response:
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Response:
         return request(
             self.hs.client_port,
             method,
@@ -56,7 +54,7 @@ class AdminInputTests(SynapseTestCase):
     def assert_chain_verifies(self) -> None:
         with open(self.hs.homeserver_config()["signing_key_path"]) as f:
             keys = verify_keys_from_signing_key(read_signing_keys(f)[0])
-        entries: List[Dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
         after = 0
         while True:
             page = self.call("GET", f"/audit?from={after}&limit=1000").body
@@ -180,7 +178,7 @@ class AdminInputTests(SynapseTestCase):
         every 4xx is a Matrix error; the export still ends in complete JSON lines."""
         paths = ["/audit", "/audit/export", "/rooms", "/rooms/" + quote_room(ROOM)]
         names = ["user_id", "room_id", "since", "until", "from", "limit", "state"]
-        problems: List[str] = []
+        problems: list[str] = []
 
         @settings(
             max_examples=EXAMPLES,
@@ -194,7 +192,7 @@ class AdminInputTests(SynapseTestCase):
             path=st.sampled_from(paths),
             params=st.dictionaries(st.sampled_from(names), self._values(), max_size=4),
         )
-        def check(path: str, params: Dict[str, str]) -> None:
+        def check(path: str, params: dict[str, str]) -> None:
             query = "&".join(
                 f"{name}={value if '%' in value else urllib.parse.quote(value)}"
                 for name, value in params.items()
@@ -218,8 +216,8 @@ class AdminInputTests(SynapseTestCase):
         including lone surrogates, NUL and oversized ones, and non-JSON bytes):
         never a 5xx, every 4xx a Matrix error, every hold created is in the
         audit log, and the audit chain still verifies afterwards."""
-        problems: List[str] = []
-        created: List[str] = []
+        problems: list[str] = []
+        created: list[str] = []
         json_values = st.recursive(
             st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
             lambda children: (

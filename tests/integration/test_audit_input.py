@@ -12,7 +12,8 @@ import os
 import re
 import sqlite3
 import time
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from signedjson.key import read_signing_keys
 
@@ -55,7 +56,7 @@ LEAVE_REASONS = [
 class AuditTestCase(SynapseTestCase):
     """One Synapse for the class; helpers to read its whole audit log."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
     admin: ClassVar[User]
 
     @classmethod
@@ -65,9 +66,9 @@ class AuditTestCase(SynapseTestCase):
         super().setUpClass()
         cls.admin = cls.hs.register(f"admin{time.monotonic_ns()}", admin=True)
 
-    def entries(self, **filters: str) -> List[Dict[str, Any]]:
+    def entries(self, **filters: str) -> list[dict[str, Any]]:
         """Audit entries from the admin API, in seq order, every page."""
-        out: List[Dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         after = 0
         query = "".join(f"&{k}={quote_room(v)}" for k, v in filters.items())
         while True:
@@ -102,7 +103,7 @@ class AnyReasonTests(AuditTestCase):
         """Each reason with NUL on a real leave (done by Synapse) has its entry, and the
         entry's reason decodes to exactly what the client sent (PostgreSQL lost it)."""
         user = self.hs.register(f"nul{time.monotonic_ns()}")
-        sent: Dict[str, str] = {}
+        sent: dict[str, str] = {}
         for reason in LEAVE_REASONS:
             room_id = self.hs.create_room(self.admin, preset="public_chat")
             self.assertEqual(self.hs.membership(user, room_id, "join").status, 200)
@@ -196,7 +197,7 @@ class GrowthBoundTests(AuditTestCase):
         self.assert_chain_verifies()
 
 
-def run_sql(hs: Any, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+def run_sql(hs: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Run one statement on the stopped server's database (SQLite or PostgreSQL), committed."""
     if hs.pg_database is None:
         conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
@@ -243,7 +244,7 @@ class CheckpointTests(AuditTestCase):
         )
         cls.hs.start()
 
-    def checkpoints(self) -> List[Dict[str, Any]]:
+    def checkpoints(self) -> list[dict[str, Any]]:
         """The checkpoint events' contents in the room, oldest first."""
         resp = self.hs.client(
             "GET",
@@ -255,7 +256,7 @@ class CheckpointTests(AuditTestCase):
             e["content"] for e in reversed(resp.body["chunk"]) if e["type"] == CHECKPOINT_EVENT_TYPE
         ]
 
-    def keys(self) -> Dict[str, Any]:
+    def keys(self) -> dict[str, Any]:
         with open(f"{self.hs.workdir}/signing.key") as f:
             return verify_keys_from_signing_key(read_signing_keys(f)[0])
 

@@ -15,7 +15,7 @@ import os
 import re
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
 from matrix_leave_forget.audit.entry import now_ms
@@ -48,14 +48,14 @@ class RouteHelpers(RetentionHelpers):
 
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": {"period": "1h"}}
 
-    def entries(self, user: User, room_id: str, action: str) -> List[Dict[str, Any]]:
+    def entries(self, user: User, room_id: str, action: str) -> list[dict[str, Any]]:
         return [
             e
             for e in self.audit(room_id=room_id)
             if e["action"] == action and e["user_id"] == user.user_id
         ]
 
-    def one_entry(self, user: User, room_id: str, action: str) -> Dict[str, Any]:
+    def one_entry(self, user: User, room_id: str, action: str) -> dict[str, Any]:
         """The single entry of user's action in room_id (waiting for it to be written)."""
         found = wait_until(
             lambda: self.entries(user, room_id, action),
@@ -64,7 +64,7 @@ class RouteHelpers(RetentionHelpers):
         self.assertEqual(len(found), 1, found)
         return found[0]
 
-    def native(self, user: User, method: str, path: str, body: Any = None) -> Dict[str, Any]:
+    def native(self, user: User, method: str, path: str, body: Any = None) -> dict[str, Any]:
         resp = self.hs.client(
             method, path, body if body is not None else {}, token=user.access_token
         )
@@ -231,7 +231,7 @@ class AccountAndAdminRouteTests(RouteHelpers):
         wait_until(parted, what=f"{user.user_id} to be parted from its rooms")
 
     def assert_departed_everywhere(
-        self, user: User, rooms: List[str], via: str, actor: Optional[str]
+        self, user: User, rooms: list[str], via: str, actor: str | None
     ) -> None:
         for room_id in rooms:
             leave = self.one_entry(user, room_id, "leave")
@@ -489,7 +489,7 @@ class ForgetParityTests(RouteHelpers):
         )
 
 
-def _invited_rooms(hs: Any, user: User) -> Dict[str, Any]:
+def _invited_rooms(hs: Any, user: User) -> dict[str, Any]:
     sync_filter = {"account_data": {"not_types": [os.urandom(4).hex()]}}
     resp = hs.client(
         "GET",
@@ -500,7 +500,7 @@ def _invited_rooms(hs: Any, user: User) -> Dict[str, Any]:
     return dict(resp.body.get("rooms", {}).get("invite", {}))
 
 
-def _left_rooms(hs: Any, user: User) -> Dict[str, Any]:
+def _left_rooms(hs: Any, user: User) -> dict[str, Any]:
     """The left rooms of an initial /sync with a filter never used before
     (Synapse caches a sync's response by its request)."""
     sync_filter = {
@@ -526,7 +526,7 @@ def _cache_stream_position(hs: Any) -> int:
 
 def _forget_invalidations(
     hs: Any, after: int, user_id: str, room_id: str
-) -> List[Tuple[str, str, Tuple[str, ...]]]:
+) -> list[tuple[str, str, tuple[str, ...]]]:
     """(instance, cache, keys) of the stream rows after ``after`` about user_id's
     forget caches, ids written as placeholders, sorted (PostgreSQL; [] on SQLite)."""
     if hs.database != "postgres":

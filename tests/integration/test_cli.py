@@ -13,7 +13,8 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import yaml
 from signedjson.key import (
@@ -40,7 +41,7 @@ from tests.unit.test_audit import reseal_from
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 
 # One tampering: SQL statements with ``?`` placeholders and their arguments.
-Tampering = Sequence[Tuple[str, Sequence[Any]]]
+Tampering = Sequence[tuple[str, Sequence[Any]]]
 
 
 def _pg_connect(dbname: str) -> Any:
@@ -65,8 +66,8 @@ class CliTest(SynapseTestCase):
     lonely_room: ClassVar[str]
     live_verify: ClassVar["subprocess.CompletedProcess[str]"]
     admin_export: ClassVar[bytes]
-    admin_audit: ClassVar[Dict[str, Any]]
-    admin_forgotten: ClassVar[Dict[str, Any]]
+    admin_audit: ClassVar[dict[str, Any]]
+    admin_forgotten: ClassVar[dict[str, Any]]
 
     _ready: ClassVar[bool] = False
 
@@ -140,7 +141,7 @@ class CliTest(SynapseTestCase):
         self.assertNotIn("Traceback", proc.stderr)
         return proc.stdout
 
-    def entries(self) -> List[Dict[str, Any]]:
+    def entries(self) -> list[dict[str, Any]]:
         """Every audit entry, as the CLI lists them."""
         return list(json.loads(self.run_ok("log", "--json", "--limit", "0"))["entries"])
 

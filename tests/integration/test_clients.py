@@ -27,17 +27,11 @@ import itertools
 import json
 import re
 import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import (
     TYPE_CHECKING,
     Any,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Dict,
-    List,
-    Optional,
-    Tuple,
 )
 
 import aiohttp
@@ -105,7 +99,7 @@ class Forwarded:
 
     method: str
     raw_path: str  # path and query exactly as the client sent them
-    headers: Dict[str, str]
+    headers: dict[str, str]
     body: bytes
     upstream: str  # "module" or "client"
     status: int
@@ -128,9 +122,9 @@ class RoutingProxy:
 
     def __init__(self, client_port: int, module_port: int) -> None:
         self._ports = {"client": client_port, "module": module_port}
-        self.log: List[Forwarded] = []
-        self._runner: Optional[web.AppRunner] = None
-        self._session: Optional[aiohttp.ClientSession] = None
+        self.log: list[Forwarded] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
         self.url = ""
 
     async def start(self) -> str:
@@ -181,7 +175,7 @@ class RoutingProxy:
             response.headers.add(key, value)
         return response
 
-    def leave_forget_calls(self) -> List[Forwarded]:
+    def leave_forget_calls(self) -> list[Forwarded]:
         return [f for f in self.log if MODULE_ROUTE.match(f.path)]
 
 
@@ -199,7 +193,7 @@ class ClientScenarios(_MixinBase):
 
     # -- plumbing --------------------------------------------------------
 
-    def run_async(self, body: Callable[[str, Optional[RoutingProxy]], Awaitable[None]]) -> None:
+    def run_async(self, body: Callable[[str, RoutingProxy | None], Awaitable[None]]) -> None:
         """Run ``body(base_url, proxy)`` on a fresh asyncio loop, with a deadline.
 
         The harness's blocking HTTP helpers (admin API, audit, joins by other
@@ -214,7 +208,7 @@ class ClientScenarios(_MixinBase):
         asyncio.run(main())
 
     @asynccontextmanager
-    async def homeserver_url(self) -> AsyncIterator[Tuple[str, Optional[RoutingProxy]]]:
+    async def homeserver_url(self) -> AsyncIterator[tuple[str, RoutingProxy | None]]:
         """The URL clients are given: the client listener, or the routing proxy."""
         if self.MODE == "intercept":
             yield f"http://127.0.0.1:{self.hs.client_port}", None
@@ -226,7 +220,7 @@ class ClientScenarios(_MixinBase):
         finally:
             await proxy.close()
 
-    def audit(self, admin: User, user_id: str) -> List[Dict[str, Any]]:
+    def audit(self, admin: User, user_id: str) -> list[dict[str, Any]]:
         """The module's audit entries for user_id, oldest first."""
         resp = self.hs.client(
             "GET",
@@ -236,7 +230,7 @@ class ClientScenarios(_MixinBase):
         self.assertEqual(resp.status, 200, resp.body)
         return list(resp.body["entries"])
 
-    def member_content(self, admin: User, room_id: str, user_id: str) -> Dict[str, Any]:
+    def member_content(self, admin: User, room_id: str, user_id: str) -> dict[str, Any]:
         """The content of user_id's current m.room.member event (admin API)."""
         event = self.hs.member_event(admin, room_id, user_id)
         assert event is not None, (room_id, user_id)
@@ -244,9 +238,9 @@ class ClientScenarios(_MixinBase):
 
     def assert_routed(
         self,
-        proxy: Optional[RoutingProxy],
-        expected: List[Tuple[str, int]],
-        via_client: Tuple[str, ...] = ("/login", "/createRoom"),
+        proxy: RoutingProxy | None,
+        expected: list[tuple[str, int]],
+        via_client: tuple[str, ...] = ("/login", "/createRoom"),
     ) -> None:
         """Listener mode: leave/forget, and only they, went to the module's listener.
 
@@ -278,7 +272,7 @@ class ClientScenarios(_MixinBase):
         return client
 
     async def nio_create_room(
-        self, client: nio.AsyncClient, other: User, room_version: Optional[str] = None
+        self, client: nio.AsyncClient, other: User, room_version: str | None = None
     ) -> str:
         """A room created by the nio client, which ``other`` joins too.
 
@@ -330,11 +324,11 @@ class ClientScenarios(_MixinBase):
         return client
 
     async def mautrix_create_room(
-        self, client: ClientAPI, other: User, room_version: Optional[str] = None
+        self, client: ClientAPI, other: User, room_version: str | None = None
     ) -> RoomID:
         """A room created by the mautrix client, which ``other`` joins too
         (see nio_create_room)."""
-        options: Dict[str, Any] = {"room_version": room_version} if room_version else {}
+        options: dict[str, Any] = {"room_version": room_version} if room_version else {}
         room_id = await client.create_room(name="mautrix room", **options)
         await client.invite_user(room_id, UserID(other.user_id))
         self.assertEqual(self.hs.membership(other, room_id, "join").status, 200)
@@ -342,7 +336,7 @@ class ClientScenarios(_MixinBase):
 
     async def mautrix_sync_until(
         self, client: ClientAPI, since: SyncToken, section: str, room_id: str
-    ) -> Dict[str, Any]:
+    ) -> dict[str, Any]:
         """Incremental syncs (long-polling) until room_id shows in rooms.<section>."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
@@ -354,7 +348,7 @@ class ClientScenarios(_MixinBase):
                 self.fail(f"{room_id} not in rooms.{section} of any sync within 30 s")
             since = SyncToken(resp["next_batch"])
 
-    async def mautrix_fresh_sync(self, client: ClientAPI) -> Dict[str, Any]:
+    async def mautrix_fresh_sync(self, client: ClientAPI) -> dict[str, Any]:
         """An initial sync (no since token) with a filter that includes left rooms."""
         filter_id = await client.create_filter(Filter(room=RoomFilter(include_leave=True)))
         return dict(await client.sync(timeout=0, filter_id=filter_id, full_state=True))
@@ -374,7 +368,7 @@ class ClientScenarios(_MixinBase):
         alice = self.hs.register(unique("nioalice"))
         bob = self.hs.register(unique("niobob"))
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.nio_login(url, bob)
             try:
                 room_id = await self.nio_create_room(client, alice)
@@ -437,7 +431,7 @@ class ClientScenarios(_MixinBase):
         alice = self.hs.register(unique("nioalice"))
         bob = self.hs.register(unique("nioquiet"))
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.nio_login(url, bob)
             try:
                 room_id = await self.nio_create_room(client, alice, CLASSIC_ROOM_VERSION)
@@ -475,7 +469,7 @@ class ClientScenarios(_MixinBase):
         bob = self.hs.register(unique("niotwice"))
         foreign = self.hs.create_room(alice, preset="public_chat")
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.nio_login(url, bob)
             try:
                 refused = await client.room_leave(foreign)
@@ -508,7 +502,7 @@ class ClientScenarios(_MixinBase):
         bob = self.hs.register(unique("mxbob"))
         reason = "Off to bed \N{SLEEPING SYMBOL}"
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.mautrix_login(url, bob)
             watcher = await self.mautrix_login(url, alice)
             try:
@@ -586,7 +580,7 @@ class ClientScenarios(_MixinBase):
         alice = self.hs.register(unique("mxalice"))
         bob = self.hs.register(unique("mxquiet"))
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.mautrix_login(url, bob)
             try:
                 rooms = [
@@ -627,7 +621,7 @@ class ClientScenarios(_MixinBase):
         bob = self.hs.register(unique("mxtwice"))
         foreign = RoomID(self.hs.create_room(alice, preset="public_chat"))
 
-        async def body(url: str, proxy: Optional[RoutingProxy]) -> None:
+        async def body(url: str, proxy: RoutingProxy | None) -> None:
             client = await self.mautrix_login(url, bob)
             try:
                 await client.leave_room(foreign)  # returns None: no error
@@ -647,7 +641,7 @@ class ClientScenarios(_MixinBase):
         self.run_async(body)
 
 
-BASE_CONFIG: Dict[str, Any] = {
+BASE_CONFIG: dict[str, Any] = {
     "bcrypt_rounds": 4,
     # Synapse answers an identical /sync from a response cache for 2 minutes
     # by default; the initial sync after forget must be computed afresh.

@@ -10,8 +10,9 @@ import os
 import signal
 import sqlite3
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple
+from typing import Any, ClassVar
 
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
 from tests.integration.harness import (
@@ -25,7 +26,7 @@ from tests.integration.harness import (
 from tests.integration.test_retention import RELAXED_FORGET, RetentionHelpers
 
 
-def synapse_rows(hs: Any, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+def synapse_rows(hs: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Read Synapse's own tables directly, on SQLite or PostgreSQL."""
     if hs.pg_database is None:
         conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
@@ -50,10 +51,10 @@ def synapse_rows(hs: Any, sql: str, args: Sequence[Any] = ()) -> List[Tuple[Any,
 class FaultTests(RetentionHelpers):
     """SIGKILL during a burst of leaves and forgets, and during purges."""
 
-    RETENTION: ClassVar[Dict[str, Any]] = {"period": "1h", "sweep_interval": "100ms"}
+    RETENTION: ClassVar[dict[str, Any]] = {"period": "1h", "sweep_interval": "100ms"}
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
 
-    def restart(self, retention: Dict[str, Any]) -> None:
+    def restart(self, retention: dict[str, Any]) -> None:
         """SIGKILL Synapse (if still running) and start it with ``retention``."""
         self.hs.stop(signal.SIGKILL)
         self.hs.reconfigure(
@@ -65,7 +66,7 @@ class FaultTests(RetentionHelpers):
         result = run_cli(self.hs.config_path, "verify")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
-    def burst(self, rooms: List[Tuple[str, List[User]]], kill_after: int) -> int:
+    def burst(self, rooms: list[tuple[str, list[User]]], kill_after: int) -> int:
         """Leave then forget every room with every member, in parallel; SIGKILL
         Synapse once ``kill_after`` requests have been answered. Returns how
         many were answered before the kill."""
@@ -73,7 +74,7 @@ class FaultTests(RetentionHelpers):
         lock = threading.Lock()
         killed = threading.Event()
 
-        def one_room(room: str, users: List[User]) -> None:
+        def one_room(room: str, users: list[User]) -> None:
             nonlocal answered
             for action in ("leave", "forget"):
                 for user in users:
@@ -135,7 +136,7 @@ class FaultTests(RetentionHelpers):
         for room_id, user_id, _, event_id, _ in leaves:
             self.assertIn(event_id, logged_leaves, f"{user_id}'s leave of {room_id} is not logged")
 
-        by_room: Dict[str, List[Tuple[Any, ...]]] = {}
+        by_room: dict[str, list[tuple[Any, ...]]] = {}
         for row in synapse_state:
             by_room.setdefault(row[0], []).append(row)
         forgotten_by_all = [
@@ -167,7 +168,7 @@ class FaultTests(RetentionHelpers):
                 self.forget(user, room)
         room_ids = [room for room, _ in rooms]
 
-        def purge_lock_held() -> List[Tuple[Any, ...]]:
+        def purge_lock_held() -> list[tuple[Any, ...]]:
             return synapse_rows(
                 self.hs,
                 "SELECT lock_key FROM worker_read_write_locks WHERE lock_name = ?",

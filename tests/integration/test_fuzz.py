@@ -35,17 +35,11 @@ import socket
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import (
     Any,
-    Callable,
     ClassVar,
-    Counter,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
 )
 
 import attr
@@ -78,7 +72,7 @@ REQUEST_TIMEOUT = 60.0
 UNKNOWN_ROOM = f"!hostile-unknown:{SERVER_NAME}"
 TEN_MB = 10 * 1024 * 1024
 
-FUZZ_CONFIG: Dict[str, Any] = {
+FUZZ_CONFIG: dict[str, Any] = {
     "bcrypt_rounds": 4,
     # Keeps Synapse's request size limit at its floor (200 PDUs, 12.5 MiB)
     # rather than the 50 MiB media default, so "over the limit" is cheap to send.
@@ -87,14 +81,14 @@ FUZZ_CONFIG: Dict[str, Any] = {
 
 # What an answer is compared on: the status (None: the connection closed with
 # no answer) and the errcode (None: no Matrix error body).
-Key = Tuple[Optional[int], Optional[str]]
+Key = tuple[int | None, str | None]
 
 # The module's deliberate deviation (README): a `reason` that is present, not
 # null and not a string is refused before anything else happens.
 BAD_REASON: Key = (400, "M_BAD_JSON")
 
 
-def load_spec() -> Tuple[Any, Dict[str, Any]]:
+def load_spec() -> tuple[Any, dict[str, Any]]:
     """The spec and its operations by path; fails (never skips) if the shared spec is missing."""
     if not os.path.isfile(SPEC_PATH):
         raise AssertionError(
@@ -123,7 +117,7 @@ def load_spec() -> Tuple[Any, Dict[str, Any]]:
 class Answer:
     """One HTTP answer, or the absence of one (status None)."""
 
-    status: Optional[int]
+    status: int | None
     headers: Mapping[str, str] = attr.ib(factory=dict)
     body: bytes = b""
 
@@ -135,7 +129,7 @@ class Answer:
             return None
 
     @property
-    def errcode(self) -> Optional[str]:
+    def errcode(self) -> str | None:
         body = self.json
         code = body.get("errcode") if isinstance(body, dict) else None
         return code if isinstance(code, str) else None
@@ -153,8 +147,8 @@ class Answer:
 def message(
     method: bytes,
     path: bytes,
-    body: Optional[bytes] = b"",
-    headers: Sequence[Tuple[bytes, bytes]] = (),
+    body: bytes | None = b"",
+    headers: Sequence[tuple[bytes, bytes]] = (),
     *,
     length: bool = True,
     version: bytes = b"HTTP/1.1",
@@ -170,7 +164,7 @@ def message(
     return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
 
 
-def _dechunk(data: bytes) -> Tuple[bytes, bytes]:
+def _dechunk(data: bytes) -> tuple[bytes, bytes]:
     """Decode a chunked body; returns it and what follows it."""
     out = b""
     for _ in range(100000):
@@ -184,9 +178,9 @@ def _dechunk(data: bytes) -> Tuple[bytes, bytes]:
     raise AssertionError("runaway chunked body")
 
 
-def parse_answers(data: bytes, heads: Sequence[bool]) -> List[Answer]:
+def parse_answers(data: bytes, heads: Sequence[bool]) -> list[Answer]:
     """Split the bytes a server sent into answers (several when requests were pipelined)."""
-    answers: List[Answer] = []
+    answers: list[Answer] = []
     for head in heads:
         if b"\r\n\r\n" not in data:
             answers.append(Answer(None))
@@ -213,7 +207,7 @@ def parse_answers(data: bytes, heads: Sequence[bool]) -> List[Answer]:
 
 def exchange(
     port: int, data: bytes, heads: Sequence[bool] = (False,), timeout: float = REQUEST_TIMEOUT
-) -> List[Answer]:
+) -> list[Answer]:
     """Send raw bytes to 127.0.0.1:port, read until the server closes, parse the answers."""
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -300,11 +294,11 @@ class Hostile:
 
     name: str
     make: Callable[[Target], bytes]
-    module_answer: Optional[Key] = None
-    heads: Tuple[bool, ...] = (False,)
+    module_answer: Key | None = None
+    heads: tuple[bool, ...] = (False,)
 
 
-def _bearer(t: Target) -> Tuple[bytes, bytes]:
+def _bearer(t: Target) -> tuple[bytes, bytes]:
     return (b"Authorization", b"Bearer " + t.user.access_token.encode())
 
 
@@ -316,7 +310,7 @@ def _raw_path(room_segment: bytes, action: bytes = b"leave") -> bytes:
     return b"/_matrix/client/v3/rooms/" + room_segment + b"/" + action
 
 
-def _post(path: bytes, body: Optional[bytes] = b"{}", *extra: Tuple[bytes, bytes]) -> Callable:
+def _post(path: bytes, body: bytes | None = b"{}", *extra: tuple[bytes, bytes]) -> Callable:
     """A POST with the target's token in the header (the usual case)."""
     return lambda t: message(b"POST", path, body, [_bearer(t), *extra])
 
@@ -466,7 +460,7 @@ METHODS = [
 
 
 def _token_case(
-    name: str, *headers: Tuple[bytes, bytes], query: bytes = b"", path: bytes = UNKNOWN_LEAVE
+    name: str, *headers: tuple[bytes, bytes], query: bytes = b"", path: bytes = UNKNOWN_LEAVE
 ) -> Hostile:
     return Hostile(name, lambda t: message(b"POST", path + query, b"{}", list(headers)))
 
@@ -643,15 +637,15 @@ class FuzzTests(SynapseTestCase):
     """Spec-driven fuzzing and hostile input, module against native Synapse."""
 
     MODE = "listener"
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = FUZZ_CONFIG
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = FUZZ_CONFIG
 
-    intercept_hs: ClassVar[Optional[SynapseProcess]] = None
-    admins: ClassVar[Dict[int, User]]
+    intercept_hs: ClassVar[SynapseProcess | None] = None
+    admins: ClassVar[dict[int, User]]
     native: ClassVar[Target]
     listener: ClassVar[Target]
     intercept: ClassVar[Target]
-    fuzz_rooms: ClassVar[List[str]]
+    fuzz_rooms: ClassVar[list[str]]
     _up: ClassVar[bool] = False
 
     @classmethod
@@ -703,7 +697,7 @@ class FuzzTests(SynapseTestCase):
             del cls.hs
 
     @property
-    def modules(self) -> List[Target]:
+    def modules(self) -> list[Target]:
         return [self.listener, self.intercept]
 
     # -- the spec ---------------------------------------------------------------
@@ -739,8 +733,8 @@ class FuzzTests(SynapseTestCase):
     def fuzz(self, path: str) -> None:
         _, operations = load_spec()
         operation = operations[path]
-        problems: List[str] = []
-        synapse_5xx: List[str] = []
+        problems: list[str] = []
+        synapse_5xx: list[str] = []
         tally: Counter[str] = collections.Counter()
         sessions = {t.name: requests.Session() for t in (self.native, *self.modules)}
         self.addCleanup(lambda: [s.close() for s in sessions.values()])
@@ -861,7 +855,7 @@ class FuzzTests(SynapseTestCase):
 
     def send_case(
         self, case: Any, target: Target, session: requests.Session
-    ) -> Tuple[Answer, Optional[requests.Response]]:
+    ) -> tuple[Answer, requests.Response | None]:
         """Send a generated case to a target; (Answer(None), None) if the connection dropped."""
         kwargs = case.as_transport_kwargs(
             base_url=f"http://127.0.0.1:{target.port}{SPEC_BASE_PATH}"
@@ -878,7 +872,7 @@ class FuzzTests(SynapseTestCase):
         return answer, response
 
     @staticmethod
-    def spec_problems(case: Any, response: requests.Response) -> List[str]:
+    def spec_problems(case: Any, response: requests.Response) -> list[str]:
         """schemathesis's checks: documented answers match the spec's schemas and media types."""
         try:
             case.validate_response(
@@ -893,7 +887,7 @@ class FuzzTests(SynapseTestCase):
         return []
 
     @staticmethod
-    def answer_problems(answer: Answer, native: Optional[Answer]) -> List[str]:
+    def answer_problems(answer: Answer, native: Answer | None) -> list[str]:
         """What is wrong with one module answer on its own (native: the same request's answer)."""
         if answer.status is None:
             return [] if native is not None and native.status is None else ["no answer"]
@@ -951,8 +945,8 @@ class FuzzTests(SynapseTestCase):
         self.check_hostile(FRAMING)
 
     def check_hostile(self, cases: Sequence[Hostile]) -> None:
-        problems: List[str] = []
-        synapse_5xx: List[str] = []
+        problems: list[str] = []
+        synapse_5xx: list[str] = []
         for case in cases:
             native = exchange(self.native.port, case.make(self.native), case.heads)
             for target in self.modules:
@@ -1000,7 +994,7 @@ class FuzzTests(SynapseTestCase):
         """Each module server's whole audit log still verifies (seq, hash links, signatures)."""
         for hs in (self.hs, self.intercept_hs):
             assert hs is not None
-            entries: List[Dict[str, Any]] = []
+            entries: list[dict[str, Any]] = []
             after = 0
             for _ in range(1000):
                 page = request(
@@ -1054,7 +1048,7 @@ class FuzzTests(SynapseTestCase):
         self.assertEqual(answer.key, (404, "M_UNKNOWN"))
         self.assertEqual(len(self.audit_of(user)), 1)
 
-    def audit_of(self, user: User) -> List[Dict[str, Any]]:
+    def audit_of(self, user: User) -> list[dict[str, Any]]:
         """The listener server's audit entries for one user (a single page)."""
         page = request(
             self.hs.client_port,

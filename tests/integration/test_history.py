@@ -40,7 +40,8 @@ import itertools
 import json
 import threading
 import urllib.parse
-from typing import Any, Callable, ClassVar, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import SynapseProcess, User
@@ -66,12 +67,12 @@ _cache_users = itertools.count(1)
 
 
 def start_pair(
-    module_config: Dict[str, Any],
-) -> Tuple[SynapseProcess, SynapseProcess]:
+    module_config: dict[str, Any],
+) -> tuple[SynapseProcess, SynapseProcess]:
     """A Synapse with the module and one without, started side by side."""
     guarded = SynapseProcess(module_config, dict(FAST_BACKGROUND_UPDATES))
     native = SynapseProcess(None, dict(FAST_BACKGROUND_UPDATES))
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
 
     def start(hs: SynapseProcess) -> None:
         try:
@@ -93,7 +94,7 @@ def start_pair(
 
 def build_pair(*worlds: World) -> None:
     """Build the worlds side by side (each on its own server)."""
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
 
     def build(world: World) -> None:
         try:
@@ -110,14 +111,14 @@ def build_pair(*worlds: World) -> None:
         raise errors[0]
 
 
-def without(labels: Tuple[str, ...], hidden: Tuple[str, ...]) -> Tuple[str, ...]:
+def without(labels: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(label for label in labels if label not in hidden)
 
 
 class HistoryMatrixTests(SynapseTestCase):
     """The matrix; see the module docstring. One guarded and one native Synapse."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
     native: ClassVar[SynapseProcess]
     guarded_world: ClassVar[World]
     native_world: ClassVar[World]
@@ -146,7 +147,7 @@ class HistoryMatrixTests(SynapseTestCase):
 
     # -- the cells ----------------------------------------------------------
 
-    def outcomes(self, probe: str, who: str, key: str) -> Tuple[Room, Outcome, Outcome]:
+    def outcomes(self, probe: str, who: str, key: str) -> tuple[Room, Outcome, Outcome]:
         g_room = self.guarded_world.room(key)
         got = read(self.guarded_world, probe, who, g_room)
         native = read(self.native_world, probe, who, self.native_world.room(key))
@@ -215,7 +216,7 @@ class HistoryMatrixTests(SynapseTestCase):
 
     # -- Synapse's sync response cache ---------------------------------------
 
-    def cache_scene(self, world: World) -> Tuple[User, Room, str, str]:
+    def cache_scene(self, world: World) -> tuple[User, Room, str, str]:
         """A member who syncs (since S), leaves, and makes one /sync request twice:
         before and right after forgetting. Returns (member, room, since, filter)."""
         hs = world.hs
@@ -230,9 +231,9 @@ class HistoryMatrixTests(SynapseTestCase):
 
     def sync_twice_around_forget(
         self, world: World, incremental: bool
-    ) -> Tuple[Room, Outcome, Outcome]:
+    ) -> tuple[Room, Outcome, Outcome]:
         member, room, since, sync_filter = self.cache_scene(world)
-        params: Dict[str, Any] = {"timeout": 0, "filter": sync_filter}
+        params: dict[str, Any] = {"timeout": 0, "filter": sync_filter}
         if incremental:
             params["since"] = since
         path = c_path("/sync?" + urllib.parse.urlencode(params))

@@ -29,7 +29,7 @@ import queue
 import shutil
 import subprocess
 import threading
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar
 
 import nio
 from mautrix.client import ClientAPI
@@ -90,8 +90,8 @@ class NodeReports:
     PREFIX = "MLF-REPORT "
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self._reports: queue.Queue[Optional[Dict[str, Any]]] = queue.Queue()
-        self.output: List[str] = []
+        self._reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.output: list[str] = []
         self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
         self._thread.start()
 
@@ -104,7 +104,7 @@ class NodeReports:
                 self.output.append(line)
         self._reports.put(None)  # the process ended
 
-    def next(self, phase: str) -> Dict[str, Any]:
+    def next(self, phase: str) -> dict[str, Any]:
         try:
             report = self._reports.get(timeout=CLIENT_TIMEOUT)
         except queue.Empty:
@@ -119,12 +119,12 @@ class NodeReports:
         return report
 
 
-def label_of(event: Dict[str, Any]) -> Optional[str]:
+def label_of(event: dict[str, Any]) -> str | None:
     content = event.get("content") or {}
     return content.get(LABEL) if isinstance(content, dict) else None
 
 
-def membership_of(event: Dict[str, Any]) -> Tuple[str, Optional[str], Optional[str]]:
+def membership_of(event: dict[str, Any]) -> tuple[str, str | None, str | None]:
     content = event.get("content") or {}
     return (event.get("type", ""), event.get("state_key"), content.get("membership"))
 
@@ -132,7 +132,7 @@ def membership_of(event: Dict[str, Any]) -> Tuple[str, Optional[str], Optional[s
 class HistoryClientTests(SynapseTestCase):
     """Real client libraries against the module (intercept mode, guard on)."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
     owner: ClassVar[User]
 
     def setUp(self) -> None:
@@ -142,7 +142,7 @@ class HistoryClientTests(SynapseTestCase):
 
     # -- server side (the harness, as device A and the room's owner) ---------
 
-    def joined_room(self) -> Tuple[User, str]:
+    def joined_room(self) -> tuple[User, str]:
         """A new user joined to a new private room (shared history) of the owner."""
         user = self.hs.register(unique("hist"))
         room = self.hs.create_room(self.owner, preset="private_chat")
@@ -169,7 +169,7 @@ class HistoryClientTests(SynapseTestCase):
         if forget:
             self.ok(self.via_module("POST", room, "forget", {}, token=user.access_token))
 
-    def assert_departure_only(self, events: List[Dict[str, Any]], user: User) -> None:
+    def assert_departure_only(self, events: list[dict[str, Any]], user: User) -> None:
         """events (of the resumed device) are exactly the user's own leave event."""
         self.assertEqual(
             [membership_of(e) for e in events],
@@ -179,7 +179,7 @@ class HistoryClientTests(SynapseTestCase):
 
     # -- matrix-js-sdk -------------------------------------------------------
 
-    def run_js_device(self, forget: bool) -> Tuple[User, str, Dict[str, Any], Dict[str, Any]]:
+    def run_js_device(self, forget: bool) -> tuple[User, str, dict[str, Any], dict[str, Any]]:
         """js-sdk's loop sees the room joined, stops; the owner says offline-1 and
         offline-2, the user leaves (and forgets); the loop resumes. Returns the
         user, the room and the loop's two reports."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from typing import Any, ClassVar, Dict, List, Tuple
+from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import Response, User, quote_room
@@ -59,13 +59,13 @@ def unordered_state(data: Any) -> Any:
 class NeverLeftByteParityTests(SynapseTestCase):
     """A user without departures gets Synapse's exact bytes from every guarded read."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
     # Presence carries "last_active_ago", which changes between any two reads.
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = {"presence": {"enabled": False}}
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = {"presence": {"enabled": False}}
 
-    def requests(self, world: World, reader: User, token: str) -> List[Tuple[str, str, Any]]:
+    def requests(self, world: World, reader: User, token: str) -> list[tuple[str, str, Any]]:
         """(method, path, body) of every guarded read, on the rooms of the world."""
-        out: List[Tuple[str, str, Any]] = [
+        out: list[tuple[str, str, Any]] = [
             ("GET", c_path("/sync?timeout=0"), None),
             ("GET", c_path("/sync?timeout=0&" + qs(filter=INCLUDE_LEAVE)), None),
             ("GET", c_path("/sync?timeout=0&" + qs(since=token)), None),
@@ -91,7 +91,7 @@ class NeverLeftByteParityTests(SynapseTestCase):
             ]
         return out
 
-    def capture(self, reader: User, reqs: List[Tuple[str, str, Any]]) -> List[Tuple[int, bytes]]:
+    def capture(self, reader: User, reqs: list[tuple[str, str, Any]]) -> list[tuple[int, bytes]]:
         answers = []
         for method, path, body in reqs:
             resp: Response = self.hs.client(method, path, body, token=reader.access_token)
@@ -141,7 +141,7 @@ class HistoryWorkerTests(_DeploymentTestCase):
     """/messages and /sync on a generic worker with the module in intercept mode."""
 
     MODE = "intercept"
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
     worker: ClassVar[WorkerProcess]
     world: ClassVar[World]
 
@@ -151,7 +151,7 @@ class HistoryWorkerTests(_DeploymentTestCase):
         cls.world = World(cls.hs, rooms, read_via=cls.worker)
         cls.world.build(wait=False)
 
-    def rooms(self, stage: str) -> List[Room]:
+    def rooms(self, stage: str) -> list[Room]:
         return [r for r in self.world.rooms if r.stage == stage]
 
     def test_worker_serves_the_reads(self) -> None:

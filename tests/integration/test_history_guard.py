@@ -13,14 +13,14 @@ import itertools
 import json
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar
 
 import attr
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import Response, User, quote_room, request, wait_until
 
-BASE_CONFIG: Dict[str, Any] = {"bcrypt_rounds": 4}
+BASE_CONFIG: dict[str, Any] = {"bcrypt_rounds": 4}
 SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 SLIDING_BODY = {
     "lists": {"all": {"ranges": [[0, 50]], "timeline_limit": 10, "required_state": [["*", "*"]]}}
@@ -47,7 +47,7 @@ class Scene:
     reply_before: str  # a thread reply sent while bob was joined
     departure: str  # bob's leave, kick or ban event
     pre_token: str  # a /messages token taken while bob was joined
-    pos: Optional[str] = None  # bob_other's sliding-sync pos from before the messages
+    pos: str | None = None  # bob_other's sliding-sync pos from before the messages
     stream_from: str = ""  # bob's legacy /events token from before the messages
     after: str = ""  # a message sent after bob departed
     reply_after: str = ""  # a thread reply sent after bob departed
@@ -56,8 +56,8 @@ class Scene:
 class HistoryGuardTestCase(SynapseTestCase):
     """Shared scene building for the history guard tests."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {}
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = BASE_CONFIG
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {}
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = BASE_CONFIG
     carol: ClassVar[User]
 
     def setUp(self) -> None:
@@ -73,8 +73,8 @@ class HistoryGuardTestCase(SynapseTestCase):
             raise AssertionError(f"{what}: {resp.status} {resp.raw[:300]!r}")
         return resp
 
-    def send(self, user: User, room_id: str, body: str, relates_to: Optional[str] = None) -> str:
-        content: Dict[str, Any] = {"msgtype": "m.text", "body": body}
+    def send(self, user: User, room_id: str, body: str, relates_to: str | None = None) -> str:
+        content: dict[str, Any] = {"msgtype": "m.text", "body": body}
         if relates_to:
             content["m.relates_to"] = {"rel_type": "m.thread", "event_id": relates_to}
         path = f"/_matrix/client/v3/rooms/{quote_room(room_id)}/send/m.room.message/{body}"
@@ -140,7 +140,7 @@ class HistoryGuardTestCase(SynapseTestCase):
     def forget(self, scene: Scene) -> None:
         self.ok(self.get(scene.bob, self.room_path(scene.room_id, "forget"), "POST", {}), "forget")
 
-    def read_paths(self, scene: Scene) -> Dict[str, str]:
+    def read_paths(self, scene: Scene) -> dict[str, str]:
         """Every guarded room read, as a client would issue it."""
         room, before = scene.room_id, q(scene.before)
         return {
@@ -153,10 +153,10 @@ class HistoryGuardTestCase(SynapseTestCase):
             "threads": self.room_path(room, "threads", "v1"),
         }
 
-    def ids(self, events: List[Dict[str, Any]]) -> List[str]:
+    def ids(self, events: list[dict[str, Any]]) -> list[str]:
         return [e["event_id"] for e in events]
 
-    def sliding_sync(self, user: User, pos: Optional[str] = None) -> Response:
+    def sliding_sync(self, user: User, pos: str | None = None) -> Response:
         query = "?timeout=0" + (f"&pos={q(pos)}" if pos else "")
         return self.get(user, SLIDING_SYNC + query, "POST", SLIDING_BODY)
 
@@ -234,7 +234,7 @@ class AfterForgetTests(HistoryGuardTestCase):
     """After forget: every read answers as to a user who was never in the room."""
 
     def assert_like_never_member(
-        self, s: Scene, paths: Dict[str, str], method: str = "GET"
+        self, s: Scene, paths: dict[str, str], method: str = "GET"
     ) -> None:
         for name, path in paths.items():
             mine = self.hs.client(method, path, token=s.bob.access_token)
@@ -330,7 +330,7 @@ class AfterForgetTests(HistoryGuardTestCase):
         self.assertEqual([x["event"]["event_id"] for x in page["notifications"]], gone[::-1])
         self.ok(self.hs.membership(bob, gone_room, "leave"), "leave")
         self.ok(self.get(bob, self.room_path(gone_room, "forget"), "POST", {}), "forget")
-        seen: List[Dict[str, Any]] = []
+        seen: list[dict[str, Any]] = []
         query = ""
         for _ in range(10):
             page = self.ok(self.get(bob, path + query), "notifications").body
@@ -347,17 +347,17 @@ class SyncTests(HistoryGuardTestCase):
     """/sync and sliding sync after forget, for this device and the user's others."""
 
     # Synapse's own default: the same /sync answered from its cache for 2 minutes.
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = {
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = {
         **BASE_CONFIG,
         "background_updates": {"sleep_enabled": False, "min_batch_size": 10000},
     }
 
-    def sync(self, user: User, since: Optional[str] = None, include_leave: bool = False) -> Any:
+    def sync(self, user: User, since: str | None = None, include_leave: bool = False) -> Any:
         query = "timeout=0" + (f"&since={q(since)}" if since else "")
         query += f"&filter={INCLUDE_LEAVE}" if include_leave else ""
         return self.ok(self.get(user, f"/_matrix/client/v3/sync?{query}"), "sync").body
 
-    def assert_departure_only(self, s: Scene, entry: Dict[str, Any]) -> None:
+    def assert_departure_only(self, s: Scene, entry: dict[str, Any]) -> None:
         timeline = entry["timeline"]
         self.assertEqual(self.ids(timeline["events"]), [s.departure])
         self.assertTrue(timeline["limited"])
@@ -518,7 +518,7 @@ class GzipTests(HistoryGuardTestCase):
 class GuardOffTests(HistoryGuardTestCase):
     """``history_guard: false`` leaves every read to Synapse, leaks included."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"history_guard": False}
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"history_guard": False}
 
     def test_synapse_behaviour_is_kept(self) -> None:
         """/context after forget answers 200, forward /messages passes the leave and

@@ -9,7 +9,7 @@ it any later event), after a forget at once.
 
 import json
 import urllib.parse
-from typing import Any, Dict
+from typing import Any
 
 from tests.integration.harness import Response, User, quote_room, wait_until
 from tests.integration.test_workers import _DeploymentTestCase
@@ -23,7 +23,7 @@ class HistoryGuardWorkerTests(_DeploymentTestCase):
     """/sync, /messages, /context and /event served by a generic worker."""
 
     MODE = "intercept"
-    MODULE_CONFIG: Dict[str, Any] = {"forget_rate_limit": None}
+    MODULE_CONFIG: dict[str, Any] = {"forget_rate_limit": None}
 
     def on_worker(self, user: User, path: str) -> Response:
         return self.worker.client("GET", path, token=user.access_token)

@@ -36,8 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Counter, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attr
 from signedjson.key import read_signing_keys
@@ -65,7 +67,7 @@ PAGE = 300  # not a divisor of 1,000: the last page is a short one
 REQUEST_TIMEOUT = 60.0
 WAVE_TIMEOUT = 120.0
 
-LOAD_CONFIG: Dict[str, Any] = {
+LOAD_CONFIG: dict[str, Any] = {
     # 200 registrations: the default bcrypt cost would dominate the run time.
     "bcrypt_rounds": 4,
 }
@@ -82,14 +84,14 @@ class Call:
     method: str
     action: str
     room_id: str
-    body: Dict[str, Any]
+    body: dict[str, Any]
     status: int
-    errcode: Optional[str]
-    outcome: Optional[str]
-    txn_id: Optional[str] = None
+    errcode: str | None
+    outcome: str | None
+    txn_id: str | None = None
     keep_alive: bool = False
-    response: Optional[Response] = None
-    failure: Optional[str] = None
+    response: Response | None = None
+    failure: str | None = None
 
     @property
     def path(self) -> str:
@@ -117,7 +119,7 @@ class _Client:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._connections: List[http.client.HTTPConnection] = []
+        self._connections: list[http.client.HTTPConnection] = []
         self.peak_in_flight = 0
 
     def close(self) -> None:
@@ -180,8 +182,8 @@ class _Client:
 
 
 def run_pool(
-    jobs: List[Callable[[], Any]], workers: int = WORKERS, timeout: float = WAVE_TIMEOUT
-) -> List[Any]:
+    jobs: list[Callable[[], Any]], workers: int = WORKERS, timeout: float = WAVE_TIMEOUT
+) -> list[Any]:
     """Run jobs on a thread pool and return their results in order (exceptions propagate)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(job) for job in jobs]
@@ -198,8 +200,8 @@ else:
 class LoadScenario(_MixinBase):
     """The load run, by one concrete class per mount mode."""
 
-    MODULE_CONFIG: ClassVar[Dict[str, Any]] = {"forget_rate_limit": None}
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = LOAD_CONFIG
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = LOAD_CONFIG
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -243,10 +245,10 @@ class LoadScenario(_MixinBase):
         with open(os.path.join(hs.workdir, "signing.key")) as f:
             signing_key = read_signing_keys(f)[0]
         admin = hs.register("loadadmin", admin=True)
-        users: List[User] = run_pool(
+        users: list[User] = run_pool(
             [lambda i=i: hs.register(f"load{i}") for i in range(USERS)], workers=16
         )
-        rooms: List[str] = run_pool(
+        rooms: list[str] = run_pool(
             [lambda: hs.create_room(admin, preset="public_chat") for _ in range(ROOMS + 1)],
             workers=8,
         )
@@ -265,7 +267,7 @@ class LoadScenario(_MixinBase):
 
         rng = random.Random(20240601)  # a fixed interleaving, for reproducibility
 
-        def wave(calls: List[Call]) -> List[Call]:
+        def wave(calls: list[Call]) -> list[Call]:
             rng.shuffle(calls)
             for index, call in enumerate(calls):
                 call.keep_alive = index % 2 == 1
@@ -352,13 +354,13 @@ class LoadScenario(_MixinBase):
         self.assertEqual([e["seq"] for e in entries], list(range(1, len(entries) + 1)))
         self.assertEqual(len(entries), len(served), "one audit entry per served request")
 
-        def key(user_id: str, room_id: str, action: str, outcome: str) -> Tuple[str, ...]:
+        def key(user_id: str, room_id: str, action: str, outcome: str) -> tuple[str, ...]:
             return (user_id, room_id, action, outcome)
 
-        expected: Counter[Tuple[str, ...]] = collections.Counter(
+        expected: Counter[tuple[str, ...]] = collections.Counter(
             key(c.user.user_id, c.room_id, c.action, c.outcome) for c in served if c.outcome
         )
-        logged: Counter[Tuple[str, ...]] = collections.Counter(
+        logged: Counter[tuple[str, ...]] = collections.Counter(
             key(e["user_id"], e["room_id"], e["action"], e["outcome"]) for e in entries
         )
         self.assertEqual(expected - logged, collections.Counter(), "lost audit entries")
@@ -412,9 +414,9 @@ class LoadScenario(_MixinBase):
             f"{client.peak_in_flight} in flight; {len(entries)} audit entries\n"
         )
 
-    def whole_audit_log(self, admin: User, max_pages: int) -> List[Dict[str, Any]]:
+    def whole_audit_log(self, admin: User, max_pages: int) -> list[dict[str, Any]]:
         """Every audit entry, paging through the admin API with from/limit."""
-        entries: List[Dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
         after = 0
         for _ in range(max_pages):
             resp = request(

@@ -6,7 +6,8 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from typing import Any, Callable, Iterator, Set
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -25,13 +26,13 @@ SUFFIXES = {
 }
 
 
-def exported_series(scrape: str) -> Set[str]:
+def exported_series(scrape: str) -> set[str]:
     """Every series name of the module's families in a scrape, samples or not.
 
     Families come from the ``# TYPE`` lines, which prometheus_client writes
     even for a labelled metric that has no sample yet (a failure counter).
     """
-    names: Set[str] = set()
+    names: set[str] = set()
     for family, kind in re.findall(r"^# TYPE (synapse_leave_forget_\w+) (\w+)$", scrape, re.M):
         base = family[: -len("_total")] if family.endswith("_total") else family
         names.update(base + suffix for suffix in SUFFIXES[kind])
@@ -49,13 +50,13 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
-def dashboard_metrics() -> Set[str]:
+def dashboard_metrics() -> set[str]:
     """The module's metric names in the dashboard's queries and variables."""
     with open(DASHBOARD) as f:
         return set(MODULE_METRIC.findall("\n".join(_strings(json.load(f)))))
 
 
-def alert_metrics() -> Set[str]:
+def alert_metrics() -> set[str]:
     with open(ALERTS) as f:
         rules = yaml.safe_load(f)
     exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]

@@ -1,6 +1,6 @@
 """The two mount modes: what each serves where, and intercept's start-up check."""
 
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,7 +21,7 @@ OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
 
 
-def _modules(order: List[str], mount: str = "intercept") -> List[Dict[str, Any]]:
+def _modules(order: list[str], mount: str = "intercept") -> list[dict[str, Any]]:
     configs = {
         OUR_MODULE: {"mount": mount},
         OTHER_MODULE: {"path": "/_matrix/custom"},
@@ -33,7 +33,7 @@ class _ServerPerTest(SynchronousTestCase):
     """Each test starts its own Synapse: these tests are about start-up."""
 
     def start(
-        self, extra: Dict[str, Any], module_config: Optional[Dict[str, Any]] = None
+        self, extra: dict[str, Any], module_config: dict[str, Any] | None = None
     ) -> SynapseProcess:
         hs = SynapseProcess(module_config, extra)
         self.addCleanup(hs.cleanup)
@@ -41,7 +41,7 @@ class _ServerPerTest(SynchronousTestCase):
         return hs
 
     def start_with_listeners(
-        self, module_config: Dict[str, Any], ports_by_name: Dict[str, int]
+        self, module_config: dict[str, Any], ports_by_name: dict[str, int]
     ) -> SynapseProcess:
         """Start Synapse with, besides the harness's listeners, one plain HTTP
         listener per entry serving only that named resource."""
@@ -71,7 +71,7 @@ class _ServerPerTest(SynchronousTestCase):
             token=user.access_token,
         )
 
-    def audit_actions(self, hs: SynapseProcess, admin_token: str) -> List[str]:
+    def audit_actions(self, hs: SynapseProcess, admin_token: str) -> list[str]:
         resp = hs.client("GET", ADMIN_AUDIT, token=admin_token)
         self.assertEqual(resp.status, 200, resp.body)
         return [e["action"] for e in resp.body["entries"]]
@@ -155,7 +155,7 @@ class EveryListenerTests(SynapseTestCase):
     """
 
     MODE = "intercept"
-    extra: ClassVar[Dict[str, Any]]
+    extra: ClassVar[dict[str, Any]]
     admin: ClassVar[User]
 
     @classmethod
@@ -282,7 +282,7 @@ class ListenerTests(_ServerPerTest):
         )
         self.assertEqual(resp.status, 200)
 
-        def observed() -> List[Dict[str, Any]]:
+        def observed() -> list[dict[str, Any]]:
             resp = hs.client("GET", ADMIN_AUDIT, token=admin.access_token)
             self.assertEqual(resp.status, 200, resp.body)
             return list(resp.body["entries"])

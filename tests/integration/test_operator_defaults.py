@@ -6,7 +6,7 @@ something to show).
 """
 
 import re
-from typing import ClassVar, List
+from typing import ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import SERVER_NAME, User, quote_room
@@ -29,7 +29,7 @@ class OperatorDefaultsTests(SynapseTestCase):
         if "admin" not in cls.__dict__:
             cls.admin = cls.hs.register("admin", admin=True)
 
-    def start_up_lines(self) -> List[str]:
+    def start_up_lines(self) -> list[str]:
         return [
             line
             for line in self.hs.log_text().splitlines()

@@ -28,16 +28,11 @@ Deliberate deviations are asserted as such, not as parity:
 import itertools
 import json
 import urllib.parse
+from collections.abc import Callable, Sequence
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     ClassVar,
-    Dict,
-    List,
-    Optional,
-    Sequence,
-    Tuple,
 )
 
 import attr
@@ -45,7 +40,7 @@ import attr
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import Response, SynapseProcess, User, quote_room, request
 
-BASE_CONFIG: Dict[str, Any] = {
+BASE_CONFIG: dict[str, Any] = {
     # Registration hashes a password per user; the default cost would dominate
     # the run time of a suite that registers hundreds of users.
     "bcrypt_rounds": 4,
@@ -96,17 +91,17 @@ class Side:
 
     def call(
         self,
-        token: Optional[str],
+        token: str | None,
         method: str,
         room_id: str,
         action: str,
         body: Any = None,
         *,
-        txn_id: Optional[str] = None,
+        txn_id: str | None = None,
         version: str = "v3",
         encode: bool = True,
         query: str = "",
-        raw_body: Optional[bytes] = None,
+        raw_body: bytes | None = None,
     ) -> Response:
         """/_matrix/client/{version}/rooms/{roomId}/{action}[/{txnId}] on this side."""
         segment = quote_room(room_id) if encode else room_id
@@ -130,9 +125,9 @@ class Scene:
     side: Side
     user: User
     room_id: str
-    owner: Optional[User] = None
-    rooms: List[str] = attr.Factory(list)
-    notes: Dict[str, Any] = attr.Factory(dict)
+    owner: User | None = None
+    rooms: list[str] = attr.Factory(list)
+    notes: dict[str, Any] = attr.Factory(dict)
 
     def leave(self, body: Any = None, **kw: Any) -> Response:
         return self.side.call(self.user.access_token, "POST", self.room_id, "leave", body, **kw)
@@ -148,12 +143,12 @@ class Scene:
     def join(self) -> Response:
         return self.side.hs.membership(self.user, self.room_id, "join")
 
-    def member_event(self, room_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    def member_event(self, room_id: str | None = None) -> dict[str, Any] | None:
         return self.side.hs.member_event(
             self.side.admin, room_id or self.room_id, self.user.user_id
         )
 
-    def member_event_id(self) -> Optional[str]:
+    def member_event_id(self) -> str | None:
         event = self.member_event()
         return None if event is None else str(event["event_id"])
 
@@ -176,13 +171,13 @@ class Scene:
             and event["content"].get("membership") == "leave"
         )
 
-    def sync_sections(self, room_id: Optional[str] = None) -> List[str]:
+    def sync_sections(self, room_id: str | None = None) -> list[str]:
         """The sections (join, invite, leave, knock) of an initial /sync listing the room."""
         room_id = room_id or self.room_id
         rooms = self.side.hs.sync_rooms(self.user)
         return sorted(name for name, listed in rooms.items() if room_id in listed)
 
-    def messages_status(self, room_id: Optional[str] = None) -> int:
+    def messages_status(self, room_id: str | None = None) -> int:
         room_id = room_id or self.room_id
         return self.side.hs.client(
             "GET",
@@ -190,11 +185,11 @@ class Scene:
             token=self.user.access_token,
         ).status
 
-    def observe(self, room_id: Optional[str] = None) -> Dict[str, Any]:
+    def observe(self, room_id: str | None = None) -> dict[str, Any]:
         """What the scenario left behind, with nothing that differs by construction (ids)."""
         room_id = room_id or self.room_id
         event = self.member_event(room_id)
-        content: Optional[Dict[str, Any]] = None
+        content: dict[str, Any] | None = None
         if event is not None:
             # Profile fields carry the (unique) localpart: compare their presence only.
             content = {
@@ -215,15 +210,15 @@ class Run:
     """One side's run of a scenario."""
 
     scene: Scene
-    responses: List[Response]
-    state: Dict[str, Any]
+    responses: list[Response]
+    state: dict[str, Any]
 
 
 Setup = Callable[[Side], Scene]
 Action = Callable[[Scene], Any]
 
 
-def outcome(resp: Response) -> Tuple[Any, ...]:
+def outcome(resp: Response) -> tuple[Any, ...]:
     """What is compared of an answer: status, errcode and the answer's shape."""
     if 200 <= resp.status < 300:
         body = resp.body
@@ -384,10 +379,10 @@ class TwoSidedTestCase(SynapseTestCase):
     class's own Synapse (base.ClassFixtures runs setUpClass/tearDownClass).
     """
 
-    EXTRA_CONFIG: ClassVar[Dict[str, Any]] = BASE_CONFIG
+    EXTRA_CONFIG: ClassVar[dict[str, Any]] = BASE_CONFIG
     # Exempt the admins from rc_message (they create the rooms of the limit tests).
     EXEMPT_ADMINS: ClassVar[bool] = False
-    twin: ClassVar[Optional[SynapseProcess]] = None
+    twin: ClassVar[SynapseProcess | None] = None
     native_side: ClassVar[Side]
     module_side: ClassVar[Side]
     _up: ClassVar[bool] = False
@@ -457,9 +452,9 @@ class TwoSidedTestCase(SynapseTestCase):
         self,
         setup: Setup,
         act: Action,
-        expect: Optional[Sequence[Tuple[int, Optional[str]]]] = None,
+        expect: Sequence[tuple[int, str | None]] | None = None,
         label: str = "",
-    ) -> Tuple[Run, Run]:
+    ) -> tuple[Run, Run]:
         """Run a scenario on both sides and assert the module behaved as native did.
 
         Args:
@@ -546,7 +541,7 @@ class ParityScenarios(_MixinBase):
     def test_leave_twice_same_body(self) -> None:
         """A second identical leave is answered 200 and sends no new event (Synapse dedupes)."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             first = scene.leave({"reason": "bye"})
             event_id = scene.member_event_id()
             second = scene.leave({"reason": "bye"})
@@ -559,7 +554,7 @@ class ParityScenarios(_MixinBase):
     def test_leave_twice_different_body(self) -> None:
         """A second leave with a different reason is refused (the user is not in the room)."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [scene.leave({"reason": "bye"}), scene.leave({"reason": "really bye"})]
 
         native, _ = self.parity(joined, act, [(200, None), (403, "M_FORBIDDEN")])
@@ -609,7 +604,7 @@ class ParityScenarios(_MixinBase):
         """Forgetting the notices room is refused while invited or joined, allowed once left."""
         self.parity(notices_invited, lambda s: s.forget(), [(400, "M_UNKNOWN")])
 
-        def leave_then_forget(scene: Scene) -> List[Response]:
+        def leave_then_forget(scene: Scene) -> list[Response]:
             return [scene.forget(), scene.leave({}), scene.forget()]
 
         native, _ = self.parity(
@@ -673,7 +668,7 @@ class ParityScenarios(_MixinBase):
     def test_token_in_query_string(self) -> None:
         """?access_token= authenticates leave and forget as the Authorization header does."""
 
-        def leave_then_forget(scene: Scene) -> List[Response]:
+        def leave_then_forget(scene: Scene) -> list[Response]:
             query = "access_token=" + urllib.parse.quote(scene.user.access_token)
             return [
                 scene.side.call(None, "POST", scene.room_id, "leave", {}, query=query),
@@ -693,7 +688,7 @@ class ParityScenarios(_MixinBase):
     def test_guest_cannot_forget(self) -> None:
         """A guest may not forget: 403 M_GUEST_ACCESS_FORBIDDEN, even after leaving."""
 
-        def leave_then_forget(scene: Scene) -> List[Response]:
+        def leave_then_forget(scene: Scene) -> list[Response]:
             return [scene.leave({}), scene.forget()]
 
         native, _ = self.parity(
@@ -765,7 +760,7 @@ class ParityScenarios(_MixinBase):
     def test_rejoin_after_forget(self) -> None:
         """Rejoining a public room after forgetting it makes it visible again."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [scene.forget(), scene.join()]
 
         native, _ = self.parity(left, act, [(200, None), (200, None)])
@@ -777,7 +772,7 @@ class ParityScenarios(_MixinBase):
     def test_wrong_methods_are_405(self) -> None:
         """GET on leave/forget, PUT without txnId and POST with one are 405 M_UNRECOGNIZED."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             token, room_id, call = scene.user.access_token, scene.room_id, scene.side.call
             return [
                 call(token, "GET", room_id, "leave"),
@@ -796,7 +791,7 @@ class ParityScenarios(_MixinBase):
     def test_wrong_methods_without_token_are_405(self) -> None:
         """The method is checked before authentication: 405, not 401, without a token."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             call = scene.side.call
             return [
                 call(None, "GET", scene.room_id, "leave"),
@@ -810,7 +805,7 @@ class ParityScenarios(_MixinBase):
     def test_options_preflight(self) -> None:
         """A CORS preflight on leave and forget is answered as natively (204)."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.side.call(None, "OPTIONS", scene.room_id, "leave"),
                 scene.side.call(None, "OPTIONS", scene.room_id, "forget"),
@@ -821,10 +816,10 @@ class ParityScenarios(_MixinBase):
     def test_percent_encoded_and_raw_room_ids(self) -> None:
         """An unencoded room id (!abc:test.local) works as the percent-encoded one does."""
 
-        def raw(scene: Scene) -> List[Response]:
+        def raw(scene: Scene) -> list[Response]:
             return [scene.leave({}, encode=False), scene.forget(encode=False)]
 
-        def encoded(scene: Scene) -> List[Response]:
+        def encoded(scene: Scene) -> list[Response]:
             return [scene.leave({}), scene.forget()]
 
         for act in (raw, encoded):
@@ -834,7 +829,7 @@ class ParityScenarios(_MixinBase):
     def test_double_encoded_room_id(self) -> None:
         """A room id percent-encoded twice is decoded once, so it names no known room."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             segment = urllib.parse.quote(quote_room(scene.room_id), safe="")
             return [
                 scene.side.call(scene.user.access_token, "POST", segment, "leave", {}, encode=False)
@@ -846,7 +841,7 @@ class ParityScenarios(_MixinBase):
     def test_undecodable_room_id(self) -> None:
         """A room id segment that percent-decodes to invalid UTF-8 answers as natively."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             token, call = scene.user.access_token, scene.side.call
             return [
                 call(token, "POST", "%FF%FE", "leave", {}, encode=False),
@@ -858,7 +853,7 @@ class ParityScenarios(_MixinBase):
     def test_legacy_version_prefixes(self) -> None:
         """r0, api/v1 and unstable serve leave and forget too; client/v1 serves neither."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.leave({}, version="v1"),
                 scene.leave({"reason": "r0"}, version="r0"),
@@ -883,7 +878,7 @@ class ParityScenarios(_MixinBase):
         cache: executing it again would have left the room again.
         """
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             first = scene.put("leave", "txn-1", {"reason": "once"})
             event_id = scene.member_event_id()
             replay = scene.put("leave", "txn-1", {"reason": "once"})
@@ -901,7 +896,7 @@ class ParityScenarios(_MixinBase):
     def test_put_leave_new_transaction(self) -> None:
         """A different txnId is a new request; an empty txnId is one too."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.put("leave", "txn-a", {"reason": "one"}),
                 scene.join(),
@@ -916,7 +911,7 @@ class ParityScenarios(_MixinBase):
     def test_put_leave_failure_is_not_replayed(self) -> None:
         """A PUT that failed is not cached: retrying the same txnId executes it afresh."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.put("leave", "txn-r", {"reason": OVERSIZED_REASON}),
                 scene.put("leave", "txn-r", {"reason": "smaller"}),
@@ -929,7 +924,7 @@ class ParityScenarios(_MixinBase):
     def test_put_forget_replays_transaction(self) -> None:
         """PUT forget/{txnId} replayed returns the cached 200 even once forget would fail."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.put("forget", "txn-f"),
                 scene.join(),
@@ -950,7 +945,7 @@ class ParityScenarios(_MixinBase):
         Synapse copies any JSON value into the event; the spec types reason as
         a string, and the module refuses anything else without sending.
         """
-        reasons: List[Any] = [5, [], {}]
+        reasons: list[Any] = [5, [], {}]
         for reason in reasons:
             native = self.run_on(self.native_side, joined, leaving({"reason": reason}))
             module = self.run_on(self.module_side, joined, leaving({"reason": reason}))
@@ -1056,7 +1051,7 @@ class LimitScenarios(_MixinBase):
     def test_leave_is_limited_like_native(self) -> None:
         """Leave counts against rc_message: the third leave in a row is 429 on both sides."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.side.call(scene.user.access_token, "POST", room_id, "leave", {})
                 for room_id in scene.rooms
@@ -1076,7 +1071,7 @@ class LimitScenarios(_MixinBase):
     def test_forget_is_limited_by_the_module_only(self) -> None:
         """DEVIATION: the module limits forget per user (3rd is 429); Synapse never does."""
 
-        def act(scene: Scene) -> List[Response]:
+        def act(scene: Scene) -> list[Response]:
             return [
                 scene.side.call(scene.user.access_token, "POST", room_id, "forget")
                 for room_id in scene.rooms

@@ -27,7 +27,8 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Type
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -113,16 +114,16 @@ class ProxyProcess:
             {"proxy": self.port, "synapse": hs.client_port, "module": hs.module_port},
         )
         self.output_path = os.path.join(self.workdir, "output.log")
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def prepare(self) -> List[str]:
+    def prepare(self) -> list[str]:
         """Write the config files into workdir; return the command line."""
         raise NotImplementedError
 
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         return dict(os.environ)
 
-    def log_files(self) -> List[str]:
+    def log_files(self) -> list[str]:
         return [self.output_path]
 
     def start(self, timeout: float = 30.0) -> None:
@@ -178,7 +179,7 @@ class ProxyProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def tail_logs(self, lines: int = 40) -> str:
-        out: List[str] = []
+        out: list[str] = []
         for path in self.log_files():
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -193,10 +194,10 @@ class NginxProcess(ProxyProcess):
     PACKAGE = "nginx"
     SHIPPED = "nginx.conf"
 
-    def log_files(self) -> List[str]:
+    def log_files(self) -> list[str]:
         return [self.output_path, os.path.join(self.workdir, "error.log")]
 
-    def prepare(self) -> List[str]:
+    def prepare(self) -> list[str]:
         w = self.workdir
         # Run as root, nginx's workers drop to an unprivileged user and must be
         # able to reach the temp directories below.
@@ -232,7 +233,7 @@ class CaddyProcess(ProxyProcess):
     PACKAGE = "caddy"
     SHIPPED = "Caddyfile"
 
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         # Caddy keeps state (autosaved config, certificates) under these.
         env = dict(os.environ)
         env["HOME"] = self.workdir
@@ -240,7 +241,7 @@ class CaddyProcess(ProxyProcess):
         env["XDG_DATA_HOME"] = os.path.join(self.workdir, "data")
         return env
 
-    def prepare(self) -> List[str]:
+    def prepare(self) -> list[str]:
         # The shipped file as it is, global options included (admin off).
         main = os.path.join(self.workdir, "Caddyfile")
         with open(main, "w") as f:
@@ -251,7 +252,7 @@ class CaddyProcess(ProxyProcess):
 class ProxyTestsMixin:
     """Tests run against one proxy; mixed into a SynapseTestCase per proxy."""
 
-    PROXY: ClassVar[Type[ProxyProcess]]
+    PROXY: ClassVar[type[ProxyProcess]]
     MODE: ClassVar[str] = "listener"
     proxy: ClassVar[ProxyProcess]
     admin: ClassVar[User]
@@ -313,7 +314,7 @@ class ProxyTestsMixin:
         self.t.assertEqual(resp.status, 200, resp.body)
         return room
 
-    def audit(self, room_id: str) -> List[Dict[str, Any]]:
+    def audit(self, room_id: str) -> list[dict[str, Any]]:
         """The room's audit entries, read directly from Synapse (not via the proxy)."""
         resp = self.hs.client(
             "GET", f"{ADMIN_AUDIT}?room_id={quote_room(room_id)}", token=self.admin.access_token
@@ -322,7 +323,7 @@ class ProxyTestsMixin:
         return list(resp.body["entries"])
 
     def assert_audited(
-        self, room_id: str, actions: List[str], reason: Optional[str] = None, context: str = ""
+        self, room_id: str, actions: list[str], reason: str | None = None, context: str = ""
     ) -> None:
         """bob's successful actions on the room, in order, are exactly ``actions``."""
         entries = self.audit(room_id)
@@ -342,7 +343,7 @@ class ProxyTestsMixin:
         request_line = f'"{method} {path} HTTP/1.1"'
         origin = f" - {CLIENT_IP} - {port} - "
 
-        def find() -> Optional[str]:
+        def find() -> str | None:
             for line in self.hs.log_text().splitlines():
                 if "Processed request" in line and origin in line and request_line in line:
                     return line

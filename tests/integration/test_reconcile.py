@@ -13,7 +13,8 @@ table fail, on SQLite and PostgreSQL alike, followed by SIGKILL.
 
 import os
 import signal
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from tests.integration.harness import (
     SynapseProcess,
@@ -81,7 +82,7 @@ def mend_audit_writes(hs: Any) -> None:
         execute(hs, "DROP TRIGGER test_fault ON leave_forget_audit")
 
 
-def set_module(hs: Any, module_config: Optional[Dict[str, Any]]) -> None:
+def set_module(hs: Any, module_config: dict[str, Any] | None) -> None:
     """Load the module with module_config at the next start (None: not at all)."""
     hs.module_config = module_config
     hs.reconfigure()
@@ -101,7 +102,7 @@ class CrashTests(RouteHelpers):
     """SIGKILL at each step of leave and forget, and a restart."""
 
     def kill_and_restart(
-        self, module: bool = True, while_down: Optional[Callable[[], None]] = None
+        self, module: bool = True, while_down: Callable[[], None] | None = None
     ) -> None:
         """SIGKILL Synapse and start it again, with or without the module.
 
@@ -206,7 +207,7 @@ class CrashTests(RouteHelpers):
         rooms = [self.joined_room(2) for _ in range(10)]
         from concurrent.futures import ThreadPoolExecutor
 
-        def one(room_id: str, users: List[User]) -> None:
+        def one(room_id: str, users: list[User]) -> None:
             for action in ("leave", "forget"):
                 for user in users:
                     try:

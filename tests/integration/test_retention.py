@@ -23,7 +23,8 @@ import json
 import os
 import re
 import signal
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from matrix_leave_forget.audit.entry import now_ms
 from tests.integration.base import SynapseTestCase
@@ -55,7 +56,7 @@ class RetentionHelpers(SynapseTestCase):
 
     MODE = "listener"
     admin: ClassVar[User]
-    _boot_failure: ClassVar[Optional[str]] = None
+    _boot_failure: ClassVar[str | None] = None
     _up: ClassVar[bool] = False
 
     @classmethod
@@ -90,7 +91,7 @@ class RetentionHelpers(SynapseTestCase):
     def user(self, prefix: str = "u", admin: bool = False) -> User:
         return self.hs.register(f"{prefix}{next(_unique)}{os.urandom(2).hex()}", admin=admin)
 
-    def leave(self, user: User, room_id: str, reason: Optional[str] = None) -> Response:
+    def leave(self, user: User, room_id: str, reason: str | None = None) -> Response:
         body = {"reason": reason} if reason is not None else {}
         resp = self.via_module("POST", room_id, "leave", body, token=user.access_token)
         self.assertEqual(resp.status, 200, resp.body)
@@ -111,7 +112,7 @@ class RetentionHelpers(SynapseTestCase):
         resp = self.hs.membership(user, room_id, "join")
         self.assertEqual(resp.status, 200, resp.body)
 
-    def joined_room(self, members: int = 2) -> Tuple[str, List[User]]:
+    def joined_room(self, members: int = 2) -> tuple[str, list[User]]:
         """A room with a non-admin creator and ``members`` local users in it."""
         users = [self.user("m") for _ in range(members)]
         room_id = self.hs.create_room(users[0], preset="public_chat")
@@ -158,7 +159,7 @@ class RetentionHelpers(SynapseTestCase):
         path = f"/rooms/{quote_room(room_id)}/hold"
         self.assertTrue(self.admin_ok("PUT", path, {"reason": "test setup"})["created"])
 
-    def release(self, room_id: str) -> Dict[str, Any]:
+    def release(self, room_id: str) -> dict[str, Any]:
         """Lift the hold :meth:`hold` placed; the admin API's answer."""
         body = dict(self.admin_ok("DELETE", f"/rooms/{quote_room(room_id)}/hold"))
         self.assertTrue(body["lifted"])
@@ -174,7 +175,7 @@ class RetentionHelpers(SynapseTestCase):
     # -- the module's admin API -------------------------------------------
 
     def admin_api(
-        self, method: str, path: str, body: Any = None, token: Optional[str] = None, **kw: Any
+        self, method: str, path: str, body: Any = None, token: str | None = None, **kw: Any
     ) -> Response:
         return request(
             self.module_port,
@@ -190,19 +191,19 @@ class RetentionHelpers(SynapseTestCase):
         self.assertEqual(resp.status, 200, resp.body)
         return resp.body
 
-    def detail(self, room_id: str) -> Dict[str, Any]:
+    def detail(self, room_id: str) -> dict[str, Any]:
         return dict(self.admin_ok("GET", f"/rooms/{quote_room(room_id)}"))
 
-    def retention(self, room_id: str) -> Optional[Dict[str, Any]]:
+    def retention(self, room_id: str) -> dict[str, Any] | None:
         return self.detail(room_id)["retention"]
 
-    def state(self, room_id: str) -> Optional[str]:
+    def state(self, room_id: str) -> str | None:
         retention = self.retention(room_id)
         return None if retention is None else str(retention["state"])
 
-    def listing(self, state: str) -> List[Dict[str, Any]]:
+    def listing(self, state: str) -> list[dict[str, Any]]:
         """Every room of a listing, following next_from."""
-        rooms: List[Dict[str, Any]] = []
+        rooms: list[dict[str, Any]] = []
         after = ""
         while True:
             query = f"/rooms?state={state}&limit=50" + (
@@ -215,12 +216,12 @@ class RetentionHelpers(SynapseTestCase):
                 return rooms
             after = body["next_from"]
 
-    def listed(self, state: str) -> List[str]:
+    def listed(self, state: str) -> list[str]:
         return [r["room_id"] for r in self.listing(state)]
 
-    def audit(self, **filters: str) -> List[Dict[str, Any]]:
+    def audit(self, **filters: str) -> list[dict[str, Any]]:
         """Every audit entry matching filters, in seq order, following next_from."""
-        entries: List[Dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
         after = 0
         while True:
             query = "&".join(
@@ -233,13 +234,13 @@ class RetentionHelpers(SynapseTestCase):
                 return entries
             after = body["next_from"]
 
-    def purge_outcomes(self, room_id: str) -> List[str]:
+    def purge_outcomes(self, room_id: str) -> list[str]:
         return [e["outcome"] for e in self.audit(room_id=room_id) if e["action"] == "purge"]
 
     def wait_state(
         self, room_id: str, state: str, timeout: float = PURGE_TIMEOUT
-    ) -> Dict[str, Any]:
-        def reached() -> Optional[Dict[str, Any]]:
+    ) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
             retention = self.retention(room_id)
             return retention if retention and retention["state"] == state else None
 
@@ -634,7 +635,7 @@ class DryRunTests(RetentionHelpers):
 class RestartTests(RetentionHelpers):
     """Pending purges survive a restart of Synapse; configured holds."""
 
-    RETENTION: ClassVar[Dict[str, Any]] = {"period": "3s", "sweep_interval": "100ms"}
+    RETENTION: ClassVar[dict[str, Any]] = {"period": "3s", "sweep_interval": "100ms"}
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
 
     def restart(self, sig: int = signal.SIGTERM, holds: Sequence[str] = ()) -> None:
@@ -720,7 +721,7 @@ class FederatingSynapseProcess(SynapseProcess):
     def server_name(self) -> str:
         return f"127.0.0.1:{self.federation_port}"
 
-    def homeserver_config(self) -> Dict[str, Any]:
+    def homeserver_config(self) -> dict[str, Any]:
         config = super().homeserver_config()
         config.update(write_self_signed_cert(self.workdir))
         config["server_name"] = self.server_name
@@ -745,7 +746,7 @@ class FederatedPair:
     ``admin``) federates with a remote Synapse without the module, where ``rita`` lives."""
 
     MODE: ClassVar[str]
-    MODULE_CONFIG: ClassVar[Dict[str, Any]]
+    MODULE_CONFIG: ClassVar[dict[str, Any]]
     hs: ClassVar[SynapseProcess]
     admin: ClassVar[User]
     remote: ClassVar[FederatingSynapseProcess]
@@ -792,7 +793,7 @@ class FederatedRetentionTests(FederatedPair, RetentionHelpers):
         resp = self.remote.membership(self.rita, room_id, "invite", {"user_id": user.user_id})
         self.assertEqual(resp.status, 200, resp.body)
 
-    def local_membership(self, room_id: str, user: User) -> Optional[str]:
+    def local_membership(self, room_id: str, user: User) -> str | None:
         for member in self.detail(room_id)["local_members"]:
             if member["user_id"] == user.user_id:
                 return str(member["membership"])

@@ -11,7 +11,7 @@ import os
 import signal
 import sqlite3
 import threading
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar
 
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.retention.pacer import BURST_S
@@ -66,22 +66,22 @@ class TaskWatcher(threading.Thread):
 class ThroughputHelpers(RetentionHelpers):
     """Storms of rooms and what the audit log says about their purges."""
 
-    def storm(self, count: int) -> List[str]:
+    def storm(self, count: int) -> list[str]:
         """``count`` rooms, one member each, left and forgotten back to back."""
         prepared = [self.joined_room(members=1) for _ in range(count)]
         for room, users in prepared:
             self.leave_and_forget(users, room)
         return [room for room, _ in prepared]
 
-    def wait_all_purged(self, rooms: List[str], timeout: float = 120.0) -> None:
+    def wait_all_purged(self, rooms: list[str], timeout: float = 120.0) -> None:
         def done() -> bool:
             return all(self.state(room) == "purged" for room in rooms)
 
         wait_until(done, timeout, "every room to be purged")
 
-    def intervals(self, rooms: List[str]) -> Dict[str, Tuple[int, int]]:
+    def intervals(self, rooms: list[str]) -> dict[str, tuple[int, int]]:
         """Per room: (time of its ``started`` entry, time of its ``purged`` entry)."""
-        out: Dict[str, Tuple[int, int]] = {}
+        out: dict[str, tuple[int, int]] = {}
         for room in rooms:
             entries = [e for e in self.audit(room_id=room) if e["action"] == "purge"]
             self.assertEqual([e["outcome"] for e in entries], ["started", "purged"], room)
@@ -89,7 +89,7 @@ class ThroughputHelpers(RetentionHelpers):
         return out
 
     @staticmethod
-    def most_overlapping(intervals: Dict[str, Tuple[int, int]]) -> int:
+    def most_overlapping(intervals: dict[str, tuple[int, int]]) -> int:
         """The most purges between their start and their recorded end at one moment.
 
         A purge is recorded ``purged`` after Synapse finished it, so this is at
@@ -106,7 +106,7 @@ class ThroughputHelpers(RetentionHelpers):
         return most
 
     @staticmethod
-    def busy_ms(intervals: Dict[str, Tuple[int, int]]) -> int:
+    def busy_ms(intervals: dict[str, tuple[int, int]]) -> int:
         """The length of the union of the purges' intervals."""
         total, end_so_far = 0, None
         for start, end in sorted(intervals.values()):
@@ -118,7 +118,7 @@ class ThroughputHelpers(RetentionHelpers):
                 end_so_far = end
         return total
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         return dict(self.admin_ok("GET", "/retention"))
 
 
@@ -162,7 +162,7 @@ class ConcurrencyTests(ThroughputHelpers):
         self.wait_all_purged(rooms)
         gauges = ("synapse_leave_forget_purge_backlog", "synapse_leave_forget_purges_in_flight")
 
-        def gauges_at_zero() -> Optional[str]:
+        def gauges_at_zero() -> str | None:
             text = self.hs.metrics()
             zero = all(f'{g}{{server_name="test.local"}} 0.0' in text for g in gauges)
             return text if zero else None
@@ -214,7 +214,7 @@ class PacingTests(ThroughputHelpers):
                 "eta_s",
             },
         )
-        snapshots: List[Dict[str, Any]] = []
+        snapshots: list[dict[str, Any]] = []
 
         def purged() -> int:
             snapshots.append(self.status())
@@ -252,7 +252,7 @@ class PacingTests(ThroughputHelpers):
 class SigkillMidBatchTests(ThroughputHelpers):
     """SIGKILL while several purges are in flight."""
 
-    RETENTION: ClassVar[Dict[str, Any]] = {
+    RETENTION: ClassVar[dict[str, Any]] = {
         "period": "2s",
         "sweep_interval": "100ms",
         "max_concurrent_purges": 3,
@@ -308,14 +308,14 @@ class SigkillMidBatchTests(ThroughputHelpers):
             ("purge_pagination_lock", room_id, write, "master", f"held{int(write)}", now_ms()),
         )
 
-    def _state_offline(self, room_id: str) -> Optional[str]:
+    def _state_offline(self, room_id: str) -> str | None:
         rows = synapse_rows(
             self.hs, "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
         )
         return str(rows[0][0]) if rows else None
 
 
-def synapse_exec(hs: Any, sql: str, args: Tuple[Any, ...] = ()) -> None:
+def synapse_exec(hs: Any, sql: str, args: tuple[Any, ...] = ()) -> None:
     """Write to Synapse's own tables directly (committed), on SQLite or PostgreSQL."""
     if hs.pg_database is None:
         conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)

@@ -19,8 +19,10 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Pattern, Tuple
+from re import Pattern
+from typing import Any, ClassVar
 
 import attr
 import yaml
@@ -73,9 +75,9 @@ def _doc_text() -> str:
         return f.read()
 
 
-def doc_yaml_blocks() -> Dict[str, Any]:
+def doc_yaml_blocks() -> dict[str, Any]:
     """The doc's YAML blocks, keyed by the file named in each block's first comment line."""
-    blocks: Dict[str, Any] = {}
+    blocks: dict[str, Any] = {}
     for body in re.findall(r"```yaml\n(.*?)```", _doc_text(), re.S):
         first = body.splitlines()[0]
         match = re.match(r"#\s*(\S+\.yaml)\b", first)
@@ -84,9 +86,9 @@ def doc_yaml_blocks() -> Dict[str, Any]:
     return blocks
 
 
-def doc_routes() -> List[Tuple[Pattern[str], int]]:
+def doc_routes() -> list[tuple[Pattern[str], int]]:
     """The doc's nginx regex locations, in order: (regex, port proxied to)."""
-    routes: List[Tuple[Pattern[str], int]] = []
+    routes: list[tuple[Pattern[str], int]] = []
     for block in re.findall(r"```nginx\n(.*?)```", _doc_text(), re.S):
         for regex, port in re.findall(
             r"location\s+~\s+(\S+)\s*\{[^}]*?proxy_pass\s+http://127\.0\.0\.1:(\d+);", block
@@ -95,7 +97,7 @@ def doc_routes() -> List[Tuple[Pattern[str], int]]:
     return routes
 
 
-def doc_route(path: str) -> Optional[int]:
+def doc_route(path: str) -> int | None:
     """Where nginx, configured as the doc says, sends path: the first matching regex.
 
     nginx matches locations against the decoded URI without the query string.
@@ -260,14 +262,14 @@ class WorkerTests(_DeploymentTestCase):
         """A public room created by the owner, who stays in it (so it is never purged)."""
         return self.hs.create_room(self.owner, preset="public_chat")
 
-    def audit(self, **filters: str) -> List[Dict[str, Any]]:
+    def audit(self, **filters: str) -> list[dict[str, Any]]:
         """Every audit entry matching filters, in order, through the main's admin export."""
         query = urllib.parse.urlencode(filters)
         resp = self.hs.module("GET", f"{ADMIN}/audit/export?{query}", token=self.admin.access_token)
         self.assertEqual(resp.status, 200, resp.raw)
         return [json.loads(line) for line in resp.raw.decode().splitlines()]
 
-    def room_detail(self, room_id: str) -> Dict[str, Any]:
+    def room_detail(self, room_id: str) -> dict[str, Any]:
         resp = self.hs.module(
             "GET", f"{ADMIN}/rooms/{quote_room(room_id)}", token=self.admin.access_token
         )
@@ -289,7 +291,7 @@ class WorkerTests(_DeploymentTestCase):
                 self.fail(f"timed out after {PURGE_TIMEOUT} s waiting for {what}")
             time.sleep(0.05)
 
-    def assert_one_chain(self, entries: List[Dict[str, Any]]) -> None:
+    def assert_one_chain(self, entries: list[dict[str, Any]]) -> None:
         """seq runs 1..N with no gap, every prev_hash is its predecessor's hash, and
         the whole chain verifies with the homeserver's key."""
         self.assertEqual([e["seq"] for e in entries], list(range(1, len(entries) + 1)))
@@ -432,7 +434,7 @@ class WorkerTests(_DeploymentTestCase):
         pending_leaves = [len(pairs)]
         lock = threading.Lock()
 
-        def leave(pair: Pair) -> List[Response]:
+        def leave(pair: Pair) -> list[Response]:
             start.wait(30)
             try:
                 return [self.via_proxy("POST", pair.leave_room, "leave", pair.user)]
@@ -442,7 +444,7 @@ class WorkerTests(_DeploymentTestCase):
                     if not pending_leaves[0]:
                         leaves_done.set()
 
-        def forget(pair: Pair) -> List[Response]:
+        def forget(pair: Pair) -> list[Response]:
             # Forgetting a room one has left again is answered 200 and recorded
             # again, so each thread keeps the main process appending until the
             # last leave is answered, and once more after. The pause (cut short
@@ -558,7 +560,7 @@ class InterceptEveryWorkerListenerTests(_DeploymentTestCase):
 
     MODE = "intercept"
     MODULE_CONFIG = {"forget_rate_limit": None}
-    extra: ClassVar[Dict[str, Any]]
+    extra: ClassVar[dict[str, Any]]
     main_tls_port: ClassVar[int]
 
     @classmethod
@@ -585,7 +587,7 @@ class InterceptEveryWorkerListenerTests(_DeploymentTestCase):
         self.assertIn("Intercepting leave and forget on 4 client listener", self.worker.log_text())
         self.assertIn("Intercepting leave and forget on 2 client listener", self.hs.log_text())
         admin = self.hs.register("admin", admin=True)
-        connections: List[Dict[str, Any]] = [
+        connections: list[dict[str, Any]] = [
             {"port": self.main_tls_port, "tls": True},
             {"port": self.extra["ports"]["tls"], "tls": True},
             {"port": self.extra["ports"]["plain"]},

@@ -36,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import attr
 import yaml
@@ -82,8 +83,8 @@ DOC_PORTS = Ports(
 )
 
 
-def _http_listener(port: int, resources: List[Dict[str, Any]]) -> Dict[str, Any]:
-    listener: Dict[str, Any] = {
+def _http_listener(port: int, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    listener: dict[str, Any] = {
         "port": port,
         "bind_addresses": [LOOPBACK],
         "type": "http",
@@ -96,7 +97,7 @@ def _http_listener(port: int, resources: List[Dict[str, Any]]) -> Dict[str, Any]
     return listener
 
 
-def main_fragment(ports: Ports) -> Dict[str, Any]:
+def main_fragment(ports: Ports) -> dict[str, Any]:
     """The parts of ``homeserver.yaml`` (shared by every process) for this deployment."""
     return {
         "listeners": [
@@ -114,7 +115,7 @@ def main_fragment(ports: Ports) -> Dict[str, Any]:
     }
 
 
-def worker_fragment(ports: Ports) -> Dict[str, Any]:
+def worker_fragment(ports: Ports) -> dict[str, Any]:
     """The worker's own config file (besides ``worker_log_config``)."""
     return {
         "worker_app": "synapse.app.generic_worker",
@@ -128,7 +129,7 @@ def worker_fragment(ports: Ports) -> Dict[str, Any]:
     }
 
 
-def to_yaml(fragment: Dict[str, Any]) -> str:
+def to_yaml(fragment: dict[str, Any]) -> str:
     """A fragment as it appears in docs/workers.md (key order kept)."""
     return yaml.safe_dump(fragment, sort_keys=False, default_flow_style=None)
 
@@ -145,7 +146,7 @@ def _wait_for(ready: Any, process: subprocess.Popen[bytes], what: str, timeout: 
         time.sleep(0.05)
 
 
-def _stop_process(process: Optional[subprocess.Popen[bytes]]) -> None:
+def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
     if process is None or process.poll() is not None:
         return
     process.terminate()
@@ -170,7 +171,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port
         self.log_path = os.path.join(workdir, "redis.log")
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def ping(self) -> bool:
         try:
@@ -236,7 +237,7 @@ class MainProcess(SynapseProcess):
     listener, ``redis`` and ``instance_map`` are added.
     """
 
-    def __init__(self, module_config: Dict[str, Any], redis_port: int, workdir: str) -> None:
+    def __init__(self, module_config: dict[str, Any], redis_port: int, workdir: str) -> None:
         # Needed by homeserver_config(), which the harness calls in __init__.
         self.redis_port = redis_port
         self.replication_port = free_port()
@@ -266,7 +267,7 @@ class MainProcess(SynapseProcess):
             redis=self.redis_port,
         )
 
-    def homeserver_config(self) -> Dict[str, Any]:
+    def homeserver_config(self) -> dict[str, Any]:
         config = super().homeserver_config()
         fragment = main_fragment(self.ports)
         config["listeners"] = config["listeners"] + [fragment["listeners"][-1]]
@@ -284,9 +285,9 @@ class WorkerProcess(ListeningProcess):
         self.config_path = os.path.join(main.workdir, f"{WORKER_NAME}.yaml")
         self.log_path = os.path.join(main.workdir, f"{WORKER_NAME}.log")
         self._stderr_path = os.path.join(main.workdir, f"{WORKER_NAME}.stderr.log")
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
         # Test-specific additions: ``listeners`` are appended, other keys set.
-        self.extra_config: Dict[str, Any] = {}
+        self.extra_config: dict[str, Any] = {}
 
     # The main process may have moved to fresh ports when it started.
     @property
@@ -297,7 +298,7 @@ class WorkerProcess(ListeningProcess):
     def module_port(self) -> int:
         return self.main.worker_module_port
 
-    def worker_config(self) -> Dict[str, Any]:
+    def worker_config(self) -> dict[str, Any]:
         config = worker_fragment(self.main.ports)
         config["worker_log_config"] = self._write_log_config()
         for key, value in self.extra_config.items():
@@ -387,7 +388,7 @@ class WorkerDeployment:
             Synapse's redis extra is not available.
     """
 
-    def __init__(self, module_config: Dict[str, Any]) -> None:
+    def __init__(self, module_config: dict[str, Any]) -> None:
         _require_prerequisites()
         redis_port = free_port()
         # Every process's files (configs, logs, signing key, redis's dir) live here.

@@ -8,7 +8,7 @@ set to the previous entry's hash).
 import copy
 import io
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.types import SigningKey
@@ -53,9 +53,9 @@ def make_chain(
     signing_key: SigningKey,
     origin: str = ORIGIN,
     start_ts: int = 1_700_000_000_000,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """A valid chain of ``count`` entries, varied enough that every field matters."""
-    entries: List[Dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     prev = GENESIS_HASH
     for seq in range(1, count + 1):
         action = ("leave", "forget", "purge", "hold")[seq % 4]
@@ -83,7 +83,7 @@ def make_chain(
 
 
 def reseal_from(
-    entries: List[Dict[str, Any]], index: int, signing_key: SigningKey, origin: str = ORIGIN
+    entries: list[dict[str, Any]], index: int, signing_key: SigningKey, origin: str = ORIGIN
 ) -> None:
     """Recompute hashes and signatures from ``index`` on, as a forger rebuilding the chain would."""
     for i in range(index, len(entries)):
@@ -102,11 +102,11 @@ class AuditChainTest(SynchronousTestCase):
 
     def assertFailsAt(
         self,
-        entries: List[Dict[str, Any]],
+        entries: list[dict[str, Any]],
         seq: int,
         problem: str,
         checked: int,
-        keys: Optional[Any] = None,
+        keys: Any | None = None,
     ) -> None:
         """Verification fails at ``seq`` for ``problem``, after ``checked`` good entries."""
         result = verify_chain(entries, ORIGIN, keys if keys is not None else self.keys)
@@ -144,7 +144,7 @@ class AuditChainTest(SynchronousTestCase):
     def test_iter_verify_stops_at_first_bad_entry(self) -> None:
         """iter_verify consumes no entry after the first bad one (a streamed log stops early)."""
         self.chain[2]["reason"] = "edited"
-        consumed: List[int] = []
+        consumed: list[int] = []
 
         def entries() -> Any:
             for entry in self.chain:
@@ -348,7 +348,7 @@ class AuditChainTest(SynchronousTestCase):
             self.assertIn("ed25519:<version> <base64>", str(caught.exception))
 
 
-def group_fields(seq: int, origin: str = ORIGIN, ts: int = 1_700_000_000_000) -> Dict[str, Any]:
+def group_fields(seq: int, origin: str = ORIGIN, ts: int = 1_700_000_000_000) -> dict[str, Any]:
     """The fields of one entry, as the store hands them to seal_entries."""
     return {
         "ts": ts + seq * 1000,
@@ -365,8 +365,8 @@ def group_fields(seq: int, origin: str = ORIGIN, ts: int = 1_700_000_000_000) ->
 
 
 def make_group_chain(
-    sizes: List[int], signing_key: SigningKey, first: Optional[List[Dict[str, Any]]] = None
-) -> List[Dict[str, Any]]:
+    sizes: list[int], signing_key: SigningKey, first: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """A chain continuing ``first`` with groups of the given sizes, each sealed by seal_entries."""
     chain = list(first or [])
     for size in sizes:
@@ -569,7 +569,7 @@ class AnyTextTest(SynchronousTestCase):
     def test_escaped_fields_round_trip_and_verify(self) -> None:
         """NUL, a lone surrogate and other control characters come back exactly, and verify."""
         texts = ["a\x00b", "\ud800", "x\udfff\x00", "\x01\x7f\u2028", "é😀", ""]
-        chain: List[Dict[str, Any]] = []
+        chain: list[dict[str, Any]] = []
         for text in texts:
             fields = escape_fields({**group_fields(len(chain) + 1), "reason": text})
             chain += seal_entries(
@@ -622,7 +622,7 @@ class RefusalTest(SynchronousTestCase):
     def test_budget_per_user_then_refill_carries_the_suppressed_count(self) -> None:
         """10 entries at once per user; then refusals are counted; the next entry says how many."""
         now = [0.0]
-        counted: List[int] = []
+        counted: list[int] = []
         budget = RefusalBudget(1 / 60, 10, lambda: counted.append(1), clock=lambda: now[0])
         self.assertEqual([budget.take("@a:x") for _ in range(10)], [0] * 10)
         self.assertEqual([budget.take("@a:x") for _ in range(90)], [None] * 90)

@@ -1,6 +1,6 @@
 """The ``audit:`` section of the module's config (no Synapse process)."""
 
-from typing import Any, Dict, Tuple
+from typing import Any
 
 from synapse.module_api.errors import ConfigError
 from twisted.trial.unittest import SynchronousTestCase
@@ -43,7 +43,7 @@ class AuditConfigTests(SynchronousTestCase):
 
     def test_bad_values_name_the_key(self) -> None:
         """Each bad value is a ConfigError whose path names the key."""
-        cases: Dict[str, Tuple[Any, Tuple[str, ...]]] = {
+        cases: dict[str, tuple[Any, tuple[str, ...]]] = {
             "not a mapping": ([], ("audit",)),
             "unknown key": ({"checkpoint": 1}, ("audit", "checkpoint")),
             "bad room": (

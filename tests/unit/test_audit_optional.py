@@ -6,7 +6,7 @@ must have them covered by its hash, so editing them is caught.
 
 import hashlib
 import json
-from typing import Any, Dict
+from typing import Any
 
 from canonicaljson import encode_canonical_json
 from signedjson.key import generate_signing_key
@@ -26,7 +26,7 @@ from matrix_leave_forget.audit.log import STORED_COLUMNS, row_to_entry
 ORIGIN = "test.local"
 
 
-def fields(seq: int, prev_hash: str, **extra: Any) -> Dict[str, Any]:
+def fields(seq: int, prev_hash: str, **extra: Any) -> dict[str, Any]:
     base = {
         "seq": seq,
         "ts": 1_700_000_000_000 + seq,

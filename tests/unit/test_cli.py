@@ -13,7 +13,8 @@ import json
 import os
 import sqlite3
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 from signedjson.key import (
@@ -46,9 +47,9 @@ class _Tty(io.StringIO):
 
 def create_database(
     path: str,
-    entries: Sequence[Dict[str, Any]],
-    rooms: Sequence[Tuple[Any, ...]] = (),
-    holds: Sequence[Tuple[Any, ...]] = (),
+    entries: Sequence[dict[str, Any]],
+    rooms: Sequence[tuple[Any, ...]] = (),
+    holds: Sequence[tuple[Any, ...]] = (),
 ) -> None:
     """A database with the module's tables at the current schema, holding ``entries``."""
     conn = sqlite3.connect(path)
@@ -78,7 +79,7 @@ def create_database(
         conn.close()
 
 
-def insert_entry(conn: sqlite3.Connection, entry: Dict[str, Any]) -> None:
+def insert_entry(conn: sqlite3.Connection, entry: dict[str, Any]) -> None:
     """Store an entry as AuditLog.append_txn does."""
     conn.execute(
         f"INSERT INTO leave_forget_audit ({', '.join(AUDIT_COLUMNS)}) "
@@ -104,7 +105,7 @@ class CliTestCase(SynchronousTestCase):
 
     def write_config(self, **overrides: Any) -> str:
         """(Re)write homeserver.yaml; a None override removes the key."""
-        config: Dict[str, Any] = {
+        config: dict[str, Any] = {
             "server_name": ORIGIN,
             "signing_key_path": self.key_path,
             "database": {
@@ -118,13 +119,13 @@ class CliTestCase(SynchronousTestCase):
             yaml.safe_dump(config, f)
         return self.config_path
 
-    def chain(self, count: int, key: Optional[SigningKey] = None) -> List[Dict[str, Any]]:
+    def chain(self, count: int, key: SigningKey | None = None) -> list[dict[str, Any]]:
         """Create the database holding a valid chain of ``count`` entries; return them."""
         entries = make_chain(count, key or self.key)
         create_database(self.db_path, entries)
         return entries
 
-    def run_cli(self, *argv: str, stderr: Optional[io.StringIO] = None) -> Tuple[int, str, str]:
+    def run_cli(self, *argv: str, stderr: io.StringIO | None = None) -> tuple[int, str, str]:
         """``matrix-leave-forget -c homeserver.yaml argv...``: (exit status, stdout, stderr)."""
         out, err = io.StringIO(), stderr if stderr is not None else io.StringIO()
         self.patch(sys, "stdout", out)
@@ -506,7 +507,7 @@ class VerifyTest(CliTestCase):
         """verify pages through the log (keyset by seq) and still finds a bad entry late in it."""
         self.patch(cli.commands, "BATCH", 3)
         entries = self.chain(10)
-        fetched: List[int] = []
+        fetched: list[int] = []
         real_select = select_audit_txn
 
         def spy(*args: Any, **kwargs: Any) -> Any:
@@ -634,7 +635,7 @@ class LogAndExportTest(CliTestCase):
         (a new read transaction per poll), table rows without a new header."""
         entries = make_chain(5, self.key)
         create_database(self.db_path, entries[:3])
-        polls: List[int] = []
+        polls: list[int] = []
 
         def sleep(seconds: float) -> None:
             polls.append(1)
@@ -715,11 +716,11 @@ class RoomsTest(CliTestCase):
         holds = [(f"!h:{ORIGIN}", f"@admin:{ORIGIN}", "legal", 1000)]
         create_database(self.db_path, make_chain(1, self.key), rooms, holds)
 
-    def listing(self, *argv: str) -> Dict[str, Any]:
+    def listing(self, *argv: str) -> dict[str, Any]:
         """The JSON of ``rooms --json argv...``."""
         code, out, err = self.run_cli("rooms", "--json", *argv)
         self.assertEqual(code, 0, err)
-        result: Dict[str, Any] = json.loads(out)
+        result: dict[str, Any] = json.loads(out)
         return result
 
     def test_states_as_the_admin_api(self) -> None:

@@ -1,6 +1,6 @@
 """Unit tests of the module's config parsing (no Synapse process)."""
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import attr
 from synapse.module_api.errors import ConfigError
@@ -129,7 +129,7 @@ class DurationTests(SynchronousTestCase):
 class BadConfigTests(SynchronousTestCase):
     """Each bad config raises a ConfigError whose path names the offending key."""
 
-    def assert_refused(self, config: Any, path: Tuple[str, ...]) -> ConfigError:
+    def assert_refused(self, config: Any, path: tuple[str, ...]) -> ConfigError:
         with self.assertRaises(ConfigError, msg=repr(config)) as caught:
             LeaveForgetModule.parse_config(config)
         error = caught.exception
@@ -158,7 +158,7 @@ class BadConfigTests(SynchronousTestCase):
 
     def test_bad_rate_limit(self) -> None:
         """per_second must be a positive number and burst_count an integer >= 1."""
-        cases: Dict[str, Tuple[Any, Tuple[str, ...]]] = {
+        cases: dict[str, tuple[Any, tuple[str, ...]]] = {
             "per_second negative": ({"per_second": -1}, ("forget_rate_limit", "per_second")),
             "per_second zero": ({"per_second": 0}, ("forget_rate_limit", "per_second")),
             "per_second string": ({"per_second": "x"}, ("forget_rate_limit", "per_second")),
@@ -247,7 +247,7 @@ class SynapseRefusesBadConfigTests(SynchronousTestCase):
 class HostileConfigTests(SynchronousTestCase):
     """Values a YAML file can hold that used to crash or slip through (issue 11)."""
 
-    def assert_refused(self, config: Any, path: Tuple[str, ...]) -> str:
+    def assert_refused(self, config: Any, path: tuple[str, ...]) -> str:
         with self.assertRaises(ConfigError, msg=repr(config)) as caught:
             LeaveForgetModule.parse_config(config)
         self.assertEqual(tuple(caught.exception.path or ()), path, caught.exception.msg)
@@ -319,7 +319,7 @@ class DescribeConfigTests(SynchronousTestCase):
         @attr.s(frozen=True, auto_attribs=True)
         class Extended:
             history_guard: bool = True
-            wait_ms: Optional[int] = None
+            wait_ms: int | None = None
 
         self.assertEqual(describe_config(Extended()), "history_guard=true wait=off")
 

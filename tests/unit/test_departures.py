@@ -1,7 +1,9 @@
 """Unit tests of the departure lookups: which forgotten-rooms set an answer is checked against."""
 
 import sqlite3
-from typing import AbstractSet, Any, Callable, List, Optional
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Any
 from unittest import mock
 
 from synapse.storage.databases.main.roommember import RoomMemberWorkerStore
@@ -28,13 +30,13 @@ class FakeInternals:
     async def forgotten_rooms(self, user_id: str) -> AbstractSet[str]:
         return {FORGOTTEN_EARLIER}
 
-    def forgotten_rooms_now(self, user_id: str) -> Optional[AbstractSet[str]]:
+    def forgotten_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
         return {FORGOTTEN_EARLIER} if self.cached else None
 
     async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
         return {JOINED}
 
-    def joined_rooms_now(self, user_id: str) -> Optional[AbstractSet[str]]:
+    def joined_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
         return {JOINED} if self.cached else None
 
     async def forgotten_rooms_from_database(self, user_id: str) -> AbstractSet[str]:
@@ -119,7 +121,7 @@ class _Pool:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.descriptions: List[str] = []
+        self.descriptions: list[str] = []
 
     async def runInteraction(self, desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
         self.descriptions.append(desc)

@@ -1,7 +1,9 @@
 """Unit tests of the history guard's routing, response capture and config key."""
 
 import json
-from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Any
 from unittest import mock
 
 from synapse.module_api.errors import ConfigError
@@ -79,8 +81,8 @@ class FakeRequest:
 
     def __init__(self) -> None:
         self.code = 200
-        self.headers: Dict[bytes, bytes] = {b"Content-Length": b"7"}
-        self.wire: List[bytes] = []
+        self.headers: dict[bytes, bytes] = {b"Content-Length": b"7"}
+        self.wire: list[bytes] = []
         self.finished = False
         self.logcontext = None
 
@@ -101,14 +103,14 @@ class FakeRequest:
 class CaptureTests(SynchronousTestCase):
     def run_capture(
         self,
-        chunks: List[bytes],
-        replacement: Optional[Tuple[int, bytes]],
+        chunks: list[bytes],
+        replacement: tuple[int, bytes] | None,
         passes_now: bool = False,
-    ) -> Tuple[FakeRequest, List[Any]]:
+    ) -> tuple[FakeRequest, list[Any]]:
         request = FakeRequest()
-        seen: List[Any] = []
+        seen: list[Any] = []
 
-        async def check(code: int, body: bytes) -> Optional[Tuple[int, bytes]]:
+        async def check(code: int, body: bytes) -> tuple[int, bytes] | None:
             seen.append((code, body))
             return replacement
 
@@ -163,7 +165,7 @@ class FakeLookup:
     async def departure(self, user_id: str, room_id: str) -> None:
         return None
 
-    async def token_position(self, token: str) -> Optional[int]:
+    async def token_position(self, token: str) -> int | None:
         return None
 
 
@@ -176,13 +178,13 @@ class SyncPreCheckTests(SynchronousTestCase):
     def guard(self, forgotten: AbstractSet[str]) -> SyncGuard:
         return SyncGuard(FakeLookup(forgotten))  # type: ignore[arg-type]
 
-    def sync(self, guard: SyncGuard, body: bytes) -> Optional[Tuple[int, bytes]]:
+    def sync(self, guard: SyncGuard, body: bytes) -> tuple[int, bytes] | None:
         request = mock.Mock(args={})
         return self.successResultOf(
             defer.ensureDeferred(guard.check_sync(request, self.USER, body))
         )
 
-    def notifications(self, guard: SyncGuard, body: bytes) -> Optional[Tuple[int, bytes]]:
+    def notifications(self, guard: SyncGuard, body: bytes) -> tuple[int, bytes] | None:
         return self.successResultOf(
             defer.ensureDeferred(guard.check_notifications(self.USER, body))
         )

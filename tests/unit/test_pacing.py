@@ -2,7 +2,6 @@
 
 import json
 import time
-from typing import List
 
 from synapse.module_api.errors import ConfigError
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,7 +43,7 @@ class PurgePacerTests(SynchronousTestCase):
             self.run_purges(pacer, 3, 0.1)
         self.run_purges(pacer, 1, 5.0)  # slow: halved
         self.assertEqual(pacer.slots(0), 1)
-        seen: List[int] = []
+        seen: list[int] = []
         for _ in range(20):
             slots = pacer.slots(0)
             seen.append(slots)

@@ -14,7 +14,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Set
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -41,7 +42,7 @@ class Txn:
         self._cursor = cursor
         self.database_engine = _Engine(module)
         self._paramstyle = paramstyle
-        self.statements: List[str] = []
+        self.statements: list[str] = []
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
         self.statements.append(sql)
@@ -85,13 +86,13 @@ class MigrationTestsMixin:
         conn.commit()
         return version
 
-    def tables(self, conn: Any) -> Set[str]:
+    def tables(self, conn: Any) -> set[str]:
         raise NotImplementedError
 
     def new_database(self) -> None:
         """Make the next connect() open a fresh, empty database."""
 
-    def stored_version(self, conn: Any) -> Optional[int]:
+    def stored_version(self, conn: Any) -> int | None:
         cur = conn.cursor()
         cur.execute("SELECT version FROM leave_forget_schema_version")
         rows = cur.fetchall()
@@ -235,7 +236,7 @@ class SQLiteMigrationTests(MigrationTestsMixin, SynchronousTestCase):
         self.addCleanup(conn.close)
         return conn
 
-    def tables(self, conn: Any) -> Set[str]:
+    def tables(self, conn: Any) -> set[str]:
         cur = conn.cursor()
         cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         names = {str(r[0]) for r in cur.fetchall()}
@@ -281,7 +282,7 @@ class PostgresMigrationTests(MigrationTestsMixin, SynchronousTestCase):
         self.addCleanup(conn.close)
         return conn
 
-    def tables(self, conn: Any) -> Set[str]:
+    def tables(self, conn: Any) -> set[str]:
         cur = conn.cursor()
         cur.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
@@ -378,15 +379,15 @@ class _MigrationThread(threading.Thread):
         case: PostgresMigrationTests,
         conn: Any,
         target: int,
-        barrier: Optional[threading.Barrier] = None,
+        barrier: threading.Barrier | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self._case = case
         self._conn = conn
         self._target = target
         self._barrier = barrier
-        self.result: Optional[int] = None
-        self.error: Optional[BaseException] = None
+        self.result: int | None = None
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:

@@ -1,7 +1,8 @@
 """StatementBatch: writes sent together, against real SQLite and (optionally) PostgreSQL."""
 
 import sqlite3
-from typing import Any, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -31,7 +32,7 @@ class _StatementBatchCase(SynchronousTestCase):
 
     txn: BatchTxn
 
-    def rows(self) -> List[Any]:
+    def rows(self) -> list[Any]:
         self.txn.execute("SELECT k, v FROM t ORDER BY k")
         return [tuple(r) for r in self.txn.fetchall()]
 
