@@ -5,8 +5,9 @@ its client listener, the module on its ``resources: []`` listener) and one in
 ``mount: intercept`` (the module on the client listener). Native Synapse is the
 oracle: the goal is parity with it or better, never worse.
 
-* **From the spec** (schemathesis over ``../shared/spec/leaving.yaml``, the
-  Client-Server API's own OpenAPI for the two endpoints): requests generated
+* **From the spec** (schemathesis over ``docs/api/leaving.yaml``, the
+  project's OpenAPI description of the two endpoints, written from the
+  Client-Server API's text): requests generated
   from the schema (positive) and against it (negative), with the generated
   credentials or with a valid access token (header, query or both), on
   generated room ids, a room the user never joined or rooms the user is in.
@@ -61,7 +62,7 @@ from tests.integration.harness import (
     request,
 )
 
-SPEC_PATH = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "spec", "leaving.yaml"))
+SPEC_PATH = os.path.join(REPO_ROOT, "docs", "api", "leaving.yaml")
 SPEC_BASE_PATH = "/_matrix/client/v3"
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
 
@@ -89,12 +90,11 @@ BAD_REASON: Key = (400, "M_BAD_JSON")
 
 
 def load_spec() -> tuple[Any, dict[str, Any]]:
-    """The spec and its operations by path; fails (never skips) if the shared spec is missing."""
+    """The spec and its operations by path; fails (never skips) if the description is missing."""
     if not os.path.isfile(SPEC_PATH):
         raise AssertionError(
-            f"The shared Matrix spec is missing: expected {SPEC_PATH} (../shared/spec/leaving.yaml "
-            "beside this repository, with its definitions/ directory). The spec-driven fuzz "
-            "tests cannot run without it; restore the shared directory rather than skipping them."
+            f"The OpenAPI description is missing: expected {SPEC_PATH} (docs/api/leaving.yaml "
+            "in this repository). The spec-driven fuzz tests cannot run without it."
         )
     try:
         schema = schemathesis.openapi.from_path(SPEC_PATH)
@@ -103,7 +103,7 @@ def load_spec() -> tuple[Any, dict[str, Any]]:
         raise AssertionError(f"Cannot load {SPEC_PATH}: {exc}") from exc
     operations = {}
     for result in results:
-        if type(result).__name__ == "Err":  # e.g. a definitions/*.yaml $ref that is missing
+        if type(result).__name__ == "Err":  # e.g. a $ref that does not resolve
             raise AssertionError(f"Cannot load {SPEC_PATH}: {result.err()}")
         operation = result.ok()
         operations[operation.path] = operation
@@ -702,17 +702,17 @@ class FuzzTests(SynapseTestCase):
 
     # -- the spec ---------------------------------------------------------------
 
-    def test_shared_spec_is_present_and_loads(self) -> None:
-        """The shared spec (../shared/spec/leaving.yaml and its definitions) is
-        there, loads with its $refs resolved, serves under /_matrix/client/v3 and
-        describes exactly the two endpoints: a missing or moved spec fails here
+    def test_spec_is_present_and_loads(self) -> None:
+        """The repository's OpenAPI description (docs/api/leaving.yaml) is there,
+        loads with its $refs resolved, serves under /_matrix/client/v3 and
+        describes exactly the two endpoints: a missing or moved file fails here
         with a message that says where it was looked for."""
         schema, operations = load_spec()
         self.assertEqual(schema.base_path.rstrip("/"), SPEC_BASE_PATH)
         self.assertEqual(sorted(operations), ["/rooms/{roomId}/forget", "/rooms/{roomId}/leave"])
         for operation in operations.values():
             self.assertEqual(operation.method.upper(), "POST")
-            # Resolving the response schemas follows the definitions/*.yaml $refs.
+            # Resolving the response schemas follows the components' $refs.
             self.assertIsNotNone(operation.as_strategy().example())
 
     def test_fuzz_leave_from_spec(self) -> None:
