@@ -17,6 +17,7 @@ from twisted.internet import defer
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
+from matrix_leave_forget._synapse.new_events import observe_new_events
 from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.checkpoint import Checkpointer
 from matrix_leave_forget.config import (
@@ -81,9 +82,9 @@ class LeaveForgetModule:
         )
         if live_events and api.should_run_background_tasks():
             # Every event reaches this process (persisted here, or through
-            # replication); elsewhere the callback would only cost a state
+            # replication); elsewhere observing would only cost an event
             # lookup per event.
-            api.register_third_party_rules_callbacks(on_new_event=self.routes.on_new_event)
+            observe_new_events(api, self.routes.on_new_event)
         audit = config.audit
         if audit.checkpoint_sender is not None and not api.is_mine(audit.checkpoint_sender):
             raise ConfigError(

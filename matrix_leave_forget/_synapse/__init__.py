@@ -6,6 +6,7 @@ that breaks one of them breaks it here, visibly, and nowhere else. One file per
 concern:
 
 * ``contexts``: logcontexts and background processes (who a callback runs for);
+* ``new_events``: every new event, observed outside its request's logcontext;
 * ``internals``: the handlers, HTTP plumbing, identity and tables a leave needs;
 * ``forget``: Synapse's forget rows and cache invalidations, in our transactions;
 * ``routes``: every route of leave and forget (Synapse's forget taken over);

@@ -5,8 +5,8 @@ other members (local or remote), account deactivation, the admin room
 deletion, its own ``forget_rooms_on_leave``. This observer records each of
 them in the audit log, saying how (``via``) and who acted (``actor``):
 
-* departures from Synapse's ``on_new_event`` callback (on the process that
-  runs background tasks, which every event reaches);
+* departures from every new event (``_synapse.new_events``, on the process
+  that runs background tasks, which every event reaches);
 * forgets through Synapse's forget, which the module takes over
   (``_synapse.SynapseRoutes.take_over_forget``) so that each is written with
   its entry and retention state in one transaction (``MembershipHandler.forget_as``);
@@ -31,6 +31,7 @@ from matrix_leave_forget._synapse.contexts import (
     in_room_forgetter,
     in_user_parter,
 )
+from matrix_leave_forget._synapse.new_events import Route
 from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.entry import (
     VIA_ADMIN_ROOM_DELETE,
@@ -171,12 +172,13 @@ class RouteObserver:
             via, actor = await self.stream_route(departure)
         await self._record_departure(departure, via, actor)
 
-    async def on_new_event(self, event: Any, state: Any) -> None:
+    async def on_new_event(self, event: Any, route: Route) -> None:
         """Record a local user's departure that did not come through the module's endpoint.
 
-        Synapse calls this (third-party rules ``on_new_event``) for every event
-        a process persists or hears of; it is registered on the process that
-        runs background tasks only, so that each event is recorded once.
+        Called (``_synapse.new_events.observe_new_events``) for every event a
+        process persists or hears of, with the request or background process
+        that created it; observed on the process that runs background tasks
+        only, so that each event is recorded once.
         """
         if event.type != "m.room.member":
             return
@@ -199,9 +201,9 @@ class RouteObserver:
             return
         if self._handler.is_serving(target, event.room_id):
             return  # the module's endpoint records it, with the device
-        route = await self._self_departure_route(target, event.room_id)
-        if route is not None:
-            await self._record_departure(departure, *route)
+        seen = await self._self_departure_route(target, event.room_id, route)
+        if seen is not None:
+            await self._record_departure(departure, *seen)
             return
         # Served by another process (a worker, through replication): if that
         # was the module's endpoint, it records the leave; give it time.
@@ -232,13 +234,13 @@ class RouteObserver:
         return VIA_CLIENT, None
 
     async def _self_departure_route(
-        self, user_id: str, room_id: str
+        self, user_id: str, room_id: str, route: Route
     ) -> tuple[str, str | None] | None:
         """(via, actor) of a leave a user sent themselves, None if not visible here."""
         shutdown = self._shutdown_actor(room_id)
         if shutdown is not None:
             return VIA_ADMIN_ROOM_DELETE, shutdown
-        request, process = current_route()
+        request, process = route
         if in_user_parter(process) or await self._is_departing(user_id):
             return VIA_DEACTIVATION, self._deactivated_by.get(user_id)
         if request is None:
