@@ -14,6 +14,7 @@ from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
+from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -58,6 +59,7 @@ class LeaveForgetModule:
     def __init__(self, config: LeaveForgetConfig, api: ModuleApi) -> None:
         self._config = config
         self._api = api
+        metrics.initialise(api.server_name, purges=api.should_run_background_tasks())
         self._internals = SynapseInternals(api)
         self.store = RetentionStore(
             api, api.server_name, self._internals.instance_name, self._internals.signing_key

@@ -87,3 +87,32 @@ purge_task_seconds = Histogram(
     ["server_name"],
     buckets=_PURGE_TASK_BUCKETS,
 )
+
+# Label values that alert rules (docs/monitoring/alerts.yml) read. A counter
+# child that does not exist yet has no series, and `increase()` over a series
+# that first appears at 1 sees no increase: the first failure would not alert.
+ACTIONS = ("leave", "forget")
+REQUEST_OUTCOMES_ALERTED = ("ok", "error")
+PURGE_OUTCOMES = ("purge", "dry_run", "held", "cancelled", "purged")
+PURGE_FAILURE_REASONS = ("refused", "failed")
+
+
+def initialise(server_name: str, purges: bool) -> None:
+    """Create, at 0, every series an alert reads, so the first failure is an increase.
+
+    Args:
+        server_name: This homeserver's name (the ``server_name`` label).
+        purges: Whether this process runs the retention sweep (Synapse's
+            background-tasks process): the purge series exist only there.
+    """
+    for action in ACTIONS:
+        audit_write_failures_total.labels(server_name, action)
+        for outcome in REQUEST_OUTCOMES_ALERTED:
+            requests_total.labels(server_name, action, outcome)
+    if purges:
+        for outcome in PURGE_OUTCOMES:
+            purges_total.labels(server_name, outcome)
+        for reason in PURGE_FAILURE_REASONS:
+            purge_failures_total.labels(server_name, reason)
+        purge_backlog.labels(server_name)
+        purges_in_flight.labels(server_name)

@@ -251,6 +251,12 @@ class RetentionState:
             "leave_forget_backlog_counts", retention_counts_txn, now, config_holds
         )
 
+    async def held_due_rooms(self, now: int, config_holds: AbstractSet[str]) -> set[str]:
+        """The rooms due now that a hold keeps (see held_due_rooms_txn)."""
+        return await self._api.run_db_interaction(
+            "leave_forget_held_due_rooms", held_due_rooms_txn, now, config_holds
+        )
+
     async def mark_purged(self, room_id: str) -> None:
         def txn_fn(txn: LoggingTransaction) -> None:
             self._audit.lock_chain_txn(txn)
@@ -417,6 +423,27 @@ def retention_counts_txn(
             "SELECT COUNT(*) FROM leave_forget_rooms WHERE state = ?", (STATE_PURGING,)
         ),
     }
+
+
+def held_due_rooms_txn(txn: Any, now: int, config_holds: AbstractSet[str]) -> set[str]:
+    """The rooms due now that a hold (admin API or ``retention.holds``) keeps from purge."""
+    txn.execute(
+        "SELECT r.room_id FROM leave_forget_holds AS h "
+        "JOIN leave_forget_rooms AS r ON r.room_id = h.room_id "
+        "WHERE r.state = ? AND r.purge_due_at IS NOT NULL AND r.purge_due_at <= ?",
+        (STATE_FORGOTTEN, now),
+    )
+    held = {str(row[0]) for row in txn.fetchall()}
+    extra = sorted(config_holds - held)
+    if extra:
+        txn.execute(
+            "SELECT room_id FROM leave_forget_rooms "
+            f"WHERE room_id IN ({', '.join('?' for _ in extra)}) "
+            "AND state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ?",
+            (*extra, STATE_FORGOTTEN, now),
+        )
+        held.update(str(row[0]) for row in txn.fetchall())
+    return held
 
 
 def select_holds_page_txn(

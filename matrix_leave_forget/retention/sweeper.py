@@ -115,6 +115,8 @@ class RetentionSweeper:
         self._due_checked = 0.0
         # The backlog as last counted, lowered as the pump decides rooms.
         self._backlog = 0
+        # Due rooms found held at the last sweep (counted once, see sweep).
+        self._held_counted: set[str] = set()
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: dict[str, float] = {}
         # The pump's work so far, for benchmarks: rounds and transactions.
@@ -144,7 +146,14 @@ class RetentionSweeper:
         backlog = await self._store.retention.backlog_counts(now, self._config.holds)
         if backlog["held"]:
             counts["held"] = backlog["held"]
-            metrics.purges_total.labels(server_name, "held").inc(backlog["held"])
+            # A held room stays due at every sweep: count the decision to
+            # keep it once, when the sweep first finds it held.
+            held = await self._store.retention.held_due_rooms(now, self._config.holds)
+            if held - self._held_counted:
+                metrics.purges_total.labels(server_name, "held").inc(len(held - self._held_counted))
+            self._held_counted = held
+        else:
+            self._held_counted = set()
         self._backlog = backlog["due"]
         metrics.purge_backlog.labels(server_name).set(self._backlog)
         metrics.purges_in_flight.labels(server_name).set(backlog["in_flight"])
