@@ -17,7 +17,7 @@ MOUNT_INTERCEPT = "intercept"
 MOUNT_LISTENER = "listener"
 MOUNT_MODES = (MOUNT_INTERCEPT, MOUNT_LISTENER)
 
-_DURATION_RE = re.compile(r"(\d{1,20})(ms|s|m|h|d|w|y)?", re.ASCII)
+_DURATION_RE = re.compile(r"(\d{1,20})(ms|s|m|h|d|w|y)", re.ASCII)
 _DURATION_UNITS_MS = {
     "ms": 1,
     "s": 1000,
@@ -27,6 +27,7 @@ _DURATION_UNITS_MS = {
     "w": 7 * 24 * 60 * 60 * 1000,
     "y": 365 * 24 * 60 * 60 * 1000,
 }
+_UNITS_TEXT = "ms, s, m, h, d, w, y"
 # The longest duration accepted (100 years): a room's purge is due at "forgot
 # at + period", which must stay a date (and a 64-bit millisecond count).
 MAX_DURATION_MS = 100 * _DURATION_UNITS_MS["y"]
@@ -152,23 +153,45 @@ def _bool(section: Mapping[str, Any], key: str, default: bool, path: str) -> boo
 
 
 def parse_duration_ms(value: Any, path: tuple[str, ...]) -> int:
-    """Parse a duration the way Synapse does: an int of milliseconds or "10s", "7d"…
+    """Parse a duration with a unit: "500ms", "30s", "12h", "7d", "1w", "1y".
+
+    Unlike Synapse's own durations, a bare number (``30``, ``"30"``) is refused
+    rather than read as milliseconds: an operator who writes ``period: 30``
+    meaning 30 days would have every forgotten room purged at once, and a
+    retention period is the one setting where a wrong guess loses data.
 
     Args:
         value: The configured value.
         path: Where the value sits in the config, for the error message.
 
     Raises:
-        ConfigError: if the value is not a positive duration of at most 100 years.
+        ConfigError: if the value is not a positive duration with a unit, of at
+            most 100 years.
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError("must be a duration such as 30s or 7d", path)
-    match = _DURATION_RE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if isinstance(value, int):
-        millis = value
-    elif match is not None:
-        millis = int(match.group(1)) * _DURATION_UNITS_MS[match.group(2) or "ms"]
-    elif isinstance(value, str) and re.fullmatch(r"\d+[a-z]*", value.strip(), re.ASCII):
+    text = str(value).strip()
+    if re.fullmatch(r"[+-]?\d+", text, re.ASCII):
+        if int(text) <= 0:
+            raise ConfigError("must be a positive duration such as 30s or 7d", path)
+        number = text.lstrip("+") if len(text) <= 6 else "30"
+        raise ConfigError(
+            f"{text[:20]!r} has no unit: write e.g. {number}d for days or {number}ms for "
+            f"milliseconds (units: {_UNITS_TEXT}); a bare number is refused rather "
+            "than guessed",
+            path,
+        )
+    unit = re.fullmatch(r"\d+\s*([^\d\s.]+)", text, re.ASCII)
+    if unit is not None and unit.group(1) not in _DURATION_UNITS_MS:
+        raise ConfigError(
+            f"unknown unit {unit.group(1)[:20]!r} in {text[:40]!r}: use one of {_UNITS_TEXT} "
+            "(e.g. 30d)",
+            path,
+        )
+    match = _DURATION_RE.fullmatch(text)
+    if match is not None:
+        millis = int(match.group(1)) * _DURATION_UNITS_MS[match.group(2)]
+    elif unit is not None:  # a valid unit after more digits than any due time needs
         raise ConfigError("must be at most 100y (100 years)", path)
     else:
         raise ConfigError("must be a duration such as 30s or 7d", path)
