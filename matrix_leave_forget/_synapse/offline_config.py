@@ -45,6 +45,21 @@ def main_database_from_config(values: dict[str, Any]) -> tuple[str, dict[str, An
     return None
 
 
+def signing_key_path(values: dict[str, Any], config_dir: str) -> str | None:
+    """The absolute path of the signing key file Synapse reads; None for an inline key.
+
+    Args:
+        values: The merged top-level keys of homeserver.yaml.
+        config_dir: The directory of the last config file (for the default key path).
+    """
+    if "signing_key" in values:
+        return None
+    path = values.get("signing_key_path") or os.path.join(
+        config_dir, f"{values['server_name']}.signing.key"
+    )
+    return os.path.abspath(str(path))
+
+
 def signing_keys_from_config(
     values: dict[str, Any], config_dir: str
 ) -> tuple[str, list[SigningKey], dict[str, Any]]:
@@ -66,14 +81,12 @@ def signing_keys_from_config(
     from synapse.config.key import KeyConfig
 
     section = KeyConfig(HomeServerConfig())
-    if "signing_key" in values:
+    path = signing_key_path(values, config_dir)
+    if path is None:
         where = "signing_key"
         keys = read_signing_keys([values["signing_key"]])
     else:
-        path = values.get("signing_key_path") or os.path.join(
-            config_dir, f"{values['server_name']}.signing.key"
-        )
-        where = os.path.abspath(str(path))
+        where = path
         keys = section.read_signing_keys(where, "signing_key")
     old = section.read_old_signing_keys(values.get("old_signing_keys"))
     return where, list(keys), dict(old)

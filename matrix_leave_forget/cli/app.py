@@ -23,6 +23,8 @@ from matrix_leave_forget.http.admin import LISTINGS, MAX_INT_ARG
 
 DEFAULT_LIMIT = 100
 
+_CONFIG_HELP = "homeserver.yaml (repeat, or give a directory, for a split config as Synapse)"
+
 ROOM_STATES: Sequence[str] = (*LISTINGS, "held", "abandoned")
 
 
@@ -99,7 +101,7 @@ def _format_options(required_default: bool) -> argparse.ArgumentParser:
         action="store_const",
         const="json",
         default=default,
-        help="machine-readable JSON",
+        help="machine-readable JSON (default: an aligned table)",
     )
     group.add_argument(
         "--csv",
@@ -107,7 +109,7 @@ def _format_options(required_default: bool) -> argparse.ArgumentParser:
         action="store_const",
         const="csv",
         default=default,
-        help="CSV with a header row",
+        help="CSV with a header row (default: an aligned table)",
     )
     return parent
 
@@ -130,11 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         action="append",
-        required=True,
         metavar="PATH",
-        help="homeserver.yaml (repeat, or give a directory, for a split config as Synapse)",
+        help=_CONFIG_HELP + " (required; before or after COMMAND)",
     )
     formats = _format_options(False)
+    # -c after the command as well: its own dest, merged in main(), so that
+    # "-c a rooms -c b" keeps both (a subcommand's values replace the top level's).
+    formats.add_argument(
+        "-c",
+        "--config",
+        dest="config_after",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help=_CONFIG_HELP,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     rooms = sub.add_parser(
@@ -143,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list rooms by retention state",
         description=_summary(cmd_rooms),
     )
-    rooms.add_argument("--state", choices=ROOM_STATES, default="forgotten")
+    rooms.add_argument(
+        "--state",
+        choices=ROOM_STATES,
+        default="forgotten",
+        help="the rooms in this state (default: forgotten)",
+    )
     rooms.add_argument(
         "--limit",
         type=_non_negative,
@@ -164,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--until", type=parse_timestamp, metavar="TS", help="before this time (ms or ISO 8601)"
     )
     filters.add_argument(
-        "--from", dest="after", type=_non_negative, default=0, metavar="SEQ", help="after this seq"
+        "--from",
+        dest="after",
+        type=_non_negative,
+        default=0,
+        metavar="SEQ",
+        help="after this seq (default: 0, from the first entry)",
     )
 
     log = sub.add_parser(
@@ -265,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (see the module docstring).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.config = (args.config or []) + getattr(args, "config_after", [])
+    if not args.config:
+        parser.error("the following arguments are required: -c/--config")
     try:
         return run(args)
     except CliError as exc:

@@ -51,6 +51,7 @@ from matrix_leave_forget.cli.render import (
     _warn,
     format_ts,
     render_table,
+    table_widths,
     write_csv,
     write_json,
 )
@@ -279,6 +280,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
         limit,
     )
     more = not args.newest and bool(limit) and len(entries) == limit
+    widths: list[int] | None = None
     if args.format == "json" and not args.follow:
         result: dict[str, Any] = {"entries": entries}
         if more:
@@ -288,19 +290,36 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
         write_csv(sys.stdout, STORED_COLUMNS, entries)
     elif args.format == "json":
         _write_json_lines(entries)
+    elif args.follow:
+        # The headings now, even over no rows, and room for the usual values:
+        # the rows that come later are printed in these columns.
+        widths = table_widths(_LOG_COLUMNS, entries, _FOLLOW_MIN_WIDTHS)
+        print(render_table(_LOG_COLUMNS, entries, widths=widths))
     elif entries:
         print(render_table(_LOG_COLUMNS, entries))
-    elif not args.follow:
+    else:
         print("No audit entries match.")
     if more and args.format != "json" and not args.follow:
         _warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
     if args.follow:
-        _follow(db, filters, entries[-1]["seq"] if entries else _last_seq(db, after), args.format)
+        start = entries[-1]["seq"] if entries else _last_seq(db, after)
+        _follow(db, filters, start, args.format, widths)
     return EXIT_OK
 
 
 # How often --follow looks for new entries.
 FOLLOW_INTERVAL = 1.0
+# Columns --follow keeps wide enough for the usual values of later rows
+# (sequence numbers, Matrix errcodes, user and room ids, v4 event ids).
+_FOLLOW_MIN_WIDTHS = {
+    "seq": 7,
+    "action": 6,
+    "outcome": 16,
+    "user_id": 32,
+    "room_id": 34,
+    "device_id": 10,
+    "event_id": 44,
+}
 
 
 def _write_json_lines(entries: list[dict[str, Any]]) -> None:
@@ -313,12 +332,18 @@ def _last_seq(db: Database, after: int) -> int:
     return max(after, _max_seq(db))
 
 
-def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -> None:
+def _follow(
+    db: Database,
+    filters: Mapping[str, Any],
+    after: int,
+    output: str,
+    widths: Sequence[int] | None,
+) -> None:
     """Print matching entries as they are written, until interrupted.
 
     Each poll ends the read transaction and starts a new one, to see new rows.
-    Tables are printed without a header after the first; CSV and JSON lines
-    continue the stream.
+    Table rows are printed in the first table's columns (``widths``), without
+    a header; CSV and JSON lines continue the stream.
     """
     writer = csv.writer(sys.stdout, lineterminator="\n") if output == "csv" else None
     while True:
@@ -334,7 +359,7 @@ def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -
             elif output == "json":
                 _write_json_lines(page)
             else:
-                print(render_table(_LOG_COLUMNS, page, header=False))
+                print(render_table(_LOG_COLUMNS, page, header=False, widths=widths))
             after = page[-1]["seq"]
 
 

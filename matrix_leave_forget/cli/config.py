@@ -12,6 +12,7 @@ from synapse.module_api.errors import ConfigError
 
 from matrix_leave_forget._synapse.offline_config import (
     main_database_from_config,
+    signing_key_path,
     signing_keys_from_config,
 )
 from matrix_leave_forget.audit.entry import parse_old_signing_keys, verify_key_id
@@ -163,16 +164,48 @@ def server_verify_keys(config: HomeserverConfig) -> dict[str, VerifyKey]:
     """
     values = dict(config.values)
     values.setdefault("server_name", config.server_name)
+    path = signing_key_path(values, config.config_dir)
+    hint = (
+        "; or verify with the server's public key instead: --verify-key "
+        f"'ed25519:<version> <base64>' (as https://{config.server_name}/_matrix/key/v2/server "
+        "publishes it)"
+    )
+    if path is not None:
+        cause = _unreadable(path)
+        if cause is not None:
+            fix = (
+                "run as the user Synapse runs as, or grant read access"
+                if "permission" in cause
+                else "check signing_key_path in homeserver.yaml"
+            )
+            raise CliError(f"cannot read signing key {path}: {cause} ({fix}{hint})")
+    where = path or "signing_key"
     try:
         _, signing_keys, old = signing_keys_from_config(values, config.config_dir)
-    except ConfigError as exc:
-        raise CliError(f"cannot read signing key: {_config_error(exc)}")
-    except Exception as exc:
-        raise CliError(f"cannot parse signing key: {_one_line(str(exc))}")
+    except Exception as exc:  # the file is readable (checked above): its content is not
+        cause = _config_error(exc) if isinstance(exc, ConfigError) else _one_line(str(exc))
+        raise CliError(
+            f"cannot parse signing key {where}: {cause} (is it the file Synapse uses, one "
+            f"'ed25519 <version> <base64>' line per key?{hint})"
+        )
     keys: dict[str, VerifyKey] = {verify_key_id(k): get_verify_key(k) for k in signing_keys}
     for key_id, key in old.items():
         keys.setdefault(key_id, key)
     return keys
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file at ``path`` cannot be read (missing, a directory, no permission), or None."""
+    if not os.path.lexists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "is a directory"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def server_key_expiry(config: HomeserverConfig) -> dict[str, int]:

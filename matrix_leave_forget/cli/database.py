@@ -9,7 +9,7 @@ from typing import Any
 import attr
 
 from matrix_leave_forget.cli.config import HomeserverConfig, database_settings
-from matrix_leave_forget.cli.errors import CliError
+from matrix_leave_forget.cli.errors import CliError, _one_line
 from matrix_leave_forget.cli.render import _warn
 from matrix_leave_forget.db.schema import SCHEMA_VERSION
 
@@ -61,11 +61,40 @@ def _open_sqlite(args: Mapping[str, Any]) -> Database:
     # mode=ro: the CLI must never write to a live homeserver's database.
     # isolation_level=None lets us open one explicit read transaction, so that
     # every batch of a long run sees the same snapshot.
-    conn = sqlite3.connect(
-        f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None
-    )
-    conn.execute("BEGIN")
+    try:
+        conn = sqlite3.connect(
+            f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None
+        )
+        try:
+            conn.execute("BEGIN")
+            # Reading one page here makes an unreadable or foreign file fail
+            # now, with its path, rather than as "no module tables".
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot open SQLite database {path}: {_sqlite_cause(path, exc)}")
     return Database(conn, "?", f"SQLite database {path}")
+
+
+def _sqlite_cause(path: str, exc: sqlite3.Error) -> str:
+    """Why SQLite could not read ``path``, and what to do about it."""
+    message = _one_line(str(exc))
+    as_synapse = "run as the user Synapse runs as (e.g. sudo -u matrix-synapse ...)"
+    if not os.access(path, os.R_OK):
+        return f"{message}: permission denied on the file ({as_synapse}, or grant read access)"
+    directory = os.path.dirname(path)
+    if not os.access(directory, os.R_OK | os.X_OK):
+        return f"{message}: permission denied on {directory} ({as_synapse})"
+    if "not a database" in message or "malformed" in message:
+        return f"{message} (database.args.database must name Synapse's SQLite file)"
+    # A database in WAL mode needs its -wal and -shm files (or, without them,
+    # a writable directory to create them), even to be read.
+    return (
+        f"{message} (SQLite also needs to read {os.path.basename(path)}-wal and "
+        f"-shm beside it, or to create them in {directory}: {as_synapse})"
+    )
 
 
 def _open_postgres(args: Mapping[str, Any]) -> Database:
@@ -80,7 +109,19 @@ def _open_postgres(args: Mapping[str, Any]) -> Database:
     # cp_* keys configure Twisted's connection pool, not the connection;
     # psycopg2 rejects them.
     connect_args = {k: v for k, v in args.items() if not k.startswith("cp_")}
-    conn = psycopg2.connect(**connect_args)
+    try:
+        conn = psycopg2.connect(**connect_args)
+    except psycopg2.Error as exc:
+        server = (
+            f"{connect_args.get('host') or 'the local socket'}:{connect_args.get('port', 5432)}"
+        )
+        name = connect_args.get("database") or connect_args.get("dbname") or "?"
+        raise CliError(
+            f"cannot connect to PostgreSQL database {name} "
+            f"on {server} as {connect_args.get('user') or 'the current user'}: "
+            f"{_one_line(str(exc))} (check database.args in homeserver.yaml, and that this "
+            "machine may connect: pg_hba.conf, the password)"
+        )
     # One read-only REPEATABLE READ transaction for the whole run: a snapshot
     # consistent across batches, and no way to write by mistake.
     conn.set_session(readonly=True, isolation_level="REPEATABLE READ")

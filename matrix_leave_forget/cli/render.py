@@ -55,8 +55,24 @@ class Column:
     render: Callable[[Any], str] = _text
 
 
+def table_widths(
+    columns: Sequence[Column],
+    rows: Sequence[Mapping[str, Any]],
+    minimum: Mapping[str, int] | None = None,
+) -> list[int]:
+    """Each column's width for the headings and ``rows``, at least ``minimum[key]``."""
+    widths = [max(len(c.header), (minimum or {}).get(c.key, 0)) for c in columns]
+    for row in rows:
+        for i, c in enumerate(columns):
+            widths[i] = max(widths[i], len(c.render(row.get(c.key))))
+    return widths
+
+
 def render_table(
-    columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], header: bool = True
+    columns: Sequence[Column],
+    rows: Sequence[Mapping[str, Any]],
+    header: bool = True,
+    widths: Sequence[int] | None = None,
 ) -> str:
     """An aligned plain-text table, one row per line.
 
@@ -69,6 +85,9 @@ def render_table(
         rows: The rows, as mappings from column key to raw value.
         header: Whether to start with the headings (``log --follow`` prints
             later rows without them).
+        widths: Fixed column widths (``log --follow``: the first table's, so
+            that later rows line up with its headings); a longer cell only
+            shifts the rest of its own line. By default, the widest cell's.
 
     Returns:
         The table, without a trailing newline.
@@ -76,7 +95,8 @@ def render_table(
     cells = ([[c.header for c in columns]] if header else []) + [
         [c.render(row.get(c.key)) for c in columns] for row in rows
     ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    if widths is None:
+        widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in cells

@@ -8,6 +8,7 @@ subprocess against a real Synapse's database.
 """
 
 import argparse
+import builtins
 import io
 import json
 import os
@@ -211,7 +212,7 @@ class ConfigErrorTest(CliTestCase):
                 "args": {"host": "127.0.0.1", "port": 1, "user": "x", "database": "x", "cp_min": 1},
             }
         )
-        self.assertCliError(["log"], "error: database: ")
+        self.assertCliError(["log"], "cannot connect to PostgreSQL database x on 127.0.0.1:1 as x")
 
     def test_missing_signing_key_only_matters_to_verify(self) -> None:
         """Without the signing key file, verify fails cleanly (exit 2) but log still works."""
@@ -222,6 +223,85 @@ class ConfigErrorTest(CliTestCase):
         code, out, _ = self.run_cli("log")
         self.assertEqual(code, 0)
         self.assertEqual(len(out.splitlines()), 3)
+
+    def test_config_before_or_after_the_command(self) -> None:
+        """-c/--config works before or after the command, both places add up,
+        and without it the usage error names it."""
+        self.chain(2)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        self.assertEqual(cli.main(["log", "-c", self.config_path]), 0, err.getvalue())
+        self.assertEqual(len(out.getvalue().splitlines()), 3)
+        # A split config: the second file overrides the first's database.
+        other = os.path.join(self.dir, "other.yaml")
+        with open(other, "w") as f:
+            yaml.safe_dump({"database": {"name": "sqlite3", "args": {"database": "/nope.db"}}}, f)
+        code, _, err_text = self.run_cli("log", "--config", other)
+        self.assertEqual(code, 2)
+        self.assertIn("/nope.db does not exist", err_text)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        with self.assertRaises(SystemExit) as caught:
+            cli.main(["rooms"])
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("the following arguments are required: -c/--config", err.getvalue())
+
+    def test_file_that_is_not_a_database(self) -> None:
+        """A database path naming another kind of file says which file and why."""
+        with open(self.db_path, "wb") as f:
+            f.write(b"not sqlite at all, but long enough to be read as a header" * 4)
+        self.assertCliError(
+            ["log"], f"cannot open SQLite database {self.db_path}: file is not a database"
+        )
+
+    def test_unreadable_database_names_path_permission_and_fix(self) -> None:
+        """A database file the CLI may not read names the path, the permission
+        and the fix (as root every file is readable, so the refusal is simulated)."""
+        self.chain(1)
+        real_access = os.access
+
+        def access(path: Any, mode: int, **kw: Any) -> bool:
+            return False if path == self.db_path else real_access(path, mode, **kw)
+
+        def connect(*args: Any, **kw: Any) -> Any:
+            raise sqlite3.OperationalError("unable to open database file")
+
+        self.patch(cli.database.os, "access", access)
+        self.patch(cli.database.sqlite3, "connect", connect)
+        code, _, err = self.run_cli("rooms")
+        self.assertEqual(code, 2)
+        for part in (self.db_path, "unable to open database file", "permission denied", "sudo -u"):
+            self.assertIn(part, err)
+
+    def test_unreadable_signing_key_suggests_verify_key(self) -> None:
+        """A signing key verify may not read names the path and the cause, and
+        suggests --verify-key (the public key is enough to verify)."""
+        self.chain(1)
+
+        real_open = builtins.open
+        refusing = [True]
+
+        def refuse(path: Any, *args: Any, **kw: Any) -> Any:
+            if refusing[0] and path == self.key_path:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kw)
+
+        self.patch(builtins, "open", refuse)
+        code, _, err = self.run_cli("verify")
+        self.assertEqual(code, 2)
+        for part in (self.key_path, "permission denied", "--verify-key", "example.org/_matrix/key"):
+            self.assertIn(part, err)
+        refusing[0] = False
+        os.unlink(self.key_path)
+        os.mkdir(self.key_path)
+        self.assertCliError(["verify"], f"cannot read signing key {self.key_path}: is a directory")
+        self.assertIn("--verify-key", self.run_cli("verify")[2])
+        os.rmdir(self.key_path)
+        with open(self.key_path, "w") as f:
+            f.write("garbage\n")
+        self.assertCliError(["verify"], f"cannot parse signing key {self.key_path}")
+        self.assertIn("--verify-key", self.run_cli("verify")[2])
 
     def test_usage_errors_exit_2(self) -> None:
         """Bad arguments (unknown state, bad timestamp, bad verify key) exit 2 without traceback."""
@@ -656,6 +736,76 @@ class LogAndExportTest(CliTestCase):
         self.assertEqual([line.split()[0] for line in lines[1:]], ["1", "2", "3", "4", "5"])
         code, out, _ = self.run_cli("log", "--follow", "--json", "--newest", "1")
         self.assertEqual([json.loads(line)["seq"] for line in out.splitlines()], [5])
+
+    def test_log_follow_keeps_columns_under_the_headings(self) -> None:
+        """Rows --follow prints later (longer outcome, user, room and event ids)
+        start each column where the first table's heading does."""
+        entries = make_chain(5, self.key)
+        create_database(self.db_path, entries[:2])
+        for entry in entries[2:]:
+            entry.update(
+                outcome="M_LIMIT_EXCEEDED",
+                user_id="@a-longer-user-name:example.org",
+                room_id="!AbCdEfGhIjKlMnOpQr:example.org",
+                event_id="$" + "x" * 43,
+                device_id="LONGDEVICE",
+            )
+        polls: list[int] = []
+
+        def sleep(seconds: float) -> None:
+            polls.append(1)
+            if len(polls) == 1:
+                conn = sqlite3.connect(self.db_path)
+                for entry in entries[2:]:
+                    insert_entry(conn, entry)
+                conn.commit()
+                conn.close()
+            elif len(polls) == 3:
+                raise KeyboardInterrupt
+
+        self.patch(cli.commands.time, "sleep", sleep)
+        code, out, err = self.run_cli("log", "--follow")
+        self.assertEqual(code, 130, err)
+        header, *rows = out.splitlines()
+        self.assertEqual(len(rows), 5)
+        starts = [header.index(h) for h in header.split()]
+        for row in rows:
+            for start in starts[1:]:
+                self.assertEqual(row[start - 2 : start], "  ", (row, start))
+                self.assertNotEqual(row[start], " ", (row, start))
+        # With nothing to show yet, the headings still come first.
+        os.unlink(self.db_path)
+        create_database(self.db_path, [])
+        polls.clear()
+        code, out, _ = self.run_cli("log", "--follow")
+        self.assertEqual(out.splitlines()[0].split()[:2], ["SEQ", "TIME"])
+
+    def test_help_shows_every_default(self) -> None:
+        """Every option with a default says it in --help (rooms --state's forgotten,
+        log --from's 0, the table output...)."""
+
+        def actions(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+            found = []
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, sub in action.choices.items():
+                        found += [(f"{name} {n}", a) for n, a in actions(sub)]
+                else:
+                    found.append(("", action))
+            return found
+
+        checked = 0
+        for where, action in actions(cli.build_parser()):
+            if action.default in (None, False, argparse.SUPPRESS) or action.help in (
+                None,
+                argparse.SUPPRESS,
+            ):
+                continue
+            if isinstance(action, argparse._HelpAction):
+                continue
+            checked += 1
+            self.assertIn("default", action.help or "", f"{where} {action.option_strings}")
+        self.assertGreaterEqual(checked, 5)
 
     def test_help_is_plain_text(self) -> None:
         """--help of every command is plain text: no reStructuredText ``quotes``."""
