@@ -16,7 +16,7 @@ _PURGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 requests_total = Counter(
     "synapse_leave_forget_requests_total",
     "Leave and forget requests served by matrix-leave-forget, by outcome "
-    "(ok, noop, or the Matrix errcode of a refusal).",
+    "(ok, the Matrix errcode of a refusal, or error for an internal error).",
     ["server_name", "action", "outcome"],
 )
 
