@@ -268,3 +268,42 @@ class SlidingSyncLeftRoomTests(AdversarialTestCase):
                 self.assertNotIn(s.room_id, json.dumps(extensions.get(name, {})), name)
             for secret in (s.after, s.reply_after, redaction, edit, reason):
                 self.assertNotIn(secret, text, attempt)
+
+
+class StreamAndNotificationTests(AdversarialTestCase):
+    """Item 3 on the legacy /events stream and /notifications."""
+
+    def test_later_redaction_of_an_earlier_mention(self) -> None:
+        """alice mentions bob, bob leaves, alice redacts the mention with a reason: bob's
+        /notifications and /events (from before) do not carry the redaction; alice's
+        own /events does (so the check could fail). (Synapse drops a redacted event's
+        notifications, and the stream of a departed user ends at the departure, so
+        the scrub of these two paths is shown in tests/unit/test_history_guard.py.)"""
+        n = self.id().rsplit(".", 1)[-1][:8] + str(len(self.hs.register.__name__))
+        alice = self.hs.register(f"alicen{n}")
+        bob = self.hs.register(f"bobn{n}")
+        room_id = self.hs.create_room(alice, preset="private_chat")
+        self.ok(self.hs.membership(alice, room_id, "invite", {"user_id": bob.user_id}), "invite")
+        self.ok(self.hs.membership(bob, room_id, "join"), "join")
+        token = self.ok(self.get(bob, "/_matrix/client/v3/events?timeout=0"), "events").body["end"]
+        alice_token = self.ok(self.get(alice, "/_matrix/client/v3/events?timeout=0"), "a").body[
+            "end"
+        ]
+        path = self.room_path(room_id, "send/m.room.message/mention")
+        content = {"msgtype": "m.text", "body": f"hello bobn{n}"}
+        mention = self.ok(self.get(alice, path, "PUT", content), "mention").body["event_id"]
+        self.assertTrue(mention)
+        self.ok(self.hs.membership(bob, room_id, "leave"), "leave")
+        reason = f"secretreason{n}"
+        path = self.room_path(room_id, f"redact/{q(mention)}/r1")
+        redaction = self.ok(self.get(alice, path, "PUT", {"reason": reason}), "redact").body[
+            "event_id"
+        ]
+        stream = f"/_matrix/client/v3/events?timeout=0&from={q(token)}"
+        events = self.ok(self.get(bob, stream), "bob events")
+        notifications = self.ok(self.get(bob, "/_matrix/client/v3/notifications"), "notifs")
+        for name, resp in (("events", events), ("notifications", notifications)):
+            self.assertNotIn(redaction, resp.raw.decode(), name)
+            self.assertNotIn(reason, resp.raw.decode(), name)
+        alice_stream = f"/_matrix/client/v3/events?timeout=0&from={q(alice_token)}"
+        self.assertIn(redaction, self.ok(self.get(alice, alice_stream), "alice").raw.decode())

@@ -15,6 +15,7 @@ from twisted.web.resource import EncodingResourceWrapper
 
 from matrix_leave_forget._synapse.routing import watch_routing
 from matrix_leave_forget.config import parse_config
+from matrix_leave_forget.history.departures import Departure
 from matrix_leave_forget.history.guard import SERVLETS, Route, capture, route_for
 from matrix_leave_forget.history.json_codec import decode
 from matrix_leave_forget.history.later_events import carried_ids, scrub_carried
@@ -467,3 +468,58 @@ class ScrubCarriedTests(SynchronousTestCase):
         self.assertEqual(sorted(carried_ids(event)), ["$old", "$r"])
         self.assertTrue(scrub_carried(event, {"$r", "$old"}))
         self.assertEqual(event, {"event_id": "$e", "unsigned": {}})
+
+
+class DepartedLookup(FakeLookup):
+    """A user who left LEFT at stream position 10 (not forgotten); $later came after."""
+
+    LEFT = "!left:test.local"
+
+    async def departure(self, user_id: str, room_id: str) -> Any:
+        return Departure("$leave", 10, False) if room_id == self.LEFT else None
+
+    async def world_readable(self, room_id: str) -> bool:
+        return False
+
+    async def stream_orderings(self, event_ids: Any) -> dict[str, int]:
+        known = {"$earlier": 5, "$later": 20, "$leave": 10}
+        return {i: known[i] for i in event_ids if i in known}
+
+
+class DepartedRoomStreamTests(SynchronousTestCase):
+    """/notifications and /events of a room the user left carry nothing from later."""
+
+    def test_later_redaction_removed_from_notifications_and_stream(self) -> None:
+        """An earlier event redacted after the departure loses redacted_because and
+        redacted_by; the same event of a joined room keeps them."""
+        left, joined = DepartedLookup.LEFT, "!joined:test.local"
+        guard = SyncGuard(DepartedLookup(frozenset()))  # type: ignore[arg-type]
+
+        def event(room_id: str) -> dict[str, Any]:
+            return {
+                "event_id": "$earlier",
+                "room_id": room_id,
+                "content": {},
+                "redacted_because": {"event_id": "$later", "content": {"reason": "secret"}},
+                "unsigned": {"redacted_by": "$later", "age": 1},
+            }
+
+        body = json.dumps(
+            {"notifications": [{"room_id": r, "event": event(r)} for r in (left, joined)]}
+        ).encode()
+        result = self.successResultOf(
+            defer.ensureDeferred(guard.check_notifications("@u:test.local", body))
+        )
+        assert result is not None
+        left_event, joined_event = (n["event"] for n in json.loads(result[1])["notifications"])
+        self.assertNotIn("$later", json.dumps(left_event))
+        self.assertEqual(left_event["unsigned"], {"age": 1})
+        self.assertEqual(joined_event, event(joined))
+        stream = json.dumps({"chunk": [event(left), event(joined)]}).encode()
+        result = self.successResultOf(
+            defer.ensureDeferred(guard.check_event_stream("@u:test.local", stream))
+        )
+        assert result is not None
+        chunk = json.loads(result[1])["chunk"]
+        self.assertNotIn("$later", json.dumps(chunk[0]))
+        self.assertEqual(chunk[1], event(joined))
