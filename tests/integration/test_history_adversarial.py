@@ -126,6 +126,36 @@ class SpellingTests(AdversarialTestCase):
             # org_matrix_simplified_msc3575 and the like: Synapse serves them all.
             self.assertGreaterEqual(served.get("SlidingSyncRestServlet", 0), 16, statuses)
 
+    def test_every_spelling_after_leave_shows_nothing_later(self) -> None:
+        """After a leave (not forgotten), every spelling of the room reads Synapse serves
+        with 200 carries no event sent after the departure; alice's canonical reads
+        carry them (so the check could fail)."""
+        s = self.scene("leave")
+        room = s.room_id
+        values = {
+            "room_id": [quote_room(room), "".join(f"%{b:02X}" for b in room.encode())],
+            "event_id": [q(s.before)],
+            "parent_id": [q(s.before)],
+            "relation_type": ["m.thread"],
+            "event_type": ["m.room.message"],
+        }
+        served = 0
+        for name in GUARDED:
+            if GUARDED[name][0] not in ("room", "relations", "events"):
+                continue
+            for pattern in patterns(name):
+                for path in spellings(pattern, values, limit=40):
+                    full = path + GUARDED[name][2].replace("dir=b", "dir=f")
+                    resp = self.get(s.bob, full)
+                    if resp.status != 200:
+                        continue
+                    served += 1
+                    for secret in (s.after, s.reply_after):
+                        self.assertNotIn(secret, resp.raw.decode(), full)
+        self.assertGreater(served, 20)
+        threads = self.get(s.alice, self.read_paths(s)["threads"])
+        self.assertIn(s.reply_after, threads.raw.decode())
+
 
 class CarriedEventTests(AdversarialTestCase):
     """Items 2 and 3: redactions, bundles and filters carry nothing from later."""
