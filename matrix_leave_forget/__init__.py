@@ -225,8 +225,11 @@ class LeaveForgetModule:
                 continue
             if node is intercept or not isinstance(node, MatrixNode):
                 problems.append(f"a listener serves the client API through {node!r}")
+            elif not node.guard_reads(self._history_guard):
+                problems.append(
+                    f"the history guard cannot see how {client!r} routes client requests"
+                )
             else:
-                node.guard_reads(self._history_guard)
                 intercepted += 1
         logger.info("Intercepting leave and forget on %d client listener(s)", intercepted)
         return problems

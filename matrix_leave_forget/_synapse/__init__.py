@@ -11,6 +11,7 @@ concern:
 * ``forget``: Synapse's forget rows and cache invalidations, in our transactions;
 * ``routes``: every route of leave and forget (Synapse's forget taken over);
 * ``history``: cached membership lookups and stream tokens for the history guard;
+* ``routing``: which servlet Synapse routes a client request to (the guard's classification);
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``listeners``: the live HTTP listeners, for the mount checks;
 * ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI.

@@ -1,8 +1,9 @@
 """The history guard: keeps the spec's leave and forget promises on client read paths.
 
 In ``mount: intercept`` every client request passes the module's ``/_matrix``
-node. For the read paths listed in :func:`classify` the node lets Synapse
-answer as usual but holds the answer back (:func:`capture`); when Synapse
+node. For the requests Synapse routes to one of the :data:`SERVLETS` (its own
+routing decision, see ``_synapse/routing.py``) the guard lets Synapse answer
+as usual but holds the answer back (:func:`capture`); when Synapse
 finishes it, the guard checks it against the user's departures and releases it
 unchanged (the usual case, byte for byte), sanitised, or replaced by what
 Synapse answers a user who was never in the room. Filtering the answer on its
@@ -11,7 +12,6 @@ way out also covers answers Synapse serves from its caches (see docs/history.md)
 
 import json
 import logging
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +20,15 @@ import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget._synapse.contexts import run_in_request_context
-from matrix_leave_forget.history.departures import Departure, DepartureLookup
+from matrix_leave_forget._synapse.routing import watch_routing
+from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
-from matrix_leave_forget.history.later_events import is_later, later_events, scrub_aggregations
+from matrix_leave_forget.history.later_events import (
+    hide_later,
+    is_later,
+    later_events,
+    scrub_carried,
+)
 from matrix_leave_forget.history.sync import SyncGuard, may_change, rooms_named_by
 
 logger = logging.getLogger(__name__)
@@ -30,18 +36,29 @@ logger = logging.getLogger(__name__)
 # What the guard sends instead of Synapse's answer: (status, body).
 Replacement = tuple[int, bytes]
 
-_CLIENT = rb"^/_matrix/client/(?:api/v1|r0|v1|v3|unstable(?:/[^/]+)?)"
-_ROOM_READ = re.compile(
-    _CLIENT + rb"/rooms/(?P<room_id>[^/]+)/"
-    rb"(?P<endpoint>messages|context|event|relations|threads)(?:/[^/]+)*$"
-)
-_SYNC = re.compile(_CLIENT + rb"/sync$")
-# The legacy event stream and single-event read (no room id in the path).
-_EVENTS = re.compile(_CLIENT + rb"/events$")
-_LEGACY_EVENT = re.compile(_CLIENT + rb"/events/[^/]+$")
-_SLIDING_SYNC = re.compile(rb"^/_matrix/client/unstable/org\.matrix\.(?:simplified_)?msc3575/sync$")
-_NOTIFICATIONS = re.compile(_CLIENT + rb"/notifications$")
-_READS = (b"GET", b"HEAD")
+_READS = ("GET", "HEAD")
+
+# The servlets whose answers the guard checks (Synapse's class names, the same
+# on Synapse 1.98 and 1.163; the sliding-sync one is absent on 1.98): family and,
+# for room reads, the endpoint. tests/unit/test_history_guard.py checks that each
+# is registered in the installed Synapse.
+SERVLETS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "RoomMessageListRestServlet": ("room", "messages", _READS),
+    "RoomEventContextServlet": ("room", "context", _READS),
+    "RoomEventServlet": ("room", "event", _READS),
+    "RelationPaginationServlet": ("room", "relations", _READS),
+    "ThreadsServlet": ("room", "threads", _READS),
+    "RoomInitialSyncRestServlet": ("room", "initial_sync", _READS),
+    "EventRestServlet": ("legacy_event", "legacy_event", _READS),
+    "SyncRestServlet": ("sync", None, _READS),
+    "NotificationsServlet": ("notifications", None, _READS),
+    "EventStreamRestServlet": ("events", None, _READS),
+    "InitialSyncRestServlet": ("initial_sync", None, _READS),
+    "SlidingSyncRestServlet": ("sliding_sync", None, ("POST",)),
+}
+
+# The lists of events in room reads' answers.
+_LISTS = ("chunk", "events_before", "events_after", "state")
 
 _NOT_IN_ROOM = "User {user_id} not in room {room_id}, and room previews are disabled"
 # What Synapse 1.163.2 answers a user who was never in a (non world_readable)
@@ -54,6 +71,7 @@ NEVER_MEMBER: dict[str, tuple[int, str, str]] = {
     "context": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
     "event": (404, "M_NOT_FOUND", "Event not found."),
     "legacy_event": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
+    "initial_sync": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
 }
 
 
@@ -67,24 +85,25 @@ class Route:
     endpoint: str | None = None
 
 
-def classify(method: bytes, path: bytes) -> Route | None:
-    """The guarded read that method and raw path are, or None for any other request."""
-    if method in _READS:
-        match = _ROOM_READ.match(path)
-        if match is not None:
-            room_id = urllib.parse.unquote(match.group("room_id").decode("ascii", "replace"))
-            return Route("room", room_id, match.group("endpoint").decode())
-        if _SYNC.match(path):
-            return Route("sync")
-        if _NOTIFICATIONS.match(path):
-            return Route("notifications")
-        if _EVENTS.match(path):
-            return Route("events")
-        if _LEGACY_EVENT.match(path):
-            return Route("legacy_event", endpoint="legacy_event")
-    elif method == b"POST" and _SLIDING_SYNC.match(path):
-        return Route("sliding_sync")
-    return None
+def route_for(method: bytes, servlet: str, groups: dict[str, str]) -> Route | None:
+    """The guarded read a request is, from the servlet Synapse routed it to; None if none.
+
+    Args:
+        method: The request's method.
+        servlet: The class name of the servlet Synapse chose.
+        groups: The named groups of the path pattern that matched, raw.
+    """
+    found = SERVLETS.get(servlet)
+    if found is None or method.decode("ascii", "replace") not in found[2]:
+        return None
+    kind, endpoint, _methods = found
+    room_id = groups.get("room_id")
+    if kind == "room":
+        if not room_id:
+            return None
+        # As Synapse hands the groups to the servlet.
+        return Route(kind, urllib.parse.unquote(room_id), endpoint)
+    return Route(kind, endpoint=endpoint)
 
 
 def error_body(errcode: str, error: str) -> bytes:
@@ -111,12 +130,21 @@ class HistoryGuard:
         self._api = api
         self._lookup = lookup
         self._rooms = RoomReadGuard(lookup)
+        self._initial_sync = InitialSyncGuard(lookup)
         self._sync = SyncGuard(lookup)
 
-    def watch(self, request: Any) -> None:
-        """Hold back the answer to request if it is a guarded read."""
+    def watch_routing(self, client_resource: Any) -> bool:
+        """Hold back the answers of client_resource's guarded reads, as Synapse routes them.
+
+        Returns:
+            False if client_resource's routing cannot be watched.
+        """
+        return watch_routing(client_resource, self._routed)
+
+    def _routed(self, request: Any, servlet: str, groups: dict[str, str]) -> None:
+        """Synapse routed request to servlet: hold back the answer if it is a guarded read."""
         try:
-            route = classify(request.method, request.path)
+            route = route_for(request.method, servlet, groups)
         except (AttributeError, TypeError):
             return
         if route is not None:
@@ -139,9 +167,17 @@ class HistoryGuard:
             return route.room_id is not None and self._lookup.joined_now(user_id, route.room_id)
         if route.kind == "legacy_event":
             return False
+        if route.kind == "initial_sync":
+            # Without archived=true it lists joined and invited rooms only.
+            return arg(request, b"archived") != "true"
         named = rooms_named_by(body)
         forgotten = self._lookup.forgotten_rooms_now(user_id, named)
-        return forgotten is not None and not may_change(route.kind, body, forgotten, named)
+        if forgotten is None or may_change(route.kind, body, forgotten, named):
+            return False
+        # Sliding sync can name a room the user departed from (room_subscriptions).
+        return route.kind != "sliding_sync" or all(
+            self._lookup.joined_now(user_id, room_id) for room_id in named()
+        )
 
     async def _check(
         self, request: Any, route: Route, code: int, body: bytes
@@ -164,6 +200,8 @@ class HistoryGuard:
             return await self._sync.check_event_stream(user_id, body)
         if route.kind == "sliding_sync":
             return await self._sync.check_sliding_sync(request, user_id, body)
+        if route.kind == "initial_sync":
+            return await self._initial_sync.check(user_id, body)
         return await self._sync.check_notifications(user_id, body)
 
 
@@ -263,34 +301,85 @@ class RoomReadGuard:
         data = decode(body)
         if not isinstance(data, dict):
             return None
-        later = await self._later_events(data, departure)
-        if not later:
-            return None
-        forward = arg(request, b"dir") == "f"
+        return self._scrubbed(
+            request,
+            endpoint,
+            data,
+            await later_events(self._lookup, _top_events(data), departure),
+        )
+
+    @staticmethod
+    def _scrubbed(
+        request: Any, endpoint: str, data: dict[str, Any], later: set[str]
+    ) -> Replacement | None:
+        """data without the events in later, top-level or carried (None: unchanged)."""
         single = endpoint in ("event", "legacy_event")
         if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in later:
             status, errcode, error = NEVER_MEMBER[endpoint]
             return status, error_body(errcode, error)
-        if single:
-            scrub_aggregations(data, later)
-            return 200, encode(data)
         dropped = False
-        for key in ("chunk", "events_before", "events_after", "state"):
-            if isinstance(data.get(key), list):
-                kept = [e for e in data[key] if not is_later(e, later)]
-                dropped |= key != "state" and len(kept) != len(data[key])
-                data[key] = kept
+        changed = False
+        for events in _event_lists(data):
+            kept = [e for e in events if not is_later(e, later)]
+            dropped |= events is not data.get("state") and len(kept) != len(events)
+            changed |= len(kept) != len(events)
+            events[:] = kept
         for event in _top_events(data):
-            scrub_aggregations(event, later)
+            changed |= scrub_carried(event, later)
+        if not changed:
+            return None
         # Forward paging past the departure would only find later events.
-        if dropped and forward:
+        if dropped and arg(request, b"dir") == "f":
             data.pop("end", None)
             data.pop("next_batch", None)
         return 200, encode(data)
 
-    async def _later_events(self, data: dict[str, Any], departure: Departure) -> set[str]:
-        """The ids of the events in data (bundled ones too) sent after departure."""
-        return await later_events(self._lookup, _top_events(data), departure)
+
+class InitialSyncGuard:
+    """The global /initialSync: with ``archived=true`` it lists the rooms the user left.
+
+    Synapse lists forgotten rooms there too, with their history: they are left
+    out. A left room's messages end at the departure (Synapse's clamp); what they
+    carry from later is removed as on the room reads.
+    """
+
+    def __init__(self, lookup: DepartureLookup) -> None:
+        self._lookup = lookup
+
+    async def check(self, user_id: str, body: bytes) -> Replacement | None:
+        data = decode(body)
+        rooms = data.get("rooms") if isinstance(data, dict) else None
+        if not isinstance(rooms, list):
+            return None
+        kept: list[Any] = []
+        changed = False
+        for entry in rooms:
+            room_id = entry.get("room_id") if isinstance(entry, dict) else None
+            if not isinstance(room_id, str) or entry.get("membership") not in DEPARTED:
+                kept.append(entry)
+                continue
+            departure = await self._lookup.departure(user_id, room_id)
+            if departure is None or await self._lookup.world_readable(room_id):
+                kept.append(entry)
+                continue
+            if departure.forgotten:
+                changed = True
+                continue
+            kept.append(entry)
+            changed |= await hide_later(self._lookup, _event_lists(entry), departure)
+        if not changed:
+            return None
+        data["rooms"] = kept
+        return 200, encode(data)
+
+
+def _event_lists(data: dict[str, Any]) -> list[list[Any]]:
+    """The lists of events of a room read's answer (room /initialSync: its messages too)."""
+    lists = [data[key] for key in _LISTS if isinstance(data.get(key), list)]
+    messages = data.get("messages")
+    if isinstance(messages, dict) and isinstance(messages.get("chunk"), list):
+        lists.append(messages["chunk"])
+    return lists
 
 
 def _event_id(data: dict[str, Any]) -> str | None:
@@ -305,7 +394,6 @@ def _top_events(data: dict[str, Any]) -> list[dict[str, Any]]:
     for key in ("event", "original_event"):
         if isinstance(data.get(key), dict):
             events.append(data[key])
-    for key in ("chunk", "events_before", "events_after", "state"):
-        if isinstance(data.get(key), list):
-            events.extend(e for e in data[key] if isinstance(e, dict))
+    for events_list in _event_lists(data):
+        events.extend(e for e in events_list if isinstance(e, dict))
     return events

@@ -15,14 +15,14 @@ from typing import Any
 
 from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
-from matrix_leave_forget.history.later_events import hide_later
+from matrix_leave_forget.history.later_events import hide_later, later_events, scrub_carried
 
 Replacement = tuple[int, bytes]
 _MEMBER = "m.room.member"
 # Cheap tests on the encoded answer before parsing it (false positives only
-# cost a parse): a /sync "leave" section, and bundled relations.
+# cost a parse): a /sync "leave" section; events carried inside others.
 _LEAVE_SECTION = b'"leave":{'
-_BUNDLED = b'"m.relations"'
+_CARRIED = (b'"redacted_because"', b'"redacted_by"', b'"m.relations"')
 # Every JSON string in the answer that starts with "!": a superset of the room ids
 # it names, as keys ("rooms", extensions) or values ("room_id", list "room_ids").
 # In valid JSON a match cannot start at a string's closing quote (one is never
@@ -65,12 +65,15 @@ def may_change(
 ) -> bool:
     """Whether the answer of a read of kind may need a change (False only when certainly not).
 
-    Without forgotten rooms in the answer only a /sync "leave" section, or
-    sliding sync's bundled relations, can tell of events the user may not see.
+    Without forgotten rooms in the answer only a /sync "leave" section, or an
+    event carried inside another in /events or /notifications, can tell of
+    events the user may not see (sliding sync: a room the user is not joined
+    to, which the caller checks with the joined rooms).
     """
     if kind == "sync" and _LEAVE_SECTION in body:
         return True
-    if kind == "sliding_sync" and _BUNDLED in body:
+    if kind in ("events", "notifications") and any(marker in body for marker in _CARRIED):
+        # An event of a room the user left may carry a later one.
         return True
     return _may_mention(named, forgotten)
 
@@ -189,10 +192,17 @@ class SyncGuard:
     async def check_sliding_sync(
         self, request: Any, user_id: str, body: bytes
     ) -> Replacement | None:
-        """Simplified sliding sync: the same rule as /sync, in its shapes."""
+        """Simplified sliding sync: the same rule as /sync, in its shapes.
+
+        A room the user departed from (a ``room_subscriptions`` entry can name one)
+        shows nothing sent after the departure, and no receipts or typing: those
+        extensions' sections of departed rooms are removed (they tell of the room now).
+        """
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
-        if not may_change("sliding_sync", body, forgotten, named):
+        if not may_change("sliding_sync", body, forgotten, named) and all(
+            self._lookup.joined_now(user_id, room_id) for room_id in named()
+        ):
             return None
         data = decode(body)
         if not isinstance(data, dict):
@@ -206,23 +216,35 @@ class SyncGuard:
             if isinstance(op, dict)
             for room_id in op.get("room_ids") or []
         }
-        extension_rooms = {
-            room_id
-            for ext in (data.get("extensions") or {}).values()
+        extensions = data.get("extensions")
+        sections = [
+            (name, ext["rooms"])
+            for name, ext in (extensions.items() if isinstance(extensions, dict) else ())
             if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict)
-            for room_id in ext["rooms"]
-        }
+        ]
+        extension_rooms = {room_id for _name, per_room in sections for room_id in per_room}
         hits = (set(rooms) | listed | extension_rooms) & set(forgotten)
         changed = bool(hits)
         # Rooms the user left but did not forget: nothing sent after the departure.
-        for room_id, entry in rooms.items():
-            if room_id not in hits and isinstance(entry, dict):
+        departed = set()
+        for room_id in (set(rooms) | extension_rooms) - hits:
+            if await self._departed(user_id, room_id):
+                departed.add(room_id)
+        for room_id in departed:
+            entry = rooms.get(room_id)
+            if isinstance(entry, dict):
                 lists = [
                     entry[key]
                     for key in ("timeline", "required_state")
                     if isinstance(entry.get(key), list)
                 ]
                 changed |= await self._hide_later(user_id, room_id, lists)
+        for name, per_room in sections:
+            # A departed room's own account data is the user's; the rest
+            # (receipts, typing, anything newer) tells of the room now.
+            for room_id in departed - {r for r in per_room if name == "account_data"}:
+                if per_room.pop(room_id, None) is not None:
+                    changed = True
         if not changed:
             return None
         position = await self._position(_arg(request, b"pos"))
@@ -244,11 +266,15 @@ class SyncGuard:
                     op["room_ids"] = kept
             if removed and isinstance(entry.get("count"), int):
                 entry["count"] = max(0, entry["count"] - removed)
-        for ext in (data.get("extensions") or {}).values():
-            if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict):
-                for room_id in hits:
-                    ext["rooms"].pop(room_id, None)
+        for _name, per_room in sections:
+            for room_id in hits:
+                per_room.pop(room_id, None)
         return 200, encode(data)
+
+    async def _departed(self, user_id: str, room_id: str) -> bool:
+        """Whether user_id departed from room_id (not world_readable): its reads are guarded."""
+        departure = await self._lookup.departure(user_id, room_id)
+        return departure is not None and not await self._lookup.world_readable(room_id)
 
     @staticmethod
     def _sliding_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:
@@ -265,7 +291,8 @@ class SyncGuard:
         return stub
 
     async def check_event_stream(self, user_id: str, body: bytes) -> Replacement | None:
-        """The legacy /events stream: of a forgotten room only the user's departure passes."""
+        """The legacy /events stream: of a forgotten room only the user's departure passes;
+        events of a room the user departed from carry nothing from later."""
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
         if not may_change("events", body, forgotten, named):
@@ -280,13 +307,17 @@ class SyncGuard:
             if not (isinstance(e, dict) and e.get("room_id") in forgotten)
             or _departure_events([e], user_id)
         ]
-        if len(kept) == len(chunk):
+        changed = len(kept) != len(chunk)
+        pairs = [(e.get("room_id"), e) for e in kept if isinstance(e, dict)]
+        changed |= await self._scrub_departed(user_id, pairs, forgotten)
+        if not changed:
             return None
         data["chunk"] = kept
         return 200, encode(data)
 
     async def check_notifications(self, user_id: str, body: bytes) -> Replacement | None:
-        """/notifications: forgotten rooms' notifications are left out."""
+        """/notifications: forgotten rooms' notifications are left out; those of a room
+        the user departed from carry nothing from later."""
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
         if not may_change("notifications", body, forgotten, named):
@@ -298,7 +329,36 @@ class SyncGuard:
         kept = [
             n for n in notifications if not (isinstance(n, dict) and n.get("room_id") in forgotten)
         ]
-        if len(kept) == len(notifications):
+        changed = len(kept) != len(notifications)
+        pairs = [
+            (n.get("room_id"), n["event"])
+            for n in kept
+            if isinstance(n, dict) and isinstance(n.get("event"), dict)
+        ]
+        changed |= await self._scrub_departed(user_id, pairs, forgotten)
+        if not changed:
             return None
         data["notifications"] = kept
         return 200, encode(data)
+
+    async def _scrub_departed(
+        self, user_id: str, pairs: list[tuple[Any, dict[str, Any]]], forgotten: AbstractSet[str]
+    ) -> bool:
+        """Remove what the events of rooms user_id departed from carry from later (in place).
+
+        The events themselves stay: the stream and the notifications of a room
+        end at the user's departure.
+        """
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        for room_id, event in pairs:
+            if isinstance(room_id, str) and room_id not in forgotten:
+                by_room.setdefault(room_id, []).append(event)
+        changed = False
+        for room_id, events in by_room.items():
+            departure = await self._lookup.departure(user_id, room_id)
+            if departure is None or await self._lookup.world_readable(room_id):
+                continue
+            later = await later_events(self._lookup, events, departure)
+            for event in events:
+                changed |= scrub_carried(event, later)
+        return changed

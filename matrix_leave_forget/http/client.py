@@ -173,12 +173,25 @@ class MatrixNode(Resource):
         self._servlet = servlet
         self._unrecognized = unrecognized
         self._history_guard: HistoryGuard | None = None
+        self._routing_watched = False
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
 
-    def guard_reads(self, guard: Optional["HistoryGuard"]) -> None:
-        """Check the answers to guarded client reads with guard (None: pass them untouched)."""
+    def guard_reads(self, guard: Optional["HistoryGuard"]) -> bool:
+        """Check the answers to guarded client reads with guard (None: pass them untouched).
+
+        Returns:
+            False if the guard cannot see how Synapse routes this node's client
+            requests (then it could not tell which answers to check).
+        """
         self._history_guard = guard
+        self._routing_watched = False
+        return guard is None or b"client" not in self.children or self._watch_routing()
+
+    def _watch_routing(self) -> bool:
+        assert self._history_guard is not None
+        self._routing_watched = self._history_guard.watch_routing(self.children[b"client"])
+        return self._routing_watched
 
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
         if path == b"client" and b"client" in self.children and request.method in (b"POST", b"PUT"):
@@ -188,8 +201,14 @@ class MatrixNode(Resource):
                 match = None
             if match is not None and _is_served_shape(request.method, match.group("txn_id")):
                 return self._servlet
-        if path == b"client" and self._history_guard is not None and b"client" in self.children:
-            self._history_guard.watch(request)
+        if (
+            path == b"client"
+            and self._history_guard is not None
+            and not self._routing_watched
+            and b"client" in self.children
+        ):
+            # Before install() (the shared node of the first requests) or a new child.
+            self._watch_routing()
         child = self.children.get(path)
         return child if child is not None else self._unrecognized
 

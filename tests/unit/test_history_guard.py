@@ -1,19 +1,26 @@
 """Unit tests of the history guard's routing, response capture and config key."""
 
+import importlib
 import json
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
 from unittest import mock
 
+from synapse.http.server import JsonResource, _PathEntry
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import EncodingResourceWrapper
 
+from matrix_leave_forget._synapse.routing import watch_routing
 from matrix_leave_forget.config import parse_config
-from matrix_leave_forget.history.guard import Route, capture, classify
+from matrix_leave_forget.history.departures import Departure
+from matrix_leave_forget.history.guard import SERVLETS, Route, capture, route_for
 from matrix_leave_forget.history.json_codec import decode
+from matrix_leave_forget.history.later_events import carried_ids, scrub_carried
 from matrix_leave_forget.history.sync import SyncGuard, named_rooms
+from tests.spellings import spellings
 
 
 class ConfigTests(SynchronousTestCase):
@@ -30,50 +37,119 @@ class ConfigTests(SynchronousTestCase):
             self.assertEqual(tuple(caught.exception.path or ()), ("history_guard",))
 
 
-class ClassifyTests(SynchronousTestCase):
-    def test_guarded_reads(self) -> None:
-        """Room reads under every client prefix (ids percent-decoded), sync, notifications."""
-        room = "%21abc%3Atest.local"
-        for prefix in ("api/v1", "r0", "v3", "unstable", "v1", "unstable/org.matrix.msc2836"):
-            for tail, endpoint in (
-                ("messages", "messages"),
-                ("context/%24e", "context"),
-                ("event/%24e", "event"),
-                ("relations/%24e/m.thread/m.room.message", "relations"),
-                ("threads", "threads"),
-            ):
-                path = f"/_matrix/client/{prefix}/rooms/{room}/{tail}".encode()
-                for method in (b"GET", b"HEAD"):
-                    self.assertEqual(
-                        classify(method, path), Route("room", "!abc:test.local", endpoint), path
+# Every guarded servlet class, where Synapse defines it (the sliding-sync one
+# is absent from Synapse 1.98).
+_SERVLET_MODULES = {
+    "RoomMessageListRestServlet": "room",
+    "RoomEventContextServlet": "room",
+    "RoomEventServlet": "room",
+    "RelationPaginationServlet": "relations",
+    "ThreadsServlet": "relations",
+    "RoomInitialSyncRestServlet": "room",
+    "EventRestServlet": "events",
+    "SyncRestServlet": "sync",
+    "NotificationsServlet": "notifications",
+    "EventStreamRestServlet": "events",
+    "InitialSyncRestServlet": "initial_sync",
+    "SlidingSyncRestServlet": "sync",
+}
+_GROUP_VALUES = {
+    "room_id": ["!abc:test.local", "%21abc%3Atest.local", "%21%61bc%3A%74est.local"],
+    "event_id": ["$e", "%24e"],
+    "parent_id": ["%24e"],
+    "relation_type": ["m.thread"],
+    "event_type": ["m.room.message"],
+}
+
+
+def _servlet_class(name: str) -> Any:
+    module = importlib.import_module(f"synapse.rest.client.{_SERVLET_MODULES[name]}")
+    return getattr(module, name, None)
+
+
+class FakeJsonResource:
+    """Synapse's own routing function over a route table of Synapse's own PATTERNS."""
+
+    _get_handler_for_request = JsonResource._get_handler_for_request
+
+    def __init__(self, servlets: dict[str, Any]) -> None:
+        self._routes: dict[Any, dict[bytes, Any]] = {}
+        for name, cls in servlets.items():
+            for pattern in cls.PATTERNS:
+                for method in (b"GET", b"POST"):
+                    self._routes.setdefault(pattern, {})[method] = _PathEntry(
+                        lambda *a, **k: None, name
                     )
-        self.assertEqual(classify(b"GET", b"/_matrix/client/v3/sync"), Route("sync"))
-        self.assertEqual(
-            classify(b"GET", b"/_matrix/client/r0/notifications").kind, "notifications"
-        )  # type: ignore[union-attr]
-        self.assertEqual(classify(b"GET", b"/_matrix/client/api/v1/events"), Route("events"))
-        self.assertEqual(
-            classify(b"GET", b"/_matrix/client/api/v1/events/%24e"),
-            Route("legacy_event", endpoint="legacy_event"),
+
+
+class RoutedRequest:
+    def __init__(self, method: bytes, path: str) -> None:
+        self.method = method
+        self.path = path.encode("ascii")
+
+
+class ClassifyTests(SynchronousTestCase):
+    def routed(self, resource: Any, method: bytes, path: str) -> list[Route | None]:
+        seen: list[Route | None] = []
+        self.assertTrue(
+            watch_routing(
+                resource, lambda r, name, groups: seen.append(route_for(r.method, name, groups))
+            )
         )
-        self.assertEqual(
-            classify(b"POST", b"/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"),
-            Route("sliding_sync"),
-        )
+        json_resource = getattr(resource, "original", resource)
+        json_resource._get_handler_for_request(RoutedRequest(method, path))
+        return seen
+
+    def test_every_guarded_servlet_exists_in_this_synapse(self) -> None:
+        """Each servlet the guard names is a class of the installed Synapse (sliding sync
+        from 1.11x on), so a rename cannot silently unguard it."""
+        for name in SERVLETS:
+            if name == "SlidingSyncRestServlet" and _servlet_class(name) is None:
+                continue
+            cls = _servlet_class(name)
+            self.assertIsNotNone(cls, name)
+            self.assertTrue(cls.PATTERNS, name)
+
+    def test_every_spelling_of_every_guarded_pattern_is_guarded(self) -> None:
+        """Spellings generated from each guarded servlet's own regexes (every version
+        prefix, every "." as other characters, percent-encoded ids), routed by
+        Synapse's own routing function, are classified as that servlet's read; the
+        room id is percent-decoded as Synapse hands it to the servlet."""
+        servlets = {n: c for n in SERVLETS if (c := _servlet_class(n)) is not None}
+        resource = FakeJsonResource(servlets)
+        checked = 0
+        for name, cls in servlets.items():
+            kind, endpoint, methods = SERVLETS[name]
+            for pattern in cls.PATTERNS:
+                for path in spellings(pattern.pattern, _GROUP_VALUES):
+                    for method in methods:
+                        seen = self.routed(resource, method.encode(), path)
+                        self.assertEqual(len(seen), 1, path)
+                        route = seen[0]
+                        assert route is not None, path
+                        self.assertEqual((route.kind, route.endpoint), (kind, endpoint), path)
+                        if kind == "room":
+                            self.assertEqual(route.room_id, "!abc:test.local", path)
+                        checked += 1
+        self.assertGreater(checked, 200)
 
     def test_everything_else_passes(self) -> None:
-        """Writes, OPTIONS, other paths and near-misses are not guarded."""
-        for method, path in (
-            (b"OPTIONS", b"/_matrix/client/v3/sync"),
-            (b"POST", b"/_matrix/client/v3/sync"),
-            (b"PUT", b"/_matrix/client/v3/rooms/%21a/send/m.room.message/1"),
-            (b"GET", b"/_matrix/client/v3/rooms/%21a/state"),
-            (b"GET", b"/_matrix/client/v3/rooms/%21a/members"),
-            (b"GET", b"/_matrix/client/v3/rooms/%21a/messagesx"),
-            (b"GET", b"/_matrix/federation/v1/event/%24e"),
-            (b"GET", b"/_matrix/client/v3/syncx"),
-        ):
-            self.assertIsNone(classify(method, path), path)
+        """Other servlets, and guarded servlets on a method they do not read with,
+        are not guarded."""
+        self.assertIsNone(route_for(b"GET", "RoomStateRestServlet", {"room_id": "!a"}))
+        self.assertIsNone(route_for(b"GET", "RoomMemberListRestServlet", {"room_id": "!a"}))
+        self.assertIsNone(route_for(b"OPTIONS", "SyncRestServlet", {}))
+        self.assertIsNone(route_for(b"GET", "SlidingSyncRestServlet", {}))
+        self.assertIsNone(route_for(b"POST", "RoomMessageListRestServlet", {"room_id": "!a"}))
+        self.assertIsNone(route_for(b"GET", "RoomMessageListRestServlet", {"room_id": ""}))
+
+    def test_gzip_wrapper_is_seen_through(self) -> None:
+        """Synapse's gz_wrap (Twisted's EncodingResourceWrapper) hides the JsonResource
+        it wraps; the guard hooks the resource underneath."""
+        inner = FakeJsonResource({"SyncRestServlet": _servlet_class("SyncRestServlet")})
+        wrapped = EncodingResourceWrapper(inner, [])
+        self.assertEqual(self.routed(wrapped, b"HEAD", "/_matrix/client/r0/sync"), [Route("sync")])
+        self.assertFalse(watch_routing(object(), lambda *a: None))
 
 
 class FakeRequest:
@@ -307,3 +383,143 @@ class ScannedOnceTests(SynchronousTestCase):
             )
         self.assertIsNone(result)
         scan.assert_called_once_with(body)
+
+
+class ScrubCarriedTests(SynchronousTestCase):
+    """What a departed user's event may carry in unsigned (and legacy top-level copies)."""
+
+    def event(self, **unsigned: Any) -> dict[str, Any]:
+        return {"event_id": "$e", "type": "m.room.message", "content": {}, "unsigned": unsigned}
+
+    def test_earlier_carried_events_stay(self) -> None:
+        """Bundles, redactions and replaced state from before the departure are kept as they are."""
+        event = self.event(
+            age=5,
+            redacted_because={"event_id": "$r", "type": "m.room.redaction"},
+            redacted_by="$r",
+            replaces_state="$old",
+            prev_content={"membership": "join"},
+            **{
+                "m.relations": {
+                    "m.thread": {"latest_event": {"event_id": "$t"}, "count": 1},
+                    "m.replace": {"event_id": "$edit"},
+                    "m.reference": {"chunk": [{"event_id": "$ref"}]},
+                }
+            },
+        )
+        before = json.dumps(event, sort_keys=True)
+        self.assertEqual(sorted(carried_ids(event)), ["$edit", "$old", "$r", "$r", "$ref", "$t"])
+        self.assertFalse(scrub_carried(event, set()))
+        self.assertEqual(json.dumps(event, sort_keys=True), before)
+
+    def test_later_carried_events_go(self) -> None:
+        """A later redaction, edit, thread reply, reference or replaced state is removed;
+        the thread summary goes whole, replaced state takes prev_content with it."""
+        event = self.event(
+            redacted_because={"event_id": "$r"},
+            redacted_by="$r",
+            replaces_state="$old",
+            prev_content={"membership": "join"},
+            prev_sender="@a:x",
+            **{
+                "m.relations": {
+                    "m.thread": {"latest_event": {"event_id": "$t"}, "count": 2},
+                    "m.replace": {"event_id": "$edit"},
+                    "m.reference": {"chunk": [{"event_id": "$ref"}, {"event_id": "$ok"}]},
+                }
+            },
+        )
+        later = {"$r", "$old", "$t", "$edit", "$ref"}
+        self.assertTrue(scrub_carried(event, later))
+        self.assertEqual(
+            event["unsigned"], {"m.relations": {"m.reference": {"chunk": [{"event_id": "$ok"}]}}}
+        )
+
+    def test_what_cannot_be_checked_is_removed(self) -> None:
+        """Fail closed: id-less bundles (a filter's event_fields), unknown relation kinds
+        and unknown unsigned structures or event ids are removed, never passed."""
+        event = self.event(
+            age=1,
+            membership="leave",
+            redacted_because={"type": "m.room.redaction", "content": {"reason": "x"}},
+            future_field={"event_id": "$f"},
+            future_id="$g",
+            **{
+                "m.relations": {
+                    "m.thread": {"latest_event": {"content": {"body": "later"}}, "count": 1},
+                    "m.replace": {"content": {}},
+                    "m.reference": {"chunk": [{"sender": "@a:x"}]},
+                    "m.annotation": {"chunk": [{"key": "+1", "count": 3}]},
+                }
+            },
+        )
+        self.assertTrue(scrub_carried(event, set()))
+        self.assertEqual(event["unsigned"], {"age": 1, "membership": "leave"})
+
+    def test_legacy_top_level_copies(self) -> None:
+        """The legacy event format's top-level redacted_because and replaces_state are checked."""
+        event = {
+            "event_id": "$e",
+            "redacted_because": {"event_id": "$r"},
+            "replaces_state": "$old",
+            "prev_content": {"membership": "join"},
+            "unsigned": {},
+        }
+        self.assertEqual(sorted(carried_ids(event)), ["$old", "$r"])
+        self.assertTrue(scrub_carried(event, {"$r", "$old"}))
+        self.assertEqual(event, {"event_id": "$e", "unsigned": {}})
+
+
+class DepartedLookup(FakeLookup):
+    """A user who left LEFT at stream position 10 (not forgotten); $later came after."""
+
+    LEFT = "!left:test.local"
+
+    async def departure(self, user_id: str, room_id: str) -> Any:
+        return Departure("$leave", 10, False) if room_id == self.LEFT else None
+
+    async def world_readable(self, room_id: str) -> bool:
+        return False
+
+    async def stream_orderings(self, event_ids: Any) -> dict[str, int]:
+        known = {"$earlier": 5, "$later": 20, "$leave": 10}
+        return {i: known[i] for i in event_ids if i in known}
+
+
+class DepartedRoomStreamTests(SynchronousTestCase):
+    """/notifications and /events of a room the user left carry nothing from later."""
+
+    def test_later_redaction_removed_from_notifications_and_stream(self) -> None:
+        """An earlier event redacted after the departure loses redacted_because and
+        redacted_by; the same event of a joined room keeps them."""
+        left, joined = DepartedLookup.LEFT, "!joined:test.local"
+        guard = SyncGuard(DepartedLookup(frozenset()))  # type: ignore[arg-type]
+
+        def event(room_id: str) -> dict[str, Any]:
+            return {
+                "event_id": "$earlier",
+                "room_id": room_id,
+                "content": {},
+                "redacted_because": {"event_id": "$later", "content": {"reason": "secret"}},
+                "unsigned": {"redacted_by": "$later", "age": 1},
+            }
+
+        body = json.dumps(
+            {"notifications": [{"room_id": r, "event": event(r)} for r in (left, joined)]}
+        ).encode()
+        result = self.successResultOf(
+            defer.ensureDeferred(guard.check_notifications("@u:test.local", body))
+        )
+        assert result is not None
+        left_event, joined_event = (n["event"] for n in json.loads(result[1])["notifications"])
+        self.assertNotIn("$later", json.dumps(left_event))
+        self.assertEqual(left_event["unsigned"], {"age": 1})
+        self.assertEqual(joined_event, event(joined))
+        stream = json.dumps({"chunk": [event(left), event(joined)]}).encode()
+        result = self.successResultOf(
+            defer.ensureDeferred(guard.check_event_stream("@u:test.local", stream))
+        )
+        assert result is not None
+        chunk = json.loads(result[1])["chunk"]
+        self.assertNotIn("$later", json.dumps(chunk[0]))
+        self.assertEqual(chunk[1], event(joined))
