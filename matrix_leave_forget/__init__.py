@@ -14,6 +14,7 @@ from synapse.module_api import ModuleApi, make_deferred_yieldable
 from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
+from matrix_leave_forget._synapse.capabilities import forget_on_leave_settings
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -29,6 +30,7 @@ from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
 from matrix_leave_forget.http.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.http.capabilities import CapabilitiesRewrite
 from matrix_leave_forget.http.client import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
@@ -104,6 +106,7 @@ class LeaveForgetModule:
         self._servlet = servlet
         self._intercept: InterceptingMatrixResource | None = None
         self._history_guard: HistoryGuard | None = None
+        self._capabilities: CapabilitiesRewrite | None = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
             # Synapse serves forget on the main process only; a worker hears of one late.
             lookup = DepartureLookup(
@@ -115,6 +118,8 @@ class LeaveForgetModule:
                 servlet, self._internals.unrecognized_resource()
             )
             self._intercept.guard_reads(self._history_guard)
+            self._capabilities = CapabilitiesRewrite(forget_on_leave_settings(api))
+            self._intercept.rewrite_capabilities(self._capabilities)
             api.register_web_resource("/_matrix", self._intercept)
         else:
             for prefix in ROOMS_PREFIXES:
@@ -224,6 +229,7 @@ class LeaveForgetModule:
                 problems.append(f"a listener serves the client API through {node!r}")
             else:
                 node.guard_reads(self._history_guard)
+                node.rewrite_capabilities(self._capabilities)
                 intercepted += 1
         logger.info("Intercepting leave and forget on %d client listener(s)", intercepted)
         return problems

@@ -12,5 +12,6 @@ concern:
 * ``history``: cached membership lookups and stream tokens for the history guard;
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``listeners``: the live HTTP listeners, for the mount checks;
+* ``capabilities``: the forget-on-leave settings ``/capabilities`` advertises;
 * ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI.
 """

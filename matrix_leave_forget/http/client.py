@@ -36,6 +36,7 @@ from matrix_leave_forget.membership.handler import MembershipHandler, client_err
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
     from matrix_leave_forget.history.guard import HistoryGuard
+    from matrix_leave_forget.http.capabilities import CapabilitiesRewrite
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class MatrixNode(Resource):
         self._servlet = servlet
         self._unrecognized = unrecognized
         self._history_guard: HistoryGuard | None = None
+        self._capabilities: CapabilitiesRewrite | None = None
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
 
@@ -180,7 +182,13 @@ class MatrixNode(Resource):
         """Check the answers to guarded client reads with guard (None: pass them untouched)."""
         self._history_guard = guard
 
+    def rewrite_capabilities(self, rewrite: Optional["CapabilitiesRewrite"]) -> None:
+        """Add MSC4267's capability to /capabilities answers with rewrite (http/capabilities.py)."""
+        self._capabilities = rewrite
+
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        if path == b"client" and self._capabilities is not None:
+            self._capabilities.watch(request)
         if path == b"client" and b"client" in self.children and request.method in (b"POST", b"PUT"):
             try:
                 match = LEAVE_FORGET_PATH.match(request.path.decode("ascii"))
