@@ -409,21 +409,30 @@ def _head(row: Sequence[Any] | None) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
+# Each optional column after AUDIT_COLUMNS in a row, and whether it holds an int.
+_OPTIONAL_DECODING = tuple((key, key in _INT_OPTIONAL_FIELDS) for key in OPTIONAL_FIELDS)
+# What a row's signatures column holds for an unsigned (group-sealed) entry.
+_NO_SIGNATURES = "{}"
+
+
 def row_to_entry(row: Sequence[Any]) -> dict[str, Any]:
     """An audit row (STORED_COLUMNS) as the entry that was hashed and signed.
 
     Optional fields appear only when set: an entry without them is exactly
-    what was hashed.
+    what was hashed. (``verify`` decodes every row of the log through this:
+    it builds each dict once and skips decoding an unsigned entry's ``{}``.)
     """
-    entry = dict(zip(STORED_COLUMNS, row, strict=True))
-    for key in OPTIONAL_FIELDS:
-        if entry[key] is None:
-            del entry[key]
-        elif key in _INT_OPTIONAL_FIELDS:
-            entry[key] = int(entry[key])
-    entry["signatures"] = json.loads(entry["signatures"])
-    for key in ("seq", "ts"):
-        entry[key] = int(entry[key])
+    if len(row) != len(STORED_COLUMNS):
+        raise ValueError(f"an audit row has {len(STORED_COLUMNS)} columns, not {len(row)}")
+    entry = dict(zip(AUDIT_COLUMNS, row[: len(AUDIT_COLUMNS)], strict=True))
+    optional = row[len(AUDIT_COLUMNS) :]
+    for (key, is_int), value in zip(_OPTIONAL_DECODING, optional, strict=True):
+        if value is not None:
+            entry[key] = int(value) if is_int else value
+    signatures = entry["signatures"]
+    entry["signatures"] = {} if signatures == _NO_SIGNATURES else json.loads(signatures)
+    entry["seq"] = int(entry["seq"])
+    entry["ts"] = int(entry["ts"])
     return entry
 
 
