@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 import synapse
 
 from matrix_leave_forget.http.capabilities import STABLE, UNSTABLE
-from tests.integration.harness import SynapseProcess, User, quote_room
+from tests.integration.harness import SynapseProcess, User, quote_room, wait_until
 from tests.integration.test_audit_routes import V3, RouteHelpers
+from tests.integration.test_faults import synapse_rows
 from tests.integration.test_history_clients import CLIENT_TIMEOUT, NodeReports, js_sdk_dir
 
 PREFIXES = ("r0", "v3", "unstable")
@@ -143,6 +144,35 @@ class CapabilityOnTests(CapabilityHelpers):
             self.assertTrue(self.forgotten_in_synapse(user, room_id))
         # The member who stayed forgets nothing.
         self.assertEqual(self.entries(alice, room_id, "forget"), [])
+
+    def test_synapse_alone_forgets_on_kick_and_ban(self) -> None:
+        """What the module records is Synapse's behaviour: Synapse without the module,
+        option on, forgets the room for a kicked and a banned user too."""
+        oracle = self.oracle
+        alice, bob, carol = (oracle.register(f"{n}{os.urandom(3).hex()}") for n in "abc")
+        room_id = oracle.create_room(alice, preset="public_chat")
+        for user in (bob, carol):
+            self.assertEqual(oracle.membership(user, room_id, "join").status, 200)
+        path = f"{V3}/rooms/{quote_room(room_id)}"
+        for action, user in (("kick", bob), ("ban", carol)):
+            resp = oracle.client(
+                "POST", f"{path}/{action}", {"user_id": user.user_id}, token=alice.access_token
+            )
+            self.assertEqual(resp.status, 200, resp.body)
+        wait_until(
+            lambda: all(
+                rows and all(r[0] for r in rows)
+                for rows in (
+                    synapse_rows(
+                        oracle,
+                        "SELECT forgotten FROM room_memberships WHERE user_id = ? AND room_id = ?",
+                        (user.user_id, room_id),
+                    )
+                    for user in (bob, carol)
+                )
+            ),
+            what="Synapse's own forget of the kicked and the banned user",
+        )
 
 
 class CapabilityOffTests(CapabilityHelpers):
