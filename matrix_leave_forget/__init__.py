@@ -15,6 +15,7 @@ from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
 from matrix_leave_forget import metrics
+from matrix_leave_forget._synapse.capabilities import forget_on_leave_settings
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -31,6 +32,7 @@ from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
 from matrix_leave_forget.http.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.http.capabilities import CapabilitiesRewrite
 from matrix_leave_forget.http.client import (
     ROOMS_PREFIXES,
     InterceptingMatrixResource,
@@ -107,6 +109,7 @@ class LeaveForgetModule:
         self._servlet = servlet
         self._intercept: InterceptingMatrixResource | None = None
         self._history_guard: HistoryGuard | None = None
+        self._capabilities: CapabilitiesRewrite | None = None
         if config.history_guard and config.mount == MOUNT_INTERCEPT:
             # Synapse serves forget on the main process only; a worker hears of one late.
             lookup = DepartureLookup(
@@ -118,6 +121,8 @@ class LeaveForgetModule:
                 servlet, self._internals.unrecognized_resource()
             )
             self._intercept.guard_reads(self._history_guard)
+            self._capabilities = CapabilitiesRewrite(forget_on_leave_settings(api))
+            self._intercept.rewrite_capabilities(self._capabilities)
             api.register_web_resource("/_matrix", self._intercept)
         else:
             for prefix in ROOMS_PREFIXES:
@@ -230,6 +235,7 @@ class LeaveForgetModule:
                     f"the history guard cannot see how {client!r} routes client requests"
                 )
             else:
+                node.rewrite_capabilities(self._capabilities)
                 intercepted += 1
         logger.info("Intercepting leave and forget on %d client listener(s)", intercepted)
         return problems

@@ -14,5 +14,6 @@ concern:
 * ``routing``: which servlet Synapse routes a client request to (the guard's classification);
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``listeners``: the live HTTP listeners, for the mount checks;
+* ``capabilities``: the forget-on-leave settings ``/capabilities`` advertises;
 * ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI.
 """

@@ -350,6 +350,8 @@ def iter_verify(
     verify_keys: Mapping[str, VerifyKey],
     key_expiry: Mapping[str, int] | None = None,
     expected_heads: Iterable[tuple[int, str]] = (),
+    after: tuple[int, str] | None = None,
+    after_ts: int | None = None,
 ) -> Iterator[VerifyResult]:
     """Check entries in seq order, yielding progress and stopping at the first bad one.
 
@@ -367,36 +369,47 @@ def iter_verify(
     checkpoint — must be in the chain with that hash: a different hash at seq
     fails there, and a chain that ends before seq is reported as truncated.
 
+    With ``after`` = (seq, hash), a signed head checked earlier, ``entries``
+    start at the entry after it and the check goes on from there as if entries
+    1 to seq had just been checked (the caller makes sure the chain still
+    holds that head); expected heads at or before it are the caller's too.
+    ``after_ts``, the head's ts, is where key expiry starts counting.
+
     A result is yielded after each entry that is covered by a signature.
     """
     expiry = key_expiry or {}
+    start_seq, start_hash = after if after is not None else (0, GENESIS_HASH)
     heads: dict[int, str] = {}
     for head_seq, head_hash in expected_heads:
-        heads.setdefault(head_seq, head_hash)
+        if head_seq > start_seq:
+            heads.setdefault(head_seq, head_hash)
     matched = 0
-    expected_seq = 1
-    prev = GENESIS_HASH
-    signed_hash = GENESIS_HASH
-    checked = 0
+    expected_seq = start_seq + 1
+    prev = start_hash
+    signed_hash = start_hash
+    checked = start_seq
     pending: list[int] = []  # unsigned entries waiting for a signature
-    max_ts: int | None = None
+    max_ts = after_ts
+    # Bound once: this loop runs per entry, up to millions of times.
+    hash_of = entry_hash
     for entry in entries:
-        seq = entry.get("seq")
+        get = entry.get
+        seq = get("seq")
         problem = None
         if seq != expected_seq:
             problem = f"expected entry {expected_seq} but found entry {seq}"
-        elif entry.get("prev_hash") != prev:
+        elif get("prev_hash") != prev:
             problem = "prev_hash does not match the previous entry's hash"
-        elif entry_hash(entry) != entry.get("hash"):
+        elif hash_of(entry) != get("hash"):
             problem = "contents do not match the stored hash (the row was edited)"
-        elif seq in heads and heads[seq] != entry.get("hash"):
+        elif seq in heads and heads[seq] != get("hash"):
             problem = f"hash differs from the expected head {seq}:{heads[seq]}"
         else:
-            ts = entry.get("ts")
+            ts = get("ts")
             if isinstance(ts, int) and (max_ts is None or ts > max_ts):
                 max_ts = ts
-            signatures = entry.get("signatures")
-            if not signatures and entry.get("format") == FORMAT_GROUP:
+            signatures = get("signatures")
+            if not signatures and get("format") == FORMAT_GROUP:
                 pending.append(expected_seq)
             else:
                 problem = _signature_problem(entry, origin, verify_keys, expiry, max_ts)
@@ -439,8 +452,8 @@ def iter_verify(
             matched,
         )
         return
-    if checked == 0:
-        yield VerifyResult(0, signed_hash, heads_matched=matched)
+    if checked == start_seq:
+        yield VerifyResult(checked, signed_hash, heads_matched=matched)
 
 
 def _signature_problem(

@@ -256,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the chain against the checkpoint events this database holds for the "
         "room (audit.checkpoint_room) (repeatable)",
     )
+    verify.add_argument(
+        "--since",
+        metavar="SEQ:HASH",
+        help="a head an earlier verify printed: check that the chain still holds it (same "
+        "hash, signed), then only the entries after it",
+    )
+    verify.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="start as --since from the newest checkpoint (of --checkpoints and "
+        "--checkpoint-room) whose signature verifies",
+    )
+    verify.add_argument(
+        "--head-file",
+        metavar="FILE",
+        help="start as --since from the head in FILE, if it exists, and write the new head "
+        "there when the chain is valid (for cron: each run checks only the new entries)",
+    )
     verify.set_defaults(func=cmd_verify)
     return parser
 

@@ -27,6 +27,8 @@ from matrix_leave_forget.audit.checkpoint import (
 from matrix_leave_forget.audit.entry import (
     GENESIS_HASH,
     VerifyResult,
+    _signature_problem,
+    entry_hash,
     iter_verify,
     parse_head,
     parse_verify_key,
@@ -467,10 +469,14 @@ class _UnreadableEntryError(Exception):
         self.problem = problem
 
 
-def _entries_for_verify(db: Database, current: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The whole log in seq order, noting in ``current`` the entry being checked."""
+def _entries_for_verify(
+    db: Database, current: dict[str, Any], after: int = 0
+) -> Iterator[dict[str, Any]]:
+    """The log in seq order from after ``after``, noting in ``current`` the entry being checked.
+
+    BATCH rows at a time: memory stays bounded whatever the log's size.
+    """
     cur = db.cursor()
-    after = 0
     while True:
         try:
             page = select_audit_txn(cur, after_seq=after, limit=BATCH, paramstyle=db.paramstyle)
@@ -498,6 +504,70 @@ def _entries_for_verify(db: Database, current: dict[str, Any]) -> Iterator[dict[
         after = page[-1]["seq"]
 
 
+def _start_problem(
+    db: Database,
+    since: tuple[int, str],
+    origin: str,
+    keys: Mapping[str, VerifyKey],
+    key_expiry: Mapping[str, int],
+    expected_heads: Sequence[tuple[int, str]],
+) -> tuple[VerifyResult | None, int | None]:
+    """Whether the chain still holds the head ``since``, checked earlier; and its ts.
+
+    The entry at its seq must be there with that hash, hash to it and carry a
+    valid signature (every head ``verify`` prints or a checkpoint names is a
+    signed entry): so a chain re-sealed from before the head, a truncation
+    below it, or a head that was never in the chain fails here. Expected
+    heads at or before it are looked up one by one (the entries before the
+    head are not read).
+
+    Returns:
+        (the failure, None), or (None, the head's ts) when the check may start after it.
+    """
+    seq, head_hash = since
+    cur = db.cursor()
+    rows = select_audit_txn(cur, after_seq=seq - 1, limit=1, paramstyle=db.paramstyle)
+    entry = rows[0] if rows else None
+    problem = None
+    if entry is None or entry["seq"] != seq:
+        problem = f"the chain has no entry {seq}: it ends before the recorded head (truncated)"
+    elif entry["hash"] != head_hash:
+        problem = (
+            f"the recorded head {seq}:{head_hash} is not in the chain: entry {seq} has hash "
+            f"{entry['hash']} (the chain was rewritten up to it, or the head is not one "
+            "verify printed)"
+        )
+    elif entry_hash(entry) != head_hash:
+        problem = "contents do not match the stored hash (the row was edited)"
+    elif not entry["signatures"]:
+        problem = f"{seq}:{head_hash} is not a signed head (verify prints only signed heads)"
+    else:
+        problem = _signature_problem(entry, origin, keys, key_expiry, entry["ts"])
+    if problem is not None:
+        return VerifyResult(0, GENESIS_HASH, seq, problem), None
+    for head_seq, expected in sorted(set(expected_heads)):
+        if head_seq > seq:
+            break
+        cur.execute(
+            "SELECT hash FROM leave_forget_audit WHERE seq = ?".replace("?", db.paramstyle),
+            (head_seq,),
+        )
+        row = cur.fetchone()
+        if row is None or row[0] != expected:
+            found = "no entry there" if row is None else f"entry {head_seq} has hash {row[0]}"
+            return (
+                VerifyResult(
+                    0,
+                    GENESIS_HASH,
+                    head_seq,
+                    f"hash differs from the expected head {head_seq}:{expected} ({found})",
+                ),
+                None,
+            )
+    assert entry is not None  # a missing entry is a problem above
+    return None, int(entry["ts"])
+
+
 def verify_database(
     db: Database,
     origin: str,
@@ -505,8 +575,9 @@ def verify_database(
     progress: Progress | None,
     key_expiry: Mapping[str, int] | None = None,
     expected_heads: Sequence[tuple[int, str]] = (),
+    since: tuple[int, str] | None = None,
 ) -> VerifyResult:
-    """Check the whole audit chain in the database, streaming it.
+    """Check the audit chain in the database, streaming it.
 
     Args:
         db: The database.
@@ -515,15 +586,39 @@ def verify_database(
         progress: Where to show progress, if anywhere.
         key_expiry: ``expired_ts`` of old keys, by key id.
         expected_heads: (seq, hash) the chain must hold: recorded heads, checkpoints.
+        since: A head (seq, hash) checked earlier: check that the chain still
+            holds it, then only the entries after it (O(new entries)).
 
     Returns:
         The result; ``bad_seq`` names the first bad entry, if any.
     """
     result = VerifyResult(0, GENESIS_HASH)
+    after_ts = None
+    if since is not None:
+        try:
+            failure, after_ts = _start_problem(
+                db, since, origin, keys, key_expiry or {}, expected_heads
+            )
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            failure = VerifyResult(
+                0,
+                GENESIS_HASH,
+                since[0],
+                f"the recorded head's entry cannot be checked: {_one_line(str(exc))}",
+            )
+        if failure is not None:
+            return attr.evolve(failure, problem=_plain_problem(failure.problem or ""))
+        result = VerifyResult(since[0], since[1])
     current: dict[str, Any] = {"seq": None}
     try:
         for result in iter_verify(
-            _entries_for_verify(db, current), origin, keys, key_expiry, expected_heads
+            _entries_for_verify(db, current, since[0] if since else 0),
+            origin,
+            keys,
+            key_expiry,
+            expected_heads,
+            since,
+            after_ts,
         ):
             if progress is not None and result.ok:
                 progress.update(result.checked, int(current["seq"]))
@@ -635,15 +730,24 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
     heads, rejected, checkpoints = _expected_heads(db, args, origin, keys, expiry)
     for problem in rejected:
         _warn(f"ignoring a checkpoint: {problem}")
+    since = _start_head(args, heads[len(heads) - checkpoints :])
+    if since is not None:
+        # Every other head stays expected (those before the start are looked up).
+        heads = [head for head in heads if head != since]
     progress = _progress("Verifying", db)
     try:
-        result = verify_database(db, origin, keys, progress, expiry, heads)
+        result = verify_database(db, origin, keys, progress, expiry, heads, since)
     finally:
         if progress is not None:
             progress.finish()
+    since_seq = since[0] if since is not None else 0
+    # Entries checked by this run: those after the recorded head, if one was given.
+    checked = max(result.checked - since_seq, 0) if result.ok else result.checked
+    if result.ok and args.head_file and result.checked:
+        _write_head_file(args.head_file, result.head_seq, result.head_hash)
     report = {
         "ok": result.ok,
-        "checked": result.checked,
+        "checked": checked,
         "head_hash": result.head_hash,
         "bad_seq": result.bad_seq,
         "problem": result.problem,
@@ -654,14 +758,16 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         "heads_matched": result.heads_matched,
         "checkpoints": checkpoints,
         "checkpoints_rejected": len(rejected),
+        "since_seq": since[0] if since is not None else None,
     }
     if args.format == "json":
         write_json(sys.stdout, report)
     elif args.format == "csv":
         write_csv(sys.stdout, list(report), [report])
     elif result.ok:
+        after = f" after the recorded head {since_seq}" if since is not None else ""
         print(
-            f"OK: {_entries(result.checked)} checked; every hash link and signature "
+            f"OK: {_entries(checked)}{after} checked; every hash link and signature "
             f"by {origin} ({', '.join(sorted(keys))}) is valid."
         )
         if heads:
@@ -674,8 +780,63 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         )
     else:
         print(f"FAILED at entry {result.bad_seq}: {result.problem}")
-        print(
-            f"{_entries(result.checked, 'before it')} valid; last good head: "
-            + (f"{result.head_seq}:{result.head_hash}" if result.checked else "(none)")
-        )
+        if since is not None and result.checked <= since_seq:
+            print(
+                f"Checked from the recorded head {since_seq}: no entry after it verified "
+                "before this one."
+            )
+        elif since is not None:
+            print(
+                f"{_entries(result.checked - since_seq, 'after the recorded head and before it')}"
+                f" valid; last good head: {result.head_seq}:{result.head_hash}"
+            )
+        else:
+            print(
+                f"{_entries(result.checked, 'before it')} valid; last good head: "
+                + (f"{result.head_seq}:{result.head_hash}" if result.checked else "(none)")
+            )
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
+
+
+def _start_head(
+    args: argparse.Namespace, checkpoint_heads: Sequence[tuple[int, str]]
+) -> tuple[int, str] | None:
+    """Where an incremental verify starts: the newest of --since, --head-file and,
+    with --from-checkpoint, the newest checkpoint whose signature verifies."""
+    starts: list[tuple[int, str]] = []
+    if args.since:
+        try:
+            starts.append(parse_head(args.since))
+        except ValueError as exc:
+            raise CliError(f"--since: {exc}")
+    if args.head_file:
+        try:
+            with open(args.head_file, encoding="utf-8") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            text = ""  # the first run: a full check, which writes the file
+        except OSError as exc:
+            raise CliError(f"cannot read --head-file {args.head_file}: {exc.strerror or exc}")
+        if text:
+            try:
+                starts.append(parse_head(text))
+            except ValueError as exc:
+                raise CliError(f"--head-file {args.head_file}: {exc}")
+    if args.from_checkpoint:
+        if checkpoint_heads:
+            starts.append(max(checkpoint_heads))
+        else:
+            _warn("--from-checkpoint: no checkpoint verifies; checking the whole chain")
+    return max(starts) if starts else None
+
+
+def _write_head_file(path: str, seq: int, head_hash: str) -> None:
+    """Record the verified head for the next run, replacing the file atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".head-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{seq}:{head_hash}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CliError(f"cannot write --head-file {path}: {exc.strerror or exc}")

@@ -36,6 +36,7 @@ from matrix_leave_forget.membership.handler import MembershipHandler, client_err
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
     from matrix_leave_forget.history.guard import HistoryGuard
+    from matrix_leave_forget.http.capabilities import CapabilitiesRewrite
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class MatrixNode(Resource):
         self._unrecognized = unrecognized
         self._history_guard: HistoryGuard | None = None
         self._routing_watched = False
+        self._capabilities: CapabilitiesRewrite | None = None
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
 
@@ -193,7 +195,13 @@ class MatrixNode(Resource):
         self._routing_watched = self._history_guard.watch_routing(self.children[b"client"])
         return self._routing_watched
 
+    def rewrite_capabilities(self, rewrite: Optional["CapabilitiesRewrite"]) -> None:
+        """Add MSC4267's capability to /capabilities answers with rewrite (http/capabilities.py)."""
+        self._capabilities = rewrite
+
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        if path == b"client" and self._capabilities is not None:
+            self._capabilities.watch(request)
         if path == b"client" and b"client" in self.children and request.method in (b"POST", b"PUT"):
             try:
                 match = LEAVE_FORGET_PATH.match(request.path.decode("ascii"))

@@ -571,6 +571,7 @@ class VerifyTest(CliTestCase):
                     "heads_matched": 0,
                     "checkpoints": 0,
                     "checkpoints_rejected": 0,
+                    "since_seq": None,
                 },
             )
         code, out, _ = self.run_cli("--csv", "verify")
@@ -578,8 +579,8 @@ class VerifyTest(CliTestCase):
             out.splitlines(),
             [
                 "ok,checked,head_hash,bad_seq,problem,origin,key_ids,head_seq,"
-                "expected_heads,heads_matched,checkpoints,checkpoints_rejected",
-                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]",3,0,0,0,0',
+                "expected_heads,heads_matched,checkpoints,checkpoints_rejected,since_seq",
+                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]",3,0,0,0,0,',
             ],
         )
 
