@@ -125,13 +125,10 @@ class GroupCommit(Generic[Item, T]):
         self._run_txn = run_txn
         self._waiting: list[_Job[Item, T]] = []
         self._draining = False
-        # The newest job queued: settled() waits for it (jobs finish in order).
-        self._last: _Job[Item, T] | None = None
 
     async def run(self, item: Item) -> T:
         job: _Job[Item, T] = _Job(item)
         self._waiting.append(job)
-        self._last = job
         if not self._draining:
             self._draining = True
             run_in_background_process(self._api, "leave_forget_group_commit", self._drain)
@@ -140,21 +137,6 @@ class GroupCommit(Generic[Item, T]):
         job.turn.chainDeferred(waiter)
         await make_deferred_yieldable(waiter)
         return job.outcome()
-
-    async def settled(self) -> None:
-        """Return once every job queued before this call has finished.
-
-        Jobs run in order, so that is the newest one. A read that must see
-        this process's writes (the admin API after a leave whose entry is
-        written behind the response) waits here; jobs queued meanwhile do
-        not delay it.
-        """
-        last = self._last
-        if last is None or last.done:
-            return
-        waiter: defer.Deferred[None] = defer.Deferred()
-        last.turn.chainDeferred(waiter)
-        await make_deferred_yieldable(waiter)
 
     async def _drain(self) -> None:
         try:
@@ -224,10 +206,6 @@ class AuditLog:
         self._records: GroupCommit[Callable[[LoggingTransaction], Any], Any] = GroupCommit(
             api, "leave_forget_record", self.lock_chain_txn, run_each_txn
         )
-
-    async def settled(self) -> None:
-        """Return once every entry this process queued so far is committed (or failed)."""
-        await self._records.settled()
 
     async def run_grouped(self, fn: Callable[[LoggingTransaction], T]) -> T:
         """Run ``fn`` in a group-committed transaction, after the chain lock."""
@@ -361,7 +339,6 @@ class AuditLog:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Audit entries in seq order, filtered, keyset-paged by ``after_seq``."""
-        await self.settled()
 
         def txn_fn(txn: LoggingTransaction) -> list[dict[str, Any]]:
             return select_audit_txn(
@@ -383,7 +360,6 @@ class AuditLog:
         after a crash (``recovered``) included; a leave's time is its event's
         own when the entry has it.
         """
-        await self.settled()
 
         def txn_fn(txn: LoggingTransaction) -> dict[str, dict[str, Any]]:
             txn.execute(

@@ -16,7 +16,6 @@ from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget import metrics
-from matrix_leave_forget._synapse.contexts import run_in_background_process
 from matrix_leave_forget._synapse.forget import FORGET_REFUSED, forget_rows_txn
 from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.entry import VIA_API
@@ -115,53 +114,28 @@ class MembershipHandler:
             content = {**(content or {}), **extra_content}
         key = (requester.user.to_string(), room_id)
         self._serving[key] = self._serving.get(key, 0) + 1
-        handed_over = False
         try:
             try:
                 event_id = await self._internals.leave(requester, room_id, txn_id, content)
             except SynapseError as error:
                 await self._record_failure(requester, "leave", room_id, reason, error)
                 raise
-            fields = AuditFields(
-                action="leave",
-                outcome="ok",
-                room_id=room_id,
-                reason=reason,
-                event_id=event_id,
-                via=VIA_API,
+            await self._record(
+                requester,
+                AuditFields(
+                    action="leave",
+                    outcome="ok",
+                    room_id=room_id,
+                    reason=reason,
+                    event_id=event_id,
+                    via=VIA_API,
+                ),
             )
-            # Written behind the response, not before it: the leave is already
-            # durable in Synapse's events, which is what the log's crash
-            # promise rests on (a crash before this entry commits leaves the
-            # departure to the catch-up, membership/reconcile.py, which records
-            # it at the next start). Waiting would add the record's
-            # transaction to every leave's latency. The entry still queues now,
-            # in order with this process's later writes, and the admin API's
-            # reads wait for it (AuditLog.settled). The leave stays "served"
-            # until it is written, so that on_new_event does not record it too.
-            run_in_background_process(
-                self._api,
-                "leave_forget_record_leave",
-                lambda: self._record_then_release(requester, fields, key),
-            )
-            handed_over = True
         finally:
-            if not handed_over:
-                self._release(key)
+            self._serving[key] -= 1
+            if not self._serving[key]:
+                del self._serving[key]
         return event_id
-
-    async def _record_then_release(
-        self, requester: Requester, fields: AuditFields, key: tuple[str, str]
-    ) -> None:
-        try:
-            await self._record(requester, fields)
-        finally:
-            self._release(key)
-
-    def _release(self, key: tuple[str, str]) -> None:
-        self._serving[key] -= 1
-        if not self._serving[key]:
-            del self._serving[key]
 
     async def forget(self, requester: Requester, room_id: str) -> None:
         """Forget room_id for the requester, who must have left it (or been kicked or banned).
