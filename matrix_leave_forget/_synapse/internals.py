@@ -3,7 +3,6 @@
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from signedjson.types import SigningKey
@@ -35,7 +34,6 @@ from synapse.rest.client.transactions import HttpTransactionCache
 from twisted.web.resource import Resource
 
 from matrix_leave_forget._synapse.listeners import port_key, site_of
-from matrix_leave_forget._synapse.sql import IN_LIST_MAX
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -204,112 +202,6 @@ class SynapseInternals:
             (room_id,),
         )
         return [(str(u), str(m), bool(f)) for u, m, f in txn.fetchall()]
-
-    @staticmethod
-    def forget_reads_txn(
-        txn: LoggingTransaction, pairs: Sequence[tuple[str, str]], live: Sequence[str]
-    ) -> tuple[dict[tuple[str, str], str], set[str]]:
-        """What a group of forgets needs to know, in one statement per chunk.
-
-        Args:
-            pairs: The (user_id, room_id) pairs about to be forgotten.
-            live: The memberships that still hold a room (join, invite, knock).
-
-        Returns:
-            Each pair's current local membership (pairs without one are absent),
-            and the rooms of those pairs that no local member *outside*
-            ``pairs`` still has (a ``live`` membership, or one not forgotten).
-            Such a room is forgotten by every local user once the group's own
-            forgets are written, if none of them is refused. Asking this
-            before the group's writes, in the same transaction, spares a
-            statement after them: the answer cannot differ, as the group's
-            writes touch only its own pairs. (A room with a row in
-            local_current_membership is one Synapse has: its purge deletes
-            both in one transaction.)
-        """
-        memberships: dict[tuple[str, str], str] = {}
-        unremembered: set[str] = set()
-        unique = sorted(set(pairs))
-        # Four arguments per pair (looked up, and left out of "someone else").
-        for start in range(0, len(unique), IN_LIST_MAX // 4):
-            chunk = unique[start : start + IN_LIST_MAX // 4]
-            rooms = {room_id for _, room_id in chunk}
-            group = [pair for pair in unique if pair[1] in rooms]
-            txn.execute(
-                "SELECT m.user_id, m.room_id, m.membership, "
-                "NOT EXISTS (SELECT 1 FROM local_current_membership AS o "
-                "LEFT JOIN room_memberships AS rm ON rm.event_id = o.event_id "
-                "WHERE o.room_id = m.room_id AND NOT ("
-                + " OR ".join("(o.user_id = ? AND o.room_id = ?)" for _ in group)
-                + f") AND (o.membership IN ({', '.join('?' for _ in live)}) "
-                "OR COALESCE(rm.forgotten, 0) = 0)) "
-                "FROM local_current_membership AS m WHERE "
-                + " OR ".join("(m.user_id = ? AND m.room_id = ?)" for _ in chunk),
-                [
-                    *(value for pair in group for value in pair),
-                    *live,
-                    *(value for pair in chunk for value in pair),
-                ],
-            )
-            for user_id, room_id, membership, no_one_else in txn:
-                memberships[(str(user_id), str(room_id))] = str(membership)
-                if no_one_else:
-                    unremembered.add(str(room_id))
-        return memberships, unremembered
-
-    @staticmethod
-    def remembering_members_txn(
-        txn: LoggingTransaction, room_ids: Sequence[str], live: Sequence[str]
-    ) -> tuple[set[str], set[str], dict[str, tuple[str, str]]]:
-        """A local member who still has each room (live memberships first), set-based.
-
-        Returns:
-            The rooms Synapse knows, the rooms with local members, and for each
-            room a local member who still has it (live memberships first).
-        """
-        known: set[str] = set()
-        with_members: set[str] = set()
-        members: dict[str, tuple[str, str]] = {}
-        postgres = "psycopg" in txn.database_engine.module.__name__
-        for start in range(0, len(room_ids), IN_LIST_MAX):
-            chunk = list(room_ids[start : start + IN_LIST_MAX])
-            args: list[Any]
-            if postgres:
-                # A join with the unnested ids probes the indexes once per
-                # room; with "= ANY(...)" PostgreSQL prefers scanning the
-                # whole table (measured: 2x slower at 10^5 rooms).
-                source, args = "unnest(?::text[]) AS ids (room_id) JOIN", [chunk]
-                where = "TRUE"
-                on_ids = " ON {alias}.room_id = ids.room_id"
-            else:
-                source, args = "", chunk
-                where = "{alias}.room_id IN (" + ", ".join("?" for _ in chunk) + ")"
-                on_ids = ""
-            txn.execute(
-                f"SELECT r.room_id FROM {source} rooms AS r{on_ids.format(alias='r')} "
-                f"WHERE {where.format(alias='r')}",
-                args,
-            )
-            known.update(str(r[0]) for r in txn.fetchall())
-            # Every local member of the chunk's rooms (these are rooms their
-            # members forgot: a few rows each).
-            txn.execute(
-                "SELECT lcm.room_id, lcm.user_id, lcm.membership, COALESCE(rm.forgotten, 0) "
-                f"FROM {source} local_current_membership AS lcm{on_ids.format(alias='lcm')} "
-                "LEFT JOIN room_memberships AS rm "
-                "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
-                f"WHERE {where.format(alias='lcm')}",
-                args,
-            )
-            for room_id, user_id, membership, forgotten in txn.fetchall():
-                room_id = str(room_id)
-                with_members.add(room_id)
-                if membership not in live and forgotten:
-                    continue
-                current = members.get(room_id)
-                if current is None or (current[1] not in live and membership in live):
-                    members[room_id] = (str(user_id), str(membership))
-        return known, with_members, members
 
     @staticmethod
     def abandoned_rooms_txn(

@@ -42,20 +42,20 @@ from matrix_leave_forget.cli.config import (
     server_key_expiry,
     server_verify_keys,
 )
-from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq, newest_start
-from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, _one_line
+from matrix_leave_forget.cli.database import Database, max_seq, newest_start, next_seq
+from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, one_line
 from matrix_leave_forget.cli.render import (
     Column,
     Progress,
-    _csv_value,
-    _warn,
+    csv_value,
     format_ts,
     render_table,
+    warn,
     write_csv,
     write_json,
 )
-from matrix_leave_forget.http.admin import LISTINGS
 from matrix_leave_forget.retention.state import (
+    LISTINGS,
     list_rooms_txn,
     retention_counts_txn,
     select_holds_txn,
@@ -72,7 +72,7 @@ def _progress(label: str, db: Database) -> Progress | None:
     """A progress bar on stderr if it is a terminal, else None (and no extra query)."""
     if not Progress.wanted(sys.stderr):
         return None
-    return Progress(label, _max_seq(db), sys.stderr)
+    return Progress(label, max_seq(db), sys.stderr)
 
 
 def fetch_paged(
@@ -238,9 +238,9 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     if summary is not None and args.format == "table":
         print(_summary_line(summary))
     elif summary is not None and args.format == "csv":
-        _warn(_summary_line(summary))
+        warn(_summary_line(summary))
     if more and args.format != "json":
-        _warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
+        warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
     return EXIT_OK
 
 
@@ -293,7 +293,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
     elif not args.follow:
         print("No audit entries match.")
     if more and args.format != "json" and not args.follow:
-        _warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
+        warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
     if args.follow:
         _follow(db, filters, entries[-1]["seq"] if entries else _last_seq(db, after), args.format)
     return EXIT_OK
@@ -310,7 +310,7 @@ def _write_json_lines(entries: list[dict[str, Any]]) -> None:
 
 def _last_seq(db: Database, after: int) -> int:
     """Where following starts when nothing matched yet: the newest entry so far."""
-    return max(after, _max_seq(db))
+    return max(after, max_seq(db))
 
 
 def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -> None:
@@ -330,7 +330,7 @@ def _follow(db: Database, filters: Mapping[str, Any], after: int, output: str) -
         for page in _pages(db, filters, after):
             if writer is not None:
                 for entry in page:
-                    writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
+                    writer.writerow([csv_value(entry.get(k)) for k in STORED_COLUMNS])
             elif output == "json":
                 _write_json_lines(page)
             else:
@@ -411,7 +411,7 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
             writer.writerow(STORED_COLUMNS)
         for entry in iter_audit(db, filters, args.after):
             if writer is not None:
-                writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
+                writer.writerow([csv_value(entry.get(k)) for k in STORED_COLUMNS])
             else:
                 out.write(json.dumps(entry, sort_keys=True) + "\n")
             count += 1
@@ -429,7 +429,7 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         if progress is not None:
             progress.finish()
     if to_file:
-        _warn(f"exported {count} entries to {args.output}")
+        warn(f"exported {count} entries to {args.output}")
     return EXIT_OK
 
 
@@ -457,7 +457,7 @@ def _entries_for_verify(db: Database, current: dict[str, Any]) -> Iterator[dict[
                     row = select_audit_txn(cur, after_seq=after, limit=1, paramstyle=db.paramstyle)
                 except (ValueError, TypeError, KeyError) as exc:
                     raise _UnreadableEntryError(
-                        _next_seq(db, after), f"the row cannot be read: {_one_line(str(exc))}"
+                        next_seq(db, after), f"the row cannot be read: {one_line(str(exc))}"
                     )
                 if not row:
                     return
@@ -512,7 +512,7 @@ def verify_database(
             result.checked,
             result.head_hash,
             seq,
-            f"the entry cannot be checked: {_one_line(str(exc)) or 'malformed'}",
+            f"the entry cannot be checked: {one_line(str(exc)) or 'malformed'}",
         )
     if result.problem is not None:
         result = attr.evolve(result, problem=_plain_problem(result.problem))
@@ -522,7 +522,7 @@ def verify_database(
 def _plain_problem(text: str) -> str:
     """A problem in one line for an operator: no Python class names (signedjson's
     messages carry ``<class 'nacl.exceptions.BadSignatureError'>``)."""
-    return _one_line(re.sub(r"<class '[\w.]+'>:?", "", text))
+    return one_line(re.sub(r"<class '[\w.]+'>:?", "", text))
 
 
 def _entries(count: int, where: str = "") -> str:
@@ -609,7 +609,7 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
     origin = config.server_name
     heads, rejected, checkpoints = _expected_heads(db, args, origin, keys, expiry)
     for problem in rejected:
-        _warn(f"ignoring a checkpoint: {problem}")
+        warn(f"ignoring a checkpoint: {problem}")
     progress = _progress("Verifying", db)
     try:
         result = verify_database(db, origin, keys, progress, expiry, heads)

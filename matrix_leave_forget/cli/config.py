@@ -15,7 +15,7 @@ from matrix_leave_forget._synapse.offline_config import (
     signing_keys_from_config,
 )
 from matrix_leave_forget.audit.entry import parse_old_signing_keys, verify_key_id
-from matrix_leave_forget.cli.errors import CliError, _one_line
+from matrix_leave_forget.cli.errors import CliError, one_line
 
 MODULE_NAME = "matrix_leave_forget.LeaveForgetModule"
 
@@ -25,7 +25,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return _one_line(str(exc))
+    return one_line(str(exc))
 
 
 def _config_files(paths: Sequence[str]) -> list[str]:
@@ -139,7 +139,7 @@ def database_settings(config: HomeserverConfig) -> tuple[str, dict[str, Any]]:
         raise CliError(f"{where}: {_config_error(exc)}")
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
         # Synapse's reader assumes the right shapes (a mapping per database).
-        raise CliError(f"{where}: the database settings are malformed ({_one_line(str(exc))})")
+        raise CliError(f"{where}: the database settings are malformed ({one_line(str(exc))})")
     if found is None:
         raise CliError(f"{where}: no database is configured")
     return found
@@ -168,7 +168,7 @@ def server_verify_keys(config: HomeserverConfig) -> dict[str, VerifyKey]:
     except ConfigError as exc:
         raise CliError(f"cannot read signing key: {_config_error(exc)}")
     except Exception as exc:
-        raise CliError(f"cannot parse signing key: {_one_line(str(exc))}")
+        raise CliError(f"cannot parse signing key: {one_line(str(exc))}")
     keys: dict[str, VerifyKey] = {verify_key_id(k): get_verify_key(k) for k in signing_keys}
     for key_id, key in old.items():
         keys.setdefault(key_id, key)
@@ -187,13 +187,13 @@ def server_key_expiry(config: HomeserverConfig) -> dict[str, int]:
     try:
         return parse_old_signing_keys(config.values.get("old_signing_keys"))[1]
     except ValueError as exc:
-        raise CliError(_one_line(str(exc)))
+        raise CliError(one_line(str(exc)))
 
 
 def _config_error(exc: ConfigError) -> str:
     """A Synapse ConfigError in one line, with the key it names."""
     path = ".".join(str(p) for p in (getattr(exc, "path", None) or ()))
-    return _one_line(f"{path}: {exc.msg}" if path else exc.msg)
+    return one_line(f"{path}: {exc.msg}" if path else exc.msg)
 
 
 def configured_holds(config: HomeserverConfig) -> frozenset[str]:

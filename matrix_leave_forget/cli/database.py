@@ -10,7 +10,7 @@ import attr
 
 from matrix_leave_forget.cli.config import HomeserverConfig, database_settings
 from matrix_leave_forget.cli.errors import CliError
-from matrix_leave_forget.cli.render import _warn
+from matrix_leave_forget.cli.render import warn
 from matrix_leave_forget.db.schema import SCHEMA_VERSION
 
 
@@ -126,7 +126,7 @@ def _check_schema(db: Database) -> None:
         cur.execute("SELECT version FROM leave_forget_schema_version")
         row = cur.fetchone()
     except Exception as exc:
-        if not _is_database_error(exc):
+        if not is_database_error(exc):
             raise
         raise CliError(
             f"{db.description} has no matrix-leave-forget tables "
@@ -134,20 +134,20 @@ def _check_schema(db: Database) -> None:
         )
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
-        _warn(
+        warn(
             f"{db.description} was written by a newer matrix-leave-forget (schema "
             f"{version}, this tool knows {SCHEMA_VERSION}): upgrade this tool"
         )
 
 
-def _is_database_error(exc: BaseException) -> bool:
+def is_database_error(exc: BaseException) -> bool:
     """Whether exc comes from a database driver (so it is the operator's to fix, not a bug)."""
     if isinstance(exc, sqlite3.Error):
         return True
     return type(exc).__module__.split(".")[0] == "psycopg2"
 
 
-def _max_seq(db: Database) -> int:
+def max_seq(db: Database) -> int:
     """The newest entry's seq, the 100% mark of the progress bar (0 for an empty log)."""
     cur = db.cursor()
     cur.execute("SELECT MAX(seq) FROM leave_forget_audit")
@@ -155,7 +155,7 @@ def _max_seq(db: Database) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _next_seq(db: Database, after: int) -> int | None:
+def next_seq(db: Database, after: int) -> int | None:
     """The seq of the row after ``after``, to name a row whose columns do not decode."""
     cur = db.cursor()
     cur.execute(

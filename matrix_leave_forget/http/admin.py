@@ -20,13 +20,9 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
+from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.db.store import RetentionStore
-from matrix_leave_forget.retention.state import (
-    STATE_DRY_RUN,
-    STATE_FORGOTTEN,
-    STATE_PURGED,
-    STATE_PURGING,
-)
+from matrix_leave_forget.retention.state import LISTINGS
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -34,13 +30,6 @@ if TYPE_CHECKING:
 
 ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
 
-# The states a listing can ask for, and which stored states each one covers.
-LISTINGS = {
-    "forgotten": (STATE_FORGOTTEN, STATE_DRY_RUN),
-    "pending": (STATE_FORGOTTEN,),
-    "dry_run": (STATE_DRY_RUN,),
-    "purged": (STATE_PURGING, STATE_PURGED),
-}
 MAX_LIMIT = 1000
 EXPORT_BATCH = 1000
 
@@ -54,9 +43,6 @@ _RETENTION = re.compile(r"^/retention$")
 RATE_WINDOW_MS = 60 * 1000
 
 
-# Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
-# would fail in the database driver (a 500) instead of here.
-MAX_INT_ARG = 2**63 - 1
 # Any number of digits (_arg bounds the length): a long one gets the same
 # "at most" answer as the CLI, not "must be an integer".
 _INT_RE = re.compile(r"-?[0-9]+")

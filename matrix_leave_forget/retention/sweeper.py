@@ -18,7 +18,6 @@ immediately before Synapse is asked to purge it, however long it queued.
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import attr
 from synapse.module_api import ModuleApi
@@ -29,12 +28,8 @@ from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.db.store import RetentionStore
-from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.retention.pacer import PurgePacer
-from matrix_leave_forget.retention.state import STATE_PURGING
-
-if TYPE_CHECKING:
-    from matrix_leave_forget._synapse.internals import SynapseInternals
+from matrix_leave_forget.retention.state import STATE_PURGING, why_not_forgotten_many_txn
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +83,6 @@ class RetentionSweeper:
         api: The module API (purges go through ModuleApi.delete_room).
         config: The retention settings.
         store: The retention store.
-        handler: Source of the "forgotten by every local user" check.
-        internals: Reads Synapse's tables.
     """
 
     def __init__(
@@ -97,14 +90,10 @@ class RetentionSweeper:
         api: ModuleApi,
         config: RetentionConfig,
         store: RetentionStore,
-        handler: MembershipHandler,
-        internals: "SynapseInternals",
     ) -> None:
         self._api = api
         self._config = config
         self._store = store
-        self._handler = handler
-        self._internals = internals
         self.pacer = PurgePacer(config.max_concurrent_purges, config.purge_load)
         # Rooms in "purging" that this process follows (loaded from the
         # database when the pump starts, so a restart resumes them).
@@ -179,7 +168,7 @@ class RetentionSweeper:
             batch = await self._store.retention.decide_due(
                 now,
                 DECIDE_BATCH,
-                self._handler.why_not_forgotten_many_txn,
+                why_not_forgotten_many_txn,
                 self._config.holds,
                 self._config.dry_run,
             )
@@ -356,7 +345,7 @@ class RetentionSweeper:
             batch = await self._store.retention.decide_due(
                 now,
                 slots,
-                self._handler.why_not_forgotten_many_txn,
+                why_not_forgotten_many_txn,
                 self._config.holds,
                 False,
             )

@@ -32,7 +32,7 @@ from matrix_leave_forget.audit.checkpoint import CHECKPOINT_EVENT_TYPE, make_che
 from matrix_leave_forget.audit.entry import ENTRY_FIELDS
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS, select_audit_txn
 from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION
-from matrix_leave_forget.http.admin import LISTINGS
+from matrix_leave_forget.retention.state import LISTINGS
 from tests.unit.test_audit import make_chain
 
 ORIGIN = "example.org"
