@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget._synapse.sql import IN_LIST_MAX, LIVE, LIVE_MEMBERSHIPS
+from matrix_leave_forget._synapse.sql import IN_LIST_MAX, LIVE_MEMBERSHIPS, LIVE_SQL
 from matrix_leave_forget.db.schema import is_postgres
 from matrix_leave_forget.db.statements import StatementBatch
 
@@ -108,10 +108,24 @@ class SynapseForgets:
 # Synapse's schema (local_current_membership, room_memberships.forgotten) that
 # no ModuleApi answers inside a transaction. It runs inside the module's own
 # transactions so that the decision and its record are atomic. A room is
-# forgotten by all when no local member has a LIVE_MEMBERSHIPS membership or
-# one not forgotten: forget_reads_txn asks it for a forget's rooms (in one
-# statement with the memberships), remembering_members_txn for the rooms the
-# sweep is about to purge (with who still has each, for the log).
+# forgotten by all when no local member still has it (``remembers``):
+# forget_reads_txn asks it in SQL for a forget's rooms (in one statement with
+# the memberships), remembering_members_txn row by row for the rooms the sweep
+# is about to purge (with who still has each, for the log).
+
+
+def remembers(membership: str, forgotten: bool) -> bool:
+    """Whether a local member with this current membership still has the room.
+
+    A live membership (join, invite, knock) holds the room; any other one
+    (leave, ban) holds it until the member forgets it. The SQL form is
+    REMEMBERS_SQL.
+    """
+    return membership in LIVE_MEMBERSHIPS or not forgotten
+
+
+# ``remembers`` in SQL, for local_current_membership {m} LEFT JOIN room_memberships {rm}.
+REMEMBERS_SQL = f"({{m}}.membership IN ({LIVE_SQL}) OR COALESCE({{rm}}.forgotten, 0) = 0)"
 
 
 def forget_reads_txn(
@@ -125,7 +139,7 @@ def forget_reads_txn(
     Returns:
         Each pair's current local membership (pairs without one are absent),
         and the rooms of those pairs that no local member *outside*
-        ``pairs`` still has (a ``live`` membership, or one not forgotten).
+        ``pairs`` still has (``remembers``).
         Such a room is forgotten by every local user once the group's own
         forgets are written, if none of them is refused. Asking this
         before the group's writes, in the same transaction, spares a
@@ -148,13 +162,13 @@ def forget_reads_txn(
             "LEFT JOIN room_memberships AS rm ON rm.event_id = o.event_id "
             "WHERE o.room_id = m.room_id AND NOT ("
             + " OR ".join("(o.user_id = ? AND o.room_id = ?)" for _ in group)
-            + f") AND (o.membership IN ({', '.join('?' for _ in LIVE)}) "
-            "OR COALESCE(rm.forgotten, 0) = 0)) "
+            + ") AND "
+            + REMEMBERS_SQL.format(m="o", rm="rm")
+            + ") "
             "FROM local_current_membership AS m WHERE "
             + " OR ".join("(m.user_id = ? AND m.room_id = ?)" for _ in chunk),
             [
                 *(value for pair in group for value in pair),
-                *LIVE,
                 *(value for pair in chunk for value in pair),
             ],
         )
@@ -211,7 +225,7 @@ def remembering_members_txn(
         for room_id, user_id, membership, forgotten in txn.fetchall():
             room_id = str(room_id)
             with_members.add(room_id)
-            if membership not in LIVE_MEMBERSHIPS and forgotten:
+            if not remembers(membership, forgotten):
                 continue
             current = members.get(room_id)
             if current is None or (

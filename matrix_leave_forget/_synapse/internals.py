@@ -34,6 +34,7 @@ from synapse.rest.client.transactions import HttpTransactionCache
 from twisted.web.resource import Resource
 
 from matrix_leave_forget._synapse.listeners import port_key, site_of
+from matrix_leave_forget._synapse.sql import LIVE_SQL
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -213,11 +214,11 @@ class SynapseInternals:
             paramstyle: ``?`` for Synapse's LoggingTransaction (which converts
                 it); the offline CLI passes ``%s`` on a raw psycopg2 cursor.
         """
-        sql = """
+        sql = f"""
             SELECT room_id FROM local_current_membership
             WHERE room_id > ?
             GROUP BY room_id
-            HAVING SUM(CASE WHEN membership IN ('join', 'invite', 'knock') THEN 1 ELSE 0 END) = 0
+            HAVING SUM(CASE WHEN membership IN ({LIVE_SQL}) THEN 1 ELSE 0 END) = 0
             ORDER BY room_id
             LIMIT ?
             """

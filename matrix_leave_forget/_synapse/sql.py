@@ -8,3 +8,6 @@ IN_LIST_MAX = 500
 # for the rules and for every query on Synapse's membership tables.
 LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
 LIVE = tuple(sorted(LIVE_MEMBERSHIPS))
+# As SQL literals, for a statement whose other arguments are its own
+# (constants from the line above, never user input).
+LIVE_SQL = ", ".join(f"'{membership}'" for membership in LIVE)

@@ -22,12 +22,12 @@ from matrix_leave_forget.audit.entry import (
     GENESIS_HASH,
     OPTIONAL_FIELDS,
     escape_fields,
-    now_ms,
     seal_entries,
 )
 from matrix_leave_forget.db.group_commit import GroupCommit, run_each_txn
 from matrix_leave_forget.db.schema import is_postgres
 from matrix_leave_forget.db.statements import StatementBatch
+from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
 

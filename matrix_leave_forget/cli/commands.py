@@ -60,6 +60,8 @@ from matrix_leave_forget.retention.state import (
     retention_counts_txn,
     select_holds_txn,
 )
+from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
+from matrix_leave_forget.timestamps import now_ms
 
 # Rows per query: large enough that round trips do not dominate, small enough
 # that a log of millions of entries never sits in memory at once.
@@ -165,10 +167,6 @@ def _list_rooms(
     return [attr.asdict(r) for r in retained]
 
 
-# The window over which ``rooms --state pending`` measures the purge rate.
-RATE_WINDOW_MS = 60 * 1000
-
-
 def pending_summary(db: Database, config: HomeserverConfig) -> dict[str, Any]:
     """The purge backlog, the rate over the last minute and the time to drain it.
 
@@ -176,20 +174,10 @@ def pending_summary(db: Database, config: HomeserverConfig) -> dict[str, Any]:
     which lives in the running Synapse).
     """
     cur = db.cursor()
-    now = int(time.time() * 1000)
+    now = now_ms()
     counts = retention_counts_txn(cur, now, configured_holds(config), paramstyle=db.paramstyle)
     purged = count_purged_since_txn(cur, now - RATE_WINDOW_MS, paramstyle=db.paramstyle)
-    rate = purged / (RATE_WINDOW_MS / 1000)
-    remaining = counts["due"] + counts["in_flight"]
-    return {
-        "backlog": counts["due"],
-        "in_flight": counts["in_flight"],
-        "held": counts["held"],
-        "waiting": counts["waiting"],
-        "purged_last_minute": purged,
-        "rate_per_s": round(rate, 3),
-        "eta_s": 0 if not remaining else (round(remaining / rate, 1) if rate else None),
-    }
+    return retention_summary(counts, purged)
 
 
 def _summary_line(summary: Mapping[str, Any]) -> str:

@@ -27,8 +27,12 @@ STREAM_DEPARTURES = "departures"
 
 
 @attr.s(frozen=True, auto_attribs=True)
-class Departure:
-    """A membership event that took a local user out of a room, as the log records it."""
+class DepartureEvent:
+    """A membership event that took a local user out of a room, as the log records it.
+
+    (The history guard's ``history.departures.Departure`` is another thing: a
+    user's current leave as the guard needs it, from Synapse's caches.)
+    """
 
     event_id: str
     room_id: str
@@ -125,7 +129,7 @@ class RetentionStore:
         return await self._api.run_db_interaction("leave_forget_stream_position", txn_fn)
 
     async def record_recovered_departures(
-        self, departures: Sequence[tuple[Departure, AuditFields]], position: int
+        self, departures: Sequence[tuple[DepartureEvent, AuditFields]], position: int
     ) -> int:
         """Record the departures the log lacks and advance the catch-up, atomically.
 

@@ -18,11 +18,12 @@ from synapse.module_api import (
 )
 from synapse.module_api.errors import Codes, SynapseError
 
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.state import LISTINGS
+from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
+from matrix_leave_forget.timestamps import now_ms
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -39,8 +40,6 @@ _HOLD = re.compile(r"^/rooms/(?P<room_id>[^/]+)/hold$")
 _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
 _RETENTION = re.compile(r"^/retention$")
-# The window over which GET /retention measures the purge rate.
-RATE_WINDOW_MS = 60 * 1000
 
 
 # Any number of digits (_arg bounds the length): a long one gets the same
@@ -243,28 +242,13 @@ class AdminResource(DirectServeJsonResource):
         now = now_ms()
         counts = await self._store.retention.backlog_counts(now, self._retention.holds)
         purged = await self._store.audit.count_purged_since(now - RATE_WINDOW_MS)
-        rate = purged / (RATE_WINDOW_MS / 1000)
         pacing: dict[str, Any] | None = None
         if self._sweeper is not None and self._api.should_run_background_tasks():
             pacing = {"pumping": self._sweeper.pumping, **self._sweeper.pacer.snapshot()}
-        if not rate and pacing is not None and pacing["estimated_rate_per_s"]:
-            rate_for_eta = float(pacing["estimated_rate_per_s"])
-        else:
-            rate_for_eta = rate
-        remaining = counts["due"] + counts["in_flight"]
+        estimated = pacing["estimated_rate_per_s"] if pacing is not None else None
         return {
-            "backlog": counts["due"],
-            "in_flight": counts["in_flight"],
-            "held": counts["held"],
-            "waiting": counts["waiting"],
+            **retention_summary(counts, purged, estimated),
             "dry_run": self._retention.dry_run,
-            "purged_last_minute": purged,
-            "rate_per_s": round(rate, 3),
-            "eta_s": (
-                0
-                if not remaining
-                else (round(remaining / rate_for_eta, 1) if rate_for_eta else None)
-            ),
             "pacing": pacing,
         }
 

@@ -32,7 +32,7 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget.audit.entry import VIA_RECOVERED
 from matrix_leave_forget.audit.log import OUTCOME_RECOVERED
-from matrix_leave_forget.db.store import STREAM_DEPARTURES, Departure, RetentionStore
+from matrix_leave_forget.db.store import STREAM_DEPARTURES, DepartureEvent, RetentionStore
 from matrix_leave_forget.membership.observer import departure_fields, departure_from_row
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ CATCH_UP_INTERVAL_MS = 60 * 1000
 LIVE_INTERVAL_MS = 2 * 1000
 
 # (departure) -> (via, actor) of a departure read from the stream.
-StreamRoute = Callable[[Departure], Awaitable[tuple[str, str | None]]]
+StreamRoute = Callable[[DepartureEvent], Awaitable[tuple[str, str | None]]]
 
 
 class Reconciler:

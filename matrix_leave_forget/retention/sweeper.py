@@ -25,11 +25,11 @@ from synapse.module_api import ModuleApi
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import run_in_background_process
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.pacer import PurgePacer
 from matrix_leave_forget.retention.state import STATE_PURGING, why_not_forgotten_many_txn
+from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
-from matrix_leave_forget.audit.entry import now_ms
+from matrix_leave_forget.timestamps import now_ms
 from tests.integration.harness import (
     SynapseProcess,
     User,

@@ -26,7 +26,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from matrix_leave_forget.audit.entry import now_ms
+from matrix_leave_forget.timestamps import now_ms
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
     PURGE_TIMEOUT,

@@ -13,9 +13,9 @@ import sqlite3
 import threading
 from typing import Any, ClassVar
 
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.retention.pacer import BURST_S
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
+from matrix_leave_forget.timestamps import now_ms
 from tests.integration.harness import (
     User,
     pg_connect_args,
