@@ -36,7 +36,7 @@ def forget_rows_txn(
     store: Any,
     txn: LoggingTransaction,
     pairs: Sequence[tuple[str, str]],
-    together: StatementBatch | None = None,
+    together: StatementBatch,
 ) -> None:
     """Synapse's forget of each (user_id, room_id), inside the caller's transaction.
 
@@ -53,7 +53,7 @@ def forget_rows_txn(
     (``_invalidate_cache_and_stream_bulk`` is the bulk form of the
     ``_invalidate_cache_and_stream`` its forget calls, since 1.98).
     """
-    batch = together or StatementBatch()
+    batch = together
     args = list(pairs)
     batch.add_each(
         "UPDATE room_memberships SET forgotten = 1 WHERE user_id = ? AND room_id = ?", args
@@ -198,7 +198,7 @@ def remembering_members_txn(
         if postgres:
             # A join with the unnested ids probes the indexes once per
             # room; with "= ANY(...)" PostgreSQL prefers scanning the
-            # whole table (measured: 2x slower at 10^5 rooms).
+            # whole table (docs/benchmarks.md §3).
             source, args = "unnest(?::text[]) AS ids (room_id) JOIN", [chunk]
             where = "TRUE"
             on_ids = " ON {alias}.room_id = ids.room_id"

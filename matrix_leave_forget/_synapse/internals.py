@@ -19,10 +19,6 @@ from synapse.api.errors import ShadowBanError
 from synapse.api.ratelimiting import Ratelimiter
 from synapse.config.ratelimiting import RatelimitSettings
 
-# Why: ModuleApi.delete_room schedules Synapse's purge task under these names
-# and offers no way to follow it; the sweep reads the tasks to know.
-from synapse.handlers.pagination import PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME
-
 # Why: unmatched paths under the intercepted /_matrix node must answer exactly
 # like Synapse's placeholder node does (404 M_UNRECOGNIZED, CORS headers).
 from synapse.http.server import UnrecognizedRequestResource
@@ -96,27 +92,6 @@ class SynapseInternals:
             clock=self._hs.get_clock(),
             cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
         )
-
-    async def purge_task_status(self, room_id: str) -> tuple[str | None, str | None]:
-        """The state of Synapse's latest purge task for room_id, and its error.
-
-        Returns ("active", None) while a purge is scheduled or running,
-        ("failed", error), ("complete", None), or (None, None) if Synapse has no
-        purge task for the room (never asked, or forgotten across a restart).
-
-        Why: ModuleApi.delete_room starts a purge but offers no way to follow it.
-        """
-        tasks = await self._hs.get_task_scheduler().get_tasks(
-            actions=[PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME],
-            resource_id=room_id,
-        )
-        if not tasks:
-            return None, None
-        latest = max(tasks, key=lambda task: task.timestamp)
-        status = str(getattr(latest.status, "value", latest.status))
-        if status in ("active", "scheduled"):
-            return "active", None
-        return status, latest.error
 
     def extra_leave_content_keys(self) -> tuple[str, ...]:
         """Request-body keys Synapse's own leave copies into the event besides ``reason``.
@@ -226,8 +201,8 @@ class SynapseInternals:
         if paramstyle == "%s" or (engine is not None and "psycopg" in engine.module.__name__):
             # Walk local_current_membership's room_id index in order and stop
             # at `limit` rooms. PostgreSQL otherwise hashes the whole table
-            # when its estimates favour it (measured: 38-50 ms at 10^5 rows
-            # instead of under 1 ms); this lasts to the end of the transaction.
+            # when its estimates favour it (docs/benchmarks.md §2, "rooms
+            # abandoned"); this lasts to the end of the transaction.
             txn.execute("SET LOCAL enable_hashagg = off")
         txn.execute(sql.replace("?", paramstyle), (after, limit))
         return [str(r[0]) for r in txn.fetchall()]

@@ -351,8 +351,7 @@ def select_audit_txn(
         # A time range alone: select the range through the ts index, then
         # sort it. Left to itself the planner walks seq order from the start
         # of the log, filtering on ts, which costs the entries *before* the
-        # range (150 ms for a range in the middle of 10^6 entries on
-        # PostgreSQL); this costs the entries *in* it. The inner LIMIT keeps
+        # range (docs/benchmarks.md §2); this costs the entries *in* it. The inner LIMIT keeps
         # the subquery from being merged into the outer one (both engines).
         sql = f"SELECT * FROM ({sql} LIMIT 9223372036854775807) AS ranged ORDER BY seq LIMIT ?"
         args.append(limit)

@@ -21,7 +21,7 @@ from matrix_leave_forget.retention.state import RetentionState
 
 # Positions in Synapse's events stream (leave_forget_stream_positions.name):
 # where the module was installed (nothing before it is recorded as a
-# departure), and how far the catch-up has read (reconcile.py).
+# departure), and how far the catch-up has read (membership/reconcile.py).
 STREAM_INSTALLED = "installed"
 STREAM_DEPARTURES = "departures"
 
@@ -59,9 +59,7 @@ class RetentionStore:
         self.audit = AuditLog(api, origin, instance, signing_key)
         self.retention = RetentionState(api, self.audit)
 
-    async def setup(
-        self, stream_position: Callable[[LoggingTransaction], int] | None = None
-    ) -> int:
+    async def setup(self, stream_position: Callable[[LoggingTransaction], int]) -> int:
         """Create or upgrade the schema; returns the version now in place.
 
         Args:
@@ -72,19 +70,17 @@ class RetentionStore:
 
         def txn_fn(txn: LoggingTransaction) -> int:
             version = run_migrations(txn)
-            if stream_position is not None:
-                txn.execute(
-                    "SELECT 1 FROM leave_forget_stream_positions WHERE name = ?",
-                    (STREAM_INSTALLED,),
-                )
-                if txn.fetchone() is None:
-                    position = stream_position(txn)
-                    for name in (STREAM_INSTALLED, STREAM_DEPARTURES):
-                        txn.execute(
-                            "INSERT INTO leave_forget_stream_positions (name, stream_id) "
-                            "VALUES (?, ?)",
-                            (name, position),
-                        )
+            txn.execute(
+                "SELECT 1 FROM leave_forget_stream_positions WHERE name = ?",
+                (STREAM_INSTALLED,),
+            )
+            if txn.fetchone() is None:
+                position = stream_position(txn)
+                for name in (STREAM_INSTALLED, STREAM_DEPARTURES):
+                    txn.execute(
+                        "INSERT INTO leave_forget_stream_positions (name, stream_id) VALUES (?, ?)",
+                        (name, position),
+                    )
             return version
 
         return await self._api.run_db_interaction("leave_forget_migrate", txn_fn)

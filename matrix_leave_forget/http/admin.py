@@ -7,7 +7,7 @@ import json
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import attr
 from synapse.module_api import (
@@ -136,7 +136,7 @@ class AdminResource(DirectServeJsonResource):
         retention: RetentionConfig,
         internals: "SynapseInternals",
         ready: Callable[[], Awaitable[None]],
-        sweeper: Optional["RetentionSweeper"] = None,
+        sweeper: "RetentionSweeper",
     ) -> None:
         super().__init__()
         self._sweeper = sweeper
@@ -243,7 +243,7 @@ class AdminResource(DirectServeJsonResource):
         counts = await self._store.retention.backlog_counts(now, self._retention.holds)
         purged = await self._store.audit.count_purged_since(now - RATE_WINDOW_MS)
         pacing: dict[str, Any] | None = None
-        if self._sweeper is not None and self._api.should_run_background_tasks():
+        if self._api.should_run_background_tasks():
             pacing = {"pumping": self._sweeper.pumping, **self._sweeper.pacer.snapshot()}
         estimated = pacing["estimated_rate_per_s"] if pacing is not None else None
         return {

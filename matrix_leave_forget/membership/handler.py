@@ -41,6 +41,7 @@ class MembershipHandler:
         config: The module configuration.
         internals: The façade over Synapse internals.
         store: The retention store.
+        routes: Synapse's purge scheduling after a forget.
     """
 
     def __init__(
@@ -49,13 +50,13 @@ class MembershipHandler:
         config: LeaveForgetConfig,
         internals: "SynapseInternals",
         store: RetentionStore,
-        routes: SynapseRoutes | None = None,
+        routes: SynapseRoutes,
     ) -> None:
         self._api = api
         self._config = config
         self._internals = internals
         self._store = store
-        self._routes = routes or SynapseRoutes(api)
+        self._routes = routes
         # (user_id, room_id) of leaves this process's endpoint is serving: it
         # records them itself, with the device.
         self._serving: dict[tuple[str, str], int] = {}
@@ -213,11 +214,13 @@ class MembershipHandler:
         return (user_id, room_id) in self._serving
 
     async def _record(self, requester: Requester, fields: AuditFields) -> None:
+        # A reason is kept whole (a successful action's is in its event
+        # already); the store escapes what an engine cannot hold
+        # (audit/entry.py escape_fields), a refusal's is cut by refused_reason.
         fields = attr.evolve(
             fields,
             user_id=requester.user.to_string(),
             device_id=requester.device_id,
-            reason=storable_reason(fields.reason),
         )
         try:
             await self._store.audit.append(fields)
@@ -258,17 +261,6 @@ class MembershipHandler:
                 suppressed=suppressed or None,
             ),
         )
-
-
-def storable_reason(reason: str | None) -> str | None:
-    """A successful leave's reason as the audit log keeps it: whole.
-
-    It is in the event already, so it is no larger than an event (64 KiB).
-    Text that neither engine can store as-is (U+0000, lone surrogates) is
-    escaped reversibly by the store (audit.escape_fields), not altered here;
-    a refused request's reason is cut by refusals.refused_reason instead.
-    """
-    return reason
 
 
 def client_errcode(error: SynapseError) -> str:

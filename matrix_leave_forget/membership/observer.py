@@ -42,7 +42,7 @@ from matrix_leave_forget.audit.entry import (
 )
 from matrix_leave_forget.audit.log import AuditFields
 from matrix_leave_forget.db.store import DepartureEvent, RetentionStore
-from matrix_leave_forget.membership.handler import MembershipHandler, storable_reason
+from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def departure_fields(departure: DepartureEvent, via: str, actor: str | None) -> 
         outcome="ok",
         user_id=departure.user_id,
         room_id=departure.room_id,
-        reason=storable_reason(departure.reason),
+        reason=departure.reason,
         event_id=departure.event_id,
         via=via,
         actor=actor,

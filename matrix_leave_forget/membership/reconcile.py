@@ -1,7 +1,8 @@
 """The catch-up: departures Synapse has that the audit log lacks, from its events stream.
 
 Every departure of a local user is recorded as it happens: by the module's
-endpoint, or from Synapse's ``on_new_event`` callback (handler.py). Forgets
+endpoint, or from Synapse's ``on_new_event`` callback (membership/observer.py,
+registered in the package's ``__init__``). Forgets
 are written with their entry in one transaction, so there is nothing to catch
 up for them. What a crash can still lose is a departure whose event Synapse
 persisted just before the process died, before it was recorded.

@@ -131,7 +131,6 @@ class RetentionState:
         room_id: str,
         now: int,
         retention_period_ms: int | None,
-        note: str | None,
     ) -> None:
         """(Re)start the room's period as forgotten by every local user at ``now``."""
         self._upsert_room_txn(
@@ -143,7 +142,7 @@ class RetentionState:
             purge_started_at=None,
             purged_at=None,
             cancelled_at=None,
-            note=note,
+            note=None,
             updated_at=now,
         )
 
@@ -169,7 +168,7 @@ class RetentionState:
         # to purge again. Only a purge under way is left to finish.
         if row is not None and row[0] == STATE_PURGING:
             return None
-        self.mark_forgotten_txn(txn, room_id, now, retention_period_ms, None)
+        self.mark_forgotten_txn(txn, room_id, now, retention_period_ms)
         return self.get_room_txn(txn, room_id)
 
     @staticmethod

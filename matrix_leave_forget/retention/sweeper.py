@@ -75,9 +75,9 @@ class RetentionSweeper:
 
     Whether every local user still has the room forgotten is checked when the
     purge is about to start, inside the transaction that records the decision,
-    so a rejoin, invite or knock through any endpoint cancels it. (Synapse's
-    on_new_event callback would catch them sooner, but registering one makes
-    Synapse load the room state for every event on the server.)
+    so a rejoin, invite or knock through any endpoint cancels it. (The
+    module's on_new_event callback, membership/observer.py, records departures
+    only; a purge is never cancelled from it.)
 
     Args:
         api: The module API (purges go through ModuleApi.delete_room).
@@ -106,8 +106,6 @@ class RetentionSweeper:
         self._backlog = 0
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: dict[str, float] = {}
-        # The pump's work so far, for benchmarks: rounds and transactions.
-        self.pump_stats: dict[str, int] = {"rounds": 0, "follow_transactions": 0}
 
     @property
     def pumping(self) -> bool:
@@ -214,7 +212,6 @@ class RetentionSweeper:
                 self.pacer.probe(time.monotonic() - probe_started, 0)
             more_due = True
             while True:
-                self.pump_stats["rounds"] += 1
                 purged = await self._follow()
                 # Rooms fall due while the pump runs: look again when a slot
                 # freed up, or every DUE_RECHECK_S.
@@ -267,7 +264,6 @@ class RetentionSweeper:
         """
         if not self._in_flight:
             return 0
-        self.pump_stats["follow_transactions"] += 1
         probe_started = time.monotonic()
         views = await self._api.run_db_interaction(
             "leave_forget_follow_purges", purge_tasks_txn, sorted(self._in_flight)
