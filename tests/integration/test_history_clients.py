@@ -36,9 +36,8 @@ from mautrix.client import ClientAPI
 from mautrix.types import PaginationDirection, RoomID, SyncToken, UserID
 from twisted.trial.unittest import SkipTest
 
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import REPO_ROOT, User, quote_room
-from tests.integration.test_clients import password, unique
+from support.harness import REPO_ROOT, User, quote_room
+from tests.integration.base import SynapseTestCase, password, unique
 
 JS_DIR = os.path.join(REPO_ROOT, "tests", "integration", "js")
 JS_SCRIPT = "sync_device.mjs"
