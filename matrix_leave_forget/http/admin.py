@@ -42,7 +42,7 @@ _EXPORT = re.compile(r"^/audit/export$")
 _RETENTION = re.compile(r"^/retention$")
 
 
-# Any number of digits (_arg bounds the length): a long one gets the same
+# Any number of digits (str_arg bounds the length): a long one gets the same
 # "at most" answer as the CLI, not "must be an integer".
 _INT_RE = re.compile(r"-?[0-9]+")
 # Longest string argument (a user or room id is at most 255 bytes).
@@ -51,7 +51,8 @@ MAX_STR_ARG = 1024
 MAX_STORED_REASON_BYTES = 64 * 1024
 
 
-def _arg(request: SynapseRequest, name: str) -> str | None:
+def str_arg(request: SynapseRequest, name: str) -> str | None:
+    """Query parameter ``name`` (None if absent): no NUL, at most MAX_STR_ARG characters."""
     values = request.args.get(name.encode())
     if not values:
         return None
@@ -64,8 +65,9 @@ def _arg(request: SynapseRequest, name: str) -> str | None:
     return value
 
 
-def _int_arg(request: SynapseRequest, name: str, default: int | None) -> int | None:
-    value = _arg(request, name)
+def int_arg(request: SynapseRequest, name: str, default: int | None) -> int | None:
+    """Query parameter ``name`` as an integer from 0 to MAX_INT_ARG (``default`` if absent)."""
+    value = str_arg(request, name)
     if value is None:
         return default
     # ASCII digits only: int() would also take " 1", "1_000" and other scripts' digits.
@@ -79,7 +81,7 @@ def _int_arg(request: SynapseRequest, name: str, default: int | None) -> int | N
     return number
 
 
-def _hold_reason(request: SynapseRequest) -> str | None:
+def hold_reason(request: SynapseRequest) -> str | None:
     """The ``reason`` of a PUT hold body: a string of storable text, bounded like leave reasons."""
     body = parse_json_object_from_request(request, allow_empty_body=True)
     reason = body.get("reason")
@@ -100,15 +102,17 @@ def _hold_reason(request: SynapseRequest) -> str | None:
     return reason
 
 
-def _limit_arg(request: SynapseRequest) -> int:
-    limit = _int_arg(request, "limit", 100)
+def limit_arg(request: SynapseRequest) -> int:
+    """The page size: ``limit``, 1 to MAX_LIMIT, 100 if absent."""
+    limit = int_arg(request, "limit", 100)
     assert limit is not None
     if not 1 <= limit <= MAX_LIMIT:
         raise SynapseError(400, f"'limit' must be between 1 and {MAX_LIMIT}", Codes.INVALID_PARAM)
     return limit
 
 
-def _room_arg(raw: str) -> str:
+def room_arg(raw: str) -> str:
+    """A room id from a path segment (percent-decoded), which must be a valid room id."""
     room_id = urllib.parse.unquote(raw)
     if not is_valid_room_id(room_id):
         raise SynapseError(400, f"{room_id!r} is not a room id", Codes.INVALID_PARAM)
@@ -161,9 +165,9 @@ class AdminResource(DirectServeJsonResource):
             method = b"GET"
 
         if (match := _HOLD.match(route)) is not None:
-            room_id = _room_arg(match.group("room_id"))
+            room_id = room_arg(match.group("room_id"))
             if method == b"PUT":
-                reason = _hold_reason(request)
+                reason = hold_reason(request)
                 created = await self._store.retention.put_hold(room_id, admin_id, reason)
                 return 200, {"room_id": room_id, "held": True, "created": created}
             if method == b"DELETE":
@@ -177,7 +181,7 @@ class AdminResource(DirectServeJsonResource):
         elif _ROOMS.match(route):
             return 200, await self._list_rooms(request)
         elif (match := _ROOM.match(route)) is not None:
-            return 200, await self._room_detail(_room_arg(match.group("room_id")))
+            return 200, await self._room_detail(room_arg(match.group("room_id")))
         elif _AUDIT.match(route):
             return 200, await self._audit_page(request)
         elif _EXPORT.match(route):
@@ -190,9 +194,9 @@ class AdminResource(DirectServeJsonResource):
         raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
 
     async def _list_rooms(self, request: SynapseRequest) -> dict[str, Any]:
-        state = _arg(request, "state") or "forgotten"
-        after = _arg(request, "from")
-        limit = _limit_arg(request)
+        state = str_arg(request, "state") or "forgotten"
+        after = str_arg(request, "from")
+        limit = limit_arg(request)
         if state == "held":
             # A page of the admin API's holds merged with the configured ones
             # (few): the first `limit` of the union are among these.
@@ -277,13 +281,13 @@ class AdminResource(DirectServeJsonResource):
         }
 
     async def _audit_page(self, request: SynapseRequest) -> dict[str, Any]:
-        limit = _limit_arg(request)
+        limit = limit_arg(request)
         entries = await self._store.audit.audit_page(
-            user_id=_arg(request, "user_id"),
-            room_id=_arg(request, "room_id"),
-            since_ts=_int_arg(request, "since", None),
-            until_ts=_int_arg(request, "until", None),
-            after_seq=_int_arg(request, "from", 0) or 0,
+            user_id=str_arg(request, "user_id"),
+            room_id=str_arg(request, "room_id"),
+            since_ts=int_arg(request, "since", None),
+            until_ts=int_arg(request, "until", None),
+            after_seq=int_arg(request, "from", 0) or 0,
             limit=limit,
         )
         result: dict[str, Any] = {"entries": entries}
@@ -293,11 +297,11 @@ class AdminResource(DirectServeJsonResource):
 
     async def _export(self, request: SynapseRequest) -> None:
         """Stream every matching entry as JSON lines, paging through the table."""
-        after = _int_arg(request, "from", 0) or 0
-        user_id = _arg(request, "user_id")
-        room_id = _arg(request, "room_id")
-        since_ts = _int_arg(request, "since", None)
-        until_ts = _int_arg(request, "until", None)
+        after = int_arg(request, "from", 0) or 0
+        user_id = str_arg(request, "user_id")
+        room_id = str_arg(request, "room_id")
+        since_ts = int_arg(request, "since", None)
+        until_ts = int_arg(request, "until", None)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         while True:
