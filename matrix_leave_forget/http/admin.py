@@ -1,6 +1,6 @@
 """The operator admin API under ``/_synapse/client/leave_forget/v1/admin/``.
 
-Server admins only. Every route is documented in the README's "Routes" section.
+Server admins only. Every route is documented in docs/routes.md.
 """
 
 import json
