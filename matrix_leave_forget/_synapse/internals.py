@@ -160,10 +160,9 @@ class SynapseInternals:
         return self._hs.get_instance_name()
 
     # -- Synapse's tables ------------------------------------------------
-    # Why: "has every local user forgotten this room" and "does the room still
-    # exist" are questions about Synapse's schema that no ModuleApi answers
-    # inside a transaction. They run inside the module's own transactions so
-    # that the decision and its record are atomic.
+    # Why: the admin API's room detail and "abandoned" listing (and the CLI's)
+    # are questions about Synapse's schema that no ModuleApi answers. (Who
+    # still has a room, for a forget or a purge, is _synapse/forget.py's.)
 
     @staticmethod
     def local_memberships_txn(txn: LoggingTransaction, room_id: str) -> list[tuple[str, str, bool]]:
