@@ -52,13 +52,12 @@ from bench.common import (  # noqa: E402
     ms,
     parallel,
     percentile,
-    pg_connect_args,
     quote_room,
     synapse_metrics,
     table,
     write_json,
 )
-from tests.integration.harness import _pg_admin_connection  # noqa: E402
+from support import rawdb  # noqa: E402
 
 PERIOD_S = 5.0
 EVENTS_PER_ROOM = 100
@@ -70,34 +69,13 @@ DRAIN_TIMEOUT_S = 1800.0
 # -- database --------------------------------------------------------------------
 
 
-def _query(hs: SynapseProcess, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=60)
-        try:
-            return list(conn.execute(sql, args).fetchall())
-        finally:
-            conn.close()
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    conn_pg = psycopg2.connect(**params)
-    try:
-        with conn_pg.cursor() as cur:
-            cur.execute(sql.replace("?", "%s"), args)
-            return list(cur.fetchall())
-    finally:
-        conn_pg.close()
-
-
 def space(hs: SynapseProcess, live_room: str) -> dict[str, Any]:
     """Rows of the biggest per-room tables outside the live user's room, and
     the database's size (Synapse stopped)."""
     out: dict[str, Any] = {}
     for table_name in ("events", "event_json", "state_groups_state", "rooms"):
         out[table_name] = int(
-            _query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[0][0]
+            rawdb.query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[0][0]
         )
     if hs.pg_database is None:
         path = os.path.join(hs.workdir, "homeserver.db")
@@ -111,7 +89,7 @@ def space(hs: SynapseProcess, live_room: str) -> dict[str, Any]:
         out["db_bytes"] = page * pages
         out["free_bytes"] = page * free
     else:
-        out["db_bytes"] = int(_query(hs, "SELECT pg_database_size(current_database())")[0][0])
+        out["db_bytes"] = int(rawdb.query(hs, "SELECT pg_database_size(current_database())")[0][0])
     return out
 
 
@@ -274,7 +252,7 @@ def copy_of(
     hs = SynapseProcess(module_config, extra, database=seeded.hs.database, workdir=workdir)
     hs._own_workdir = True  # cleanup() removes it
     if hs.pg_database is not None:
-        conn = _pg_admin_connection()
+        conn = rawdb.pg_connection("postgres", autocommit=True)
         try:
             with conn.cursor() as cur:
                 cur.execute(f"DROP DATABASE {hs.pg_database}")

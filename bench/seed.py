@@ -23,9 +23,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from bench.common import SERVER_NAME, SynapseProcess, User, log, pg_connect_args
+from bench.common import SERVER_NAME, SynapseProcess, User, log
 from matrix_leave_forget.audit.entry import GENESIS_HASH, seal_entry
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS
+from support import rawdb
 
 # Room kinds, by room index modulo 20 (see seed_memberships).
 ACTIVE, ABANDONED, FORGOTTEN, DRY_RUN, CANCELLED, PURGED, PURGING = (
@@ -70,17 +71,12 @@ class Sink:
         self.hs = hs
         self.is_pg = hs.database == "postgres"
         if self.is_pg:
-            import psycopg2
-
-            args = pg_connect_args(hs.pg_database)
-            args.pop("cp_min")
-            args.pop("cp_max")
-            self.conn: Any = psycopg2.connect(**args)
+            self.conn: Any = rawdb.pg_connection(hs.pg_database)
             # Skip Synapse's per-row stream-ordering triggers and foreign-key
             # checks while seeding (every seeded row leaves the column NULL).
             self.conn.cursor().execute("SET session_replication_role = replica")
         else:
-            self.conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
+            self.conn = sqlite3.connect(rawdb.sqlite_path(hs))
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = OFF")
             # Random room ids land all over the indexes: keep them in memory.

@@ -37,7 +37,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.queries import time_verify, wait_quiet  # noqa: E402
 from bench.seed import Sink, fresh_synapse, seed_sweep  # noqa: E402
-from tests.integration.test_faults import synapse_rows  # noqa: E402
+from support import rawdb  # noqa: E402
 
 HOOK = {"module": "bench.sweep_hook.SweepHook", "config": {}}
 RETENTION = {"period": "1d", "dry_run": True, "sweep_interval": "1d"}
@@ -90,7 +90,7 @@ def run_real(database: str, n: int) -> dict[str, Any]:
         txns = metrics_delta(before, synapse_metrics(hs))
         decide = txns.get("leave_forget_decide_due", {"count": 0, "mean_ms": 0.0})
         started = int(
-            synapse_rows(
+            rawdb.query(
                 hs,
                 "SELECT COUNT(*) FROM leave_forget_audit "
                 "WHERE action = 'purge' AND outcome = 'started'",

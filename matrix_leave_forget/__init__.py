@@ -68,9 +68,7 @@ class LeaveForgetModule:
         )
         self._routes = SynapseRoutes(api)
         self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
-        self.sweeper = RetentionSweeper(
-            api, config.retention, self.store, self.handler, self._internals
-        )
+        self.sweeper = RetentionSweeper(api, config.retention, self.store)
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
         self._ready = _StartupGate()

@@ -68,9 +68,8 @@ class RetentionConfig:
     holds: frozenset[str] = frozenset()
     sweep_interval_ms: int = 60 * 1000
     max_concurrent_purges: int = 3
-    # Measured (docs/benchmarks.md §5): on PostgreSQL 0.3 keeps live send and
-    # /sync p95 within 1.2x of idle and still drains 200 rooms within 45 s of
-    # falling due; 0.5 drained faster at 1.35-1.47x.
+    # The default that kept live sends and /sync near idle while still draining
+    # the backlog promptly on PostgreSQL (docs/benchmarks.md §5).
     purge_load: float = 0.3
 
 

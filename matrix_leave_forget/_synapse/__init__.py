@@ -8,12 +8,14 @@ concern:
 * ``contexts``: logcontexts and background processes (who a callback runs for);
 * ``new_events``: every new event, observed outside its request's logcontext;
 * ``internals``: the handlers, HTTP plumbing, identity and tables a leave needs;
-* ``forget``: Synapse's forget rows and cache invalidations, in our transactions;
+* ``forget``: Synapse's forget rows and cache invalidations, and who still has a
+  room (the "forgotten by all" rule), in our transactions;
 * ``routes``: every route of leave and forget (Synapse's forget taken over);
 * ``history``: cached membership lookups and stream tokens for the history guard;
 * ``routing``: which servlet Synapse routes a client request to (the guard's classification);
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``listeners``: the live HTTP listeners, for the mount checks;
 * ``capabilities``: the forget-on-leave settings ``/capabilities`` advertises;
-* ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI.
+* ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI;
+* ``sql``: the limits and membership values the queries share.
 """

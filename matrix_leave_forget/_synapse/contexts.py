@@ -109,7 +109,7 @@ def on_new_event_is_safe() -> bool:
     deadlocks every join of a remote room: the callback's state lookup waits
     for the full state of the partial-state room being joined
     (element-hq/synapse#16973, fixed in 1.103). The module then reads
-    departures from the events stream instead (reconcile.py).
+    departures from the events stream instead (membership/reconcile.py).
     """
     from synapse import __version__
 

@@ -2,12 +2,16 @@
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from synapse.module_api import LoggingTransaction
+from synapse.module_api import LoggingTransaction, ModuleApi
 
+from matrix_leave_forget._synapse.sql import IN_LIST_MAX, LIVE_MEMBERSHIPS, LIVE_SQL
 from matrix_leave_forget.db.schema import is_postgres
 from matrix_leave_forget.db.statements import StatementBatch
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ def forget_rows_txn(
     store: Any,
     txn: LoggingTransaction,
     pairs: Sequence[tuple[str, str]],
-    together: StatementBatch | None = None,
+    together: StatementBatch,
 ) -> None:
     """Synapse's forget of each (user_id, room_id), inside the caller's transaction.
 
@@ -49,7 +53,7 @@ def forget_rows_txn(
     (``_invalidate_cache_and_stream_bulk`` is the bulk form of the
     ``_invalidate_cache_and_stream`` its forget calls, since 1.98).
     """
-    batch = together or StatementBatch()
+    batch = together
     args = list(pairs)
     batch.add_each(
         "UPDATE room_memberships SET forgotten = 1 WHERE user_id = ? AND room_id = ?", args
@@ -71,6 +75,164 @@ def forget_rows_txn(
             invalidations.append((snapshots, users))
         _invalidate_and_stream_txn(store, txn, invalidations, batch)
     batch.run(txn)
+
+
+class SynapseForgets:
+    """Synapse's side of a forget, for the forget writer (membership/forget_writer.py).
+
+    Args:
+        api: The module API handed to the module by Synapse.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        # Why: the forget rows are written with Synapse's main store's cache
+        # and stream helpers, which ModuleApi does not expose.
+        self._hs: HomeServer = api._hs
+
+    def forget_reads_txn(
+        self, txn: LoggingTransaction, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], str], set[str]]:
+        return forget_reads_txn(txn, pairs)
+
+    def forget_rows_txn(
+        self,
+        txn: LoggingTransaction,
+        pairs: Sequence[tuple[str, str]],
+        together: StatementBatch,
+    ) -> None:
+        forget_rows_txn(self._hs.get_datastores().main, txn, pairs, together)
+
+
+# -- what a forget reads: who still has a room ------------------------------
+# Why: "has every local user forgotten this room" is a question about
+# Synapse's schema (local_current_membership, room_memberships.forgotten) that
+# no ModuleApi answers inside a transaction. It runs inside the module's own
+# transactions so that the decision and its record are atomic. A room is
+# forgotten by all when no local member still has it (``remembers``):
+# forget_reads_txn asks it in SQL for a forget's rooms (in one statement with
+# the memberships), remembering_members_txn row by row for the rooms the sweep
+# is about to purge (with who still has each, for the log).
+
+
+def remembers(membership: str, forgotten: bool) -> bool:
+    """Whether a local member with this current membership still has the room.
+
+    A live membership (join, invite, knock) holds the room; any other one
+    (leave, ban) holds it until the member forgets it. The SQL form is
+    REMEMBERS_SQL.
+    """
+    return membership in LIVE_MEMBERSHIPS or not forgotten
+
+
+# ``remembers`` in SQL, for local_current_membership {m} LEFT JOIN room_memberships {rm}.
+REMEMBERS_SQL = f"({{m}}.membership IN ({LIVE_SQL}) OR COALESCE({{rm}}.forgotten, 0) = 0)"
+
+
+def forget_reads_txn(
+    txn: LoggingTransaction, pairs: Sequence[tuple[str, str]]
+) -> tuple[dict[tuple[str, str], str], set[str]]:
+    """What a group of forgets needs to know, in one statement per chunk.
+
+    Args:
+        pairs: The (user_id, room_id) pairs about to be forgotten.
+
+    Returns:
+        Each pair's current local membership (pairs without one are absent),
+        and the rooms of those pairs that no local member *outside*
+        ``pairs`` still has (``remembers``).
+        Such a room is forgotten by every local user once the group's own
+        forgets are written, if none of them is refused. Asking this
+        before the group's writes, in the same transaction, spares a
+        statement after them: the answer cannot differ, as the group's
+        writes touch only its own pairs. (A room with a row in
+        local_current_membership is one Synapse has: its purge deletes
+        both in one transaction.)
+    """
+    memberships: dict[tuple[str, str], str] = {}
+    unremembered: set[str] = set()
+    unique = sorted(set(pairs))
+    # Four arguments per pair (looked up, and left out of "someone else").
+    for start in range(0, len(unique), IN_LIST_MAX // 4):
+        chunk = unique[start : start + IN_LIST_MAX // 4]
+        rooms = {room_id for _, room_id in chunk}
+        group = [pair for pair in unique if pair[1] in rooms]
+        txn.execute(
+            "SELECT m.user_id, m.room_id, m.membership, "
+            "NOT EXISTS (SELECT 1 FROM local_current_membership AS o "
+            "LEFT JOIN room_memberships AS rm ON rm.event_id = o.event_id "
+            "WHERE o.room_id = m.room_id AND NOT ("
+            + " OR ".join("(o.user_id = ? AND o.room_id = ?)" for _ in group)
+            + ") AND "
+            + REMEMBERS_SQL.format(m="o", rm="rm")
+            + ") "
+            "FROM local_current_membership AS m WHERE "
+            + " OR ".join("(m.user_id = ? AND m.room_id = ?)" for _ in chunk),
+            [
+                *(value for pair in group for value in pair),
+                *(value for pair in chunk for value in pair),
+            ],
+        )
+        for user_id, room_id, membership, no_one_else in txn:
+            memberships[(str(user_id), str(room_id))] = str(membership)
+            if no_one_else:
+                unremembered.add(str(room_id))
+    return memberships, unremembered
+
+
+def remembering_members_txn(
+    txn: LoggingTransaction, room_ids: Sequence[str]
+) -> tuple[set[str], set[str], dict[str, tuple[str, str]]]:
+    """A local member who still has each room (live memberships first), set-based.
+
+    Returns:
+        The rooms Synapse knows, the rooms with local members, and for each
+        room a local member who still has it (live memberships first).
+    """
+    known: set[str] = set()
+    with_members: set[str] = set()
+    members: dict[str, tuple[str, str]] = {}
+    postgres = "psycopg" in txn.database_engine.module.__name__
+    for start in range(0, len(room_ids), IN_LIST_MAX):
+        chunk = list(room_ids[start : start + IN_LIST_MAX])
+        args: list[Any]
+        if postgres:
+            # A join with the unnested ids probes the indexes once per
+            # room; with "= ANY(...)" PostgreSQL prefers scanning the
+            # whole table (docs/benchmarks.md §3).
+            source, args = "unnest(?::text[]) AS ids (room_id) JOIN", [chunk]
+            where = "TRUE"
+            on_ids = " ON {alias}.room_id = ids.room_id"
+        else:
+            source, args = "", chunk
+            where = "{alias}.room_id IN (" + ", ".join("?" for _ in chunk) + ")"
+            on_ids = ""
+        txn.execute(
+            f"SELECT r.room_id FROM {source} rooms AS r{on_ids.format(alias='r')} "
+            f"WHERE {where.format(alias='r')}",
+            args,
+        )
+        known.update(str(r[0]) for r in txn.fetchall())
+        # Every local member of the chunk's rooms (these are rooms their
+        # members forgot: a few rows each).
+        txn.execute(
+            "SELECT lcm.room_id, lcm.user_id, lcm.membership, COALESCE(rm.forgotten, 0) "
+            f"FROM {source} local_current_membership AS lcm{on_ids.format(alias='lcm')} "
+            "LEFT JOIN room_memberships AS rm "
+            "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
+            f"WHERE {where.format(alias='lcm')}",
+            args,
+        )
+        for room_id, user_id, membership, forgotten in txn.fetchall():
+            room_id = str(room_id)
+            with_members.add(room_id)
+            if not remembers(membership, forgotten):
+                continue
+            current = members.get(room_id)
+            if current is None or (
+                current[1] not in LIVE_MEMBERSHIPS and membership in LIVE_MEMBERSHIPS
+            ):
+                members[room_id] = (str(user_id), str(membership))
+    return known, with_members, members
 
 
 # Synapse's stream of cache invalidations for other workers (PostgreSQL only).

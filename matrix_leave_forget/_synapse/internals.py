@@ -3,7 +3,6 @@
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from signedjson.types import SigningKey
@@ -20,10 +19,6 @@ from synapse.api.errors import ShadowBanError
 from synapse.api.ratelimiting import Ratelimiter
 from synapse.config.ratelimiting import RatelimitSettings
 
-# Why: ModuleApi.delete_room schedules Synapse's purge task under these names
-# and offers no way to follow it; the sweep reads the tasks to know.
-from synapse.handlers.pagination import PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME
-
 # Why: unmatched paths under the intercepted /_matrix node must answer exactly
 # like Synapse's placeholder node does (404 M_UNRECOGNIZED, CORS headers).
 from synapse.http.server import UnrecognizedRequestResource
@@ -35,7 +30,7 @@ from synapse.rest.client.transactions import HttpTransactionCache
 from twisted.web.resource import Resource
 
 from matrix_leave_forget._synapse.listeners import port_key, site_of
-from matrix_leave_forget._synapse.sql import IN_LIST_MAX
+from matrix_leave_forget._synapse.sql import LIVE_SQL
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -97,27 +92,6 @@ class SynapseInternals:
             clock=self._hs.get_clock(),
             cfg=RatelimitSettings(key=name, per_second=per_second, burst_count=burst_count),
         )
-
-    async def purge_task_status(self, room_id: str) -> tuple[str | None, str | None]:
-        """The state of Synapse's latest purge task for room_id, and its error.
-
-        Returns ("active", None) while a purge is scheduled or running,
-        ("failed", error), ("complete", None), or (None, None) if Synapse has no
-        purge task for the room (never asked, or forgotten across a restart).
-
-        Why: ModuleApi.delete_room starts a purge but offers no way to follow it.
-        """
-        tasks = await self._hs.get_task_scheduler().get_tasks(
-            actions=[PURGE_ROOM_ACTION_NAME, SHUTDOWN_AND_PURGE_ROOM_ACTION_NAME],
-            resource_id=room_id,
-        )
-        if not tasks:
-            return None, None
-        latest = max(tasks, key=lambda task: task.timestamp)
-        status = str(getattr(latest.status, "value", latest.status))
-        if status in ("active", "scheduled"):
-            return "active", None
-        return status, latest.error
 
     def extra_leave_content_keys(self) -> tuple[str, ...]:
         """Request-body keys Synapse's own leave copies into the event besides ``reason``.
@@ -186,10 +160,9 @@ class SynapseInternals:
         return self._hs.get_instance_name()
 
     # -- Synapse's tables ------------------------------------------------
-    # Why: "has every local user forgotten this room" and "does the room still
-    # exist" are questions about Synapse's schema that no ModuleApi answers
-    # inside a transaction. They run inside the module's own transactions so
-    # that the decision and its record are atomic.
+    # Why: the admin API's room detail and "abandoned" listing (and the CLI's)
+    # are questions about Synapse's schema that no ModuleApi answers. (Who
+    # still has a room, for a forget or a purge, is _synapse/forget.py's.)
 
     @staticmethod
     def local_memberships_txn(txn: LoggingTransaction, room_id: str) -> list[tuple[str, str, bool]]:
@@ -206,112 +179,6 @@ class SynapseInternals:
         return [(str(u), str(m), bool(f)) for u, m, f in txn.fetchall()]
 
     @staticmethod
-    def forget_reads_txn(
-        txn: LoggingTransaction, pairs: Sequence[tuple[str, str]], live: Sequence[str]
-    ) -> tuple[dict[tuple[str, str], str], set[str]]:
-        """What a group of forgets needs to know, in one statement per chunk.
-
-        Args:
-            pairs: The (user_id, room_id) pairs about to be forgotten.
-            live: The memberships that still hold a room (join, invite, knock).
-
-        Returns:
-            Each pair's current local membership (pairs without one are absent),
-            and the rooms of those pairs that no local member *outside*
-            ``pairs`` still has (a ``live`` membership, or one not forgotten).
-            Such a room is forgotten by every local user once the group's own
-            forgets are written, if none of them is refused. Asking this
-            before the group's writes, in the same transaction, spares a
-            statement after them: the answer cannot differ, as the group's
-            writes touch only its own pairs. (A room with a row in
-            local_current_membership is one Synapse has: its purge deletes
-            both in one transaction.)
-        """
-        memberships: dict[tuple[str, str], str] = {}
-        unremembered: set[str] = set()
-        unique = sorted(set(pairs))
-        # Four arguments per pair (looked up, and left out of "someone else").
-        for start in range(0, len(unique), IN_LIST_MAX // 4):
-            chunk = unique[start : start + IN_LIST_MAX // 4]
-            rooms = {room_id for _, room_id in chunk}
-            group = [pair for pair in unique if pair[1] in rooms]
-            txn.execute(
-                "SELECT m.user_id, m.room_id, m.membership, "
-                "NOT EXISTS (SELECT 1 FROM local_current_membership AS o "
-                "LEFT JOIN room_memberships AS rm ON rm.event_id = o.event_id "
-                "WHERE o.room_id = m.room_id AND NOT ("
-                + " OR ".join("(o.user_id = ? AND o.room_id = ?)" for _ in group)
-                + f") AND (o.membership IN ({', '.join('?' for _ in live)}) "
-                "OR COALESCE(rm.forgotten, 0) = 0)) "
-                "FROM local_current_membership AS m WHERE "
-                + " OR ".join("(m.user_id = ? AND m.room_id = ?)" for _ in chunk),
-                [
-                    *(value for pair in group for value in pair),
-                    *live,
-                    *(value for pair in chunk for value in pair),
-                ],
-            )
-            for user_id, room_id, membership, no_one_else in txn:
-                memberships[(str(user_id), str(room_id))] = str(membership)
-                if no_one_else:
-                    unremembered.add(str(room_id))
-        return memberships, unremembered
-
-    @staticmethod
-    def remembering_members_txn(
-        txn: LoggingTransaction, room_ids: Sequence[str], live: Sequence[str]
-    ) -> tuple[set[str], set[str], dict[str, tuple[str, str]]]:
-        """A local member who still has each room (live memberships first), set-based.
-
-        Returns:
-            The rooms Synapse knows, the rooms with local members, and for each
-            room a local member who still has it (live memberships first).
-        """
-        known: set[str] = set()
-        with_members: set[str] = set()
-        members: dict[str, tuple[str, str]] = {}
-        postgres = "psycopg" in txn.database_engine.module.__name__
-        for start in range(0, len(room_ids), IN_LIST_MAX):
-            chunk = list(room_ids[start : start + IN_LIST_MAX])
-            args: list[Any]
-            if postgres:
-                # A join with the unnested ids probes the indexes once per
-                # room; with "= ANY(...)" PostgreSQL prefers scanning the
-                # whole table (measured: 2x slower at 10^5 rooms).
-                source, args = "unnest(?::text[]) AS ids (room_id) JOIN", [chunk]
-                where = "TRUE"
-                on_ids = " ON {alias}.room_id = ids.room_id"
-            else:
-                source, args = "", chunk
-                where = "{alias}.room_id IN (" + ", ".join("?" for _ in chunk) + ")"
-                on_ids = ""
-            txn.execute(
-                f"SELECT r.room_id FROM {source} rooms AS r{on_ids.format(alias='r')} "
-                f"WHERE {where.format(alias='r')}",
-                args,
-            )
-            known.update(str(r[0]) for r in txn.fetchall())
-            # Every local member of the chunk's rooms (these are rooms their
-            # members forgot: a few rows each).
-            txn.execute(
-                "SELECT lcm.room_id, lcm.user_id, lcm.membership, COALESCE(rm.forgotten, 0) "
-                f"FROM {source} local_current_membership AS lcm{on_ids.format(alias='lcm')} "
-                "LEFT JOIN room_memberships AS rm "
-                "ON rm.event_id = lcm.event_id AND rm.room_id = lcm.room_id "
-                f"WHERE {where.format(alias='lcm')}",
-                args,
-            )
-            for room_id, user_id, membership, forgotten in txn.fetchall():
-                room_id = str(room_id)
-                with_members.add(room_id)
-                if membership not in live and forgotten:
-                    continue
-                current = members.get(room_id)
-                if current is None or (current[1] not in live and membership in live):
-                    members[room_id] = (str(user_id), str(membership))
-        return known, with_members, members
-
-    @staticmethod
     def abandoned_rooms_txn(
         txn: LoggingTransaction, after: str, limit: int, paramstyle: str = "?"
     ) -> list[str]:
@@ -321,11 +188,11 @@ class SynapseInternals:
             paramstyle: ``?`` for Synapse's LoggingTransaction (which converts
                 it); the offline CLI passes ``%s`` on a raw psycopg2 cursor.
         """
-        sql = """
+        sql = f"""
             SELECT room_id FROM local_current_membership
             WHERE room_id > ?
             GROUP BY room_id
-            HAVING SUM(CASE WHEN membership IN ('join', 'invite', 'knock') THEN 1 ELSE 0 END) = 0
+            HAVING SUM(CASE WHEN membership IN ({LIVE_SQL}) THEN 1 ELSE 0 END) = 0
             ORDER BY room_id
             LIMIT ?
             """
@@ -333,8 +200,8 @@ class SynapseInternals:
         if paramstyle == "%s" or (engine is not None and "psycopg" in engine.module.__name__):
             # Walk local_current_membership's room_id index in order and stop
             # at `limit` rooms. PostgreSQL otherwise hashes the whole table
-            # when its estimates favour it (measured: 38-50 ms at 10^5 rows
-            # instead of under 1 ms); this lasts to the end of the transaction.
+            # when its estimates favour it (docs/benchmarks.md §2, "rooms
+            # abandoned"); this lasts to the end of the transaction.
             txn.execute("SET LOCAL enable_hashagg = off")
         txn.execute(sql.replace("?", paramstyle), (after, limit))
         return [str(r[0]) for r in txn.fetchall()]

@@ -20,7 +20,7 @@ from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_j
 from signedjson.types import SigningKey, VerifyKey
 from synapse.module_api import ModuleApi
 
-from matrix_leave_forget.audit.entry import now_ms
+from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ chain cannot be rebuilt by someone without that key.
 
 import hashlib
 import json
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -83,14 +82,6 @@ VIA_DEACTIVATION = "deactivation"  # account deactivation (by the user or an adm
 VIA_ADMIN_ROOM_DELETE = "admin_room_delete"  # admin room deletion or shutdown
 VIA_FORGET_ON_LEAVE = "forget_on_leave"  # Synapse's forget_rooms_on_leave
 VIA_RECOVERED = "recovered"  # found by the catch-up; the route is not known
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds, as Synapse stamps events.
-
-    (ModuleApi.get_current_time_msec is newer than the oldest supported Synapse.)
-    """
-    return int(time.time() * 1000)
 
 
 # -- storing any string -------------------------------------------------------

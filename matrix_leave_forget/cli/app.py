@@ -10,16 +10,17 @@ from typing import Any
 
 from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
-from matrix_leave_forget.cli.database import Database, _is_database_error, open_database
+from matrix_leave_forget.cli.database import Database, is_database_error, open_database
 from matrix_leave_forget.cli.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     PROG,
     CliError,
-    _one_line,
+    one_line,
 )
-from matrix_leave_forget.cli.render import _warn
-from matrix_leave_forget.http.admin import LISTINGS, MAX_INT_ARG
+from matrix_leave_forget.cli.render import warn
+from matrix_leave_forget.db.schema import MAX_INT_ARG
+from matrix_leave_forget.retention.state import LISTINGS
 
 DEFAULT_LIMIT = 100
 
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except CliError as exc:
-        _warn(f"error: {exc}")
+        warn(f"error: {exc}")
     except BrokenPipeError:
         # The reader went away (`| head`); point stdout at /dev/null so that
         # the interpreter's final flush does not complain a second time.
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # Anything else is a bug and keeps its traceback; driver errors
         # (unreachable server, locked file, permissions) are the operator's.
-        if not _is_database_error(exc):
+        if not is_database_error(exc):
             raise
-        _warn(f"error: database: {_one_line(str(exc))}")
+        warn(f"error: database: {one_line(str(exc))}")
     return EXIT_ERROR

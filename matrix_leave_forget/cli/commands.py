@@ -44,25 +44,27 @@ from matrix_leave_forget.cli.config import (
     server_key_expiry,
     server_verify_keys,
 )
-from matrix_leave_forget.cli.database import Database, _max_seq, _next_seq, newest_start
-from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, _one_line
+from matrix_leave_forget.cli.database import Database, max_seq, newest_start, next_seq
+from matrix_leave_forget.cli.errors import EXIT_OK, EXIT_VERIFY_FAILED, CliError, one_line
 from matrix_leave_forget.cli.render import (
     Column,
     Progress,
-    _csv_value,
-    _warn,
+    csv_value,
     format_ts,
     render_table,
     table_widths,
+    warn,
     write_csv,
     write_json,
 )
-from matrix_leave_forget.http.admin import LISTINGS
 from matrix_leave_forget.retention.state import (
+    LISTINGS,
     list_rooms_txn,
     retention_counts_txn,
     select_holds_txn,
 )
+from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
+from matrix_leave_forget.timestamps import now_ms
 
 # Rows per query: large enough that round trips do not dominate, small enough
 # that a log of millions of entries never sits in memory at once.
@@ -75,7 +77,7 @@ def _progress(label: str, db: Database) -> Progress | None:
     """A progress bar on stderr if it is a terminal, else None (and no extra query)."""
     if not Progress.wanted(sys.stderr):
         return None
-    return Progress(label, _max_seq(db), sys.stderr)
+    return Progress(label, max_seq(db), sys.stderr)
 
 
 def fetch_paged(
@@ -168,10 +170,6 @@ def _list_rooms(
     return [attr.asdict(r) for r in retained]
 
 
-# The window over which ``rooms --state pending`` measures the purge rate.
-RATE_WINDOW_MS = 60 * 1000
-
-
 def pending_summary(db: Database, config: HomeserverConfig) -> dict[str, Any]:
     """The purge backlog, the rate over the last minute and the time to drain it.
 
@@ -179,20 +177,10 @@ def pending_summary(db: Database, config: HomeserverConfig) -> dict[str, Any]:
     which lives in the running Synapse).
     """
     cur = db.cursor()
-    now = int(time.time() * 1000)
+    now = now_ms()
     counts = retention_counts_txn(cur, now, configured_holds(config), paramstyle=db.paramstyle)
     purged = count_purged_since_txn(cur, now - RATE_WINDOW_MS, paramstyle=db.paramstyle)
-    rate = purged / (RATE_WINDOW_MS / 1000)
-    remaining = counts["due"] + counts["in_flight"]
-    return {
-        "backlog": counts["due"],
-        "in_flight": counts["in_flight"],
-        "held": counts["held"],
-        "waiting": counts["waiting"],
-        "purged_last_minute": purged,
-        "rate_per_s": round(rate, 3),
-        "eta_s": 0 if not remaining else (round(remaining / rate, 1) if rate else None),
-    }
+    return retention_summary(counts, purged)
 
 
 def _summary_line(summary: Mapping[str, Any]) -> str:
@@ -241,9 +229,9 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     if summary is not None and args.format == "table":
         print(_summary_line(summary))
     elif summary is not None and args.format == "csv":
-        _warn(_summary_line(summary))
+        warn(_summary_line(summary))
     if more and args.format != "json":
-        _warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
+        warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
     return EXIT_OK
 
 
@@ -302,7 +290,7 @@ def cmd_log(db: Database, config: HomeserverConfig, args: argparse.Namespace) ->
     else:
         print("No audit entries match.")
     if more and args.format != "json" and not args.follow:
-        _warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
+        warn(f"showing the first {limit}: continue with --from {entries[-1]['seq']}")
     if args.follow:
         start = entries[-1]["seq"] if entries else _last_seq(db, after)
         _follow(db, filters, start, args.format, widths)
@@ -331,7 +319,7 @@ def _write_json_lines(entries: list[dict[str, Any]]) -> None:
 
 def _last_seq(db: Database, after: int) -> int:
     """Where following starts when nothing matched yet: the newest entry so far."""
-    return max(after, _max_seq(db))
+    return max(after, max_seq(db))
 
 
 def _follow(
@@ -357,7 +345,7 @@ def _follow(
         for page in _pages(db, filters, after):
             if writer is not None:
                 for entry in page:
-                    writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
+                    writer.writerow([csv_value(entry.get(k)) for k in STORED_COLUMNS])
             elif output == "json":
                 _write_json_lines(page)
             else:
@@ -438,7 +426,7 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
             writer.writerow(STORED_COLUMNS)
         for entry in iter_audit(db, filters, args.after):
             if writer is not None:
-                writer.writerow([_csv_value(entry.get(k)) for k in STORED_COLUMNS])
+                writer.writerow([csv_value(entry.get(k)) for k in STORED_COLUMNS])
             else:
                 out.write(json.dumps(entry, sort_keys=True) + "\n")
             count += 1
@@ -456,7 +444,7 @@ def cmd_export(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         if progress is not None:
             progress.finish()
     if to_file:
-        _warn(f"exported {count} entries to {args.output}")
+        warn(f"exported {count} entries to {args.output}")
     return EXIT_OK
 
 
@@ -488,7 +476,7 @@ def _entries_for_verify(
                     row = select_audit_txn(cur, after_seq=after, limit=1, paramstyle=db.paramstyle)
                 except (ValueError, TypeError, KeyError) as exc:
                     raise _UnreadableEntryError(
-                        _next_seq(db, after), f"the row cannot be read: {_one_line(str(exc))}"
+                        next_seq(db, after), f"the row cannot be read: {one_line(str(exc))}"
                     )
                 if not row:
                     return
@@ -604,7 +592,7 @@ def verify_database(
                 0,
                 GENESIS_HASH,
                 since[0],
-                f"the recorded head's entry cannot be checked: {_one_line(str(exc))}",
+                f"the recorded head's entry cannot be checked: {one_line(str(exc))}",
             )
         if failure is not None:
             return attr.evolve(failure, problem=_plain_problem(failure.problem or ""))
@@ -632,7 +620,7 @@ def verify_database(
             result.checked,
             result.head_hash,
             seq,
-            f"the entry cannot be checked: {_one_line(str(exc)) or 'malformed'}",
+            f"the entry cannot be checked: {one_line(str(exc)) or 'malformed'}",
         )
     if result.problem is not None:
         result = attr.evolve(result, problem=_plain_problem(result.problem))
@@ -642,7 +630,7 @@ def verify_database(
 def _plain_problem(text: str) -> str:
     """A problem in one line for an operator: no Python class names (signedjson's
     messages carry ``<class 'nacl.exceptions.BadSignatureError'>``)."""
-    return _one_line(re.sub(r"<class '[\w.]+'>:?", "", text))
+    return one_line(re.sub(r"<class '[\w.]+'>:?", "", text))
 
 
 def _entries(count: int, where: str = "") -> str:
@@ -729,7 +717,7 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
     origin = config.server_name
     heads, rejected, checkpoints = _expected_heads(db, args, origin, keys, expiry)
     for problem in rejected:
-        _warn(f"ignoring a checkpoint: {problem}")
+        warn(f"ignoring a checkpoint: {problem}")
     since = _start_head(args, heads[len(heads) - checkpoints :])
     if since is not None:
         # Every other head stays expected (those before the start are looked up).
@@ -826,7 +814,7 @@ def _start_head(
         if checkpoint_heads:
             starts.append(max(checkpoint_heads))
         else:
-            _warn("--from-checkpoint: no checkpoint verifies; checking the whole chain")
+            warn("--from-checkpoint: no checkpoint verifies; checking the whole chain")
     return max(starts) if starts else None
 
 

@@ -16,7 +16,7 @@ from matrix_leave_forget._synapse.offline_config import (
     signing_keys_from_config,
 )
 from matrix_leave_forget.audit.entry import parse_old_signing_keys, verify_key_id
-from matrix_leave_forget.cli.errors import CliError, _one_line
+from matrix_leave_forget.cli.errors import CliError, one_line
 
 MODULE_NAME = "matrix_leave_forget.LeaveForgetModule"
 
@@ -26,7 +26,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return _one_line(str(exc))
+    return one_line(str(exc))
 
 
 def _config_files(paths: Sequence[str]) -> list[str]:
@@ -140,7 +140,7 @@ def database_settings(config: HomeserverConfig) -> tuple[str, dict[str, Any]]:
         raise CliError(f"{where}: {_config_error(exc)}")
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
         # Synapse's reader assumes the right shapes (a mapping per database).
-        raise CliError(f"{where}: the database settings are malformed ({_one_line(str(exc))})")
+        raise CliError(f"{where}: the database settings are malformed ({one_line(str(exc))})")
     if found is None:
         raise CliError(f"{where}: no database is configured")
     return found
@@ -183,7 +183,7 @@ def server_verify_keys(config: HomeserverConfig) -> dict[str, VerifyKey]:
     try:
         _, signing_keys, old = signing_keys_from_config(values, config.config_dir)
     except Exception as exc:  # the file is readable (checked above): its content is not
-        cause = _config_error(exc) if isinstance(exc, ConfigError) else _one_line(str(exc))
+        cause = _config_error(exc) if isinstance(exc, ConfigError) else one_line(str(exc))
         raise CliError(
             f"cannot parse signing key {where}: {cause} (is it the file Synapse uses, one "
             f"'ed25519 <version> <base64>' line per key?{hint})"
@@ -220,13 +220,13 @@ def server_key_expiry(config: HomeserverConfig) -> dict[str, int]:
     try:
         return parse_old_signing_keys(config.values.get("old_signing_keys"))[1]
     except ValueError as exc:
-        raise CliError(_one_line(str(exc)))
+        raise CliError(one_line(str(exc)))
 
 
 def _config_error(exc: ConfigError) -> str:
     """A Synapse ConfigError in one line, with the key it names."""
     path = ".".join(str(p) for p in (getattr(exc, "path", None) or ()))
-    return _one_line(f"{path}: {exc.msg}" if path else exc.msg)
+    return one_line(f"{path}: {exc.msg}" if path else exc.msg)
 
 
 def configured_holds(config: HomeserverConfig) -> frozenset[str]:

@@ -9,8 +9,8 @@ from typing import Any
 import attr
 
 from matrix_leave_forget.cli.config import HomeserverConfig, database_settings
-from matrix_leave_forget.cli.errors import CliError, _one_line
-from matrix_leave_forget.cli.render import _warn
+from matrix_leave_forget.cli.errors import CliError, one_line
+from matrix_leave_forget.cli.render import warn
 from matrix_leave_forget.db.schema import SCHEMA_VERSION
 
 
@@ -80,7 +80,7 @@ def _open_sqlite(args: Mapping[str, Any]) -> Database:
 
 def _sqlite_cause(path: str, exc: sqlite3.Error) -> str:
     """Why SQLite could not read ``path``, and what to do about it."""
-    message = _one_line(str(exc))
+    message = one_line(str(exc))
     as_synapse = "run as the user Synapse runs as (e.g. sudo -u matrix-synapse ...)"
     if not os.access(path, os.R_OK):
         return f"{message}: permission denied on the file ({as_synapse}, or grant read access)"
@@ -119,7 +119,7 @@ def _open_postgres(args: Mapping[str, Any]) -> Database:
         raise CliError(
             f"cannot connect to PostgreSQL database {name} "
             f"on {server} as {connect_args.get('user') or 'the current user'}: "
-            f"{_one_line(str(exc))} (check database.args in homeserver.yaml, and that this "
+            f"{one_line(str(exc))} (check database.args in homeserver.yaml, and that this "
             "machine may connect: pg_hba.conf, the password)"
         )
     # One read-only REPEATABLE READ transaction for the whole run: a snapshot
@@ -167,7 +167,7 @@ def _check_schema(db: Database) -> None:
         cur.execute("SELECT version FROM leave_forget_schema_version")
         row = cur.fetchone()
     except Exception as exc:
-        if not _is_database_error(exc):
+        if not is_database_error(exc):
             raise
         raise CliError(
             f"{db.description} has no matrix-leave-forget tables "
@@ -175,20 +175,20 @@ def _check_schema(db: Database) -> None:
         )
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
-        _warn(
+        warn(
             f"{db.description} was written by a newer matrix-leave-forget (schema "
             f"{version}, this tool knows {SCHEMA_VERSION}): upgrade this tool"
         )
 
 
-def _is_database_error(exc: BaseException) -> bool:
+def is_database_error(exc: BaseException) -> bool:
     """Whether exc comes from a database driver (so it is the operator's to fix, not a bug)."""
     if isinstance(exc, sqlite3.Error):
         return True
     return type(exc).__module__.split(".")[0] == "psycopg2"
 
 
-def _max_seq(db: Database) -> int:
+def max_seq(db: Database) -> int:
     """The newest entry's seq, the 100% mark of the progress bar (0 for an empty log)."""
     cur = db.cursor()
     cur.execute("SELECT MAX(seq) FROM leave_forget_audit")
@@ -196,7 +196,7 @@ def _max_seq(db: Database) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _next_seq(db: Database, after: int) -> int | None:
+def next_seq(db: Database, after: int) -> int | None:
     """The seq of the row after ``after``, to name a row whose columns do not decode."""
     cur = db.cursor()
     cur.execute(

@@ -13,6 +13,6 @@ class CliError(Exception):
     """A problem the operator must fix (config, database, usage): one line, exit 2."""
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Collapse a driver's or parser's multi-line message onto one line."""
     return " ".join(str(text).split())

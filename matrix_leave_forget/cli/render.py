@@ -103,7 +103,7 @@ def render_table(
     )
 
 
-def _csv_value(value: Any) -> Any:
+def csv_value(value: Any) -> Any:
     """A raw value as a CSV cell: nested values as JSON, None as empty."""
     if value is None:
         return ""
@@ -120,7 +120,7 @@ def write_csv(out: IO[str], keys: Sequence[str], rows: Sequence[Mapping[str, Any
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(keys)
     for row in rows:
-        writer.writerow([_csv_value(row.get(k)) for k in keys])
+        writer.writerow([csv_value(row.get(k)) for k in keys])
 
 
 def write_json(out: IO[str], value: Any) -> None:
@@ -129,7 +129,7 @@ def write_json(out: IO[str], value: Any) -> None:
     out.write("\n")
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     """A note for the operator on stderr, kept out of the machine-readable stdout."""
     print(f"{PROG}: {message}", file=sys.stderr)
 

@@ -106,6 +106,11 @@ MIGRATIONS: Sequence[Sequence[str]] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): the admin API and
+# the CLI refuse a larger argument, which would fail in the database driver
+# (a 500) instead of being answered.
+MAX_INT_ARG = 2**63 - 1
+
 
 def is_postgres(txn: Any) -> bool:
     """Whether a Synapse LoggingTransaction talks to PostgreSQL."""

@@ -1,13 +1,13 @@
 """The operator admin API under ``/_synapse/client/leave_forget/v1/admin/``.
 
-Server admins only. Every route is documented in the README's "Routes" section.
+Server admins only. Every route is documented in docs/routes.md.
 """
 
 import json
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import attr
 from synapse.module_api import (
@@ -18,15 +18,12 @@ from synapse.module_api import (
 )
 from synapse.module_api.errors import Codes, SynapseError
 
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
+from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.db.store import RetentionStore
-from matrix_leave_forget.retention.state import (
-    STATE_DRY_RUN,
-    STATE_FORGOTTEN,
-    STATE_PURGED,
-    STATE_PURGING,
-)
+from matrix_leave_forget.retention.state import LISTINGS
+from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
+from matrix_leave_forget.timestamps import now_ms
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
@@ -34,13 +31,6 @@ if TYPE_CHECKING:
 
 ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
 
-# The states a listing can ask for, and which stored states each one covers.
-LISTINGS = {
-    "forgotten": (STATE_FORGOTTEN, STATE_DRY_RUN),
-    "pending": (STATE_FORGOTTEN,),
-    "dry_run": (STATE_DRY_RUN,),
-    "purged": (STATE_PURGING, STATE_PURGED),
-}
 MAX_LIMIT = 1000
 EXPORT_BATCH = 1000
 
@@ -50,14 +40,9 @@ _HOLD = re.compile(r"^/rooms/(?P<room_id>[^/]+)/hold$")
 _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
 _RETENTION = re.compile(r"^/retention$")
-# The window over which GET /retention measures the purge rate.
-RATE_WINDOW_MS = 60 * 1000
 
 
-# Integers are stored as 64-bit (BIGINT; SQLite's INTEGER): a larger bound
-# would fail in the database driver (a 500) instead of here.
-MAX_INT_ARG = 2**63 - 1
-# Any number of digits (_arg bounds the length): a long one gets the same
+# Any number of digits (str_arg bounds the length): a long one gets the same
 # "at most" answer as the CLI, not "must be an integer".
 _INT_RE = re.compile(r"-?[0-9]+")
 # Longest string argument (a user or room id is at most 255 bytes).
@@ -66,7 +51,8 @@ MAX_STR_ARG = 1024
 MAX_STORED_REASON_BYTES = 64 * 1024
 
 
-def _arg(request: SynapseRequest, name: str) -> str | None:
+def str_arg(request: SynapseRequest, name: str) -> str | None:
+    """Query parameter ``name`` (None if absent): no NUL, at most MAX_STR_ARG characters."""
     values = request.args.get(name.encode())
     if not values:
         return None
@@ -79,8 +65,9 @@ def _arg(request: SynapseRequest, name: str) -> str | None:
     return value
 
 
-def _int_arg(request: SynapseRequest, name: str, default: int | None) -> int | None:
-    value = _arg(request, name)
+def int_arg(request: SynapseRequest, name: str, default: int | None) -> int | None:
+    """Query parameter ``name`` as an integer from 0 to MAX_INT_ARG (``default`` if absent)."""
+    value = str_arg(request, name)
     if value is None:
         return default
     # ASCII digits only: int() would also take " 1", "1_000" and other scripts' digits.
@@ -94,7 +81,7 @@ def _int_arg(request: SynapseRequest, name: str, default: int | None) -> int | N
     return number
 
 
-def _hold_reason(request: SynapseRequest) -> str | None:
+def hold_reason(request: SynapseRequest) -> str | None:
     """The ``reason`` of a PUT hold body: a string of storable text, bounded like leave reasons."""
     body = parse_json_object_from_request(request, allow_empty_body=True)
     reason = body.get("reason")
@@ -115,15 +102,17 @@ def _hold_reason(request: SynapseRequest) -> str | None:
     return reason
 
 
-def _limit_arg(request: SynapseRequest) -> int:
-    limit = _int_arg(request, "limit", 100)
+def limit_arg(request: SynapseRequest) -> int:
+    """The page size: ``limit``, 1 to MAX_LIMIT, 100 if absent."""
+    limit = int_arg(request, "limit", 100)
     assert limit is not None
     if not 1 <= limit <= MAX_LIMIT:
         raise SynapseError(400, f"'limit' must be between 1 and {MAX_LIMIT}", Codes.INVALID_PARAM)
     return limit
 
 
-def _room_arg(raw: str) -> str:
+def room_arg(raw: str) -> str:
+    """A room id from a path segment (percent-decoded), which must be a valid room id."""
     room_id = urllib.parse.unquote(raw)
     if not is_valid_room_id(room_id):
         raise SynapseError(400, f"{room_id!r} is not a room id", Codes.INVALID_PARAM)
@@ -151,7 +140,7 @@ class AdminResource(DirectServeJsonResource):
         retention: RetentionConfig,
         internals: "SynapseInternals",
         ready: Callable[[], Awaitable[None]],
-        sweeper: Optional["RetentionSweeper"] = None,
+        sweeper: "RetentionSweeper",
     ) -> None:
         super().__init__()
         self._sweeper = sweeper
@@ -176,9 +165,9 @@ class AdminResource(DirectServeJsonResource):
             method = b"GET"
 
         if (match := _HOLD.match(route)) is not None:
-            room_id = _room_arg(match.group("room_id"))
+            room_id = room_arg(match.group("room_id"))
             if method == b"PUT":
-                reason = _hold_reason(request)
+                reason = hold_reason(request)
                 created = await self._store.retention.put_hold(room_id, admin_id, reason)
                 return 200, {"room_id": room_id, "held": True, "created": created}
             if method == b"DELETE":
@@ -192,7 +181,7 @@ class AdminResource(DirectServeJsonResource):
         elif _ROOMS.match(route):
             return 200, await self._list_rooms(request)
         elif (match := _ROOM.match(route)) is not None:
-            return 200, await self._room_detail(_room_arg(match.group("room_id")))
+            return 200, await self._room_detail(room_arg(match.group("room_id")))
         elif _AUDIT.match(route):
             return 200, await self._audit_page(request)
         elif _EXPORT.match(route):
@@ -205,9 +194,9 @@ class AdminResource(DirectServeJsonResource):
         raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
 
     async def _list_rooms(self, request: SynapseRequest) -> dict[str, Any]:
-        state = _arg(request, "state") or "forgotten"
-        after = _arg(request, "from")
-        limit = _limit_arg(request)
+        state = str_arg(request, "state") or "forgotten"
+        after = str_arg(request, "from")
+        limit = limit_arg(request)
         if state == "held":
             # A page of the admin API's holds merged with the configured ones
             # (few): the first `limit` of the union are among these.
@@ -257,28 +246,13 @@ class AdminResource(DirectServeJsonResource):
         now = now_ms()
         counts = await self._store.retention.backlog_counts(now, self._retention.holds)
         purged = await self._store.audit.count_purged_since(now - RATE_WINDOW_MS)
-        rate = purged / (RATE_WINDOW_MS / 1000)
         pacing: dict[str, Any] | None = None
-        if self._sweeper is not None and self._api.should_run_background_tasks():
+        if self._api.should_run_background_tasks():
             pacing = {"pumping": self._sweeper.pumping, **self._sweeper.pacer.snapshot()}
-        if not rate and pacing is not None and pacing["estimated_rate_per_s"]:
-            rate_for_eta = float(pacing["estimated_rate_per_s"])
-        else:
-            rate_for_eta = rate
-        remaining = counts["due"] + counts["in_flight"]
+        estimated = pacing["estimated_rate_per_s"] if pacing is not None else None
         return {
-            "backlog": counts["due"],
-            "in_flight": counts["in_flight"],
-            "held": counts["held"],
-            "waiting": counts["waiting"],
+            **retention_summary(counts, purged, estimated),
             "dry_run": self._retention.dry_run,
-            "purged_last_minute": purged,
-            "rate_per_s": round(rate, 3),
-            "eta_s": (
-                0
-                if not remaining
-                else (round(remaining / rate_for_eta, 1) if rate_for_eta else None)
-            ),
             "pacing": pacing,
         }
 
@@ -307,13 +281,13 @@ class AdminResource(DirectServeJsonResource):
         }
 
     async def _audit_page(self, request: SynapseRequest) -> dict[str, Any]:
-        limit = _limit_arg(request)
+        limit = limit_arg(request)
         entries = await self._store.audit.audit_page(
-            user_id=_arg(request, "user_id"),
-            room_id=_arg(request, "room_id"),
-            since_ts=_int_arg(request, "since", None),
-            until_ts=_int_arg(request, "until", None),
-            after_seq=_int_arg(request, "from", 0) or 0,
+            user_id=str_arg(request, "user_id"),
+            room_id=str_arg(request, "room_id"),
+            since_ts=int_arg(request, "since", None),
+            until_ts=int_arg(request, "until", None),
+            after_seq=int_arg(request, "from", 0) or 0,
             limit=limit,
         )
         result: dict[str, Any] = {"entries": entries}
@@ -323,11 +297,11 @@ class AdminResource(DirectServeJsonResource):
 
     async def _export(self, request: SynapseRequest) -> None:
         """Stream every matching entry as JSON lines, paging through the table."""
-        after = _int_arg(request, "from", 0) or 0
-        user_id = _arg(request, "user_id")
-        room_id = _arg(request, "room_id")
-        since_ts = _int_arg(request, "since", None)
-        until_ts = _int_arg(request, "until", None)
+        after = int_arg(request, "from", 0) or 0
+        user_id = str_arg(request, "user_id")
+        room_id = str_arg(request, "room_id")
+        since_ts = int_arg(request, "since", None)
+        until_ts = int_arg(request, "until", None)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         while True:

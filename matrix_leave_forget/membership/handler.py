@@ -8,22 +8,22 @@ retention store.
 """
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attr
-from synapse.module_api import LoggingTransaction, ModuleApi, Requester
+from synapse.module_api import ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget import metrics
-from matrix_leave_forget._synapse.forget import FORGET_REFUSED, forget_rows_txn
+from matrix_leave_forget._synapse.forget import FORGET_REFUSED, SynapseForgets
 from matrix_leave_forget._synapse.routes import SynapseRoutes
+from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
 from matrix_leave_forget.audit.entry import VIA_API
 from matrix_leave_forget.audit.log import AuditFields
 from matrix_leave_forget.audit.refusals import RefusalBudget, refused_reason
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
-from matrix_leave_forget.db.statements import StatementBatch
-from matrix_leave_forget.db.store import ForgetRequest, ForgetWriter, RetentionStore
+from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.membership.forget_writer import ForgetRequest, ForgetWriter
 from matrix_leave_forget.metrics import refusals_suppressed_total
 from matrix_leave_forget.timestamps import iso8601
 
@@ -31,17 +31,6 @@ if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
 
 logger = logging.getLogger(__name__)
-
-# Memberships that keep a room alive for a local user: the purge must wait.
-LIVE_MEMBERSHIPS = frozenset({"join", "invite", "knock"})
-_LIVE = tuple(sorted(LIVE_MEMBERSHIPS))
-
-
-def _still_has(user_id: str, membership: str) -> str:
-    """Why a room is not forgotten by all, given a local member who still has it."""
-    if membership in LIVE_MEMBERSHIPS:
-        return f"{user_id} has membership {membership}"
-    return f"{user_id} has not forgotten the room"
 
 
 class MembershipHandler:
@@ -52,6 +41,7 @@ class MembershipHandler:
         config: The module configuration.
         internals: The façade over Synapse internals.
         store: The retention store.
+        routes: Synapse's purge scheduling after a forget.
     """
 
     def __init__(
@@ -60,13 +50,13 @@ class MembershipHandler:
         config: LeaveForgetConfig,
         internals: "SynapseInternals",
         store: RetentionStore,
-        routes: SynapseRoutes | None = None,
+        routes: SynapseRoutes,
     ) -> None:
         self._api = api
         self._config = config
         self._internals = internals
         self._store = store
-        self._routes = routes or SynapseRoutes(api)
+        self._routes = routes
         # (user_id, room_id) of leaves this process's endpoint is serving: it
         # records them itself, with the device.
         self._serving: dict[tuple[str, str], int] = {}
@@ -78,7 +68,7 @@ class MembershipHandler:
             if limit is not None
             else None
         )
-        self._forgets = ForgetWriter(api, store, self, config.retention.period_ms)
+        self._forgets = ForgetWriter(api, store, SynapseForgets(api), config.retention.period_ms)
         budget = config.audit.refusal_budget
         suppressed = refusals_suppressed_total.labels(server_name=api.server_name)
         self._refusal_budget = RefusalBudget(
@@ -219,50 +209,18 @@ class MembershipHandler:
         if schedule_purge and result.membership is not None:
             await self._routes.schedule_forgotten_purge(room_id)
 
-    # -- ForgetOps: Synapse's side of a forget, for ForgetWriter --------
-
-    def forget_reads_txn(
-        self, txn: LoggingTransaction, pairs: Sequence[tuple[str, str]]
-    ) -> tuple[dict[tuple[str, str], str], set[str]]:
-        return self._internals.forget_reads_txn(txn, pairs, _LIVE)
-
-    def forget_rows_txn(
-        self,
-        txn: LoggingTransaction,
-        pairs: Sequence[tuple[str, str]],
-        together: StatementBatch,
-    ) -> None:
-        forget_rows_txn(self._routes.store, txn, pairs, together)
-
     def is_serving(self, user_id: str, room_id: str) -> bool:
         """Whether this process's endpoint is serving user_id's leave of room_id now."""
         return (user_id, room_id) in self._serving
 
-    def why_not_forgotten_many_txn(
-        self, txn: LoggingTransaction, room_ids: Sequence[str]
-    ) -> dict[str, str]:
-        """Why each room some local user still has is remembered, set-based.
-
-        Returns:
-            {room_id: why} for the rooms that are still remembered.
-        """
-        known, with_members, members = self._internals.remembering_members_txn(txn, room_ids, _LIVE)
-        reasons: dict[str, str] = {}
-        for room_id in room_ids:
-            if room_id not in known:
-                reasons[room_id] = "unknown room"
-            elif room_id in members:
-                reasons[room_id] = _still_has(*members[room_id])
-            elif room_id not in with_members:
-                reasons[room_id] = "no local members"
-        return reasons
-
     async def _record(self, requester: Requester, fields: AuditFields) -> None:
+        # A reason is kept whole (a successful action's is in its event
+        # already); the store escapes what an engine cannot hold
+        # (audit/entry.py escape_fields), a refusal's is cut by refused_reason.
         fields = attr.evolve(
             fields,
             user_id=requester.user.to_string(),
             device_id=requester.device_id,
-            reason=storable_reason(fields.reason),
         )
         try:
             await self._store.audit.append(fields)
@@ -303,17 +261,6 @@ class MembershipHandler:
                 suppressed=suppressed or None,
             ),
         )
-
-
-def storable_reason(reason: str | None) -> str | None:
-    """A successful leave's reason as the audit log keeps it: whole.
-
-    It is in the event already, so it is no larger than an event (64 KiB).
-    Text that neither engine can store as-is (U+0000, lone surrogates) is
-    escaped reversibly by the store (audit.escape_fields), not altered here;
-    a refused request's reason is cut by refusals.refused_reason instead.
-    """
-    return reason
 
 
 def client_errcode(error: SynapseError) -> str:

@@ -19,7 +19,6 @@ The vocabulary of ``via`` is documented in docs/audit.md "Routes".
 
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,8 +42,9 @@ from matrix_leave_forget.audit.entry import (
     VIA_STATE_API,
 )
 from matrix_leave_forget.audit.log import AuditFields
-from matrix_leave_forget.db.store import Departure, RetentionStore
-from matrix_leave_forget.membership.handler import MembershipHandler, storable_reason
+from matrix_leave_forget.db.store import DepartureEvent, RetentionStore
+from matrix_leave_forget.membership.handler import MembershipHandler
+from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,14 @@ _STATE_API = re.compile(r"/rooms/[^/]+/state/m\.room\.member/")
 _KICK = re.compile(r"/rooms/[^/]+/kick(/|$|\?)")
 
 
-def departure_fields(departure: Departure, via: str, actor: str | None) -> AuditFields:
+def departure_fields(departure: DepartureEvent, via: str, actor: str | None) -> AuditFields:
     """The audit entry of a departure read from Synapse's events."""
     return AuditFields(
         action="leave",
         outcome="ok",
         user_id=departure.user_id,
         room_id=departure.room_id,
-        reason=storable_reason(departure.reason),
+        reason=departure.reason,
         event_id=departure.event_id,
         via=via,
         actor=actor,
@@ -77,9 +77,9 @@ def departure_fields(departure: Departure, via: str, actor: str | None) -> Audit
     )
 
 
-def departure_from_row(row: tuple[int, str, str, str, str, str, int, str | None]) -> Departure:
+def departure_from_row(row: tuple[int, str, str, str, str, str, int, str | None]) -> DepartureEvent:
     """A departure from a row of SynapseRoutes.departures_txn."""
-    return Departure(
+    return DepartureEvent(
         stream_ordering=row[0],
         event_id=row[1],
         room_id=row[2],
@@ -94,10 +94,6 @@ def departure_from_row(row: tuple[int, str, str, str, str, str, int, str | None]
 def _reason(content: Any) -> str | None:
     reason = content.get("reason") if hasattr(content, "get") else None
     return reason if isinstance(reason, str) else None
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RouteObserver:
@@ -186,7 +182,7 @@ class RouteObserver:
         target = event.state_key
         if membership not in DEPARTURES or not target or not self._api.is_mine(target):
             return
-        departure = Departure(
+        departure = DepartureEvent(
             event_id=event.event_id,
             room_id=event.room_id,
             user_id=target,
@@ -216,7 +212,7 @@ class RouteObserver:
             desc="leave_forget_unseen_route",
         )
 
-    async def stream_route(self, departure: Departure) -> tuple[str, str | None]:
+    async def stream_route(self, departure: DepartureEvent) -> tuple[str, str | None]:
         """(via, actor) of a departure read from the events stream, without its request.
 
         Used where Synapse cannot run on_new_event safely (see
@@ -253,7 +249,9 @@ class RouteObserver:
             return VIA_KICK, None
         return VIA_CLIENT, None
 
-    async def _record_departure(self, departure: Departure, via: str, actor: str | None) -> None:
+    async def _record_departure(
+        self, departure: DepartureEvent, via: str, actor: str | None
+    ) -> None:
         fields = departure_fields(departure, via, actor)
         try:
             await self._store.record_departure(fields)
@@ -275,7 +273,7 @@ class RouteObserver:
         shutdown = self._shutdowns.get(room_id)
         if shutdown is None:
             return None
-        if _now_ms() - shutdown[1] > SHUTDOWN_ACTOR_MS:
+        if now_ms() - shutdown[1] > SHUTDOWN_ACTOR_MS:
             del self._shutdowns[room_id]
             return None
         return shutdown[0]
@@ -283,7 +281,7 @@ class RouteObserver:
     async def check_can_shutdown_room(self, user_id: str | None, room_id: str) -> bool:
         """Note an admin's room deletion (always allowed): its leaves and forgets name them."""
         if user_id is not None:
-            self._shutdowns[room_id] = (user_id, _now_ms())
+            self._shutdowns[room_id] = (user_id, now_ms())
         return True
 
     async def on_user_deactivation_status_changed(

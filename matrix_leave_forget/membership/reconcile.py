@@ -1,7 +1,8 @@
 """The catch-up: departures Synapse has that the audit log lacks, from its events stream.
 
 Every departure of a local user is recorded as it happens: by the module's
-endpoint, or from Synapse's ``on_new_event`` callback (handler.py). Forgets
+endpoint, or from Synapse's ``on_new_event`` callback (membership/observer.py,
+registered in the package's ``__init__``). Forgets
 are written with their entry in one transaction, so there is nothing to catch
 up for them. What a crash can still lose is a departure whose event Synapse
 persisted just before the process died, before it was recorded.
@@ -32,7 +33,7 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget.audit.entry import VIA_RECOVERED
 from matrix_leave_forget.audit.log import OUTCOME_RECOVERED
-from matrix_leave_forget.db.store import STREAM_DEPARTURES, Departure, RetentionStore
+from matrix_leave_forget.db.store import STREAM_DEPARTURES, DepartureEvent, RetentionStore
 from matrix_leave_forget.membership.observer import departure_fields, departure_from_row
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ CATCH_UP_INTERVAL_MS = 60 * 1000
 LIVE_INTERVAL_MS = 2 * 1000
 
 # (departure) -> (via, actor) of a departure read from the stream.
-StreamRoute = Callable[[Departure], Awaitable[tuple[str, str | None]]]
+StreamRoute = Callable[[DepartureEvent], Awaitable[tuple[str, str | None]]]
 
 
 class Reconciler:

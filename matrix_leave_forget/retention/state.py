@@ -15,6 +15,8 @@ from typing import Any
 import attr
 from synapse.module_api import LoggingTransaction, ModuleApi
 
+from matrix_leave_forget._synapse.forget import remembering_members_txn
+from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
 from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.schema import is_postgres
@@ -25,6 +27,15 @@ STATE_FORGOTTEN = "forgotten"  # forgotten by every local user; purge pending if
 STATE_DRY_RUN = "dry_run"  # due, but dry_run was on: recorded, not purged
 STATE_PURGING = "purging"  # Synapse was asked to purge it
 STATE_PURGED = "purged"  # Synapse no longer has the room
+
+# The states a listing (admin API, CLI) can ask for, and which stored states
+# each one covers.
+LISTINGS = {
+    "forgotten": (STATE_FORGOTTEN, STATE_DRY_RUN),
+    "pending": (STATE_FORGOTTEN,),
+    "dry_run": (STATE_DRY_RUN,),
+    "purged": (STATE_PURGING, STATE_PURGED),
+}
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -45,9 +56,34 @@ class RoomRetention:
 _ROOM_COLUMNS = ", ".join(f.name for f in attr.fields(RoomRetention))
 
 # Decides, inside a transaction, which rooms some local user still has:
-# (txn, room_ids) -> {room_id: why not forgotten by all}. Provided by the
-# handler, which asks Synapse's tables through the internals façade.
+# (txn, room_ids) -> {room_id: why not forgotten by all}; the sweep's is
+# why_not_forgotten_many_txn (a test may pass its own).
 ForgottenCheckMany = Callable[[LoggingTransaction, Sequence[str]], dict[str, str]]
+
+
+def why_not_forgotten_many_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> dict[str, str]:
+    """Why each room some local user still has is remembered, set-based.
+
+    Returns:
+        {room_id: why} for the rooms that are still remembered.
+    """
+    known, with_members, members = remembering_members_txn(txn, room_ids)
+    reasons: dict[str, str] = {}
+    for room_id in room_ids:
+        if room_id not in known:
+            reasons[room_id] = "unknown room"
+        elif room_id in members:
+            reasons[room_id] = still_has(*members[room_id])
+        elif room_id not in with_members:
+            reasons[room_id] = "no local members"
+    return reasons
+
+
+def still_has(user_id: str, membership: str) -> str:
+    """Why a room is not forgotten by all, given a local member who still has it."""
+    if membership in LIVE_MEMBERSHIPS:
+        return f"{user_id} has membership {membership}"
+    return f"{user_id} has not forgotten the room"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -95,7 +131,6 @@ class RetentionState:
         room_id: str,
         now: int,
         retention_period_ms: int | None,
-        note: str | None,
     ) -> None:
         """(Re)start the room's period as forgotten by every local user at ``now``."""
         self._upsert_room_txn(
@@ -107,7 +142,7 @@ class RetentionState:
             purge_started_at=None,
             purged_at=None,
             cancelled_at=None,
-            note=note,
+            note=None,
             updated_at=now,
         )
 
@@ -133,7 +168,7 @@ class RetentionState:
         # to purge again. Only a purge under way is left to finish.
         if row is not None and row[0] == STATE_PURGING:
             return None
-        self.mark_forgotten_txn(txn, room_id, now, retention_period_ms, None)
+        self.mark_forgotten_txn(txn, room_id, now, retention_period_ms)
         return self.get_room_txn(txn, room_id)
 
     @staticmethod

@@ -18,7 +18,6 @@ immediately before Synapse is asked to purge it, however long it queued.
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import attr
 from synapse.module_api import ModuleApi
@@ -26,15 +25,11 @@ from synapse.module_api import ModuleApi
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import run_in_background_process
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.db.store import RetentionStore
-from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.retention.pacer import PurgePacer
-from matrix_leave_forget.retention.state import STATE_PURGING
-
-if TYPE_CHECKING:
-    from matrix_leave_forget._synapse.internals import SynapseInternals
+from matrix_leave_forget.retention.state import STATE_PURGING, why_not_forgotten_many_txn
+from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +75,14 @@ class RetentionSweeper:
 
     Whether every local user still has the room forgotten is checked when the
     purge is about to start, inside the transaction that records the decision,
-    so a rejoin, invite or knock through any endpoint cancels it. (Synapse's
-    on_new_event callback would catch them sooner, but registering one makes
-    Synapse load the room state for every event on the server.)
+    so a rejoin, invite or knock through any endpoint cancels it. (The
+    module's on_new_event callback, membership/observer.py, records departures
+    only; a purge is never cancelled from it.)
 
     Args:
         api: The module API (purges go through ModuleApi.delete_room).
         config: The retention settings.
         store: The retention store.
-        handler: Source of the "forgotten by every local user" check.
-        internals: Reads Synapse's tables.
     """
 
     def __init__(
@@ -97,14 +90,10 @@ class RetentionSweeper:
         api: ModuleApi,
         config: RetentionConfig,
         store: RetentionStore,
-        handler: MembershipHandler,
-        internals: "SynapseInternals",
     ) -> None:
         self._api = api
         self._config = config
         self._store = store
-        self._handler = handler
-        self._internals = internals
         self.pacer = PurgePacer(config.max_concurrent_purges, config.purge_load)
         # Rooms in "purging" that this process follows (loaded from the
         # database when the pump starts, so a restart resumes them).
@@ -119,8 +108,6 @@ class RetentionSweeper:
         self._held_counted: set[str] = set()
         # What the last sweep's decisions cost (ms), for logs and benchmarks.
         self.last_stats: dict[str, float] = {}
-        # The pump's work so far, for benchmarks: rounds and transactions.
-        self.pump_stats: dict[str, int] = {"rounds": 0, "follow_transactions": 0}
 
     @property
     def pumping(self) -> bool:
@@ -188,7 +175,7 @@ class RetentionSweeper:
             batch = await self._store.retention.decide_due(
                 now,
                 DECIDE_BATCH,
-                self._handler.why_not_forgotten_many_txn,
+                why_not_forgotten_many_txn,
                 self._config.holds,
                 self._config.dry_run,
             )
@@ -234,7 +221,6 @@ class RetentionSweeper:
                 self.pacer.probe(time.monotonic() - probe_started, 0)
             more_due = True
             while True:
-                self.pump_stats["rounds"] += 1
                 purged = await self._follow()
                 # Rooms fall due while the pump runs: look again when a slot
                 # freed up, or every DUE_RECHECK_S.
@@ -287,7 +273,6 @@ class RetentionSweeper:
         """
         if not self._in_flight:
             return 0
-        self.pump_stats["follow_transactions"] += 1
         probe_started = time.monotonic()
         views = await self._api.run_db_interaction(
             "leave_forget_follow_purges", purge_tasks_txn, sorted(self._in_flight)
@@ -365,7 +350,7 @@ class RetentionSweeper:
             batch = await self._store.retention.decide_due(
                 now,
                 slots,
-                self._handler.why_not_forgotten_many_txn,
+                why_not_forgotten_many_txn,
                 self._config.holds,
                 False,
             )

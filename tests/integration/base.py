@@ -1,11 +1,12 @@
 """Base class for tests that run against a real Synapse subprocess."""
 
 import atexit
+import itertools
 from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import Response, SynapseProcess, quote_room, request
+from support.harness import Response, SynapseProcess, User, quote_room, request
 
 
 class ClassFixtures:
@@ -94,3 +95,16 @@ class SynapseTestCase(SynchronousTestCase):
             f"/_matrix/client/v3/rooms/{quote_room(room_id or '')}/{action}"
         )
         return request(self.module_port, method, path, body, **kw)
+
+
+_localparts = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    """A localpart no other test in this process has used."""
+    return f"{prefix}{next(_localparts)}"
+
+
+def password(user: User) -> str:
+    """The password harness.register() gave the user."""
+    return "pw-" + user.user_id[1:].split(":")[0]

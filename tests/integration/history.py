@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Sequence
@@ -39,12 +37,12 @@ from typing import Any
 
 import attr
 
-from tests.integration.harness import (
+from support import rawdb
+from support.harness import (
     ListeningProcess,
     Response,
     SynapseProcess,
     User,
-    pg_connect_args,
     quote_room,
     wait_until,
 )
@@ -144,24 +142,7 @@ def wait_for_background_updates(hs: SynapseProcess) -> None:
     """
 
     def pending() -> int:
-        if hs.database == "sqlite":
-            conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-            try:
-                return int(conn.execute("SELECT count(*) FROM background_updates").fetchone()[0])
-            finally:
-                conn.close()
-        import psycopg2
-
-        args = pg_connect_args(hs.pg_database)
-        args.pop("cp_min")
-        args.pop("cp_max")
-        pg = psycopg2.connect(**args)
-        try:
-            with pg.cursor() as cur:
-                cur.execute("SELECT count(*) FROM background_updates")
-                return int(cur.fetchone()[0])
-        finally:
-            pg.close()
+        return int(rawdb.query(hs, "SELECT count(*) FROM background_updates")[0][0])
 
     wait_until(lambda: pending() == 0, timeout=120, what="Synapse's background updates")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import attr
 
-from tests.integration.harness import Response, SynapseProcess, User, quote_room
+from support.harness import Response, SynapseProcess, User, quote_room
 from tests.integration.history import (
     BIG_LIMIT,
     FAST_BACKGROUND_UPDATES,

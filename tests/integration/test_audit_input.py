@@ -8,11 +8,8 @@ a guest's flood of refused leaves with 200 KB reasons writes a bounded log.
 """
 
 import json
-import os
 import re
-import sqlite3
 import time
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from signedjson.key import read_signing_keys
@@ -29,15 +26,15 @@ from matrix_leave_forget.audit.entry import (
 )
 from matrix_leave_forget.audit.log import STORED_COLUMNS, row_to_entry
 from matrix_leave_forget.audit.refusals import REFUSED_REASON_PREFIX_CHARS
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support import rawdb
+from support.harness import (
     SERVER_NAME,
     User,
-    pg_connect_args,
     quote_room,
     run_cli,
     wait_until,
 )
+from tests.integration.base import SynapseTestCase
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 
@@ -197,28 +194,6 @@ class GrowthBoundTests(AuditTestCase):
         self.assert_chain_verifies()
 
 
-def run_sql(hs: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Run one statement on the stopped server's database (SQLite or PostgreSQL), committed."""
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
-    else:
-        import psycopg2
-
-        params = pg_connect_args(hs.pg_database)
-        params.pop("cp_min")
-        params.pop("cp_max")
-        conn = psycopg2.connect(**params)
-        sql = sql.replace("?", "%s")
-    try:
-        cur = conn.cursor()
-        cur.execute(sql, tuple(args))
-        rows = list(cur.fetchall()) if cur.description else []
-        conn.commit()
-        return rows
-    finally:
-        conn.close()
-
-
 class CheckpointTests(AuditTestCase):
     """Signed checkpoints of the head, sent into a room the operator names."""
 
@@ -302,8 +277,8 @@ class CheckpointTests(AuditTestCase):
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
         self.assertGreaterEqual(json.loads(proc.stdout)["heads_matched"], 1)
         self.hs.stop()
-        run_sql(self.hs, "DELETE FROM leave_forget_audit WHERE seq > ?", (head_seq - 2,))
-        rows = run_sql(self.hs, f"SELECT {', '.join(STORED_COLUMNS)} FROM leave_forget_audit")
+        rawdb.query(self.hs, "DELETE FROM leave_forget_audit WHERE seq > ?", (head_seq - 2,))
+        rows = rawdb.query(self.hs, f"SELECT {', '.join(STORED_COLUMNS)} FROM leave_forget_audit")
         entries = sorted((row_to_entry(r) for r in rows), key=lambda e: int(e["seq"]))
         self.assertTrue(verify_chain(entries, SERVER_NAME, self.keys()).ok)
         result = verify_chain(entries, SERVER_NAME, self.keys(), None, heads)

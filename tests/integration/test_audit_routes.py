@@ -17,85 +17,19 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
-from matrix_leave_forget.audit.entry import now_ms
-from tests.integration.harness import (
+from matrix_leave_forget.timestamps import now_ms
+from support import rawdb
+from support.harness import (
     SynapseProcess,
     User,
     quote_room,
     wait_until,
 )
-from tests.integration.test_faults import synapse_rows
-from tests.integration.test_retention import (
+from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     FederatedPair,
-    RetentionHelpers,
 )
-
-V3 = "/_matrix/client/v3"
-
-# Whether this Synapse tells the module the route of a self-leave (on_new_event
-# in the request's context); older ones record such a leave as "client".
-LIVE_ROUTES = on_new_event_is_safe()
-
-
-def self_route(via: str) -> str:
-    return via if LIVE_ROUTES else "client"
-
-
-class RouteHelpers(RetentionHelpers):
-    """Reading the audit log by user and room (no tests of its own)."""
-
-    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": {"period": "1h"}}
-
-    def entries(self, user: User, room_id: str, action: str) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.audit(room_id=room_id)
-            if e["action"] == action and e["user_id"] == user.user_id
-        ]
-
-    def one_entry(self, user: User, room_id: str, action: str) -> dict[str, Any]:
-        """The single entry of user's action in room_id (waiting for it to be written)."""
-        found = wait_until(
-            lambda: self.entries(user, room_id, action),
-            what=f"a {action} entry for {user.user_id} in {room_id}",
-        )
-        self.assertEqual(len(found), 1, found)
-        return found[0]
-
-    def native(self, user: User, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        resp = self.hs.client(
-            method, path, body if body is not None else {}, token=user.access_token
-        )
-        self.assertEqual(resp.status, 200, (path, resp.body))
-        return dict(resp.body or {})
-
-    def state_leave(
-        self, user: User, room_id: str, version: str = "v3", quoted: bool = False
-    ) -> str:
-        """Leave through PUT /rooms/{roomId}/state/m.room.member/{own id}; the event id."""
-        state_key = urllib.parse.quote(user.user_id, safe="") if quoted else user.user_id
-        body = self.native(
-            user,
-            "PUT",
-            f"/_matrix/client/{version}/rooms/{quote_room(room_id)}/state/m.room.member/{state_key}",
-            {"membership": "leave", "reason": "by state"},
-        )
-        return str(body["event_id"])
-
-    def current_event_id(self, room_id: str, user: User) -> str:
-        event = self.hs.member_event(self.admin, room_id, user.user_id)
-        assert event is not None
-        return str(event["event_id"])
-
-    def forgotten_in_synapse(self, user: User, room_id: str) -> bool:
-        rows = synapse_rows(
-            self.hs,
-            "SELECT forgotten FROM room_memberships WHERE user_id = ? AND room_id = ?",
-            (user.user_id, room_id),
-        )
-        return bool(rows) and all(r[0] for r in rows)
+from tests.integration.route_helpers import V3, RouteHelpers, self_route
 
 
 class ClientRouteTests(RouteHelpers):
@@ -222,7 +156,7 @@ class AccountAndAdminRouteTests(RouteHelpers):
         """Until Synapse's background parting of a deactivated user is over."""
 
         def parted() -> bool:
-            return not synapse_rows(
+            return not rawdb.query(
                 self.hs,
                 "SELECT 1 FROM users_pending_deactivation WHERE user_id = ?",
                 (user.user_id,),
@@ -327,8 +261,8 @@ class LifecycleTests(RouteHelpers):
         set to ``purged`` directly, as a purge would have left it."""
         room_id, (alice, bob) = self.joined_room(2)
         self.leave_and_forget([alice], room_id)
-        db = _ModuleDb(self.hs)
-        db.execute(
+        rawdb.query(
+            self.hs,
             "INSERT INTO leave_forget_rooms (room_id, state, forgotten_at, purged_at, updated_at) "
             "VALUES (?, 'purged', 1, 2, 2)",
             (room_id,),
@@ -424,7 +358,7 @@ class ForgetParityTests(RouteHelpers):
                 self.assertNotIn(room_id, _left_rooms(hs, alice), forget)
                 messages = hs.client("GET", f"{path}/messages?dir=b&limit=1", token=token)
                 self.assertEqual(messages.status, 403, (forget, messages.body))
-                rows = synapse_rows(
+                rows = rawdb.query(
                     hs,
                     "SELECT membership, forgotten FROM room_memberships "
                     "WHERE user_id = ? AND room_id = ? ORDER BY membership",
@@ -520,7 +454,7 @@ def _cache_stream_position(hs: Any) -> int:
     """The newest row of Synapse's cache invalidation stream (PostgreSQL; 0 on SQLite)."""
     if hs.database != "postgres":
         return 0
-    rows = synapse_rows(hs, "SELECT MAX(stream_id) FROM cache_invalidation_stream_by_instance")
+    rows = rawdb.query(hs, "SELECT MAX(stream_id) FROM cache_invalidation_stream_by_instance")
     return int(rows[0][0] or 0)
 
 
@@ -531,7 +465,7 @@ def _forget_invalidations(
     forget caches, ids written as placeholders, sorted (PostgreSQL; [] on SQLite)."""
     if hs.database != "postgres":
         return []
-    rows = synapse_rows(
+    rows = rawdb.query(
         hs,
         "SELECT instance_name, cache_func, keys FROM cache_invalidation_stream_by_instance "
         "WHERE stream_id > ? AND ? = ANY(keys)",
@@ -556,7 +490,7 @@ _FORGET_CACHES = (
 def _snapshot_rows(hs: Any, user_id: str, room_id: str) -> Any:
     """sliding_sync_membership_snapshots.forgotten where the table exists (newer Synapse)."""
     try:
-        return synapse_rows(
+        return rawdb.query(
             hs,
             "SELECT forgotten FROM sliding_sync_membership_snapshots "
             "WHERE user_id = ? AND room_id = ?",
@@ -564,36 +498,3 @@ def _snapshot_rows(hs: Any, user_id: str, room_id: str) -> Any:
         )
     except Exception:
         return None
-
-
-class _ModuleDb:
-    """Writes to the module's tables behind its back (to stage a state)."""
-
-    def __init__(self, hs: Any) -> None:
-        self._hs = hs
-
-    def execute(self, sql: str, args: Any = ()) -> None:
-        if self._hs.pg_database is None:
-            import sqlite3
-
-            conn = sqlite3.connect(os.path.join(self._hs.workdir, "homeserver.db"))
-            try:
-                conn.execute(sql, args)
-                conn.commit()
-            finally:
-                conn.close()
-            return
-        import psycopg2
-
-        from tests.integration.harness import pg_connect_args
-
-        params = pg_connect_args(self._hs.pg_database)
-        params.pop("cp_min")
-        params.pop("cp_max")
-        pg = psycopg2.connect(**params)
-        try:
-            with pg.cursor() as cur:
-                cur.execute(sql.replace("?", "%s"), args)
-            pg.commit()
-        finally:
-            pg.close()

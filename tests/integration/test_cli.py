@@ -26,32 +26,22 @@ from signedjson.key import (
 
 from matrix_leave_forget.audit.entry import ENTRY_FIELDS
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.chain import reseal_from
+from support.harness import (
     SERVER_NAME,
     Response,
     User,
     drop_pg_database,
-    pg_connect_args,
     quote_room,
     run_cli,
 )
-from tests.unit.test_audit import reseal_from
+from support.rawdb import pg_connection
+from tests.integration.base import SynapseTestCase
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 
 # One tampering: SQL statements with ``?`` placeholders and their arguments.
 Tampering = Sequence[tuple[str, Sequence[Any]]]
-
-
-def _pg_connect(dbname: str) -> Any:
-    """A psycopg2 connection to one of the test server's databases."""
-    import psycopg2
-
-    args = pg_connect_args(dbname)
-    args.pop("cp_min")
-    args.pop("cp_max")
-    return psycopg2.connect(**args)
 
 
 class CliTest(SynapseTestCase):
@@ -172,7 +162,7 @@ class CliTest(SynapseTestCase):
             config["database"]["args"]["database"] = copy
         else:
             copy = self._copy_pg_database()
-            conn = _pg_connect(copy)
+            conn = pg_connection(copy)
             try:
                 with conn.cursor() as cur:
                     for sql, args in tampering:
@@ -189,7 +179,7 @@ class CliTest(SynapseTestCase):
     def _copy_pg_database(self) -> str:
         assert self.hs.pg_database is not None
         copy = self.hs.pg_database + "_t" + os.urandom(3).hex()
-        conn = _pg_connect("postgres")
+        conn = pg_connection("postgres")
         conn.autocommit = True
         try:
             with conn.cursor() as cur:

@@ -23,7 +23,6 @@ synchronous trial test; Twisted's reactor is not involved.
 """
 
 import asyncio
-import itertools
 import json
 import re
 import urllib.parse
@@ -43,8 +42,8 @@ from mautrix.client import ClientAPI
 from mautrix.errors import MatrixRequestError, MForbidden, MUnknown
 from mautrix.types import Filter, RoomFilter, RoomID, SyncToken, UserID
 
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import User
+from support.harness import User
+from tests.integration.base import SynapseTestCase, password, unique
 
 # The route from docs/mounting.md: these go to the module's listener.
 MODULE_ROUTE = re.compile(
@@ -76,19 +75,6 @@ HOP_HEADERS = frozenset(
 
 # Generous: each test does a few dozen local requests.
 TEST_TIMEOUT = 120.0
-
-_localparts = itertools.count(1)
-
-
-def unique(prefix: str) -> str:
-    """A localpart no other test in this process has used."""
-    return f"{prefix}{next(_localparts)}"
-
-
-def password(user: User) -> str:
-    """The password harness.register() gave the user."""
-    return "pw-" + user.user_id[1:].split(":")[0]
-
 
 # -- the routing proxy ------------------------------------------------------
 

@@ -6,46 +6,21 @@ by every local user, leaves Synapse has that the log lacks) and every pending
 or started purge completes.
 """
 
-import os
 import signal
-import sqlite3
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
-from tests.integration.harness import (
+from support import rawdb
+from support.harness import (
     User,
-    pg_connect_args,
     quote_room,
     request,
     run_cli,
     wait_until,
 )
-from tests.integration.test_retention import RELAXED_FORGET, RetentionHelpers
-
-
-def synapse_rows(hs: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Read Synapse's own tables directly, on SQLite or PostgreSQL."""
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"))
-        try:
-            return list(conn.execute(sql, args).fetchall())
-        finally:
-            conn.close()
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg.cursor() as cur:
-            cur.execute(sql.replace("?", "%s"), args)
-            return list(cur.fetchall())
-    finally:
-        pg.close()
+from tests.integration.retention_helpers import RELAXED_FORGET, RetentionHelpers
 
 
 class FaultTests(RetentionHelpers):
@@ -123,7 +98,7 @@ class FaultTests(RetentionHelpers):
         }
         synapse_state = [
             row
-            for row in synapse_rows(
+            for row in rawdb.query(
                 self.hs,
                 "SELECT lcm.room_id, lcm.user_id, lcm.membership, lcm.event_id, rm.forgotten "
                 "FROM local_current_membership AS lcm "
@@ -169,7 +144,7 @@ class FaultTests(RetentionHelpers):
         room_ids = [room for room, _ in rooms]
 
         def purge_lock_held() -> list[tuple[Any, ...]]:
-            return synapse_rows(
+            return rawdb.query(
                 self.hs,
                 "SELECT lock_key FROM worker_read_write_locks WHERE lock_name = ?",
                 ("purge_pagination_lock",),

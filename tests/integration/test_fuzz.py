@@ -52,8 +52,7 @@ from schemathesis import GenerationMode
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     SynapseProcess,
@@ -61,6 +60,7 @@ from tests.integration.harness import (
     quote_room,
     request,
 )
+from tests.integration.base import SynapseTestCase
 
 SPEC_PATH = os.path.join(REPO_ROOT, "docs", "api", "leaving.yaml")
 SPEC_BASE_PATH = "/_matrix/client/v3"

@@ -4,7 +4,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import SynapseProcess, free_port
+from support.harness import SynapseProcess, free_port
 
 
 class PortTests(SynchronousTestCase):

@@ -43,8 +43,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from support.harness import SynapseProcess, User
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import SynapseProcess, User
 from tests.integration.history import (
     FAST_BACKGROUND_UPDATES,
     INCLUDE_LEAVE,

@@ -22,6 +22,7 @@ missing or the install fails.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +37,8 @@ from mautrix.client import ClientAPI
 from mautrix.types import PaginationDirection, RoomID, SyncToken, UserID
 from twisted.trial.unittest import SkipTest
 
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import REPO_ROOT, User, quote_room
-from tests.integration.test_clients import password, unique
+from support.harness import REPO_ROOT, User, quote_room
+from tests.integration.base import SynapseTestCase, password, unique
 
 JS_DIR = os.path.join(REPO_ROOT, "tests", "integration", "js")
 JS_SCRIPT = "sync_device.mjs"
@@ -62,24 +62,40 @@ def js_sdk_dir() -> str:
     target = os.path.join(
         cache, "matrix-leave-forget", "js-" + hashlib.sha256(package).hexdigest()[:16]
     )
-    if not os.path.isdir(os.path.join(target, "node_modules", "matrix-js-sdk")):
-        os.makedirs(target, exist_ok=True)
-        with open(os.path.join(target, "package.json"), "wb") as f:
-            f.write(package)
-        try:
-            done = subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund", "--omit=dev"],
-                cwd=target,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            raise SkipTest(f"npm install did not finish in {NPM_TIMEOUT} s in {target}") from None
-        if done.returncode != 0:
-            raise SkipTest(f"npm install failed in {target}: {done.stderr.strip()[-500:]}")
-    # Node resolves packages from the script's directory: the script runs from here.
-    shutil.copy(os.path.join(JS_DIR, JS_SCRIPT), os.path.join(target, JS_SCRIPT))
+    os.makedirs(target, exist_ok=True)
+    # One install at a time: trial -j workers and parallel tox environments share the cache.
+    with open(os.path.join(target, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(os.path.join(target, "node_modules", "matrix-js-sdk")):
+            with open(os.path.join(target, "package.json"), "wb") as f:
+                f.write(package)
+            try:
+                done = subprocess.run(
+                    ["npm", "install", "--no-audit", "--no-fund", "--omit=dev"],
+                    cwd=target,
+                    capture_output=True,
+                    text=True,
+                    timeout=NPM_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                raise SkipTest(
+                    f"npm install did not finish in {NPM_TIMEOUT} s in {target}"
+                ) from None
+            if done.returncode != 0:
+                raise SkipTest(f"npm install failed in {target}: {done.stderr.strip()[-500:]}")
+        # Node resolves packages from the script's directory: the script runs from
+        # here. Rewritten only when it changed, so no run reads it half written.
+        with open(os.path.join(JS_DIR, JS_SCRIPT), "rb") as f:
+            script = f.read()
+        installed = os.path.join(target, JS_SCRIPT)
+        current = b""
+        if os.path.exists(installed):
+            with open(installed, "rb") as f:
+                current = f.read()
+        if current != script:
+            with open(installed + ".tmp", "wb") as f:
+                f.write(script)
+            os.replace(installed + ".tmp", installed)
     return target
 
 

@@ -16,8 +16,8 @@ import re
 import urllib.parse
 from typing import Any, ClassVar
 
+from support.harness import Response, User, quote_room
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import Response, User, quote_room
 from tests.integration.history import (
     INCLUDE_LEAVE,
     SLIDING_BODY,
@@ -29,8 +29,7 @@ from tests.integration.history import (
     wait_for_background_updates,
 )
 from tests.integration.history_probes import read
-from tests.integration.test_workers import _DeploymentTestCase
-from tests.integration.workers import WorkerProcess
+from tests.integration.workers import DeploymentTestCase, WorkerProcess
 
 # unsigned.age is computed when an event is served, so it differs between any two reads.
 AGE = re.compile(rb'"age":\d+,?')
@@ -137,7 +136,7 @@ class NeverLeftByteParityTests(SynapseTestCase):
             self.assertEqual(g, p, f"{method} {path}")
 
 
-class HistoryWorkerTests(_DeploymentTestCase):
+class HistoryWorkerTests(DeploymentTestCase):
     """/messages and /sync on a generic worker with the module in intercept mode."""
 
     MODE = "intercept"

@@ -11,15 +11,15 @@ import json
 import urllib.parse
 from typing import Any
 
-from tests.integration.harness import Response, User, quote_room, wait_until
-from tests.integration.test_workers import _DeploymentTestCase
+from support.harness import Response, User, quote_room, wait_until
+from tests.integration.workers import DeploymentTestCase
 
 
 def q(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
-class HistoryGuardWorkerTests(_DeploymentTestCase):
+class HistoryGuardWorkerTests(DeploymentTestCase):
     """/sync, /messages, /context and /event served by a generic worker."""
 
     MODE = "intercept"

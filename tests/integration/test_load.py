@@ -45,8 +45,7 @@ import attr
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     Response,
@@ -56,6 +55,7 @@ from tests.integration.harness import (
     request,
     run_cli,
 )
+from tests.integration.base import SynapseTestCase
 
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
 

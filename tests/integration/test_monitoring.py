@@ -4,15 +4,15 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
 
+from support import rawdb
+from support.harness import REPO_ROOT, quote_room
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import REPO_ROOT, pg_connect_args, quote_room
 
 MONITORING = os.path.join(REPO_ROOT, "docs", "monitoring")
 DASHBOARD = os.path.join(MONITORING, "grafana-dashboard.json")
@@ -121,35 +121,6 @@ def _failure_count(scrape: str, action: str) -> float:
 class AuditWriteFailureTests(SynapseTestCase):
     MODE = "intercept"
 
-    def run_sql(self) -> Callable[[str], None]:
-        """Run statements on the test server's database behind Synapse's back."""
-        if self.hs.database == "sqlite":
-            path = self.hs.homeserver_config()["database"]["args"]["database"]
-
-            def run(sql: str) -> None:
-                conn = sqlite3.connect(path)
-                try:
-                    conn.executescript(sql)
-                finally:
-                    conn.close()
-
-            return run
-        import psycopg2
-
-        args = pg_connect_args(self.hs.pg_database)
-        args.pop("cp_min", None)
-        args.pop("cp_max", None)
-
-        def run_pg(sql: str) -> None:
-            conn = psycopg2.connect(**args)
-            conn.autocommit = True
-            try:
-                conn.cursor().execute(sql)
-            finally:
-                conn.close()
-
-        return run_pg
-
     def test_failed_audit_write_is_counted(self) -> None:
         """A leave served while the audit table refuses writes (a trigger that
         aborts every insert) is counted in
@@ -158,19 +129,20 @@ class AuditWriteFailureTests(SynapseTestCase):
         user = self.hs.register("unrecorded")
         room = self.hs.create_room(user)
         before = _failure_count(self.hs.metrics(), "leave")
-        run = self.run_sql()
         if self.hs.database == "sqlite":
-            run(
+            rawdb.execute(
+                self.hs,
                 "CREATE TRIGGER mlf_test_refuse BEFORE INSERT ON leave_forget_audit "
-                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
             )
             drop = "DROP TRIGGER mlf_test_refuse"
         else:
-            run(
+            rawdb.execute(
+                self.hs,
                 "CREATE FUNCTION mlf_test_refuse() RETURNS trigger AS $$ BEGIN "
                 "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql; "
                 "CREATE TRIGGER mlf_test_refuse BEFORE INSERT ON leave_forget_audit "
-                "FOR EACH ROW EXECUTE FUNCTION mlf_test_refuse();"
+                "FOR EACH ROW EXECUTE FUNCTION mlf_test_refuse();",
             )
             drop = "DROP TRIGGER mlf_test_refuse ON leave_forget_audit"
         try:
@@ -181,7 +153,7 @@ class AuditWriteFailureTests(SynapseTestCase):
                 token=user.access_token,
             )
         finally:
-            run(drop)
+            rawdb.execute(self.hs, drop)
         self.assertEqual(resp.status, 200, resp.body)
         self.assertEqual(_failure_count(self.hs.metrics(), "leave"), before + 1)
         self.assertIn("Could not record leave", self.hs.log_text())

@@ -4,8 +4,7 @@ from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.harness import (
     Response,
     SynapseProcess,
     User,
@@ -15,6 +14,7 @@ from tests.integration.harness import (
     request,
     wait_until,
 )
+from tests.integration.base import SynapseTestCase
 
 OUR_MODULE = "matrix_leave_forget.LeaveForgetModule"
 OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"

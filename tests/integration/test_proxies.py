@@ -32,8 +32,7 @@ from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.harness import (
     REPO_ROOT,
     Response,
     SynapseProcess,
@@ -43,6 +42,7 @@ from tests.integration.harness import (
     request,
     wait_until,
 )
+from tests.integration.base import SynapseTestCase
 
 PROXY_DOCS = os.path.join(REPO_ROOT, "docs", "proxy")
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"

@@ -11,62 +11,32 @@ Faults are injected with a trigger that makes every insert into the audit
 table fail, on SQLite and PostgreSQL alike, followed by SIGKILL.
 """
 
-import os
 import signal
 from collections.abc import Callable
 from typing import Any
 
-from tests.integration.harness import (
+from support import rawdb
+from support.harness import (
     SynapseProcess,
     User,
-    pg_connect_args,
     quote_room,
     wait_until,
 )
-from tests.integration.test_audit_routes import RouteHelpers
-from tests.integration.test_faults import synapse_rows
+from tests.integration.route_helpers import RouteHelpers
 
 V3 = "/_matrix/client/v3"
-
-
-def execute(hs: Any, *statements: str) -> None:
-    """Run statements on Synapse's database behind its back, committed."""
-    if hs.pg_database is None:
-        import sqlite3
-
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-        try:
-            for statement in statements:
-                conn.execute(statement)
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-        pg.commit()
-    finally:
-        pg.close()
 
 
 def break_audit_writes(hs: Any) -> None:
     """Every later insert into the audit table fails (until mend_audit_writes)."""
     if hs.pg_database is None:
-        execute(
+        rawdb.execute(
             hs,
             "CREATE TRIGGER test_fault BEFORE INSERT ON leave_forget_audit "
             "BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
         )
     else:
-        execute(
+        rawdb.execute(
             hs,
             "CREATE OR REPLACE FUNCTION test_fault() RETURNS trigger AS "
             "$$ BEGIN RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql",
@@ -77,9 +47,9 @@ def break_audit_writes(hs: Any) -> None:
 
 def mend_audit_writes(hs: Any) -> None:
     if hs.pg_database is None:
-        execute(hs, "DROP TRIGGER test_fault")
+        rawdb.execute(hs, "DROP TRIGGER test_fault")
     else:
-        execute(hs, "DROP TRIGGER test_fault ON leave_forget_audit")
+        rawdb.execute(hs, "DROP TRIGGER test_fault ON leave_forget_audit")
 
 
 def set_module(hs: Any, module_config: dict[str, Any] | None) -> None:
@@ -120,13 +90,13 @@ class CrashTests(RouteHelpers):
 
     def event_ts(self, user: User, event_id: str) -> int:
         """The event's origin_server_ts, as Synapse stored it."""
-        rows = synapse_rows(
+        rows = rawdb.query(
             self.hs, "SELECT origin_server_ts FROM events WHERE event_id = ?", (event_id,)
         )
         return int(rows[0][0])
 
     def leave_event_id(self, room_id: str, user: User) -> str:
-        rows = synapse_rows(
+        rows = rawdb.query(
             self.hs,
             "SELECT event_id FROM local_current_membership "
             "WHERE room_id = ? AND user_id = ? AND membership IN ('leave', 'ban')",
@@ -229,7 +199,7 @@ class CrashTests(RouteHelpers):
         ids = {room_id for room_id, _ in rooms}
         rows = [
             r
-            for r in synapse_rows(
+            for r in rawdb.query(
                 self.hs,
                 "SELECT lcm.room_id, lcm.user_id, lcm.membership, lcm.event_id, rm.forgotten "
                 "FROM local_current_membership AS lcm "

@@ -7,25 +7,22 @@ its time) and through Synapse's own ``scheduled_tasks`` table, read directly.
 """
 
 import json
-import os
 import signal
-import sqlite3
 import threading
 from typing import Any, ClassVar
 
-from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.retention.pacer import BURST_S
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
-from tests.integration.harness import (
+from matrix_leave_forget.timestamps import now_ms
+from support import rawdb
+from support.harness import (
     User,
-    pg_connect_args,
     quote_room,
     run_cli,
     wait_until,
     wait_while_progressing,
 )
-from tests.integration.test_faults import synapse_rows
-from tests.integration.test_retention import (
+from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     FederatedPair,
     RetentionHelpers,
@@ -49,7 +46,7 @@ class TaskWatcher(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                self.most = max(self.most, int(synapse_rows(self.hs, ACTIVE_TASKS_SQL)[0][0]))
+                self.most = max(self.most, int(rawdb.query(self.hs, ACTIVE_TASKS_SQL)[0][0]))
             except Exception:
                 pass  # the database is briefly locked or the server restarting
             self.stop_event.wait(0.02)
@@ -301,7 +298,7 @@ class SigkillMidBatchTests(ThroughputHelpers):
     def hold_purge_lock(self, room_id: str, write: bool) -> None:
         """A row in Synapse's read/write lock table that no process renews:
         Synapse's purge of the room waits until it times out (2 minutes)."""
-        synapse_exec(
+        rawdb.query(
             self.hs,
             "INSERT INTO worker_read_write_locks (lock_name, lock_key, write_lock,"
             " instance_name, token, last_renewed_ts) VALUES (?, ?, ?, ?, ?, ?)",
@@ -309,33 +306,10 @@ class SigkillMidBatchTests(ThroughputHelpers):
         )
 
     def _state_offline(self, room_id: str) -> str | None:
-        rows = synapse_rows(
+        rows = rawdb.query(
             self.hs, "SELECT state FROM leave_forget_rooms WHERE room_id = ?", (room_id,)
         )
         return str(rows[0][0]) if rows else None
-
-
-def synapse_exec(hs: Any, sql: str, args: tuple[Any, ...] = ()) -> None:
-    """Write to Synapse's own tables directly (committed), on SQLite or PostgreSQL."""
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-        try:
-            with conn:
-                conn.execute(sql, args)
-        finally:
-            conn.close()
-        return
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg, pg.cursor() as cur:
-            cur.execute(sql.replace("?", "%s"), args)
-    finally:
-        pg.close()
 
 
 class QueuedRejoinTests(FederatedPair, ThroughputHelpers):
@@ -374,7 +348,7 @@ class QueuedRejoinTests(FederatedPair, ThroughputHelpers):
         self.leave_and_forget(ahead_users, ahead)
         self.assertEqual(self.state(ahead), "forgotten")
         # Taken before the room ahead can be decided: its purge waits for the lock.
-        synapse_exec(
+        rawdb.query(
             self.hs,
             "INSERT INTO worker_read_write_locks "
             "(lock_name, lock_key, write_lock, instance_name, token, last_renewed_ts) "
@@ -402,7 +376,7 @@ class QueuedRejoinTests(FederatedPair, ThroughputHelpers):
             self.assertEqual(self.state(remote_room), "forgotten", "still queued at the rejoin")
             self.assertEqual(self.state(ahead), "purging", "the slot was still taken")
         finally:
-            synapse_exec(
+            rawdb.query(
                 self.hs,
                 "DELETE FROM worker_read_write_locks WHERE token = ?",
                 ("testtoken",),

@@ -30,8 +30,7 @@ from signedjson.key import read_signing_keys
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from tests.integration.base import SynapseTestCase
-from tests.integration.harness import (
+from support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     Response,
@@ -47,9 +46,9 @@ from tests.integration.workers import (
     DOC_PORTS,
     MAIN_INSTANCE,
     WORKER_NAME,
+    DeploymentTestCase,
     Ports,
     WorkerDeployment,
-    WorkerProcess,
     main_fragment,
     worker_fragment,
 )
@@ -165,51 +164,7 @@ class Pair:
     forget_room: str
 
 
-class _DeploymentTestCase(SynapseTestCase):
-    """Starts one main process and one worker, both with the module, per test class."""
-
-    if os.environ.get("MLF_TEST_DATABASE", "sqlite") != "postgres":
-        skip = (
-            "Synapse workers need PostgreSQL: set MLF_TEST_DATABASE=postgres "
-            "(tox -e postgres) with a PostgreSQL server in the PG* variables"
-        )
-
-    deployment: ClassVar[WorkerDeployment]
-    worker: ClassVar[WorkerProcess]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        if "deployment" in cls.__dict__:
-            return
-        deployment = WorkerDeployment({"mount": cls.MODE, **cls.MODULE_CONFIG})
-        try:
-            cls.configure_deployment(deployment)
-            deployment.start()
-            cls.hs = deployment.main
-            cls.worker = deployment.worker
-            cls.set_up_deployment()
-        except BaseException:
-            deployment.cleanup()
-            raise
-        cls.deployment = deployment
-
-    @classmethod
-    def configure_deployment(cls, deployment: WorkerDeployment) -> None:
-        """Changes to the deployment's configuration before it starts."""
-
-    @classmethod
-    def set_up_deployment(cls) -> None:
-        """What the whole class needs on the running deployment."""
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if "deployment" in cls.__dict__:
-            cls.deployment.cleanup()
-            del cls.deployment
-            del cls.hs
-
-
-class WorkerTests(_DeploymentTestCase):
+class WorkerTests(DeploymentTestCase):
     """Leave, forget, the audit chain and retention across a main process and a worker."""
 
     MODE = "listener"
@@ -524,7 +479,7 @@ class WorkerTests(_DeploymentTestCase):
         self.assertNotIn("Retention sweep", self.worker.log_text())
 
 
-class InterceptWorkerTests(_DeploymentTestCase):
+class InterceptWorkerTests(DeploymentTestCase):
     """mount: intercept on a generic worker, which records no listening ports."""
 
     MODE = "intercept"
@@ -554,7 +509,7 @@ class InterceptWorkerTests(_DeploymentTestCase):
         )
 
 
-class InterceptEveryWorkerListenerTests(_DeploymentTestCase):
+class InterceptEveryWorkerListenerTests(DeploymentTestCase):
     """mount: intercept on a generic worker with TLS, unix-socket and extra client
     listeners, and on a main process with a TLS listener."""
 

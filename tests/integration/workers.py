@@ -37,19 +37,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import attr
 import yaml
 
-from tests.integration.harness import (
+from support.harness import (
     REPO_ROOT,
     ListeningProcess,
     SynapseProcess,
     free_port,
-    pg_connect_args,
     request,
 )
+from support.rawdb import pg_connect_args
+from tests.integration.base import SynapseTestCase
 
 MODULE = "matrix_leave_forget.LeaveForgetModule"
 WORKER_NAME = "worker1"
@@ -444,3 +445,47 @@ def doc_blocks(ports: Ports = DOC_PORTS) -> str:
 
 if __name__ == "__main__":
     print(doc_blocks(), end="")
+
+
+class DeploymentTestCase(SynapseTestCase):
+    """Starts one main process and one worker, both with the module, per test class."""
+
+    if os.environ.get("MLF_TEST_DATABASE", "sqlite") != "postgres":
+        skip = (
+            "Synapse workers need PostgreSQL: set MLF_TEST_DATABASE=postgres "
+            "(tox -e postgres) with a PostgreSQL server in the PG* variables"
+        )
+
+    deployment: ClassVar[WorkerDeployment]
+    worker: ClassVar[WorkerProcess]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if "deployment" in cls.__dict__:
+            return
+        deployment = WorkerDeployment({"mount": cls.MODE, **cls.MODULE_CONFIG})
+        try:
+            cls.configure_deployment(deployment)
+            deployment.start()
+            cls.hs = deployment.main
+            cls.worker = deployment.worker
+            cls.set_up_deployment()
+        except BaseException:
+            deployment.cleanup()
+            raise
+        cls.deployment = deployment
+
+    @classmethod
+    def configure_deployment(cls, deployment: WorkerDeployment) -> None:
+        """Changes to the deployment's configuration before it starts."""
+
+    @classmethod
+    def set_up_deployment(cls) -> None:
+        """What the whole class needs on the running deployment."""
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if "deployment" in cls.__dict__:
+            cls.deployment.cleanup()
+            del cls.deployment
+            del cls.hs

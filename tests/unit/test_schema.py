@@ -14,12 +14,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION, run_migrations
+from tests.unit.db_helpers import Txn, postgres_or_skip
 
 MODULE_TABLES_BY_VERSION = {
     1: {"leave_forget_audit", "leave_forget_rooms"},
@@ -28,33 +29,6 @@ MODULE_TABLES_BY_VERSION = {
     4: set(),  # columns only
     5: {"leave_forget_stream_positions"},
 }
-
-
-class _Engine:
-    def __init__(self, module: Any) -> None:
-        self.module = module
-
-
-class Txn:
-    """Just enough of Synapse's LoggingTransaction for run_migrations."""
-
-    def __init__(self, cursor: Any, module: Any, paramstyle: str = "?") -> None:
-        self._cursor = cursor
-        self.database_engine = _Engine(module)
-        self._paramstyle = paramstyle
-        self.statements: list[str] = []
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        self.statements.append(sql)
-        if self._paramstyle != "?":
-            sql = sql.replace("?", self._paramstyle)
-        self._cursor.execute(sql, tuple(args))
-
-    def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    def fetchall(self) -> Any:
-        return self._cursor.fetchall()
 
 
 class MigrationTestsMixin:
@@ -248,35 +222,19 @@ class SQLiteMigrationTests(MigrationTestsMixin, SynchronousTestCase):
         self.assertEqual(self.txn(self.connect()).database_engine.module.__name__, "sqlite3")
 
 
-def _postgres_or_skip() -> Any:
-    if os.environ.get("MLF_TEST_DATABASE") != "postgres":
-        raise SkipTest(
-            "PostgreSQL migration tests need MLF_TEST_DATABASE=postgres "
-            "(and a server named by the PG* variables)"
-        )
-    try:
-        import psycopg2
-    except ImportError:
-        raise SkipTest("psycopg2 is not installed")
-    return psycopg2
-
-
 class PostgresMigrationTests(MigrationTestsMixin, SynchronousTestCase):
     """The migrations on PostgreSQL, at Synapse's REPEATABLE READ isolation."""
 
     paramstyle = "%s"
 
     def setUp(self) -> None:
-        self.engine_module = _postgres_or_skip()
+        self.engine_module = postgres_or_skip()
         self.new_database()
 
     def connect(self) -> Any:
-        from tests.integration.harness import pg_connect_args
+        from support.rawdb import pg_connection
 
-        args = pg_connect_args(self.dbname)
-        args.pop("cp_min")
-        args.pop("cp_max")
-        conn = self.engine_module.connect(**args)
+        conn = pg_connection(self.dbname)
         # As Synapse's PostgresEngine does for every connection.
         conn.set_isolation_level(self.engine_module.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
         self.addCleanup(conn.close)
@@ -365,7 +323,7 @@ class PostgresMigrationTests(MigrationTestsMixin, SynchronousTestCase):
             self.assert_latest(self.connect())
 
     def new_database(self) -> None:
-        from tests.integration.harness import create_pg_database, drop_pg_database
+        from support.harness import create_pg_database, drop_pg_database
 
         self.dbname = create_pg_database()
         self.addCleanup(drop_pg_database, self.dbname)

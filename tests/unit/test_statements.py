@@ -7,7 +7,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.db.statements import StatementBatch
-from tests.unit.test_schema import Txn, _postgres_or_skip
+from tests.unit.db_helpers import Txn, postgres_or_skip
 
 
 class BatchTxn(Txn):
@@ -73,19 +73,13 @@ class SQLiteStatementBatchTests(_StatementBatchCase):
 
 class PostgresStatementBatchTests(_StatementBatchCase):
     def setUp(self) -> None:
-        psycopg2 = _postgres_or_skip()
-        from tests.integration.harness import (
-            create_pg_database,
-            drop_pg_database,
-            pg_connect_args,
-        )
+        psycopg2 = postgres_or_skip()
+        from support.harness import create_pg_database, drop_pg_database
+        from support.rawdb import pg_connection
 
         name = create_pg_database()
         self.addCleanup(drop_pg_database, name)
-        args = pg_connect_args(name)
-        args.pop("cp_min")
-        args.pop("cp_max")
-        conn = psycopg2.connect(**args)
+        conn = pg_connection(name)
         self.addCleanup(conn.close)
         self.txn = BatchTxn(conn.cursor(), psycopg2, "%s")
 

@@ -30,7 +30,9 @@ import attr
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support.rawdb import pg_connect_args, pg_connection
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_NAME = "test.local"
 SHARED_SECRET = "matrix-leave-forget-test-secret"
 
@@ -229,36 +231,10 @@ def run_cli(
     )
 
 
-def pg_connect_args(dbname: str | None) -> dict[str, Any]:
-    """psycopg2 connection args for the test PostgreSQL server (PG* variables)."""
-    args: dict[str, Any] = {
-        "user": os.environ.get("PGUSER", "postgres"),
-        "host": os.environ.get("PGHOST", "127.0.0.1"),
-        "port": int(os.environ.get("PGPORT", "5432")),
-        "database": dbname or "postgres",
-        "cp_min": 1,
-        "cp_max": 5,
-    }
-    if os.environ.get("PGPASSWORD"):
-        args["password"] = os.environ["PGPASSWORD"]
-    return args
-
-
-def _pg_admin_connection() -> Any:
-    import psycopg2
-
-    args = pg_connect_args("postgres")
-    args.pop("cp_min")
-    args.pop("cp_max")
-    conn = psycopg2.connect(**args)
-    conn.autocommit = True
-    return conn
-
-
 def create_pg_database() -> str:
     """A fresh database with the encoding and collation Synapse requires."""
     name = "mlf_" + os.urandom(6).hex()
-    conn = _pg_admin_connection()
+    conn = pg_connection("postgres", autocommit=True)
     try:
         with conn.cursor() as cur:
             cur.execute(
@@ -271,7 +247,7 @@ def create_pg_database() -> str:
 
 
 def drop_pg_database(name: str) -> None:
-    conn = _pg_admin_connection()
+    conn = pg_connection("postgres", autocommit=True)
     try:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
