@@ -1,6 +1,6 @@
 """Shared helpers for the benchmark scripts (not tests: nothing here asserts a timing).
 
-Every script starts a real Synapse through ``support/harness.py``
+Every script starts a real Synapse through ``tests/support/harness.py``
 (imported, unchanged), prints its results as plain-text tables and writes them
 as JSON under ``bench/results/``.
 """
@@ -25,14 +25,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from support.harness import (  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     SERVER_NAME,
     SynapseProcess,
     User,
     quote_room,
     request,
 )
-from support.rawdb import pg_connect_args, pg_connection  # noqa: E402
+from tests.support.rawdb import pg_connect_args, pg_connection  # noqa: E402
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 ADMIN = "/_synapse/client/leave_forget/v1/admin"

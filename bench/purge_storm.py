@@ -57,7 +57,7 @@ from bench.common import (  # noqa: E402
     table,
     write_json,
 )
-from support import rawdb  # noqa: E402
+from tests.support import rawdb  # noqa: E402
 
 PERIOD_S = 5.0
 EVENTS_PER_ROOM = 100

@@ -26,7 +26,7 @@ from typing import Any
 from bench.common import SERVER_NAME, SynapseProcess, User, log
 from matrix_leave_forget.audit.entry import GENESIS_HASH, seal_entry
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS
-from support import rawdb
+from tests.support import rawdb
 
 # Room kinds, by room index modulo 20 (see seed_memberships).
 ACTIVE, ABANDONED, FORGOTTEN, DRY_RUN, CANCELLED, PURGED, PURGING = (

@@ -37,7 +37,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.queries import time_verify, wait_quiet  # noqa: E402
 from bench.seed import Sink, fresh_synapse, seed_sweep  # noqa: E402
-from support import rawdb  # noqa: E402
+from tests.support import rawdb  # noqa: E402
 
 HOOK = {"module": "bench.sweep_hook.SweepHook", "config": {}}
 RETENTION = {"period": "1d", "dry_run": True, "sweep_interval": "1d"}

@@ -14,7 +14,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from support.harness import SynapseProcess, quote_room  # noqa: E402
+from tests.support.harness import SynapseProcess, quote_room  # noqa: E402
 
 
 def show(step: str, status: int, body: object) -> None:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from support.harness import Response, SynapseProcess, User, quote_room, request
+from tests.support.harness import Response, SynapseProcess, User, quote_room, request
 
 
 class ClassFixtures:

@@ -37,8 +37,8 @@ from typing import Any
 
 import attr
 
-from support import rawdb
-from support.harness import (
+from tests.support import rawdb
+from tests.support.harness import (
     ListeningProcess,
     Response,
     SynapseProcess,

@@ -19,7 +19,6 @@ from typing import Any
 
 import attr
 
-from support.harness import Response, SynapseProcess, User, quote_room
 from tests.integration.history import (
     BIG_LIMIT,
     FAST_BACKGROUND_UPDATES,
@@ -37,6 +36,7 @@ from tests.integration.history import (
     c_path,
     qs,
 )
+from tests.support.harness import Response, SynapseProcess, User, quote_room
 
 
 @attr.s(auto_attribs=True, frozen=True)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from matrix_leave_forget.timestamps import now_ms
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     PURGE_TIMEOUT,
     Response,
     SynapseProcess,
@@ -19,7 +20,6 @@ from support.harness import (
     wait_until,
     write_self_signed_cert,
 )
-from tests.integration.base import SynapseTestCase
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 RELAXED_FORGET = {"per_second": 1000, "burst_count": 1000}

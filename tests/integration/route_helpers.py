@@ -4,15 +4,15 @@ import urllib.parse
 from typing import Any
 
 from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
-from support import rawdb
-from support.harness import (
-    User,
-    quote_room,
-    wait_until,
-)
 from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     RetentionHelpers,
+)
+from tests.support import rawdb
+from tests.support.harness import (
+    User,
+    quote_room,
+    wait_until,
 )
 
 V3 = "/_matrix/client/v3"

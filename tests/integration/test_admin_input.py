@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from support.harness import SERVER_NAME, Response, User, quote_room, request
 from tests.integration.base import SynapseTestCase
+from tests.support.harness import SERVER_NAME, Response, User, quote_room, request
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 HUGE = "99999999999999999999999"

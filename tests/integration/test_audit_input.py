@@ -26,15 +26,15 @@ from matrix_leave_forget.audit.entry import (
 )
 from matrix_leave_forget.audit.log import STORED_COLUMNS, row_to_entry
 from matrix_leave_forget.audit.refusals import REFUSED_REASON_PREFIX_CHARS
-from support import rawdb
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support import rawdb
+from tests.support.harness import (
     SERVER_NAME,
     User,
     quote_room,
     run_cli,
     wait_until,
 )
-from tests.integration.base import SynapseTestCase
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 

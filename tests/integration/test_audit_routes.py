@@ -18,18 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from matrix_leave_forget.timestamps import now_ms
-from support import rawdb
-from support.harness import (
-    SynapseProcess,
-    User,
-    quote_room,
-    wait_until,
-)
 from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     FederatedPair,
 )
 from tests.integration.route_helpers import V3, RouteHelpers, self_route
+from tests.support import rawdb
+from tests.support.harness import (
+    SynapseProcess,
+    User,
+    quote_room,
+    wait_until,
+)
 
 
 class ClientRouteTests(RouteHelpers):

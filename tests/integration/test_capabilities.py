@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import synapse
 
 from matrix_leave_forget.http.capabilities import STABLE, UNSTABLE
-from tests.integration.harness import SynapseProcess, User, quote_room, wait_until
-from tests.integration.test_audit_routes import V3, RouteHelpers
-from tests.integration.test_faults import synapse_rows
-from tests.integration.test_history_clients import CLIENT_TIMEOUT, NodeReports, js_sdk_dir
+from tests.integration.js_clients import CLIENT_TIMEOUT, NodeReports, js_sdk_dir
+from tests.integration.route_helpers import V3, RouteHelpers
+from tests.support import rawdb
+from tests.support.harness import SynapseProcess, User, quote_room, wait_until
 
 PREFIXES = ("r0", "v3", "unstable")
 JS_SCRIPT = "capabilities.mjs"
@@ -163,7 +163,7 @@ class CapabilityOnTests(CapabilityHelpers):
             lambda: all(
                 rows and all(r[0] for r in rows)
                 for rows in (
-                    synapse_rows(
+                    rawdb.query(
                         oracle,
                         "SELECT forgotten FROM room_memberships WHERE user_id = ? AND room_id = ?",
                         (user.user_id, room_id),

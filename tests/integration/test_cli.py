@@ -26,8 +26,9 @@ from signedjson.key import (
 
 from matrix_leave_forget.audit.entry import ENTRY_FIELDS
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
-from support.chain import reseal_from
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.chain import reseal_from
+from tests.support.harness import (
     SERVER_NAME,
     Response,
     User,
@@ -35,8 +36,7 @@ from support.harness import (
     quote_room,
     run_cli,
 )
-from support.rawdb import pg_connection
-from tests.integration.base import SynapseTestCase
+from tests.support.rawdb import pg_connection
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 

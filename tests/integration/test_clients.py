@@ -42,8 +42,8 @@ from mautrix.client import ClientAPI
 from mautrix.errors import MatrixRequestError, MForbidden, MUnknown
 from mautrix.types import Filter, RoomFilter, RoomID, SyncToken, UserID
 
-from support.harness import User
 from tests.integration.base import SynapseTestCase, password, unique
+from tests.support.harness import User
 
 # The route from docs/mounting.md: these go to the module's listener.
 MODULE_ROUTE = re.compile(

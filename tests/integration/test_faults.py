@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
-from support import rawdb
-from support.harness import (
+from tests.integration.retention_helpers import RELAXED_FORGET, RetentionHelpers
+from tests.support import rawdb
+from tests.support.harness import (
     User,
     quote_room,
     request,
     run_cli,
     wait_until,
 )
-from tests.integration.retention_helpers import RELAXED_FORGET, RetentionHelpers
 
 
 class FaultTests(RetentionHelpers):

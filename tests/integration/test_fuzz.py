@@ -52,7 +52,8 @@ from schemathesis import GenerationMode
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     SynapseProcess,
@@ -60,7 +61,6 @@ from support.harness import (
     quote_room,
     request,
 )
-from tests.integration.base import SynapseTestCase
 
 SPEC_PATH = os.path.join(REPO_ROOT, "docs", "api", "leaving.yaml")
 SPEC_BASE_PATH = "/_matrix/client/v3"

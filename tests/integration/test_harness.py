@@ -4,7 +4,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from support.harness import SynapseProcess, free_port
+from tests.support.harness import SynapseProcess, free_port
 
 
 class PortTests(SynchronousTestCase):

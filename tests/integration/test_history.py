@@ -43,7 +43,6 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from support.harness import SynapseProcess, User
 from tests.integration.base import SynapseTestCase
 from tests.integration.history import (
     FAST_BACKGROUND_UPDATES,
@@ -62,6 +61,7 @@ from tests.integration.history_probes import (
     read,
     sync_outcome,
 )
+from tests.support.harness import SynapseProcess, User
 
 _cache_users = itertools.count(1)
 

@@ -11,7 +11,6 @@ import json
 import urllib.parse
 from typing import Any, ClassVar
 
-from tests.integration.harness import User, quote_room, wait_until
 from tests.integration.test_history_guard import (
     BASE_CONFIG,
     SLIDING_SYNC,
@@ -20,6 +19,7 @@ from tests.integration.test_history_guard import (
     q,
 )
 from tests.spellings import spellings
+from tests.support.harness import User, quote_room, wait_until
 
 SLIDING_CONFIG: dict[str, Any] = {
     **BASE_CONFIG,

@@ -16,7 +16,6 @@ import re
 import urllib.parse
 from typing import Any, ClassVar
 
-from support.harness import Response, User, quote_room
 from tests.integration.base import SynapseTestCase
 from tests.integration.history import (
     INCLUDE_LEAVE,
@@ -30,6 +29,7 @@ from tests.integration.history import (
 )
 from tests.integration.history_probes import read
 from tests.integration.workers import DeploymentTestCase, WorkerProcess
+from tests.support.harness import Response, User, quote_room
 
 # unsigned.age is computed when an event is served, so it differs between any two reads.
 AGE = re.compile(rb'"age":\d+,?')

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import attr
 
-from support.harness import Response, User, quote_room, request, wait_until
 from tests.integration.base import SynapseTestCase
+from tests.support.harness import Response, User, quote_room, request, wait_until
 
 BASE_CONFIG: dict[str, Any] = {"bcrypt_rounds": 4}
 SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"

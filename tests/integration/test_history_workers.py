@@ -11,8 +11,8 @@ import json
 import urllib.parse
 from typing import Any
 
-from support.harness import Response, User, quote_room, wait_until
 from tests.integration.workers import DeploymentTestCase
+from tests.support.harness import Response, User, quote_room, wait_until
 
 
 def q(value: str) -> str:

@@ -45,7 +45,8 @@ import attr
 from signedjson.key import read_signing_keys
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     Response,
@@ -55,7 +56,6 @@ from support.harness import (
     request,
     run_cli,
 )
-from tests.integration.base import SynapseTestCase
 
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"
 

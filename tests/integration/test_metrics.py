@@ -2,8 +2,8 @@
 
 import re
 
-from support.harness import quote_room, wait_until
 from tests.integration.base import SynapseTestCase
+from tests.support.harness import quote_room, wait_until
 
 
 def _find(text: str, name: str, **labels: str) -> float | None:

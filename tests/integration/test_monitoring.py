@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from support import rawdb
-from support.harness import REPO_ROOT, quote_room
 from tests.integration.base import SynapseTestCase
+from tests.support import rawdb
+from tests.support.harness import REPO_ROOT, quote_room
 
 MONITORING = os.path.join(REPO_ROOT, "docs", "monitoring")
 DASHBOARD = os.path.join(MONITORING, "grafana-dashboard.json")

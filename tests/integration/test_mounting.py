@@ -4,7 +4,8 @@ from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     Response,
     SynapseProcess,
     User,
@@ -14,7 +15,6 @@ from support.harness import (
     request,
     wait_until,
 )
-from tests.integration.base import SynapseTestCase
 
 OUR_MODULE = "matrix_leave_forget.LeaveForgetModule"
 OTHER_MODULE = "tests.integration.extra_module.PathClaimingModule"

@@ -8,8 +8,8 @@ something to show).
 import re
 from typing import ClassVar
 
-from support.harness import SERVER_NAME, User, quote_room
 from tests.integration.base import SynapseTestCase
+from tests.support.harness import SERVER_NAME, User, quote_room
 
 HOLD = f"!held:{SERVER_NAME}"
 # Element's "forget" on each of several rooms, or a "forget all left rooms"

@@ -37,8 +37,8 @@ from typing import (
 
 import attr
 
-from support.harness import Response, SynapseProcess, User, quote_room, request
 from tests.integration.base import SynapseTestCase
+from tests.support.harness import Response, SynapseProcess, User, quote_room, request
 
 BASE_CONFIG: dict[str, Any] = {
     # Registration hashes a password per user; the default cost would dominate

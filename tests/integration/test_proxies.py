@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     REPO_ROOT,
     Response,
     SynapseProcess,
@@ -42,7 +43,6 @@ from support.harness import (
     request,
     wait_until,
 )
-from tests.integration.base import SynapseTestCase
 
 PROXY_DOCS = os.path.join(REPO_ROOT, "docs", "proxy")
 ADMIN_AUDIT = "/_synapse/client/leave_forget/v1/admin/audit"

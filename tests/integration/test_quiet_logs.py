@@ -17,7 +17,7 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
-from tests.integration.harness import SynapseProcess, quote_room, wait_until
+from tests.support.harness import SynapseProcess, quote_room, wait_until
 
 # A log line: "<time> - <logger> - <lineno> - <LEVEL> - <request> - <message>".
 LINE = re.compile(r"^\S+ \S+ - (?P<logger>\S+) - \d+ - (?P<level>[A-Z]+) - ")
@@ -55,7 +55,7 @@ class QuietCycle:
         return response.body
 
     def leave_forget(self, room: str, action: str, token: str) -> None:
-        from tests.integration.harness import request
+        from tests.support.harness import request
 
         path = f"/_matrix/client/v3/rooms/{quote_room(room)}/{action}"
         response = request(self.leave_forget_port(), "POST", path, {}, token=token)

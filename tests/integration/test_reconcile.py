@@ -15,14 +15,14 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from support import rawdb
-from support.harness import (
+from tests.integration.route_helpers import RouteHelpers
+from tests.support import rawdb
+from tests.support.harness import (
     SynapseProcess,
     User,
     quote_room,
     wait_until,
 )
-from tests.integration.route_helpers import RouteHelpers
 
 V3 = "/_matrix/client/v3"
 

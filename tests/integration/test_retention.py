@@ -25,18 +25,18 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from matrix_leave_forget.timestamps import now_ms
-from support.harness import (
-    Response,
-    User,
-    quote_room,
-    request,
-)
 from tests.integration.retention_helpers import (
     ADMIN,
     FAST_RETENTION,
     RELAXED_FORGET,
     FederatedPair,
     RetentionHelpers,
+)
+from tests.support.harness import (
+    Response,
+    User,
+    quote_room,
+    request,
 )
 
 

@@ -14,18 +14,18 @@ from typing import Any, ClassVar
 from matrix_leave_forget.retention.pacer import BURST_S
 from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
 from matrix_leave_forget.timestamps import now_ms
-from support import rawdb
-from support.harness import (
+from tests.integration.retention_helpers import (
+    RELAXED_FORGET,
+    FederatedPair,
+    RetentionHelpers,
+)
+from tests.support import rawdb
+from tests.support.harness import (
     User,
     quote_room,
     run_cli,
     wait_until,
     wait_while_progressing,
-)
-from tests.integration.retention_helpers import (
-    RELAXED_FORGET,
-    FederatedPair,
-    RetentionHelpers,
 )
 
 ACTIVE_TASKS_SQL = (

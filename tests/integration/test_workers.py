@@ -30,7 +30,17 @@ from signedjson.key import read_signing_keys
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
-from support.harness import (
+from tests.integration.workers import (
+    DOC_PORTS,
+    MAIN_INSTANCE,
+    WORKER_NAME,
+    DeploymentTestCase,
+    Ports,
+    WorkerDeployment,
+    main_fragment,
+    worker_fragment,
+)
+from tests.support.harness import (
     REPO_ROOT,
     SERVER_NAME,
     Response,
@@ -41,16 +51,6 @@ from support.harness import (
     quote_room,
     request,
     run_cli,
-)
-from tests.integration.workers import (
-    DOC_PORTS,
-    MAIN_INSTANCE,
-    WORKER_NAME,
-    DeploymentTestCase,
-    Ports,
-    WorkerDeployment,
-    main_fragment,
-    worker_fragment,
 )
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"

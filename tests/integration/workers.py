@@ -42,15 +42,15 @@ from typing import Any, ClassVar
 import attr
 import yaml
 
-from support.harness import (
+from tests.integration.base import SynapseTestCase
+from tests.support.harness import (
     REPO_ROOT,
     ListeningProcess,
     SynapseProcess,
     free_port,
     request,
 )
-from support.rawdb import pg_connect_args
-from tests.integration.base import SynapseTestCase
+from tests.support.rawdb import pg_connect_args
 
 MODULE = "matrix_leave_forget.LeaveForgetModule"
 WORKER_NAME = "worker1"

@@ -21,7 +21,7 @@ from matrix_leave_forget import cli
 from matrix_leave_forget.audit.entry import ENTRY_FIELDS
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS
 from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION
-from support.chain import make_chain
+from tests.support.chain import make_chain
 
 ORIGIN = "example.org"
 

@@ -44,7 +44,7 @@ from matrix_leave_forget.audit.refusals import (
     RefusalBudget,
     refused_reason,
 )
-from support.chain import make_chain, reseal_from
+from tests.support.chain import make_chain, reseal_from
 
 ORIGIN = "example.org"
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sqlite3
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from matrix_leave_forget import cli
 from matrix_leave_forget.audit.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
 from matrix_leave_forget.audit.log import STORED_COLUMNS, select_audit_txn
 from matrix_leave_forget.retention.state import LISTINGS
-from support.chain import make_chain
+from tests.support.chain import make_chain
 from tests.unit.cli_helpers import ORIGIN, CliTestCase, Tty, create_database, insert_entry
 
 

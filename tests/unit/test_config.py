@@ -17,7 +17,7 @@ from matrix_leave_forget.config import (
     parse_config,
     parse_duration_ms,
 )
-from support.harness import SynapseProcess
+from tests.support.harness import SynapseProcess
 
 
 class ParseConfigDefaultsTests(SynchronousTestCase):

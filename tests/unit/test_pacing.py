@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.config import RetentionConfig, parse_config
 from matrix_leave_forget.retention.pacer import BURST_S, PurgePacer
-from support.chain import make_chain
+from tests.support.chain import make_chain
 from tests.unit.cli_helpers import ORIGIN, CliTestCase, create_database
 
 

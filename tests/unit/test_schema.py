@@ -232,7 +232,7 @@ class PostgresMigrationTests(MigrationTestsMixin, SynchronousTestCase):
         self.new_database()
 
     def connect(self) -> Any:
-        from support.rawdb import pg_connection
+        from tests.support.rawdb import pg_connection
 
         conn = pg_connection(self.dbname)
         # As Synapse's PostgresEngine does for every connection.
@@ -323,7 +323,7 @@ class PostgresMigrationTests(MigrationTestsMixin, SynchronousTestCase):
             self.assert_latest(self.connect())
 
     def new_database(self) -> None:
-        from support.harness import create_pg_database, drop_pg_database
+        from tests.support.harness import create_pg_database, drop_pg_database
 
         self.dbname = create_pg_database()
         self.addCleanup(drop_pg_database, self.dbname)

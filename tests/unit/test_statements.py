@@ -74,8 +74,8 @@ class SQLiteStatementBatchTests(_StatementBatchCase):
 class PostgresStatementBatchTests(_StatementBatchCase):
     def setUp(self) -> None:
         psycopg2 = postgres_or_skip()
-        from support.harness import create_pg_database, drop_pg_database
-        from support.rawdb import pg_connection
+        from tests.support.harness import create_pg_database, drop_pg_database
+        from tests.support.rawdb import pg_connection
 
         name = create_pg_database()
         self.addCleanup(drop_pg_database, name)

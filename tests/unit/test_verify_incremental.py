@@ -16,7 +16,7 @@ from matrix_leave_forget import cli
 from matrix_leave_forget.audit.checkpoint import make_checkpoint
 from matrix_leave_forget.audit.entry import GENESIS_HASH, escape_fields, seal_entries
 from matrix_leave_forget.audit.log import STORED_COLUMNS, select_audit_txn
-from tests.unit.test_cli import ORIGIN, CliTestCase, create_database
+from tests.unit.cli_helpers import ORIGIN, CliTestCase, create_database
 
 GROUP = 4
 

@@ -30,9 +30,9 @@ import attr
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
-from support.rawdb import pg_connect_args, pg_connection
+from tests.support.rawdb import pg_connect_args, pg_connection
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_NAME = "test.local"
 SHARED_SECRET = "matrix-leave-forget-test-secret"
 
