@@ -35,6 +35,7 @@ from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
     count_purged_since_txn,
     select_audit_txn,
+    select_erasures_txn,
 )
 from matrix_leave_forget.cli.config import (
     HomeserverConfig,
@@ -496,9 +497,11 @@ def verify_database(
     """
     result = VerifyResult(0, GENESIS_HASH)
     current: dict[str, Any] = {"seq": None}
+    # Erased entries come before their erasure records: read the records first.
+    erasures = select_erasures_txn(db.cursor(), paramstyle=db.paramstyle)
     try:
         for result in iter_verify(
-            _entries_for_verify(db, current), origin, keys, key_expiry, expected_heads
+            _entries_for_verify(db, current), origin, keys, key_expiry, expected_heads, erasures
         ):
             if progress is not None and result.ok:
                 progress.update(result.checked, int(current["seq"]))
@@ -627,6 +630,7 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         "head_seq": result.head_seq,
         "expected_heads": len(heads),
         "heads_matched": result.heads_matched,
+        "erased": result.erased,
         "checkpoints": checkpoints,
         "checkpoints_rejected": len(rejected),
     }
@@ -639,6 +643,11 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
             f"OK: {_entries(result.checked)} checked; every hash link and signature "
             f"by {origin} ({', '.join(sorted(keys))}) is valid."
         )
+        if result.erased:
+            print(
+                f"{_entries(result.erased)}: free text erased (user erasure or "
+                "text_retention), each matching its signed erasure record; not tampering."
+            )
         if heads:
             print(
                 f"Every expected head is in the chain ({len(heads)}: "

@@ -102,6 +102,20 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         )
         """,
     ),
+    # 6 (erasure): format 3's salted commitment to an entry's free text
+    # (hashed) and its salt (not hashed), when the text was erased (not
+    # hashed), the erasure records (``erase`` entries, read before the chain
+    # by verify), and the entries an erased user acted in (docs/audit.md "Erasure").
+    (
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_commitment TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN erasure TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_salt TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_erased BIGINT",
+        "CREATE INDEX leave_forget_audit_erasures ON leave_forget_audit (seq) "
+        "WHERE erasure IS NOT NULL",
+        "CREATE INDEX leave_forget_audit_actor ON leave_forget_audit (actor) "
+        "WHERE actor IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -24,7 +24,7 @@ from signedjson.key import (
     read_signing_keys,
 )
 
-from matrix_leave_forget.audit.entry import ENTRY_FIELDS
+from matrix_leave_forget.audit.entry import ENTRY_FIELDS, text_commitment
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
 from tests.integration.base import SynapseTestCase
 from tests.integration.harness import (
@@ -249,8 +249,11 @@ class CliTest(SynapseTestCase):
         self.assertEqual(entries[0]["outcome"], "M_UNKNOWN")
         self.assertEqual(entries[1]["reason"], "moving on")
         # Every column; of the optional ones, the format marker (set on every new
-        # entry) and the served leave's via (docs/audit.md "Routes").
-        self.assertEqual(set(entries[1]), {*AUDIT_COLUMNS, "format", "via"})
+        # entry), the served leave's via (docs/audit.md "Routes") and, for its
+        # reason, the commitment and its salt (docs/audit.md "Erasure").
+        self.assertEqual(
+            set(entries[1]), {*AUDIT_COLUMNS, "format", "via", "text_commitment", "text_salt"}
+        )
 
     def test_log_json_paginates_like_the_admin_api(self) -> None:
         """log --limit N --json gives next_from, and --from continues where it stopped."""
@@ -368,7 +371,8 @@ class CliTest(SynapseTestCase):
         config = self.tampered_config(
             [("UPDATE leave_forget_audit SET reason = ? WHERE seq = ?", ("rewritten", 2))]
         )
-        self.assertVerifyFails(config, 2, "contents do not match the stored hash", checked=1)
+        # The entry's hash covers the reason's commitment (format 3, docs/audit.md "Erasure").
+        self.assertVerifyFails(config, 2, "free text does not match its commitment", checked=1)
         proc = self.cli(config, "verify", "--json")
         self.assertEqual(proc.returncode, 1, proc.stderr)
         report = json.loads(proc.stdout)
@@ -397,14 +401,17 @@ class CliTest(SynapseTestCase):
         """An edit with every later hash recomputed, signed by another key, fails on signature."""
         entries = self.entries()
         entries[1]["reason"] = "rewritten"
+        # The forger recomputes the reason's commitment too (the salt is in the row).
+        entries[1]["text_commitment"] = text_commitment(entries[1]["text_salt"], entries[1])
         reseal_from(entries, 1, generate_signing_key("a_test"), origin=SERVER_NAME)
-        columns = [*ENTRY_FIELDS, "hash", "signatures"]
+        columns = [*ENTRY_FIELDS, "text_commitment", "hash", "signatures"]
         statements = [
             (
                 f"UPDATE leave_forget_audit SET {', '.join(f'{c} = ?' for c in columns)} "
                 "WHERE seq = ?",
                 [
                     *(entry[c] for c in ENTRY_FIELDS),
+                    entry.get("text_commitment"),
                     entry["hash"],
                     json.dumps(entry["signatures"], sort_keys=True),
                     entry["seq"],
