@@ -115,6 +115,13 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "WHERE erasure IS NOT NULL",
         "CREATE INDEX leave_forget_audit_actor ON leave_forget_audit (actor) "
         "WHERE actor IS NOT NULL",
+        # What Synapse held of a room just before its purge (the erasure
+        # receipt; _synapse.leftovers.RoomFootprint), null until then.
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_events BIGINT",
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_state_groups BIGINT",
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_min_stream BIGINT",
+        # The purge's audit entry's receipt (audit.OPTIONAL_FIELDS).
+        "ALTER TABLE leave_forget_audit ADD COLUMN receipt TEXT",
     ),
 )
 

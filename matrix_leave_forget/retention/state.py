@@ -109,6 +109,10 @@ class RetentionState:
             cancelled_at=None,
             note=note,
             updated_at=now,
+            # A room purged before and back again is counted afresh at its next purge.
+            purge_events=None,
+            purge_state_groups=None,
+            purge_min_stream=None,
         )
 
     def rearm_forgotten_txn(
@@ -251,9 +255,56 @@ class RetentionState:
             "leave_forget_backlog_counts", retention_counts_txn, now, config_holds
         )
 
-    async def mark_purged(self, room_id: str) -> None:
+    async def record_footprint(
+        self, room_id: str, footprint_txn: Callable[[LoggingTransaction, str], Any]
+    ) -> None:
+        """Record what Synapse holds of a room about to be purged, once.
+
+        Args:
+            footprint_txn: Reads it (``_synapse.leftovers.room_footprint_txn``).
+                A room already counted keeps its counts: a purge requested
+                again (after a restart, a failure) finds it partly purged.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "SELECT 1 FROM leave_forget_rooms WHERE room_id = ? AND purge_events IS NULL",
+                (room_id,),
+            )
+            if txn.fetchone() is None:
+                return
+            footprint = footprint_txn(txn, room_id)
+            txn.execute(
+                "UPDATE leave_forget_rooms SET purge_events = ?, purge_state_groups = ?, "
+                "purge_min_stream = ? WHERE room_id = ?",
+                (footprint.events, footprint.state_groups, footprint.min_stream, room_id),
+            )
+
+        await self._api.run_db_interaction("leave_forget_record_footprint", txn_fn)
+
+    async def mark_purged(
+        self,
+        room_id: str,
+        leftovers_txn: Callable[[LoggingTransaction, str, int | None], dict[str, int]]
+        | None = None,
+    ) -> None:
+        """Record a room purged, clearing first what Synapse's purge left of it.
+
+        Args:
+            leftovers_txn: Clears the room's leftovers in Synapse's tables
+                (``_synapse.leftovers.purge_leftovers_txn``), given where its
+                rows start in the events stream; in this transaction.
+        """
+
         def txn_fn(txn: LoggingTransaction) -> None:
             self._audit.lock_chain_txn(txn)
+            if leftovers_txn is not None:
+                txn.execute(
+                    "SELECT purge_min_stream FROM leave_forget_rooms WHERE room_id = ?",
+                    (room_id,),
+                )
+                row = txn.fetchone()
+                leftovers_txn(txn, room_id, None if row is None or row[0] is None else int(row[0]))
             entry = self._audit.append_txn(
                 txn, AuditFields(action="purge", outcome="purged", room_id=room_id)
             )

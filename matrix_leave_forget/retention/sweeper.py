@@ -25,6 +25,7 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import run_in_background_process
+from matrix_leave_forget._synapse.leftovers import purge_leftovers_txn, room_footprint_txn
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
@@ -304,7 +305,7 @@ class RetentionSweeper:
                     )
                 continue
             if not view.room_exists:
-                await self._store.retention.mark_purged(room_id)
+                await self._store.retention.mark_purged(room_id, purge_leftovers_txn)
                 del self._in_flight[room_id]
                 self._resumed.discard(room_id)
                 purged += 1
@@ -374,6 +375,8 @@ class RetentionSweeper:
         purge.requested_ms = now
         purge.retry_at_ms = 0
         try:
+            # For the erasure receipt, and where the room's leftovers start.
+            await self._store.retention.record_footprint(room_id, room_footprint_txn)
             await self._api.delete_room(room_id)
         except Exception:
             backoff = min(PURGE_RETRY_MS * 2 ** max(purge.attempts - 1, 0), MAX_PURGE_RETRY_MS)
