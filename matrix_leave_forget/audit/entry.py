@@ -68,6 +68,8 @@ OPTIONAL_FIELDS: Sequence[str] = (
     "text_commitment",
     # On an ``erase`` entry: the entries whose free text it erased (see erasure_claims).
     "erasure",
+    # On a ``purge``/``purged`` entry: what the purge erased and kept (retention.receipt).
+    "receipt",
 )
 
 # Stored beside an entry but never hashed: the commitment's salt, and when the

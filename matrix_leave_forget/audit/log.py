@@ -82,6 +82,8 @@ class AuditFields:
     event_ts: int | None = None
     # On an ``erase`` entry: the entries it erased (audit.erasure_claim, as JSON).
     erasure: str | None = None
+    # On a ``purge``/``purged`` entry: the erasure receipt (retention.receipt, as JSON).
+    receipt: str | None = None
 
 
 T = TypeVar("T")
@@ -493,6 +495,12 @@ class AuditLog:
         )
         return [int(r[0]) for r in txn.fetchall()]
 
+    async def purge_receipt(self, room_id: str) -> dict[str, Any] | None:
+        """The room's latest ``purged`` entry: seq, ts, hash, receipt (purge_receipt_txn)."""
+        return await self._api.run_db_interaction(
+            "leave_forget_purge_receipt", purge_receipt_txn, room_id
+        )
+
     async def count_purged_since(self, since_ts: int) -> int:
         """Rooms recorded purged since ``since_ts`` (the audit log's ts index)."""
         return await self._api.run_db_interaction(
@@ -606,6 +614,24 @@ def select_erasures_txn(txn: Any, paramstyle: str = "?") -> ErasureIndex:
         except (ValueError, TypeError, KeyError):
             continue
     return out
+
+
+def purge_receipt_txn(txn: Any, room_id: str, paramstyle: str = "?") -> dict[str, Any] | None:
+    """The room's latest ``purge``/``purged`` entry: seq, ts, hash and receipt (JSON text).
+
+    Shared with the CLI (``paramstyle``: see select_audit_txn).
+    """
+    txn.execute(
+        "SELECT seq, ts, hash, receipt FROM leave_forget_audit WHERE room_id = ? "
+        "AND action = 'purge' AND outcome = 'purged' ORDER BY seq DESC LIMIT 1".replace(
+            "?", paramstyle
+        ),
+        (room_id,),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None
+    return {"seq": int(row[0]), "ts": int(row[1]), "hash": str(row[2]), "receipt": row[3]}
 
 
 def count_purged_since_txn(txn: Any, since_ts: int, paramstyle: str = "?") -> int:

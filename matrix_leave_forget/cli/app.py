@@ -8,7 +8,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
+from matrix_leave_forget.cli.commands import (
+    cmd_export,
+    cmd_log,
+    cmd_receipt,
+    cmd_rooms,
+    cmd_verify,
+)
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, _is_database_error, open_database
 from matrix_leave_forget.cli.errors import (
@@ -153,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rooms.add_argument("--from", dest="after", metavar="ROOM_ID", help="start after this room")
     rooms.set_defaults(func=cmd_rooms)
+
+    receipt = sub.add_parser(
+        "receipt",
+        parents=[formats],
+        help="what a room's purge erased and kept (its signed audit entry)",
+        description=_summary(cmd_receipt),
+    )
+    receipt.add_argument("room", metavar="ROOM_ID")
+    receipt.set_defaults(func=cmd_receipt)
 
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--user", metavar="USER_ID", help="only this user's entries")

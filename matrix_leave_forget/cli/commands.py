@@ -34,6 +34,7 @@ from matrix_leave_forget.audit.entry import (
 from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
     count_purged_since_txn,
+    purge_receipt_txn,
     select_audit_txn,
     select_erasures_txn,
 )
@@ -56,6 +57,7 @@ from matrix_leave_forget.cli.render import (
     write_json,
 )
 from matrix_leave_forget.http.admin import LISTINGS
+from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import (
     list_rooms_txn,
     retention_counts_txn,
@@ -243,6 +245,67 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     if more and args.format != "json":
         _warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
     return EXIT_OK
+
+
+def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Show the erasure receipt of a purged room: its signed ``purged`` audit entry.
+
+    The same as ``purge_receipt`` in ``GET .../admin/rooms/{roomId}``.
+
+    Args:
+        db: The database.
+        config: The homeserver config (unused).
+        args: The parsed command line (``room``).
+
+    Returns:
+        The exit status (EXIT_ERROR if the room has no purge recorded).
+    """
+    view = receipt_view(purge_receipt_txn(db.cursor(), args.room, paramstyle=db.paramstyle))
+    if view is None:
+        raise CliError(f"no purge of {args.room} is recorded in the audit log")
+    if args.format == "json":
+        write_json(sys.stdout, {"room_id": args.room, **view})
+        return EXIT_OK
+    receipt = view["receipt"] or {}
+    media = receipt.get("media") or {}
+    rows = [
+        ("room", args.room),
+        ("entry", f"{view['seq']}:{view['hash']} ({format_ts(view['ts'])})"),
+        ("events erased", _count(receipt.get("events"))),
+        ("state groups erased", _count(receipt.get("state_groups"))),
+        (
+            "media erased",
+            f"local {media.get('local_items', 0)} ({media.get('local_bytes', 0)} bytes), "
+            f"remote {media.get('remote_items', 0)} ({media.get('remote_bytes', 0)} bytes); "
+            f"policy {media.get('policy', 'keep')}",
+        ),
+        (
+            "media kept",
+            f"referenced elsewhere {media.get('kept_referenced_elsewhere', 0)}, "
+            f"encrypted room {media.get('kept_encrypted_room', 0)}",
+        ),
+        (
+            "leftovers cleared",
+            ", ".join(f"{t} {n}" for t, n in (receipt.get("leftovers_cleared") or {}).items())
+            or "none",
+        ),
+        (
+            "kept (room id only)",
+            ", ".join(f"{t} ({why})" for t, why in (receipt.get("kept") or {}).items()) or "none",
+        ),
+    ]
+    if args.format == "csv":
+        write_csv(sys.stdout, ["field", "value"], [{"field": k, "value": v} for k, v in rows])
+    elif view["receipt"] is None:
+        print("\n".join(f"{k}: {v}" for k, v in rows[:2]))
+        print("(recorded before erasure receipts existed: no counts)")
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in rows))
+    return EXIT_OK
+
+
+def _count(value: Any) -> str:
+    return "not counted" if value is None else str(value)
 
 
 def _audit_filters(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from synapse.module_api.errors import Codes, SynapseError
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import (
     STATE_DRY_RUN,
     STATE_FORGOTTEN,
@@ -288,6 +289,7 @@ class AdminResource(DirectServeJsonResource):
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
         )
         history = await self._store.audit.member_history(room_id)
+        purge = await self._store.audit.purge_receipt(room_id)
         hold = await self._store.retention.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
@@ -295,6 +297,8 @@ class AdminResource(DirectServeJsonResource):
             "room_id": room_id,
             "retention": attr.asdict(retention) if retention else None,
             "hold": hold,
+            # The signed entry that records what the purge erased and kept.
+            "purge_receipt": receipt_view(purge),
             "local_members": [
                 {
                     "user_id": user_id,

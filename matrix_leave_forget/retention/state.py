@@ -18,6 +18,7 @@ from synapse.module_api import LoggingTransaction, ModuleApi
 from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.schema import is_postgres
+from matrix_leave_forget.retention.receipt import build_receipt, encode_receipt
 
 # Retention states of a room (leave_forget_rooms.state).
 STATE_ACTIVE = "active"  # was forgotten by all, then someone came back
@@ -290,6 +291,9 @@ class RetentionState:
     ) -> None:
         """Record a room purged, clearing first what Synapse's purge left of it.
 
+        The ``purged`` entry carries the erasure receipt (retention.receipt):
+        the footprint recorded before the purge and the leftovers cleared.
+
         Args:
             leftovers_txn: Clears the room's leftovers in Synapse's tables
                 (``_synapse.leftovers.purge_leftovers_txn``), given where its
@@ -298,15 +302,18 @@ class RetentionState:
 
         def txn_fn(txn: LoggingTransaction) -> None:
             self._audit.lock_chain_txn(txn)
-            if leftovers_txn is not None:
-                txn.execute(
-                    "SELECT purge_min_stream FROM leave_forget_rooms WHERE room_id = ?",
-                    (room_id,),
-                )
-                row = txn.fetchone()
-                leftovers_txn(txn, room_id, None if row is None or row[0] is None else int(row[0]))
+            txn.execute(
+                "SELECT purge_events, purge_state_groups, purge_min_stream "
+                "FROM leave_forget_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = txn.fetchone() or (None, None, None)
+            events, groups, min_stream = (None if v is None else int(v) for v in row)
+            leftovers = {} if leftovers_txn is None else leftovers_txn(txn, room_id, min_stream)
+            receipt = encode_receipt(build_receipt(events, groups, leftovers))
             entry = self._audit.append_txn(
-                txn, AuditFields(action="purge", outcome="purged", room_id=room_id)
+                txn,
+                AuditFields(action="purge", outcome="purged", room_id=room_id, receipt=receipt),
             )
             txn.execute(
                 "UPDATE leave_forget_rooms SET state = ?, purged_at = ?, updated_at = ? "

@@ -8,12 +8,13 @@ ids and texts. Rows holding only the bare room id are allowed in the tables
 docs/retention.md lists (stream tables), and nowhere else.
 """
 
+import json
 import os
 import sqlite3
 import urllib.parse
 from typing import Any, ClassVar
 
-from tests.integration.harness import pg_connect_args, quote_room
+from tests.integration.harness import pg_connect_args, quote_room, run_cli
 from tests.integration.test_retention import FAST_RETENTION, RELAXED_FORGET, RetentionHelpers
 
 # Unique texts, one per kind of content.
@@ -219,3 +220,33 @@ class PurgeLeftoversTest(RetentionHelpers):
         self.assertEqual({k: v for k, v in leftovers.items() if v}, {})
         room_tables = set(holding(after, room_id))
         self.assertLessEqual(room_tables, ROOM_ID_ONLY_TABLES, room_tables - ROOM_ID_ONLY_TABLES)
+        self.check_receipt(room_id, sum(1 for row in before["events"] if room_id in row))
+
+    def check_receipt(self, room_id: str, events: int) -> None:
+        """The purge's signed entry says what was erased; the admin API and the CLI show it."""
+        detail = self.detail(room_id)
+        view = detail["purge_receipt"]
+        entry = next(e for e in self.audit(room_id=room_id) if e["outcome"] == "purged")
+        self.assertEqual((view["seq"], view["hash"]), (entry["seq"], entry["hash"]))
+        receipt = view["receipt"]
+        self.assertEqual(json.loads(entry["receipt"]), receipt)
+        # Every event the room had when its purge was requested, its state groups.
+        self.assertEqual(receipt["events"], events)
+        self.assertGreater(receipt["state_groups"], 0)
+        # One thread (its root) and the state changes' event ids cleared.
+        self.assertEqual(receipt["leftovers_cleared"]["threads"], 1)
+        self.assertGreater(receipt["leftovers_cleared"]["current_state_delta_stream"], 5)
+        self.assertEqual(set(receipt["kept"]), ROOM_ID_ONLY_TABLES)
+        self.assertEqual(receipt["media"]["policy"], "keep")
+        self.assertEqual(receipt["media"]["local_items"], 0)
+        cli = run_cli(self.hs.config_path, "receipt", room_id, "--json")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertEqual(json.loads(cli.stdout), {"room_id": room_id, **view})
+        table = run_cli(self.hs.config_path, "receipt", room_id)
+        self.assertIn(f"events erased: {events}", table.stdout)
+        self.assertIn(f"entry: {entry['seq']}:{entry['hash']}", table.stdout)
+        missing = run_cli(self.hs.config_path, "receipt", "!never:test.local")
+        self.assertEqual(missing.returncode, 2)
+        self.assertIn("no purge of !never:test.local", missing.stderr)
+        verify = run_cli(self.hs.config_path, "verify")
+        self.assertEqual(verify.returncode, 0, verify.stdout)
