@@ -138,6 +138,7 @@ class LeaveForgetModule:
                 self._internals,
                 self._ready.wait,
                 sweeper=self.sweeper,
+                abandoned_check=self.handler.why_not_abandoned_many_txn,
             ),
         )
         # Listeners start right after modules are loaded; check them then.

@@ -8,6 +8,8 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import (
     IO,
@@ -56,7 +58,7 @@ from matrix_leave_forget.cli.render import (
     write_csv,
     write_json,
 )
-from matrix_leave_forget.http.admin import LISTINGS
+from matrix_leave_forget.http.admin import ADMIN_PREFIX, LISTINGS
 from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import (
     list_rooms_txn,
@@ -301,6 +303,87 @@ def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace
         print("(recorded before erasure receipts existed: no counts)")
     else:
         print("\n".join(f"{k}: {v}" for k, v in rows))
+    return EXIT_OK
+
+
+_SCHEDULE_COLUMNS = (
+    Column("room_id", "ROOM"),
+    Column("result", "RESULT"),
+    Column("purge_due_at", "PURGE DUE", format_ts),
+    Column("why", "WHY"),
+)
+
+# Where the admin token comes from (an environment variable keeps it out of `ps`).
+ADMIN_TOKEN_ENV = "MLF_ADMIN_TOKEN"
+
+
+def cmd_schedule_abandoned(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Put abandoned rooms on the purge schedule through the admin API (a dry run without --apply).
+
+    The one command that changes anything: it asks the running Synapse
+    (``POST .../admin/rooms/abandoned/schedule``), which checks each room and
+    records the scheduling in the audit log with the admin as actor.
+
+    Args:
+        db: The database (unused: the running Synapse decides).
+        config: The homeserver config (unused).
+        args: The parsed command line (``url``, ``room``, ``limit``, ``after``, ``apply``).
+
+    Returns:
+        The exit status.
+
+    Raises:
+        CliError: without a token, or when Synapse refuses or cannot be reached.
+    """
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise CliError(f"set {ADMIN_TOKEN_ENV} to a server admin's access token")
+    body: dict[str, Any] = {"dry_run": not args.apply}
+    if args.room:
+        body["room_ids"] = args.room
+    else:
+        body["limit"] = args.limit
+        body["from"] = args.after or ""
+    url = args.url.rstrip("/") + ADMIN_PREFIX + "/rooms/abandoned/schedule"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())
+            detail = f"{error.get('errcode')}: {error.get('error')}"
+        except ValueError:
+            detail = exc.reason
+        raise CliError(f"{url}: {exc.code} {detail}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}")
+    rows = [
+        {
+            **r,
+            "result": "would schedule" if answer["dry_run"] else "scheduled",
+            "why": "held: not purged while held" if r.get("held") else "",
+        }
+        for r in answer["scheduled"]
+    ]
+    rows += [{**r, "result": "skipped", "purge_due_at": None} for r in answer["skipped"]]
+    if args.format == "json":
+        write_json(sys.stdout, answer)
+    elif args.format == "csv":
+        write_csv(sys.stdout, [c.key for c in _SCHEDULE_COLUMNS], rows)
+    elif rows:
+        print(render_table(_SCHEDULE_COLUMNS, rows))
+    else:
+        print("No abandoned rooms.")
+    if answer["dry_run"] and args.format != "json":
+        _warn("dry run: nothing was scheduled; run again with --apply to schedule")
+    if "next_from" in answer and args.format != "json" and not args.room:
+        _warn(f"more abandoned rooms: continue with --from {answer['next_from']}")
     return EXIT_OK
 
 

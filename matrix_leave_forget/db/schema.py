@@ -122,6 +122,10 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "ALTER TABLE leave_forget_rooms ADD COLUMN purge_min_stream BIGINT",
         # The purge's audit entry's receipt (audit.OPTIONAL_FIELDS).
         "ALTER TABLE leave_forget_audit ADD COLUMN receipt TEXT",
+        # The admin who put an abandoned room (left by every local user, not
+        # necessarily forgotten) on the purge schedule; null for rooms
+        # forgotten by all (docs/retention.md "Abandoned rooms").
+        "ALTER TABLE leave_forget_rooms ADD COLUMN scheduled_by TEXT",
     ),
 )
 

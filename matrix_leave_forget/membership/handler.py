@@ -257,6 +257,29 @@ class MembershipHandler:
                 reasons[room_id] = "no local members"
         return reasons
 
+    def why_not_abandoned_many_txn(
+        self, txn: LoggingTransaction, room_ids: Sequence[str]
+    ) -> dict[str, str]:
+        """Why each room is not abandoned: a local user joined, invited or knocking, set-based.
+
+        An abandoned room (docs/retention.md "Abandoned rooms") was left by
+        every local user, forgotten or not; it is purged on an admin's
+        decision, so a membership left but not forgotten does not keep it.
+
+        Returns:
+            {room_id: why} for the rooms that are not abandoned.
+        """
+        known, with_members, members = self._internals.remembering_members_txn(txn, room_ids, _LIVE)
+        reasons: dict[str, str] = {}
+        for room_id in room_ids:
+            if room_id not in known:
+                reasons[room_id] = "unknown room"
+            elif room_id in members and members[room_id][1] in LIVE_MEMBERSHIPS:
+                reasons[room_id] = _still_has(*members[room_id])
+            elif room_id not in with_members:
+                reasons[room_id] = "no local members"
+        return reasons
+
     async def _record(self, requester: Requester, fields: AuditFields) -> None:
         fields = attr.evolve(
             fields,

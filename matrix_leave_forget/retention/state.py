@@ -68,6 +68,21 @@ class DueDecisions:
     timings_ms: dict[str, float]
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class ScheduleResult:
+    """What scheduling abandoned rooms did (or, under dry run, would do).
+
+    Attributes:
+        scheduled: ``{room_id, purge_due_at, held}`` of each room scheduled
+            (a held room is scheduled but, like a forgotten one, not purged
+            while held).
+        skipped: ``{room_id, why}`` of each room left as it was.
+    """
+
+    scheduled: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+
+
 class RetentionState:
     """Per-room retention state and holds, each change audited.
 
@@ -97,8 +112,15 @@ class RetentionState:
         now: int,
         retention_period_ms: int | None,
         note: str | None,
+        scheduled_by: str | None = None,
     ) -> None:
-        """(Re)start the room's period as forgotten by every local user at ``now``."""
+        """(Re)start the room's period as forgotten by every local user at ``now``.
+
+        Args:
+            scheduled_by: The admin who scheduled an abandoned room (left by
+                every local user, not necessarily forgotten); None for a room
+                forgotten by all.
+        """
         self._upsert_room_txn(
             txn,
             room_id,
@@ -114,6 +136,7 @@ class RetentionState:
             purge_events=None,
             purge_state_groups=None,
             purge_min_stream=None,
+            scheduled_by=scheduled_by,
         )
 
     def rearm_forgotten_txn(
@@ -170,6 +193,7 @@ class RetentionState:
         forgotten_check: ForgottenCheckMany,
         config_holds: AbstractSet[str],
         dry_run: bool,
+        abandoned_check: ForgottenCheckMany | None = None,
     ) -> DueDecisions:
         """Decide up to ``limit`` due rooms in one transaction, oldest due first.
 
@@ -180,6 +204,10 @@ class RetentionState:
         someone came back to are cancelled (``active``, an audit entry naming
         why); the rest go to ``purging`` (or ``dry_run``), each with its audit
         entry in the chain.
+
+        Rooms an admin scheduled as abandoned (``scheduled_by``) are re-checked
+        with ``abandoned_check`` instead: only a local user joined, invited or
+        knocking cancels them (a member who left and did not forget does not).
         """
 
         def txn_fn(txn: LoggingTransaction) -> DueDecisions:
@@ -195,7 +223,7 @@ class RetentionState:
             self._audit.lock_chain_txn(txn)
             holds = sorted(config_holds)
             txn.execute(
-                "SELECT room_id FROM leave_forget_rooms AS r "
+                "SELECT room_id, scheduled_by FROM leave_forget_rooms AS r "
                 "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ? "
                 "AND NOT EXISTS "
                 "(SELECT 1 FROM leave_forget_holds AS h WHERE h.room_id = r.room_id) "
@@ -203,9 +231,14 @@ class RetentionState:
                 + "ORDER BY purge_due_at LIMIT ?",
                 (STATE_FORGOTTEN, now, *holds, limit),
             )
-            rooms = [str(r[0]) for r in txn.fetchall()]
+            rows = txn.fetchall()
+            rooms = [str(r[0]) for r in rows]
+            abandoned = [str(r[0]) for r in rows if r[1] is not None]
+            forgotten = [str(r[0]) for r in rows if r[1] is None] if abandoned else rooms
             lap("select_ms")
-            why_not = forgotten_check(txn, rooms) if rooms else {}
+            why_not = forgotten_check(txn, forgotten) if forgotten else {}
+            if abandoned:
+                why_not.update((abandoned_check or forgotten_check)(txn, abandoned))
             lap("recheck_ms")
             cancelled = [(r, why_not[r]) for r in rooms if r in why_not]
             decided = [r for r in rooms if r not in why_not]
@@ -249,6 +282,71 @@ class RetentionState:
             return DueDecisions(decided, cancelled, len(rooms) >= limit, timings)
 
         return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
+
+    async def schedule_abandoned(
+        self,
+        room_ids: Sequence[str],
+        admin_id: str,
+        retention_period_ms: int,
+        abandoned_check: ForgottenCheckMany,
+        config_holds: AbstractSet[str],
+        dry_run: bool,
+    ) -> "ScheduleResult":
+        """Put abandoned rooms on the purge schedule, as rooms forgotten by all now.
+
+        In one transaction: each room must be abandoned (``abandoned_check``:
+        no local user joined, invited or knocking) and not already tracked
+        (a room forgotten, due, purging or purged keeps its state; one that
+        was ``active`` may be scheduled). Scheduled rooms are due after the
+        retention period, each with an audit entry (``purge``/``scheduled``,
+        ``actor``: the admin); the sweep treats them as forgotten rooms:
+        holds skip them, a join, invite or knock cancels them. Under
+        ``dry_run`` nothing is written: the result says what would happen.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> ScheduleResult:
+            self._audit.lock_chain_txn(txn)
+            states: dict[str, str] = {}
+            for start in range(0, len(room_ids), 500):
+                chunk = list(room_ids[start : start + 500])
+                txn.execute(
+                    "SELECT room_id, state FROM leave_forget_rooms "
+                    f"WHERE room_id IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+                states.update((str(r[0]), str(r[1])) for r in txn.fetchall())
+            skipped = {
+                r: f"already {states[r]}"
+                for r in room_ids
+                if states.get(r, STATE_ACTIVE) != STATE_ACTIVE
+            }
+            candidates = [r for r in room_ids if r not in skipped]
+            skipped.update(abandoned_check(txn, candidates) if candidates else {})
+            chosen = [r for r in candidates if r not in skipped]
+            held = {r for r in chosen if r in config_holds or self.is_held_txn(txn, r)}
+            now = int(time.time() * 1000)
+            if not dry_run and chosen:
+                entries = self._audit.append_many_txn(
+                    txn,
+                    [
+                        AuditFields(action="purge", outcome="scheduled", room_id=r, actor=admin_id)
+                        for r in chosen
+                    ],
+                )
+                now = int(entries[-1]["ts"])
+                for room_id in chosen:
+                    self.mark_forgotten_txn(
+                        txn, room_id, now, retention_period_ms, "abandoned", admin_id
+                    )
+            return ScheduleResult(
+                scheduled=[
+                    {"room_id": r, "purge_due_at": now + retention_period_ms, "held": r in held}
+                    for r in chosen
+                ],
+                skipped=[{"room_id": r, "why": why} for r, why in sorted(skipped.items())],
+            )
+
+        return await self._api.run_db_interaction("leave_forget_schedule_abandoned", txn_fn)
 
     async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> dict[str, int]:
         """What retention has to do (see retention_counts_txn), in one transaction."""

@@ -183,6 +183,7 @@ class RetentionSweeper:
                 self._handler.why_not_forgotten_many_txn,
                 self._config.holds,
                 self._config.dry_run,
+                self._handler.why_not_abandoned_many_txn,
             )
             stats["transactions"] += 1
             for key, value in batch.timings_ms.items():
@@ -360,6 +361,7 @@ class RetentionSweeper:
                 self._handler.why_not_forgotten_many_txn,
                 self._config.holds,
                 False,
+                self._handler.why_not_abandoned_many_txn,
             )
             self._count_decisions(batch.decided, len(batch.cancelled), started, {})
             for room_id in batch.decided:
