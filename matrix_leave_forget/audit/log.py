@@ -488,9 +488,10 @@ class AuditLog:
         """Entries written before ``before_ts`` that still hold free text (audit.text_retention)."""
         actions = ", ".join(f"'{a}'" for a in ERASABLE_ACTIONS)
         txn.execute(
+            # reason_sha256 is only ever set beside a reason's prefix; this
+            # predicate is the partial index leave_forget_audit_text's.
             f"SELECT seq FROM leave_forget_audit WHERE ts < ? AND action IN ({actions}) "
-            "AND text_erased IS NULL AND (reason IS NOT NULL OR reason_sha256 IS NOT NULL) "
-            "ORDER BY seq LIMIT ?",
+            "AND reason IS NOT NULL AND text_erased IS NULL ORDER BY ts LIMIT ?",
             (before_ts, limit),
         )
         return [int(r[0]) for r in txn.fetchall()]

@@ -115,6 +115,10 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "WHERE erasure IS NOT NULL",
         "CREATE INDEX leave_forget_audit_actor ON leave_forget_audit (actor) "
         "WHERE actor IS NOT NULL",
+        # audit.text_retention's pass reads entries still holding text by
+        # time: without it, every pass would walk every erased entry again.
+        "CREATE INDEX leave_forget_audit_text ON leave_forget_audit (ts) "
+        "WHERE reason IS NOT NULL AND text_erased IS NULL",
         # What Synapse held of a room just before its purge (the erasure
         # receipt; _synapse.leftovers.RoomFootprint), null until then.
         "ALTER TABLE leave_forget_rooms ADD COLUMN purge_events BIGINT",
