@@ -43,6 +43,7 @@ class TextEraser:
         self._audit = audit
         self._text_retention_ms = text_retention_ms
         self._running = False
+        self._again = False
 
     async def on_user_deactivation_status_changed(
         self, user_id: str, by_admin: bool, deactivated: bool
@@ -61,43 +62,55 @@ class TextEraser:
             How many entries had their text erased.
         """
         if self._running:
+            # A deactivation during a pass: its user may be past the pass's
+            # listing; the running pass goes round once more.
+            self._again = True
             return 0
         self._running = True
         try:
             erased = 0
-            after = ""
             while True:
-                users = await self._api.run_db_interaction(
-                    "leave_forget_erased_users",
-                    erased_users_with_text_txn,
-                    ERASABLE_ACTIONS,
-                    after,
-                    _USERS_PER_PASS,
-                )
-                for user_id in users:
-                    count = await self._erase_all(
-                        self._user_entries(user_id),
-                        ERASED_USER,
-                        user_id,
-                    )
-                    logger.info("Erased the free text of %d audit entries of %s", count, user_id)
-                    erased += count
-                if len(users) < _USERS_PER_PASS:
-                    break
-                after = users[-1]
-            if self._text_retention_ms is not None:
-                before = now_ms() - self._text_retention_ms
-                count = await self._erase_all(
-                    lambda txn: self._audit.old_text_seqs_txn(txn, before, ERASE_BATCH),
-                    ERASED_TEXT_RETENTION,
-                    None,
-                )
-                if count:
-                    logger.info("Erased the free text of %d audit entries (text_retention)", count)
-                erased += count
-            return erased
+                self._again = False
+                erased += await self._pass()
+                if not self._again:
+                    return erased
         finally:
             self._running = False
+
+    async def _pass(self) -> int:
+        """One pass over erased users, then over text past retention."""
+        erased = 0
+        after = ""
+        while True:
+            users = await self._api.run_db_interaction(
+                "leave_forget_erased_users",
+                erased_users_with_text_txn,
+                ERASABLE_ACTIONS,
+                after,
+                _USERS_PER_PASS,
+            )
+            for user_id in users:
+                count = await self._erase_all(
+                    self._user_entries(user_id),
+                    ERASED_USER,
+                    user_id,
+                )
+                logger.info("Erased the free text of %d audit entries of %s", count, user_id)
+                erased += count
+            if len(users) < _USERS_PER_PASS:
+                break
+            after = users[-1]
+        if self._text_retention_ms is not None:
+            before = now_ms() - self._text_retention_ms
+            count = await self._erase_all(
+                lambda txn: self._audit.old_text_seqs_txn(txn, before, ERASE_BATCH),
+                ERASED_TEXT_RETENTION,
+                None,
+            )
+            if count:
+                logger.info("Erased the free text of %d audit entries (text_retention)", count)
+            erased += count
+        return erased
 
     def _user_entries(self, user_id: str) -> Callable[[LoggingTransaction], list[int]]:
         return lambda txn: self._audit.user_text_seqs_txn(txn, user_id, ERASE_BATCH)
