@@ -9,8 +9,11 @@ ModuleApi method reaches either, so the module clears them itself once
 Synapse's purge is done (docs/retention.md "What a purge leaves").
 """
 
+import inspect
+from typing import Any
+
 import attr
-from synapse.module_api import LoggingTransaction
+from synapse.module_api import LoggingTransaction, ModuleApi
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -74,3 +77,34 @@ def purge_leftovers_txn(
         args,
     )
     return {"threads": threads, "current_state_delta_stream": max(txn.rowcount, 0)}
+
+
+async def purge_remaining_state_groups(api: ModuleApi, room_id: str) -> int:
+    """Delete the purged room's state groups Synapse's purge left, with Synapse's own method.
+
+    Why: up to some release after 1.98, Synapse's room purge deletes only the
+    state groups its events point at (``event_to_state_groups``); a state
+    group no event points at (one computed for an event that was then not
+    persisted) stays, with the room id and an event id. The state tables may
+    live in a database of their own, so this goes through Synapse's state
+    store (``purge_room_state``, whose signature differs across versions),
+    not through the module's transactions. Newer Synapse leaves none: 0.
+
+    Returns:
+        How many state groups were deleted.
+    """
+    state = api._hs.get_datastores().state
+    groups = await state.db_pool.simple_select_onecol(
+        table="state_groups",
+        keyvalues={"room_id": room_id},
+        retcol="id",
+        desc="leave_forget_remaining_state_groups",
+    )
+    if not groups:
+        return 0
+    purge: Any = state.purge_room_state
+    if len(inspect.signature(purge).parameters) >= 2:
+        await purge(room_id, groups)  # Synapse 1.98: the groups to delete
+    else:
+        await purge(room_id)  # later: every state group of the room
+    return len(groups)

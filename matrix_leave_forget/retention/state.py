@@ -386,6 +386,7 @@ class RetentionState:
         room_id: str,
         leftovers_txn: Callable[[LoggingTransaction, str, int | None], dict[str, int]]
         | None = None,
+        cleared: dict[str, int] | None = None,
     ) -> None:
         """Record a room purged, clearing first what Synapse's purge left of it.
 
@@ -396,6 +397,8 @@ class RetentionState:
             leftovers_txn: Clears the room's leftovers in Synapse's tables
                 (``_synapse.leftovers.purge_leftovers_txn``), given where its
                 rows start in the events stream; in this transaction.
+            cleared: Leftovers cleared before this transaction, by table, for
+                the receipt.
         """
 
         def txn_fn(txn: LoggingTransaction) -> None:
@@ -407,7 +410,9 @@ class RetentionState:
             )
             row = txn.fetchone() or (None, None, None)
             events, groups, min_stream = (None if v is None else int(v) for v in row)
-            leftovers = {} if leftovers_txn is None else leftovers_txn(txn, room_id, min_stream)
+            leftovers = dict(cleared or {})
+            if leftovers_txn is not None:
+                leftovers.update(leftovers_txn(txn, room_id, min_stream))
             receipt = encode_receipt(build_receipt(events, groups, leftovers))
             entry = self._audit.append_txn(
                 txn,

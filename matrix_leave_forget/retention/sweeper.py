@@ -25,7 +25,11 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import run_in_background_process
-from matrix_leave_forget._synapse.leftovers import purge_leftovers_txn, room_footprint_txn
+from matrix_leave_forget._synapse.leftovers import (
+    purge_leftovers_txn,
+    purge_remaining_state_groups,
+    room_footprint_txn,
+)
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
 from matrix_leave_forget.audit.entry import now_ms
 from matrix_leave_forget.config import RetentionConfig
@@ -306,7 +310,10 @@ class RetentionSweeper:
                     )
                 continue
             if not view.room_exists:
-                await self._store.retention.mark_purged(room_id, purge_leftovers_txn)
+                groups = await purge_remaining_state_groups(self._api, room_id)
+                await self._store.retention.mark_purged(
+                    room_id, purge_leftovers_txn, {"state_groups": groups} if groups else None
+                )
                 del self._in_flight[room_id]
                 self._resumed.discard(room_id)
                 purged += 1
