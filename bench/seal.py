@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from signedjson.key import generate_signing_key  # noqa: E402
 
 from matrix_leave_forget.audit.entry import (  # noqa: E402
-    FORMAT_GROUP,
     GENESIS_HASH,
+    GROUP_FORMATS,
     escape_fields,
     seal_entries,
     seal_entry,
@@ -117,7 +117,7 @@ def per_group(n: int, group: int, key: Any, sink: Sink | None) -> float:
             [escape_fields(fields(seq + i)) for i in range(size)], seq, prev, ORIGIN, key
         )
         seq, prev = entries[-1]["seq"], entries[-1]["hash"]
-        assert entries[-1]["format"] == FORMAT_GROUP
+        assert entries[-1]["format"] in GROUP_FORMATS
         if sink is not None:
             sink.insert(entries, STORED_COLUMNS)
     return time.perf_counter() - started

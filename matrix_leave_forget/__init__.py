@@ -22,6 +22,7 @@ from matrix_leave_forget._synapse.internals import SynapseInternals
 from matrix_leave_forget._synapse.new_events import observe_new_events
 from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.checkpoint import Checkpointer
+from matrix_leave_forget.audit.erasure import TextEraser
 from matrix_leave_forget.config import (
     MOUNT_INTERCEPT,
     LeaveForgetConfig,
@@ -31,7 +32,7 @@ from matrix_leave_forget.config import (
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
-from matrix_leave_forget.http.admin import ADMIN_PREFIX, AdminResource
+from matrix_leave_forget.http.admin import AdminResource
 from matrix_leave_forget.http.capabilities import CapabilitiesRewrite
 from matrix_leave_forget.http.client import (
     ROOMS_PREFIXES,
@@ -39,15 +40,21 @@ from matrix_leave_forget.http.client import (
     LeaveForgetServlet,
     MatrixNode,
 )
+from matrix_leave_forget.http.paths import ADMIN_PREFIX
 from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.membership.observer import RouteObserver
 from matrix_leave_forget.membership.reconcile import Reconciler
+from matrix_leave_forget.retention.state import why_not_abandoned_many_txn
 from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
 __version__ = "0.1.0"
 __all__ = ["LeaveForgetModule", "__version__"]
 
 logger = logging.getLogger(__name__)
+
+# How often erased users' and expired free text is looked for (besides right
+# after each deactivation).
+_ERASE_INTERVAL_MS = 60 * 1000
 
 
 class LeaveForgetModule:
@@ -81,6 +88,11 @@ class LeaveForgetModule:
         api.register_third_party_rules_callbacks(
             check_can_shutdown_room=self.routes.check_can_shutdown_room,
             on_user_deactivation_status_changed=self.routes.on_user_deactivation_status_changed,
+        )
+        # Synapse erases a user (GDPR) before it calls back on the deactivation.
+        self.eraser = TextEraser(api, self.store.audit, config.audit.text_retention_ms)
+        api.register_third_party_rules_callbacks(
+            on_user_deactivation_status_changed=self._erase_after_deactivation
         )
         if live_events and api.should_run_background_tasks():
             # Every event reaches this process (persisted here, or through
@@ -134,6 +146,7 @@ class LeaveForgetModule:
                 self._internals,
                 self._ready.wait,
                 sweeper=self.sweeper,
+                abandoned_check=why_not_abandoned_many_txn,
             ),
         )
         # Listeners start right after modules are loaded; check them then.
@@ -195,6 +208,17 @@ class LeaveForgetModule:
                 self.reconciler.tick, self.reconciler.interval_ms, desc="leave_forget_catch_up"
             )
             await self.checkpointer.run()
+            # Erasures made while the module was not running, text past retention.
+            self._api.looping_background_call(
+                self.eraser.run, _ERASE_INTERVAL_MS, desc="leave_forget_erase_text"
+            )
+            await self.eraser.run()
+
+    async def _erase_after_deactivation(
+        self, user_id: str, by_admin: bool, deactivated: bool
+    ) -> None:
+        await self._ready.wait()
+        await self.eraser.on_user_deactivation_status_changed(user_id, by_admin, deactivated)
 
     def _check_listener(self) -> None:
         """Warn when no listener of this process can reach the module's resources."""

@@ -88,12 +88,15 @@ class AuditConfig:
             into, or None for checkpoints in Synapse's log only.
         checkpoint_sender: The local user who sends them (joined to the room).
         checkpoint_interval_ms: How often the head is checkpointed (if it moved).
+        text_retention_ms: How long users' free text (leave reasons) is kept
+            before it is erased, or None to keep it (docs/audit.md "Erasure").
     """
 
     refusal_budget: RateLimitConfig = DEFAULT_REFUSAL_BUDGET
     checkpoint_room: str | None = None
     checkpoint_sender: str | None = None
     checkpoint_interval_ms: int = 60 * 60 * 1000
+    text_retention_ms: int | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -286,7 +289,13 @@ def _parse_audit(value: Any) -> AuditConfig:
     section = _mapping(value, (path,))
     _check_keys(
         section,
-        ("refusal_budget", "checkpoint_room", "checkpoint_sender", "checkpoint_interval"),
+        (
+            "refusal_budget",
+            "checkpoint_room",
+            "checkpoint_sender",
+            "checkpoint_interval",
+            "text_retention",
+        ),
         path,
     )
     budget = section.get("refusal_budget")
@@ -322,7 +331,15 @@ def _parse_audit(value: Any) -> AuditConfig:
         checkpoint_interval_ms=parse_duration_ms(
             section.get("checkpoint_interval", "1h"), (path, "checkpoint_interval")
         ),
+        text_retention_ms=_optional_duration(section.get("text_retention"), path, "text_retention"),
     )
+
+
+def _optional_duration(value: Any, path: str, key: str) -> int | None:
+    """A duration key where ``off``/null/false means none."""
+    if value is None or value is False or value == "off":
+        return None
+    return parse_duration_ms(value, (path, key))
 
 
 def parse_config(config: Any) -> LeaveForgetConfig:

@@ -14,6 +14,8 @@ chain cannot be rebuilt by someone without that key.
 
 import hashlib
 import json
+import secrets
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -61,10 +63,35 @@ OPTIONAL_FIELDS: Sequence[str] = (
     "actor",
     # The origin_server_ts of the membership event an entry records.
     "event_ts",
+    # Format 3: the salted commitment to the entry's free text (see COMMITTED_TEXT_FIELDS).
+    "text_commitment",
+    # On an ``erase`` entry: the entries whose free text it erased (see erasure_claims).
+    "erasure",
+    # On a ``purge``/``purged`` entry: what the purge erased and kept (retention.receipt).
+    "receipt",
 )
+
+# Stored beside an entry but never hashed: the commitment's salt, and when the
+# entry's free text was erased (see docs/audit.md "Erasure").
+UNHASHED_FIELDS: Sequence[str] = ("text_salt", "text_erased")
 
 # The format marker of group-sealed entries.
 FORMAT_GROUP = 2
+# Group-sealed, with the free text committed to rather than hashed (see
+# commit_text): the text can be erased and the chain still verifies.
+FORMAT_COMMITTED = 3
+
+# An entry's free text: what a user typed (a leave reason, a refused request's
+# reason prefix and the whole reason's hash). Format 3 hashes a salted
+# commitment to them instead of the text, so that deleting the text (erasure)
+# leaves the hash intact and a short reason cannot be guessed from the hash.
+COMMITTED_TEXT_FIELDS: Sequence[str] = ("reason", "reason_sha256")
+
+# Formats whose entries may be unsigned, covered by a later signature.
+GROUP_FORMATS = frozenset({FORMAT_GROUP, FORMAT_COMMITTED})
+
+# The action of an entry recording an erasure of other entries' free text.
+ACTION_ERASE = "erase"
 
 # Fields whose text comes from a client (or an admin), and so may hold what
 # neither database can store as text: U+0000 (PostgreSQL) or lone surrogates
@@ -155,12 +182,192 @@ def reason_digest(reason: str) -> tuple[int, str]:
 
 
 def hashed_body(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """What an entry's hash covers: every ENTRY_FIELD, and the OPTIONAL_FIELDS that are set."""
+    """What an entry's hash covers: every ENTRY_FIELD, and the OPTIONAL_FIELDS that are set.
+
+    In format 3 the free text (COMMITTED_TEXT_FIELDS) is not hashed: its
+    commitment, ``text_commitment``, is.
+    """
     body = {k: entry[k] for k in ENTRY_FIELDS}
     for k in OPTIONAL_FIELDS:
         if entry.get(k) is not None:
             body[k] = entry[k]
+    if entry.get("format") == FORMAT_COMMITTED:
+        for k in COMMITTED_TEXT_FIELDS:
+            body.pop(k, None)
+        body["reason"] = None
     return body
+
+
+def text_commitment(salt: str, entry: Mapping[str, Any]) -> str:
+    """The salted commitment to an entry's free text: unpadded base64 of
+    SHA-256(salt bytes || canonical JSON of the COMMITTED_TEXT_FIELDS, stored form).
+
+    Args:
+        salt: Unpadded base64 of 16 random bytes, stored in ``text_salt``.
+    """
+    text = {k: entry.get(k) for k in COMMITTED_TEXT_FIELDS}
+    digest = hashlib.sha256(decode_base64(salt) + encode_canonical_json(text))
+    return encode_base64(digest.digest())
+
+
+def has_text(entry: Mapping[str, Any]) -> bool:
+    """Whether an entry holds free text (COMMITTED_TEXT_FIELDS)."""
+    return any(entry.get(k) is not None for k in COMMITTED_TEXT_FIELDS)
+
+
+def commit_text(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """fields in format 3: a fresh salt and the commitment, when there is free text."""
+    out = {**fields, "format": FORMAT_COMMITTED}
+    if has_text(out):
+        out["text_salt"] = encode_base64(secrets.token_bytes(16))
+        out["text_commitment"] = text_commitment(out["text_salt"], out)
+    return out
+
+
+def erased_digest(entry: Mapping[str, Any]) -> str:
+    """The hash of an entry's hashed body with its free text removed.
+
+    An erasure records it beside the entry's hash: once the text is gone,
+    the entry's other fields can still be checked against it.
+    """
+    body = hashed_body(entry)
+    for k in COMMITTED_TEXT_FIELDS:
+        body.pop(k, None)
+    body["reason"] = None
+    return _hash_body(body)
+
+
+def erasure_claim(entry: Mapping[str, Any]) -> list[Any]:
+    """What an ``erase`` entry records of an entry whose text it erases: [seq, hash, digest]."""
+    return [entry["seq"], entry["hash"], erased_digest(entry)]
+
+
+def erasure_claims(entry: Mapping[str, Any]) -> dict[int, tuple[str, str]]:
+    """The claims of an ``erase`` entry: {seq: (hash, erased digest)}; {} for other entries.
+
+    Raises:
+        ValueError: if ``erasure`` is not a JSON list of [seq, hash, digest].
+    """
+    if entry.get("action") != ACTION_ERASE or entry.get("erasure") is None:
+        return {}
+    claims: dict[int, tuple[str, str]] = {}
+    for item in json.loads(entry["erasure"]):
+        seq, claimed_hash, digest = item
+        if not isinstance(seq, int) or not isinstance(claimed_hash, str):
+            raise ValueError(f"not an erasure claim: {item!r}")
+        claims[seq] = (claimed_hash, str(digest))
+    return claims
+
+
+def stored_text_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why a format 3 entry's stored free text does not match its commitment, if it does not.
+
+    Entries of older formats hash their text, and entries whose text was
+    erased are checked against their erasure instead (see iter_verify).
+    """
+    if entry.get("format") != FORMAT_COMMITTED or entry.get("text_erased") is not None:
+        return None
+    commitment = entry.get("text_commitment")
+    if commitment is None:
+        if has_text(entry):
+            return "free text without a commitment (the row was edited)"
+        return None
+    salt = entry.get("text_salt")
+    if not isinstance(salt, str) or text_commitment(salt, entry) != commitment:
+        return "free text does not match its commitment (the row was edited)"
+    return None
+
+
+def erased_entry_problem(
+    entry: Mapping[str, Any], erasures: Mapping[int, tuple[int, str, str]]
+) -> str | None:
+    """Why an entry marked erased is not a valid erasure, if it is not.
+
+    It must hold no free text, and a later ``erase`` entry must record its
+    seq, its hash (unchanged, so it still links and its signature holds)
+    and the digest of its other fields (erased_digest).
+
+    Args:
+        erasures: {seq: (erase entry's seq, hash, digest)} from every erase entry.
+    """
+    if has_text(entry) or entry.get("text_salt") is not None:
+        return "marked erased but still holds free text"
+    claim = erasures.get(entry["seq"])
+    if claim is None:
+        return "free text removed without an erasure record (the row was edited)"
+    erase_seq, claimed_hash, digest = claim
+    if erase_seq <= entry["seq"]:
+        return f"erasure record {erase_seq} precedes the entry it erases"
+    if claimed_hash != entry.get("hash"):
+        return f"hash differs from the one erasure {erase_seq} recorded"
+    if erased_digest(entry) != digest:
+        return f"fields differ from those erasure {erase_seq} recorded (the row was edited)"
+    return None
+
+
+def content_problem(
+    entry: Mapping[str, Any], erasures: Mapping[int, tuple[int, str, str]]
+) -> str | None:
+    """Why an entry's contents do not match its stored hash, if they do not.
+
+    An entry whose free text was erased is checked against its erasure
+    record; a format 3 entry's text against its commitment.
+    """
+    if entry.get("text_erased") is not None:
+        problem = erased_entry_problem(entry, erasures)
+        if problem is not None or entry.get("format") != FORMAT_COMMITTED:
+            return problem
+    if entry_hash(entry) != entry.get("hash"):
+        return "contents do not match the stored hash (the row was edited)"
+    if entry.get("action") == ACTION_ERASE:
+        return erase_record_problem(entry, erasures)
+    return stored_text_problem(entry)
+
+
+def erase_record_problem(
+    entry: Mapping[str, Any], erasures: Mapping[int, tuple[int, str, str]]
+) -> str | None:
+    """Why an ``erase`` entry of the chain disagrees with the erasures verify was given.
+
+    Verify is given every erase entry's claims up front (an erased entry
+    comes before its erasure); each must be the chain's own, read here.
+    """
+    try:
+        claims = erasure_claims(entry)
+    except (ValueError, TypeError) as exc:
+        return f"erasure record cannot be read: {exc}"
+    for seq, (claimed_hash, digest) in claims.items():
+        if erasures.get(seq) != (entry["seq"], claimed_hash, digest):
+            return f"erasure record of entry {seq} differs from the one checked"
+    if _record_size(erasures, entry["seq"]) != len(claims):
+        return "erasure record holds fewer entries than the erasures checked against it"
+    return None
+
+
+class ErasureIndex(dict[int, tuple[int, str, str]]):
+    """{erased seq: (erase entry's seq, hash, digest)}, with each erase entry's claim count."""
+
+    _sizes: Counter[int] | None = None
+
+    def record_size(self, erase_seq: int) -> int:
+        if self._sizes is None:
+            self._sizes = Counter(claim[0] for claim in self.values())
+        return self._sizes[erase_seq]
+
+
+def _record_size(erasures: Mapping[int, tuple[int, str, str]], erase_seq: int) -> int:
+    if isinstance(erasures, ErasureIndex):
+        return erasures.record_size(erase_seq)
+    return sum(1 for claim in erasures.values() if claim[0] == erase_seq)
+
+
+def erasures_from_entries(entries: Iterable[Mapping[str, Any]]) -> ErasureIndex:
+    """{erased seq: (erase entry's seq, hash, digest)} from the ``erase`` entries given."""
+    out = ErasureIndex()
+    for entry in entries:
+        for seq, (claimed_hash, digest) in erasure_claims(entry).items():
+            out[seq] = (int(entry["seq"]), claimed_hash, digest)
+    return out
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -173,9 +380,16 @@ def _hash_body(body: Mapping[str, Any]) -> str:
 
 
 def chain_entry(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """An entry with its hash and no signature yet (``signatures`` is empty)."""
+    """An entry with its hash and no signature yet (``signatures`` is empty).
+
+    Format 3 entries keep their free text and salt beside the hashed body.
+    """
     entry = hashed_body(fields)
     entry["hash"] = _hash_body(entry)
+    if fields.get("format") == FORMAT_COMMITTED:
+        for k in (*COMMITTED_TEXT_FIELDS, "text_salt"):
+            if fields.get(k) is not None:
+                entry[k] = fields[k]
     entry["signatures"] = {}
     return entry
 
@@ -212,9 +426,10 @@ def seal_entries(
 ) -> list[dict[str, Any]]:
     """Chain entries after (seq, prev_hash) in the group format: one signature, on the last.
 
-    Every entry carries ``format: 2``: it may be unsigned, covered by the next
-    signed entry. The group is written in one transaction, so a valid chain
-    never ends on an unsigned entry.
+    Every entry carries ``format: 3``: it may be unsigned, covered by the next
+    signed entry, and its free text is committed to, not hashed (commit_text).
+    The group is written in one transaction, so a valid chain never ends on
+    an unsigned entry.
 
     Args:
         many: The entries' fields, without seq and prev_hash.
@@ -224,7 +439,7 @@ def seal_entries(
     entries: list[dict[str, Any]] = []
     for fields in many:
         seq += 1
-        entry = chain_entry({**fields, "seq": seq, "prev_hash": prev_hash, "format": FORMAT_GROUP})
+        entry = chain_entry(commit_text({**fields, "seq": seq, "prev_hash": prev_hash}))
         prev_hash = entry["hash"]
         entries.append(entry)
     if entries:
@@ -317,6 +532,8 @@ class VerifyResult:
         bad_seq: The first entry that failed, or None.
         problem: Why it failed.
         heads_matched: How many expected heads (recorded heads, checkpoints) were found.
+        erased: How many entries checked had their free text erased (each
+            against its erasure record): erased, not tampered with.
     """
 
     checked: int
@@ -324,6 +541,7 @@ class VerifyResult:
     bad_seq: int | None = None
     problem: str | None = None
     heads_matched: int = 0
+    erased: int = 0
 
     @property
     def ok(self) -> bool:
@@ -343,6 +561,7 @@ def iter_verify(
     expected_heads: Iterable[tuple[int, str]] = (),
     after: tuple[int, str] | None = None,
     after_ts: int | None = None,
+    erasures: Mapping[int, tuple[int, str, str]] | None = None,
 ) -> Iterator[VerifyResult]:
     """Check entries in seq order, yielding progress and stopping at the first bad one.
 
@@ -366,10 +585,18 @@ def iter_verify(
     holds that head); expected heads at or before it are the caller's too.
     ``after_ts``, the head's ts, is where key expiry starts counting.
 
+    An entry whose free text was erased is checked against its erasure
+    record: ``erasures`` (erasures_from_entries of every ``erase`` entry, read
+    before the chain, as the record follows the entry) must hold it, and the
+    record must be the chain's own when the chain reaches it
+    (content_problem, docs/audit.md "Erasure").
+
     A result is yielded after each entry that is covered by a signature.
     """
     expiry = key_expiry or {}
     start_seq, start_hash = after if after is not None else (0, GENESIS_HASH)
+    erasures = erasures or {}
+    erased = 0
     heads: dict[int, str] = {}
     for head_seq, head_hash in expected_heads:
         if head_seq > start_seq:
@@ -381,8 +608,6 @@ def iter_verify(
     checked = start_seq
     pending: list[int] = []  # unsigned entries waiting for a signature
     max_ts = after_ts
-    # Bound once: this loop runs per entry, up to millions of times.
-    hash_of = entry_hash
     for entry in entries:
         get = entry.get
         seq = get("seq")
@@ -391,8 +616,8 @@ def iter_verify(
             problem = f"expected entry {expected_seq} but found entry {seq}"
         elif get("prev_hash") != prev:
             problem = "prev_hash does not match the previous entry's hash"
-        elif hash_of(entry) != get("hash"):
-            problem = "contents do not match the stored hash (the row was edited)"
+        elif (content := content_problem(entry, erasures)) is not None:
+            problem = content
         elif seq in heads and heads[seq] != get("hash"):
             problem = f"hash differs from the expected head {seq}:{heads[seq]}"
         else:
@@ -400,7 +625,8 @@ def iter_verify(
             if isinstance(ts, int) and (max_ts is None or ts > max_ts):
                 max_ts = ts
             signatures = get("signatures")
-            if not signatures and get("format") == FORMAT_GROUP:
+            erased += get("text_erased") is not None
+            if not signatures and get("format") in GROUP_FORMATS:
                 pending.append(expected_seq)
             else:
                 problem = _signature_problem(entry, origin, verify_keys, expiry, max_ts)
@@ -410,7 +636,7 @@ def iter_verify(
                 # The bad signature was to cover the pending entries too.
                 bad = pending[0]
                 problem += f" (entry {seq}, which was to cover entries {pending[0]} to {seq})"
-            yield VerifyResult(checked, signed_hash, bad, problem, matched)
+            yield VerifyResult(checked, signed_hash, bad, problem, matched, erased)
             return
         if seq in heads:
             matched += 1
@@ -421,7 +647,7 @@ def iter_verify(
         checked = expected_seq - 1
         pending = []
         signed_hash = prev
-        yield VerifyResult(checked, signed_hash, heads_matched=matched)
+        yield VerifyResult(checked, signed_hash, heads_matched=matched, erased=erased)
     if pending:
         yield VerifyResult(
             checked,
@@ -430,6 +656,7 @@ def iter_verify(
             f"entries {pending[0]} to {pending[-1]} are not covered by any signature "
             "(a group-sealed chain ends on a signed entry)",
             matched,
+            erased,
         )
         return
     beyond = sorted(s for s in heads if s > checked)
@@ -441,10 +668,24 @@ def iter_verify(
             f"the chain ends at entry {checked}, before the expected head "
             f"{beyond[0]}:{heads[beyond[0]]} (truncated)",
             matched,
+            erased,
         )
         return
+    if (missing := missing_erasure(erasures, checked)) is not None:
+        yield VerifyResult(checked, signed_hash, missing[0], missing[1], matched, erased)
+        return
     if checked == start_seq:
-        yield VerifyResult(checked, signed_hash, heads_matched=matched)
+        yield VerifyResult(checked, signed_hash, heads_matched=matched, erased=erased)
+
+
+def missing_erasure(
+    erasures: Mapping[int, tuple[int, str, str]], checked: int
+) -> tuple[int, str] | None:
+    """(seq, problem) for a checked erased entry whose erasure record the chain lacks."""
+    for seq, (erase_seq, _hash, _digest) in sorted(erasures.items()):
+        if seq <= checked < erase_seq:
+            return seq, f"its erasure record, entry {erase_seq}, is not in the chain"
+    return None
 
 
 def _signature_problem(
@@ -489,7 +730,17 @@ def verify_chain(
     verify_keys: Mapping[str, VerifyKey],
     key_expiry: Mapping[str, int] | None = None,
     expected_heads: Iterable[tuple[int, str]] = (),
+    erasures: Mapping[int, tuple[int, str, str]] | None = None,
 ) -> VerifyResult:
-    """Check a whole chain; see iter_verify."""
-    *_, last = iter_verify(entries, origin, verify_keys, key_expiry, expected_heads)
+    """Check a whole chain; see iter_verify.
+
+    Without ``erasures``, they are read from the entries themselves (a list
+    is read twice).
+    """
+    if erasures is None:
+        entries = list(entries)
+        erasures = erasures_from_entries(entries)
+    *_, last = iter_verify(
+        entries, origin, verify_keys, key_expiry, expected_heads, erasures=erasures
+    )
     return last

@@ -18,9 +18,15 @@ from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi
 
 from matrix_leave_forget.audit.entry import (
+    ACTION_ERASE,
     ENTRY_FIELDS,
     GENESIS_HASH,
     OPTIONAL_FIELDS,
+    UNHASHED_FIELDS,
+    ErasureIndex,
+    content_problem,
+    erasure_claim,
+    erasure_claims,
     escape_fields,
     seal_entries,
 )
@@ -34,8 +40,19 @@ logger = logging.getLogger(__name__)
 # The columns every entry has; STORED_COLUMNS adds the optional fields, which
 # an entry read back carries only when they are set (see audit.OPTIONAL_FIELDS).
 AUDIT_COLUMNS: Sequence[str] = (*ENTRY_FIELDS, "hash", "signatures")
-STORED_COLUMNS: Sequence[str] = (*AUDIT_COLUMNS, *OPTIONAL_FIELDS)
-_INT_OPTIONAL_FIELDS = frozenset({"format", "reason_bytes", "suppressed", "event_ts"})
+STORED_COLUMNS: Sequence[str] = (*AUDIT_COLUMNS, *OPTIONAL_FIELDS, *UNHASHED_FIELDS)
+_INT_OPTIONAL_FIELDS = frozenset(
+    {"format", "reason_bytes", "suppressed", "event_ts", "text_erased"}
+)
+
+# Most entries one ``erase`` entry records (its ``erasure`` field stays < 100 KB).
+ERASE_BATCH = 1000
+# Outcomes of ``erase`` entries: why the text went.
+ERASED_USER = "erased_user"  # Synapse erased the user (GDPR erasure)
+ERASED_TEXT_RETENTION = "text_retention"  # older than audit.text_retention
+# Entries whose free text erasure removes: what users typed. Holds and
+# purges carry an admin's or the module's text, which stays.
+ERASABLE_ACTIONS = ("leave", "forget")
 
 # Outcome of entries written by start-up reconciliation, for actions Synapse
 # performed but whose audit write was lost (a crash between the two).
@@ -63,6 +80,10 @@ class AuditFields:
     via: str | None = None
     actor: str | None = None
     event_ts: int | None = None
+    # On an ``erase`` entry: the entries it erased (audit.erasure_claim, as JSON).
+    erasure: str | None = None
+    # On a ``purge``/``purged`` entry: the erasure receipt (retention.receipt, as JSON).
+    receipt: str | None = None
 
 
 T = TypeVar("T")
@@ -273,6 +294,95 @@ class AuditLog:
 
         return await self._api.run_db_interaction("leave_forget_member_history", txn_fn)
 
+    def erase_text_txn(
+        self, txn: LoggingTransaction, seqs: Sequence[int], outcome: str, user_id: str | None
+    ) -> int:
+        """Erase the free text of the entries ``seqs``, recording it in signed ``erase`` entries.
+
+        Each entry is checked first: one whose contents no longer match its
+        hash (tampered with) keeps its text, so that an erasure never
+        launders an edit, and is logged. The ``erase`` entries (one per
+        ERASE_BATCH) are appended first, then the text is deleted, in this
+        transaction. Callers must have called lock_chain_txn first.
+
+        Returns:
+            How many entries had their text erased.
+        """
+        if not seqs:
+            return 0
+        txn.execute(
+            f"SELECT {', '.join(STORED_COLUMNS)} FROM leave_forget_audit "
+            f"WHERE seq IN ({', '.join('?' for _ in seqs)}) ORDER BY seq",
+            list(seqs),
+        )
+        claims: list[list[Any]] = []
+        for row in txn.fetchall():
+            entry = row_to_entry(row)
+            if entry.get("text_erased") is not None:
+                continue
+            problem = content_problem(entry, {})
+            if problem is not None:
+                logger.error(
+                    "Audit entry %d keeps its free text, not erased: %s", entry["seq"], problem
+                )
+                continue
+            claims.append(erasure_claim(entry))
+        if not claims:
+            return 0
+        self.append_many_txn(
+            txn,
+            [
+                AuditFields(
+                    action=ACTION_ERASE,
+                    outcome=outcome,
+                    user_id=user_id,
+                    erasure=json.dumps(claims[i : i + ERASE_BATCH], separators=(",", ":")),
+                )
+                for i in range(0, len(claims), ERASE_BATCH)
+            ],
+        )
+        erased_seqs = [claim[0] for claim in claims]
+        now = now_ms()
+        for i in range(0, len(erased_seqs), ERASE_BATCH):
+            chunk = erased_seqs[i : i + ERASE_BATCH]
+            txn.execute(
+                "UPDATE leave_forget_audit SET reason = NULL, reason_sha256 = NULL, "
+                f"text_salt = NULL, text_erased = ? WHERE seq IN ({', '.join('?' for _ in chunk)})",
+                [now, *chunk],
+            )
+        return len(claims)
+
+    @staticmethod
+    def user_text_seqs_txn(txn: LoggingTransaction, user_id: str, limit: int) -> list[int]:
+        """Entries by or about user_id (``user_id`` or ``actor``) that still hold free text."""
+        actions = ", ".join(f"'{a}'" for a in ERASABLE_ACTIONS)
+        txn.execute(
+            "SELECT seq FROM leave_forget_audit WHERE (user_id = ? OR actor = ?) "
+            f"AND action IN ({actions}) AND text_erased IS NULL "
+            "AND (reason IS NOT NULL OR reason_sha256 IS NOT NULL) ORDER BY seq LIMIT ?",
+            (user_id, user_id, limit),
+        )
+        return [int(r[0]) for r in txn.fetchall()]
+
+    @staticmethod
+    def old_text_seqs_txn(txn: LoggingTransaction, before_ts: int, limit: int) -> list[int]:
+        """Entries written before ``before_ts`` that still hold free text (audit.text_retention)."""
+        actions = ", ".join(f"'{a}'" for a in ERASABLE_ACTIONS)
+        txn.execute(
+            # reason_sha256 is only ever set beside a reason's prefix; this
+            # predicate is the partial index leave_forget_audit_text's.
+            f"SELECT seq FROM leave_forget_audit WHERE ts < ? AND action IN ({actions}) "
+            "AND reason IS NOT NULL AND text_erased IS NULL ORDER BY ts LIMIT ?",
+            (before_ts, limit),
+        )
+        return [int(r[0]) for r in txn.fetchall()]
+
+    async def purge_receipt(self, room_id: str) -> dict[str, Any] | None:
+        """The room's latest ``purged`` entry: seq, ts, hash, receipt (purge_receipt_txn)."""
+        return await self._api.run_db_interaction(
+            "leave_forget_purge_receipt", purge_receipt_txn, room_id
+        )
+
     async def count_purged_since(self, since_ts: int) -> int:
         """Rooms recorded purged since ``since_ts`` (the audit log's ts index)."""
         return await self._api.run_db_interaction(
@@ -290,8 +400,10 @@ def _head(row: Sequence[Any] | None) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
-# Each optional column after AUDIT_COLUMNS in a row, and whether it holds an int.
-_OPTIONAL_DECODING = tuple((key, key in _INT_OPTIONAL_FIELDS) for key in OPTIONAL_FIELDS)
+# Each optional (or unhashed) column after AUDIT_COLUMNS in a row, and whether it holds an int.
+_OPTIONAL_DECODING = tuple(
+    (key, key in _INT_OPTIONAL_FIELDS) for key in (*OPTIONAL_FIELDS, *UNHASHED_FIELDS)
+)
 # What a row's signatures column holds for an unsigned (group-sealed) entry.
 _NO_SIGNATURES = "{}"
 
@@ -371,6 +483,47 @@ def select_audit_txn(
             args.append(limit)
     txn.execute(sql.replace("?", paramstyle), args)
     return [row_to_entry(r) for r in txn.fetchall()]
+
+
+def select_erasures_txn(txn: Any, paramstyle: str = "?") -> ErasureIndex:
+    """Every ``erase`` entry's claims, for verify (an erased entry precedes its record).
+
+    A record that does not decode is left out here: verify reports it when
+    the chain reaches it. Shared by the offline CLI (``paramstyle``: see select_audit_txn).
+    """
+    columns = ", ".join(STORED_COLUMNS)
+    txn.execute(
+        f"SELECT {columns} FROM leave_forget_audit WHERE erasure IS NOT NULL ORDER BY seq".replace(
+            "?", paramstyle
+        )
+    )
+    out = ErasureIndex()
+    for row in txn.fetchall():
+        try:
+            entry = row_to_entry(row)
+            for seq, (claimed_hash, digest) in erasure_claims(entry).items():
+                out[seq] = (entry["seq"], claimed_hash, digest)
+        except (ValueError, TypeError, KeyError):
+            continue
+    return out
+
+
+def purge_receipt_txn(txn: Any, room_id: str, paramstyle: str = "?") -> dict[str, Any] | None:
+    """The room's latest ``purge``/``purged`` entry: seq, ts, hash and receipt (JSON text).
+
+    Shared with the CLI (``paramstyle``: see select_audit_txn).
+    """
+    txn.execute(
+        "SELECT seq, ts, hash, receipt FROM leave_forget_audit WHERE room_id = ? "
+        "AND action = 'purge' AND outcome = 'purged' ORDER BY seq DESC LIMIT 1".replace(
+            "?", paramstyle
+        ),
+        (room_id,),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None
+    return {"seq": int(row[0]), "ts": int(row[1]), "hash": str(row[2]), "receipt": row[3]}
 
 
 def count_purged_since_txn(txn: Any, since_ts: int, paramstyle: str = "?") -> int:

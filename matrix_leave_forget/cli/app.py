@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from matrix_leave_forget.cli.commands import cmd_export, cmd_log, cmd_rooms, cmd_verify
+from matrix_leave_forget.cli.commands import (
+    cmd_export,
+    cmd_log,
+    cmd_receipt,
+    cmd_rooms,
+    cmd_schedule_abandoned,
+    cmd_verify,
+)
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, is_database_error, open_database
 from matrix_leave_forget.cli.errors import (
@@ -171,6 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rooms.add_argument("--from", dest="after", metavar="ROOM_ID", help="start after this room")
     rooms.set_defaults(func=cmd_rooms)
+
+    receipt = sub.add_parser(
+        "receipt",
+        parents=[formats],
+        help="what a room's purge erased and kept (its signed audit entry)",
+        description=_summary(cmd_receipt),
+    )
+    receipt.add_argument("room", metavar="ROOM_ID")
+    receipt.set_defaults(func=cmd_receipt)
+
+    schedule = sub.add_parser(
+        "schedule-abandoned",
+        parents=[formats],
+        help="put abandoned rooms on the purge schedule (dry run unless --apply)",
+        description=_summary(cmd_schedule_abandoned),
+    )
+    schedule.add_argument(
+        "--url",
+        default="http://localhost:8008",
+        help="Synapse's client listener (default http://localhost:8008); the token comes "
+        "from the MLF_ADMIN_TOKEN environment variable",
+    )
+    schedule.add_argument(
+        "--room", action="append", metavar="ROOM_ID", help="this room (repeatable)"
+    )
+    schedule.add_argument(
+        "--limit",
+        type=_positive,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"without --room: the next N abandoned rooms (default {DEFAULT_LIMIT}, at most 1000)",
+    )
+    schedule.add_argument("--from", dest="after", metavar="ROOM_ID", help="start after this room")
+    schedule.add_argument(
+        "--apply",
+        action="store_true",
+        help="schedule them (default: a dry run that says what would)",
+    )
+    schedule.set_defaults(func=cmd_schedule_abandoned)
 
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--user", metavar="USER_ID", help="only this user's entries")

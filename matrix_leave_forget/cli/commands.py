@@ -8,6 +8,8 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import (
     IO,
@@ -36,7 +38,9 @@ from matrix_leave_forget.audit.entry import (
 from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
     count_purged_since_txn,
+    purge_receipt_txn,
     select_audit_txn,
+    select_erasures_txn,
 )
 from matrix_leave_forget.cli.config import (
     HomeserverConfig,
@@ -57,6 +61,8 @@ from matrix_leave_forget.cli.render import (
     write_csv,
     write_json,
 )
+from matrix_leave_forget.http.paths import ADMIN_PREFIX
+from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import (
     LISTINGS,
     list_rooms_txn,
@@ -233,6 +239,148 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
     if more and args.format != "json":
         warn(f"showing the first {args.limit}: continue with --from {rooms[-1]['room_id']}")
     return EXIT_OK
+
+
+def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Show the erasure receipt of a purged room: its signed ``purged`` audit entry.
+
+    The same as ``purge_receipt`` in ``GET .../admin/rooms/{roomId}``.
+
+    Args:
+        db: The database.
+        config: The homeserver config (unused).
+        args: The parsed command line (``room``).
+
+    Returns:
+        The exit status (EXIT_ERROR if the room has no purge recorded).
+    """
+    view = receipt_view(purge_receipt_txn(db.cursor(), args.room, paramstyle=db.paramstyle))
+    if view is None:
+        raise CliError(f"no purge of {args.room} is recorded in the audit log")
+    if args.format == "json":
+        write_json(sys.stdout, {"room_id": args.room, **view})
+        return EXIT_OK
+    receipt = view["receipt"] or {}
+    media = receipt.get("media") or {}
+    rows = [
+        ("room", args.room),
+        ("entry", f"{view['seq']}:{view['hash']} ({format_ts(view['ts'])})"),
+        ("events erased", _count(receipt.get("events"))),
+        ("state groups erased", _count(receipt.get("state_groups"))),
+        (
+            "media erased",
+            f"local {media.get('local_items', 0)} ({media.get('local_bytes', 0)} bytes), "
+            f"remote {media.get('remote_items', 0)} ({media.get('remote_bytes', 0)} bytes); "
+            f"policy {media.get('policy', 'keep')}",
+        ),
+        (
+            "media kept",
+            f"referenced elsewhere {media.get('kept_referenced_elsewhere', 0)}, "
+            f"encrypted room {media.get('kept_encrypted_room', 0)}",
+        ),
+        (
+            "leftovers cleared",
+            ", ".join(f"{t} {n}" for t, n in (receipt.get("leftovers_cleared") or {}).items())
+            or "none",
+        ),
+        (
+            "kept (room id only)",
+            ", ".join(f"{t} ({why})" for t, why in (receipt.get("kept") or {}).items()) or "none",
+        ),
+    ]
+    if args.format == "csv":
+        write_csv(sys.stdout, ["field", "value"], [{"field": k, "value": v} for k, v in rows])
+    elif view["receipt"] is None:
+        print("\n".join(f"{k}: {v}" for k, v in rows[:2]))
+        print("(recorded before erasure receipts existed: no counts)")
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in rows))
+    return EXIT_OK
+
+
+_SCHEDULE_COLUMNS = (
+    Column("room_id", "ROOM"),
+    Column("result", "RESULT"),
+    Column("purge_due_at", "PURGE DUE", format_ts),
+    Column("why", "WHY"),
+)
+
+# Where the admin token comes from (an environment variable keeps it out of `ps`).
+ADMIN_TOKEN_ENV = "MLF_ADMIN_TOKEN"
+
+
+def cmd_schedule_abandoned(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Put abandoned rooms on the purge schedule through the admin API (a dry run without --apply).
+
+    The one command that changes anything: it asks the running Synapse
+    (``POST .../admin/rooms/abandoned/schedule``), which checks each room and
+    records the scheduling in the audit log with the admin as actor.
+
+    Args:
+        db: The database (unused: the running Synapse decides).
+        config: The homeserver config (unused).
+        args: The parsed command line (``url``, ``room``, ``limit``, ``after``, ``apply``).
+
+    Returns:
+        The exit status.
+
+    Raises:
+        CliError: without a token, or when Synapse refuses or cannot be reached.
+    """
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise CliError(f"set {ADMIN_TOKEN_ENV} to a server admin's access token")
+    body: dict[str, Any] = {"dry_run": not args.apply}
+    if args.room:
+        body["room_ids"] = args.room
+    else:
+        body["limit"] = args.limit
+        body["from"] = args.after or ""
+    url = args.url.rstrip("/") + ADMIN_PREFIX + "/rooms/abandoned/schedule"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())
+            detail = f"{error.get('errcode')}: {error.get('error')}"
+        except ValueError:
+            detail = exc.reason
+        raise CliError(f"{url}: {exc.code} {detail}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}")
+    rows = [
+        {
+            **r,
+            "result": "would schedule" if answer["dry_run"] else "scheduled",
+            "why": "held: not purged while held" if r.get("held") else "",
+        }
+        for r in answer["scheduled"]
+    ]
+    rows += [{**r, "result": "skipped", "purge_due_at": None} for r in answer["skipped"]]
+    if args.format == "json":
+        write_json(sys.stdout, answer)
+    elif args.format == "csv":
+        write_csv(sys.stdout, [c.key for c in _SCHEDULE_COLUMNS], rows)
+    elif rows:
+        print(render_table(_SCHEDULE_COLUMNS, rows))
+    else:
+        print("No abandoned rooms.")
+    if answer["dry_run"] and args.format != "json":
+        warn("dry run: nothing was scheduled; run again with --apply to schedule")
+    if "next_from" in answer and args.format != "json" and not args.room:
+        warn(f"more abandoned rooms: continue with --from {answer['next_from']}")
+    return EXIT_OK
+
+
+def _count(value: Any) -> str:
+    return "not counted" if value is None else str(value)
 
 
 def _audit_filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -598,6 +746,8 @@ def verify_database(
             return attr.evolve(failure, problem=_plain_problem(failure.problem or ""))
         result = VerifyResult(since[0], since[1])
     current: dict[str, Any] = {"seq": None}
+    # Erased entries come before their erasure records: read the records first.
+    erasures = select_erasures_txn(db.cursor(), paramstyle=db.paramstyle)
     try:
         for result in iter_verify(
             _entries_for_verify(db, current, since[0] if since else 0),
@@ -607,6 +757,7 @@ def verify_database(
             expected_heads,
             since,
             after_ts,
+            erasures,
         ):
             if progress is not None and result.ok:
                 progress.update(result.checked, int(current["seq"]))
@@ -744,6 +895,7 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         "head_seq": result.head_seq,
         "expected_heads": len(heads),
         "heads_matched": result.heads_matched,
+        "erased": result.erased,
         "checkpoints": checkpoints,
         "checkpoints_rejected": len(rejected),
         "since_seq": since[0] if since is not None else None,
@@ -758,6 +910,11 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
             f"OK: {_entries(checked)}{after} checked; every hash link and signature "
             f"by {origin} ({', '.join(sorted(keys))}) is valid."
         )
+        if result.erased:
+            print(
+                f"{_entries(result.erased)}: free text erased (user erasure or "
+                "text_retention), each matching its signed erasure record; not tampering."
+            )
         if heads:
             print(
                 f"Every expected head is in the chain ({len(heads)}: "

@@ -102,6 +102,35 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         )
         """,
     ),
+    # 6 (erasure): format 3's salted commitment to an entry's free text
+    # (hashed) and its salt (not hashed), when the text was erased (not
+    # hashed), the erasure records (``erase`` entries, read before the chain
+    # by verify), and the entries an erased user acted in (docs/audit.md "Erasure").
+    (
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_commitment TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN erasure TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_salt TEXT",
+        "ALTER TABLE leave_forget_audit ADD COLUMN text_erased BIGINT",
+        "CREATE INDEX leave_forget_audit_erasures ON leave_forget_audit (seq) "
+        "WHERE erasure IS NOT NULL",
+        "CREATE INDEX leave_forget_audit_actor ON leave_forget_audit (actor) "
+        "WHERE actor IS NOT NULL",
+        # audit.text_retention's pass reads entries still holding text by
+        # time: without it, every pass would walk every erased entry again.
+        "CREATE INDEX leave_forget_audit_text ON leave_forget_audit (ts) "
+        "WHERE reason IS NOT NULL AND text_erased IS NULL",
+        # What Synapse held of a room just before its purge (the erasure
+        # receipt; _synapse.leftovers.RoomFootprint), null until then.
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_events BIGINT",
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_state_groups BIGINT",
+        "ALTER TABLE leave_forget_rooms ADD COLUMN purge_min_stream BIGINT",
+        # The purge's audit entry's receipt (audit.OPTIONAL_FIELDS).
+        "ALTER TABLE leave_forget_audit ADD COLUMN receipt TEXT",
+        # The admin who put an abandoned room (left by every local user, not
+        # necessarily forgotten) on the purge schedule; null for rooms
+        # forgotten by all (docs/retention.md "Abandoned rooms").
+        "ALTER TABLE leave_forget_rooms ADD COLUMN scheduled_by TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -6,8 +6,8 @@ Server admins only. Every route is documented in docs/routes.md.
 import json
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import attr
 from synapse.module_api import (
@@ -21,15 +21,17 @@ from synapse.module_api.errors import Codes, SynapseError
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.db.store import RetentionStore
+from matrix_leave_forget.http.paths import ADMIN_PREFIX
+from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import LISTINGS
 from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
 from matrix_leave_forget.timestamps import now_ms
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
+    from matrix_leave_forget.retention.state import ForgottenCheckMany
     from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
-ADMIN_PREFIX = "/_synapse/client/leave_forget/v1/admin"
 
 MAX_LIMIT = 1000
 EXPORT_BATCH = 1000
@@ -40,6 +42,7 @@ _HOLD = re.compile(r"^/rooms/(?P<room_id>[^/]+)/hold$")
 _AUDIT = re.compile(r"^/audit$")
 _EXPORT = re.compile(r"^/audit/export$")
 _RETENTION = re.compile(r"^/retention$")
+_SCHEDULE = re.compile(r"^/rooms/abandoned/schedule$")
 
 
 # Any number of digits (str_arg bounds the length): a long one gets the same
@@ -129,6 +132,8 @@ class AdminResource(DirectServeJsonResource):
         internals: Reads Synapse's tables (abandoned rooms, local members).
         ready: Resolves once the module's tables are in place.
         sweeper: The retention sweeper, for its pacing state (GET /retention).
+        abandoned_check: Why rooms are not abandoned (the membership rules'
+            why_not_abandoned_many_txn), for scheduling abandoned rooms.
     """
 
     isLeaf = True
@@ -141,9 +146,11 @@ class AdminResource(DirectServeJsonResource):
         internals: "SynapseInternals",
         ready: Callable[[], Awaitable[None]],
         sweeper: "RetentionSweeper",
+        abandoned_check: Optional["ForgottenCheckMany"] = None,
     ) -> None:
         super().__init__()
         self._sweeper = sweeper
+        self._abandoned_check = abandoned_check
         self._ready = ready
         self._api = api
         self._store = store
@@ -164,6 +171,10 @@ class AdminResource(DirectServeJsonResource):
         if method == b"HEAD":
             method = b"GET"
 
+        if _SCHEDULE.match(route):
+            if method != b"POST":
+                raise SynapseError(405, "Unrecognized request", Codes.UNRECOGNIZED)
+            return 200, await self._schedule_abandoned(request, admin_id)
         if (match := _HOLD.match(route)) is not None:
             room_id = room_arg(match.group("room_id"))
             if method == b"PUT":
@@ -237,6 +248,74 @@ class AdminResource(DirectServeJsonResource):
             result["next_from"] = rooms[-1]["room_id"]
         return result
 
+    async def _schedule_abandoned(self, request: SynapseRequest, admin_id: str) -> dict[str, Any]:
+        """Put abandoned rooms on the purge schedule; a dry run unless ``"dry_run": false``.
+
+        Body: ``room_ids`` (at most MAX_LIMIT), or none to take the next
+        ``limit`` abandoned rooms after ``from`` (as ``GET /rooms?state=abandoned``).
+        """
+        body = parse_json_object_from_request(request, allow_empty_body=True)
+        dry_run = body.get("dry_run", True)
+        if not isinstance(dry_run, bool):
+            raise SynapseError(400, "'dry_run' must be true or false", Codes.INVALID_PARAM)
+        given = body.get("room_ids")
+        next_from: str | None = None
+        room_ids: list[str]
+        if given is None:
+            after = body.get("from", "")
+            limit = body.get("limit", 100)
+            if not isinstance(after, str) or len(after) > MAX_STR_ARG:
+                raise SynapseError(400, "'from' must be a room id", Codes.INVALID_PARAM)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+                raise SynapseError(
+                    400, f"'limit' must be an integer from 1 to {MAX_LIMIT}", Codes.INVALID_PARAM
+                )
+            room_ids = await self._api.run_db_interaction(
+                "leave_forget_abandoned_rooms", self._internals.abandoned_rooms_txn, after, limit
+            )
+            if len(room_ids) == limit:
+                next_from = room_ids[-1]
+        elif (
+            not isinstance(given, list)
+            or len(given) > MAX_LIMIT
+            or not all(isinstance(r, str) and is_valid_room_id(r) for r in given)
+        ):
+            raise SynapseError(
+                400,
+                f"'room_ids' must be a list of at most {MAX_LIMIT} room ids",
+                Codes.INVALID_PARAM,
+            )
+        else:
+            room_ids = list(dict.fromkeys(given))
+        period = self._retention.period_ms
+        if period is None:
+            raise SynapseError(
+                400,
+                "No retention period is set (retention.period): nothing would purge them",
+                Codes.INVALID_PARAM,
+            )
+        result = await self._store.retention.schedule_abandoned(
+            room_ids,
+            admin_id,
+            period,
+            self._abandoned_check_txn,
+            self._retention.holds,
+            dry_run,
+        )
+        answer: dict[str, Any] = {
+            "dry_run": dry_run,
+            "scheduled": result.scheduled,
+            "skipped": result.skipped,
+        }
+        if next_from is not None:
+            answer["next_from"] = next_from
+        return answer
+
+    def _abandoned_check_txn(self, txn: Any, room_ids: Sequence[str]) -> dict[str, str]:
+        if self._abandoned_check is None:
+            return dict.fromkeys(room_ids, "cannot be checked on this process")
+        return self._abandoned_check(txn, room_ids)
+
     async def _retention_status(self) -> dict[str, Any]:
         """The purge backlog, the current rate and the estimated time to drain it.
 
@@ -262,6 +341,7 @@ class AdminResource(DirectServeJsonResource):
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
         )
         history = await self._store.audit.member_history(room_id)
+        purge = await self._store.audit.purge_receipt(room_id)
         hold = await self._store.retention.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
@@ -269,6 +349,8 @@ class AdminResource(DirectServeJsonResource):
             "room_id": room_id,
             "retention": attr.asdict(retention) if retention else None,
             "hold": hold,
+            # The signed entry that records what the purge erased and kept.
+            "purge_receipt": receipt_view(purge),
             "local_members": [
                 {
                     "user_id": user_id,

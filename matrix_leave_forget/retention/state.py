@@ -20,6 +20,7 @@ from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
 from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.schema import is_postgres
+from matrix_leave_forget.retention.receipt import build_receipt, encode_receipt
 
 # Retention states of a room (leave_forget_rooms.state).
 STATE_ACTIVE = "active"  # was forgotten by all, then someone came back
@@ -79,6 +80,28 @@ def why_not_forgotten_many_txn(txn: LoggingTransaction, room_ids: Sequence[str])
     return reasons
 
 
+def why_not_abandoned_many_txn(txn: LoggingTransaction, room_ids: Sequence[str]) -> dict[str, str]:
+    """Why each room is not abandoned: a local user joined, invited or knocking, set-based.
+
+    An abandoned room (docs/retention.md "Abandoned rooms") was left by every
+    local user, forgotten or not; it is purged on an admin's decision, so a
+    membership left but not forgotten does not keep it.
+
+    Returns:
+        {room_id: why} for the rooms that are not abandoned.
+    """
+    known, with_members, members = remembering_members_txn(txn, room_ids)
+    reasons: dict[str, str] = {}
+    for room_id in room_ids:
+        if room_id not in known:
+            reasons[room_id] = "unknown room"
+        elif room_id in members and members[room_id][1] in LIVE_MEMBERSHIPS:
+            reasons[room_id] = still_has(*members[room_id])
+        elif room_id not in with_members:
+            reasons[room_id] = "no local members"
+    return reasons
+
+
 def still_has(user_id: str, membership: str) -> str:
     """Why a room is not forgotten by all, given a local member who still has it."""
     if membership in LIVE_MEMBERSHIPS:
@@ -101,6 +124,21 @@ class DueDecisions:
     cancelled: list[tuple[str, str]]
     more: bool
     timings_ms: dict[str, float]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ScheduleResult:
+    """What scheduling abandoned rooms did (or, under dry run, would do).
+
+    Attributes:
+        scheduled: ``{room_id, purge_due_at, held}`` of each room scheduled
+            (a held room is scheduled but, like a forgotten one, not purged
+            while held).
+        skipped: ``{room_id, why}`` of each room left as it was.
+    """
+
+    scheduled: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
 
 
 class RetentionState:
@@ -131,8 +169,15 @@ class RetentionState:
         room_id: str,
         now: int,
         retention_period_ms: int | None,
+        scheduled_by: str | None = None,
     ) -> None:
-        """(Re)start the room's period as forgotten by every local user at ``now``."""
+        """(Re)start the room's period as forgotten by every local user at ``now``.
+
+        Args:
+            scheduled_by: The admin who scheduled an abandoned room (left by
+                every local user, not necessarily forgotten); None for a room
+                forgotten by all.
+        """
         self._upsert_room_txn(
             txn,
             room_id,
@@ -144,6 +189,11 @@ class RetentionState:
             cancelled_at=None,
             note=None,
             updated_at=now,
+            # A room purged before and back again is counted afresh at its next purge.
+            purge_events=None,
+            purge_state_groups=None,
+            purge_min_stream=None,
+            scheduled_by=scheduled_by,
         )
 
     def rearm_forgotten_txn(
@@ -200,6 +250,7 @@ class RetentionState:
         forgotten_check: ForgottenCheckMany,
         config_holds: AbstractSet[str],
         dry_run: bool,
+        abandoned_check: ForgottenCheckMany | None = None,
     ) -> DueDecisions:
         """Decide up to ``limit`` due rooms in one transaction, oldest due first.
 
@@ -210,6 +261,10 @@ class RetentionState:
         someone came back to are cancelled (``active``, an audit entry naming
         why); the rest go to ``purging`` (or ``dry_run``), each with its audit
         entry in the chain.
+
+        Rooms an admin scheduled as abandoned (``scheduled_by``) are re-checked
+        with ``abandoned_check`` instead: only a local user joined, invited or
+        knocking cancels them (a member who left and did not forget does not).
         """
 
         def txn_fn(txn: LoggingTransaction) -> DueDecisions:
@@ -225,7 +280,7 @@ class RetentionState:
             self._audit.lock_chain_txn(txn)
             holds = sorted(config_holds)
             txn.execute(
-                "SELECT room_id FROM leave_forget_rooms AS r "
+                "SELECT room_id, scheduled_by FROM leave_forget_rooms AS r "
                 "WHERE state = ? AND purge_due_at IS NOT NULL AND purge_due_at <= ? "
                 "AND NOT EXISTS "
                 "(SELECT 1 FROM leave_forget_holds AS h WHERE h.room_id = r.room_id) "
@@ -233,9 +288,14 @@ class RetentionState:
                 + "ORDER BY purge_due_at LIMIT ?",
                 (STATE_FORGOTTEN, now, *holds, limit),
             )
-            rooms = [str(r[0]) for r in txn.fetchall()]
+            rows = txn.fetchall()
+            rooms = [str(r[0]) for r in rows]
+            abandoned = [str(r[0]) for r in rows if r[1] is not None]
+            forgotten = [str(r[0]) for r in rows if r[1] is None] if abandoned else rooms
             lap("select_ms")
-            why_not = forgotten_check(txn, rooms) if rooms else {}
+            why_not = forgotten_check(txn, forgotten) if forgotten else {}
+            if abandoned:
+                why_not.update((abandoned_check or forgotten_check)(txn, abandoned))
             lap("recheck_ms")
             cancelled = [(r, why_not[r]) for r in rooms if r in why_not]
             decided = [r for r in rooms if r not in why_not]
@@ -280,6 +340,71 @@ class RetentionState:
 
         return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
 
+    async def schedule_abandoned(
+        self,
+        room_ids: Sequence[str],
+        admin_id: str,
+        retention_period_ms: int,
+        abandoned_check: ForgottenCheckMany,
+        config_holds: AbstractSet[str],
+        dry_run: bool,
+    ) -> "ScheduleResult":
+        """Put abandoned rooms on the purge schedule, as rooms forgotten by all now.
+
+        In one transaction: each room must be abandoned (``abandoned_check``:
+        no local user joined, invited or knocking) and not already tracked
+        (a room forgotten, due, purging or purged keeps its state; one that
+        was ``active`` may be scheduled). Scheduled rooms are due after the
+        retention period, each with an audit entry (``purge``/``scheduled``,
+        ``actor``: the admin); the sweep treats them as forgotten rooms:
+        holds skip them, a join, invite or knock cancels them. Under
+        ``dry_run`` nothing is written: the result says what would happen.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> ScheduleResult:
+            self._audit.lock_chain_txn(txn)
+            states: dict[str, str] = {}
+            for start in range(0, len(room_ids), 500):
+                chunk = list(room_ids[start : start + 500])
+                txn.execute(
+                    "SELECT room_id, state FROM leave_forget_rooms "
+                    f"WHERE room_id IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+                states.update((str(r[0]), str(r[1])) for r in txn.fetchall())
+            skipped = {
+                r: f"already {states[r]}"
+                for r in room_ids
+                if states.get(r, STATE_ACTIVE) != STATE_ACTIVE
+            }
+            candidates = [r for r in room_ids if r not in skipped]
+            skipped.update(abandoned_check(txn, candidates) if candidates else {})
+            chosen = [r for r in candidates if r not in skipped]
+            held = {r for r in chosen if r in config_holds or self.is_held_txn(txn, r)}
+            now = int(time.time() * 1000)
+            if not dry_run and chosen:
+                entries = self._audit.append_many_txn(
+                    txn,
+                    [
+                        AuditFields(action="purge", outcome="scheduled", room_id=r, actor=admin_id)
+                        for r in chosen
+                    ],
+                )
+                now = int(entries[-1]["ts"])
+                for room_id in chosen:
+                    self.mark_forgotten_txn(
+                        txn, room_id, now, retention_period_ms, scheduled_by=admin_id
+                    )
+            return ScheduleResult(
+                scheduled=[
+                    {"room_id": r, "purge_due_at": now + retention_period_ms, "held": r in held}
+                    for r in chosen
+                ],
+                skipped=[{"room_id": r, "why": why} for r, why in sorted(skipped.items())],
+            )
+
+        return await self._api.run_db_interaction("leave_forget_schedule_abandoned", txn_fn)
+
     async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> dict[str, int]:
         """What retention has to do (see retention_counts_txn), in one transaction."""
         return await self._api.run_db_interaction(
@@ -292,11 +417,69 @@ class RetentionState:
             "leave_forget_held_due_rooms", held_due_rooms_txn, now, config_holds
         )
 
-    async def mark_purged(self, room_id: str) -> None:
+    async def record_footprint(
+        self, room_id: str, footprint_txn: Callable[[LoggingTransaction, str], Any]
+    ) -> None:
+        """Record what Synapse holds of a room about to be purged, once.
+
+        Args:
+            footprint_txn: Reads it (``_synapse.leftovers.room_footprint_txn``).
+                A room already counted keeps its counts: a purge requested
+                again (after a restart, a failure) finds it partly purged.
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "SELECT 1 FROM leave_forget_rooms WHERE room_id = ? AND purge_events IS NULL",
+                (room_id,),
+            )
+            if txn.fetchone() is None:
+                return
+            footprint = footprint_txn(txn, room_id)
+            txn.execute(
+                "UPDATE leave_forget_rooms SET purge_events = ?, purge_state_groups = ?, "
+                "purge_min_stream = ? WHERE room_id = ?",
+                (footprint.events, footprint.state_groups, footprint.min_stream, room_id),
+            )
+
+        await self._api.run_db_interaction("leave_forget_record_footprint", txn_fn)
+
+    async def mark_purged(
+        self,
+        room_id: str,
+        leftovers_txn: Callable[[LoggingTransaction, str, int | None], dict[str, int]]
+        | None = None,
+        cleared: dict[str, int] | None = None,
+    ) -> None:
+        """Record a room purged, clearing first what Synapse's purge left of it.
+
+        The ``purged`` entry carries the erasure receipt (retention.receipt):
+        the footprint recorded before the purge and the leftovers cleared.
+
+        Args:
+            leftovers_txn: Clears the room's leftovers in Synapse's tables
+                (``_synapse.leftovers.purge_leftovers_txn``), given where its
+                rows start in the events stream; in this transaction.
+            cleared: Leftovers cleared before this transaction, by table, for
+                the receipt.
+        """
+
         def txn_fn(txn: LoggingTransaction) -> None:
             self._audit.lock_chain_txn(txn)
+            txn.execute(
+                "SELECT purge_events, purge_state_groups, purge_min_stream "
+                "FROM leave_forget_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = txn.fetchone() or (None, None, None)
+            events, groups, min_stream = (None if v is None else int(v) for v in row)
+            leftovers = dict(cleared or {})
+            if leftovers_txn is not None:
+                leftovers.update(leftovers_txn(txn, room_id, min_stream))
+            receipt = encode_receipt(build_receipt(events, groups, leftovers))
             entry = self._audit.append_txn(
-                txn, AuditFields(action="purge", outcome="purged", room_id=room_id)
+                txn,
+                AuditFields(action="purge", outcome="purged", room_id=room_id, receipt=receipt),
             )
             txn.execute(
                 "UPDATE leave_forget_rooms SET state = ?, purged_at = ?, updated_at = ? "

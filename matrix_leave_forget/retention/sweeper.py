@@ -24,11 +24,20 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.contexts import run_in_background_process
+from matrix_leave_forget._synapse.leftovers import (
+    purge_leftovers_txn,
+    purge_remaining_state_groups,
+    room_footprint_txn,
+)
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
 from matrix_leave_forget.config import RetentionConfig
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.pacer import PurgePacer
-from matrix_leave_forget.retention.state import STATE_PURGING, why_not_forgotten_many_txn
+from matrix_leave_forget.retention.state import (
+    STATE_PURGING,
+    why_not_abandoned_many_txn,
+    why_not_forgotten_many_txn,
+)
 from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
@@ -178,6 +187,7 @@ class RetentionSweeper:
                 why_not_forgotten_many_txn,
                 self._config.holds,
                 self._config.dry_run,
+                why_not_abandoned_many_txn,
             )
             stats["transactions"] += 1
             for key, value in batch.timings_ms.items():
@@ -298,7 +308,10 @@ class RetentionSweeper:
                     )
                 continue
             if not view.room_exists:
-                await self._store.retention.mark_purged(room_id)
+                groups = await purge_remaining_state_groups(self._api, room_id)
+                await self._store.retention.mark_purged(
+                    room_id, purge_leftovers_txn, {"state_groups": groups} if groups else None
+                )
                 del self._in_flight[room_id]
                 self._resumed.discard(room_id)
                 purged += 1
@@ -353,6 +366,7 @@ class RetentionSweeper:
                 why_not_forgotten_many_txn,
                 self._config.holds,
                 False,
+                why_not_abandoned_many_txn,
             )
             self._count_decisions(batch.decided, len(batch.cancelled), started, {})
             for room_id in batch.decided:
@@ -368,6 +382,8 @@ class RetentionSweeper:
         purge.requested_ms = now
         purge.retry_at_ms = 0
         try:
+            # For the erasure receipt, and where the room's leftovers start.
+            await self._store.retention.record_footprint(room_id, room_footprint_txn)
             await self._api.delete_room(room_id)
         except Exception:
             backoff = min(PURGE_RETRY_MS * 2 ** max(purge.attempts - 1, 0), MAX_PURGE_RETRY_MS)

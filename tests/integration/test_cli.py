@@ -10,13 +10,10 @@ its own copied homeserver.yaml.
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import yaml
 from signedjson.key import (
     encode_verify_key_base64,
     generate_signing_key,
@@ -24,7 +21,7 @@ from signedjson.key import (
     read_signing_keys,
 )
 
-from matrix_leave_forget.audit.entry import ENTRY_FIELDS
+from matrix_leave_forget.audit.entry import ENTRY_FIELDS, text_commitment
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
 from tests.integration.base import SynapseTestCase
 from tests.support.chain import reseal_from
@@ -32,16 +29,12 @@ from tests.support.harness import (
     SERVER_NAME,
     Response,
     User,
-    drop_pg_database,
     quote_room,
     run_cli,
 )
-from tests.support.rawdb import pg_connection
+from tests.support.tamper import Tampering, tampered_config
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
-
-# One tampering: SQL statements with ``?`` placeholders and their arguments.
-Tampering = Sequence[tuple[str, Sequence[Any]]]
 
 
 class CliTest(SynapseTestCase):
@@ -139,56 +132,7 @@ class CliTest(SynapseTestCase):
 
     def tampered_config(self, tampering: Tampering) -> str:
         """A homeserver.yaml pointing at a fresh copy of the database with ``tampering`` applied."""
-        workdir = tempfile.mkdtemp(prefix="mlf-cli-tamper-")
-        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
-        with open(self.hs.config_path) as f:
-            config = yaml.safe_load(f)
-        if self.hs.database == "sqlite":
-            copy = os.path.join(workdir, "homeserver.db")
-            # The backup API, not a file copy: it includes what is still in
-            # the WAL file of the stopped server.
-            source = sqlite3.connect(
-                f"file:{os.path.join(self.hs.workdir, 'homeserver.db')}?mode=ro", uri=True
-            )
-            target = sqlite3.connect(copy)
-            try:
-                source.backup(target)
-                for sql, args in tampering:
-                    target.execute(sql, tuple(args))
-                target.commit()
-            finally:
-                source.close()
-                target.close()
-            config["database"]["args"]["database"] = copy
-        else:
-            copy = self._copy_pg_database()
-            conn = pg_connection(copy)
-            try:
-                with conn.cursor() as cur:
-                    for sql, args in tampering:
-                        cur.execute(sql.replace("?", "%s"), tuple(args))
-                conn.commit()
-            finally:
-                conn.close()
-            config["database"]["args"]["database"] = copy
-        path = os.path.join(workdir, "homeserver.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(config, f)
-        return path
-
-    def _copy_pg_database(self) -> str:
-        assert self.hs.pg_database is not None
-        copy = self.hs.pg_database + "_t" + os.urandom(3).hex()
-        conn = pg_connection("postgres")
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                # TEMPLATE needs the source idle: Synapse is stopped.
-                cur.execute(f"CREATE DATABASE {copy} TEMPLATE {self.hs.pg_database}")
-        finally:
-            conn.close()
-        self.addCleanup(drop_pg_database, copy)
-        return copy
+        return tampered_config(self.hs, tampering, self.addCleanup)
 
     def assertVerifyFails(self, config_path: str, seq: int, problem: str, checked: int) -> None:
         """verify exits 1, naming entry ``seq`` and ``problem``, after ``checked`` good entries."""
@@ -239,8 +183,11 @@ class CliTest(SynapseTestCase):
         self.assertEqual(entries[0]["outcome"], "M_UNKNOWN")
         self.assertEqual(entries[1]["reason"], "moving on")
         # Every column; of the optional ones, the format marker (set on every new
-        # entry) and the served leave's via (docs/audit.md "Routes").
-        self.assertEqual(set(entries[1]), {*AUDIT_COLUMNS, "format", "via"})
+        # entry), the served leave's via (docs/audit.md "Routes") and, for its
+        # reason, the commitment and its salt (docs/audit.md "Erasure").
+        self.assertEqual(
+            set(entries[1]), {*AUDIT_COLUMNS, "format", "via", "text_commitment", "text_salt"}
+        )
 
     def test_log_json_paginates_like_the_admin_api(self) -> None:
         """log --limit N --json gives next_from, and --from continues where it stopped."""
@@ -358,7 +305,8 @@ class CliTest(SynapseTestCase):
         config = self.tampered_config(
             [("UPDATE leave_forget_audit SET reason = ? WHERE seq = ?", ("rewritten", 2))]
         )
-        self.assertVerifyFails(config, 2, "contents do not match the stored hash", checked=1)
+        # The entry's hash covers the reason's commitment (format 3, docs/audit.md "Erasure").
+        self.assertVerifyFails(config, 2, "free text does not match its commitment", checked=1)
         proc = self.cli(config, "verify", "--json")
         self.assertEqual(proc.returncode, 1, proc.stderr)
         report = json.loads(proc.stdout)
@@ -387,14 +335,17 @@ class CliTest(SynapseTestCase):
         """An edit with every later hash recomputed, signed by another key, fails on signature."""
         entries = self.entries()
         entries[1]["reason"] = "rewritten"
+        # The forger recomputes the reason's commitment too (the salt is in the row).
+        entries[1]["text_commitment"] = text_commitment(entries[1]["text_salt"], entries[1])
         reseal_from(entries, 1, generate_signing_key("a_test"), origin=SERVER_NAME)
-        columns = [*ENTRY_FIELDS, "hash", "signatures"]
+        columns = [*ENTRY_FIELDS, "text_commitment", "hash", "signatures"]
         statements = [
             (
                 f"UPDATE leave_forget_audit SET {', '.join(f'{c} = ?' for c in columns)} "
                 "WHERE seq = ?",
                 [
                     *(entry[c] for c in ENTRY_FIELDS),
+                    entry.get("text_commitment"),
                     entry["hash"],
                     json.dumps(entry["signatures"], sort_keys=True),
                     entry["seq"],

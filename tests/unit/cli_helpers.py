@@ -55,7 +55,13 @@ def create_database(
         for entry in entries:
             insert_entry(conn, entry)
         for row in rooms:
-            conn.execute(f"INSERT INTO leave_forget_rooms VALUES ({', '.join('?' * 9)})", row)
+            # The first nine columns (RoomRetention's); later ones stay null.
+            conn.execute(
+                "INSERT INTO leave_forget_rooms (room_id, state, forgotten_at, purge_due_at, "
+                "purge_started_at, purged_at, cancelled_at, note, updated_at) "
+                f"VALUES ({', '.join('?' * 9)})",
+                row,
+            )
         for row in holds:
             conn.execute(
                 "INSERT INTO leave_forget_holds (room_id, held_by, reason, created_at) "

@@ -24,6 +24,7 @@ from matrix_leave_forget.audit.checkpoint import (
 )
 from matrix_leave_forget.audit.entry import (
     ENTRY_FIELDS,
+    FORMAT_COMMITTED,
     FORMAT_GROUP,
     GENESIS_HASH,
     entry_hash,
@@ -346,7 +347,7 @@ class GroupSealTest(SynchronousTestCase):
         """Groups of 3, 1 and 4: only entries 3, 4 and 8 are signed, and the chain verifies."""
         chain = make_group_chain([3, 1, 4], self.key)
         self.assertEqual([e["seq"] for e in chain if e["signatures"]], [3, 4, 8])
-        self.assertTrue(all(e["format"] == FORMAT_GROUP for e in chain))
+        self.assertTrue(all(e["format"] == FORMAT_COMMITTED for e in chain))
         result = verify_chain(chain, ORIGIN, self.keys)
         self.assertTrue(result.ok, result)
         self.assertEqual((result.checked, result.head_hash), (8, chain[-1]["hash"]))

@@ -68,3 +68,26 @@ class AuditConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=name) as caught:
                 parse_config({"audit": section})
             self.assertEqual(tuple(caught.exception.path or ()), path, name)
+
+
+class TextRetentionConfigTests(SynchronousTestCase):
+    def test_off_by_default_and_off_spelled_out(self) -> None:
+        """text_retention keeps free text by default; off, null and false say the same."""
+        self.assertIsNone(parse_config({}).audit.text_retention_ms)
+        for value in ("off", None, False):
+            with self.subTest(value=value):
+                config = parse_config({"audit": {"text_retention": value}})
+                self.assertIsNone(config.audit.text_retention_ms)
+
+    def test_duration(self) -> None:
+        """A duration is parsed like every other duration key."""
+        config = parse_config({"audit": {"text_retention": "90d"}})
+        self.assertEqual(config.audit.text_retention_ms, 90 * 24 * 3600 * 1000)
+
+    def test_bad_value_names_the_key(self) -> None:
+        """A value that is not a duration is a ConfigError at audit.text_retention."""
+        for value in ("soon", 0, True, "-1d"):
+            with self.subTest(value=value):
+                with self.assertRaises(ConfigError) as cm:
+                    parse_config({"audit": {"text_retention": value}})
+                self.assertEqual(tuple(cm.exception.path or ()), ("audit", "text_retention"))

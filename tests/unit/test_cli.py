@@ -448,6 +448,7 @@ class VerifyTest(CliTestCase):
                     "head_seq": 3,
                     "expected_heads": 0,
                     "heads_matched": 0,
+                    "erased": 0,
                     "checkpoints": 0,
                     "checkpoints_rejected": 0,
                     "since_seq": None,
@@ -458,8 +459,8 @@ class VerifyTest(CliTestCase):
             out.splitlines(),
             [
                 "ok,checked,head_hash,bad_seq,problem,origin,key_ids,head_seq,"
-                "expected_heads,heads_matched,checkpoints,checkpoints_rejected,since_seq",
-                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]",3,0,0,0,0,',
+                "expected_heads,heads_matched,erased,checkpoints,checkpoints_rejected,since_seq",
+                f'true,3,{entries[-1]["hash"]},,,{ORIGIN},"[""ed25519:a1""]",3,0,0,0,0,0,',
             ],
         )
 

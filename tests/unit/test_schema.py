@@ -28,6 +28,7 @@ MODULE_TABLES_BY_VERSION = {
     3: set(),  # an index only
     4: set(),  # columns only
     5: {"leave_forget_stream_positions"},
+    6: set(),  # columns and indexes only
 }
 
 
