@@ -614,13 +614,49 @@ class SynapseProcess(ListeningProcess):
                     f"Synapse exited with {self.process.returncode}:\n" + self.tail_logs()
                 )
             try:
-                if request(self.client_port, "GET", "/health", timeout=2).status == 200:
+                if request(
+                    self.client_port, "GET", "/health", timeout=2
+                ).status == 200 and self._listens_on(self.client_port):
                     return
             except OSError:
                 pass
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("Synapse did not start in time:\n" + self.tail_logs())
+
+    def _listens_on(self, port: int) -> bool:
+        """Whether this Synapse process itself listens on port.
+
+        Another test process may have picked the same free port a moment
+        later and started first: its Synapse then answers /health while ours
+        is still starting (and about to fail to bind), so an answer alone does
+        not say whose server it is. Read from Linux's /proc (elsewhere: True).
+        """
+        assert self.process is not None
+        fd_dir = f"/proc/{self.process.pid}/fd"
+        if not os.path.isdir("/proc/net"):
+            return True
+        try:
+            inodes = {
+                link[len("socket:[") : -1]
+                for link in (os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir))
+                if link.startswith("socket:[")
+            }
+        except OSError:
+            return False
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split()
+                        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                        # State 0A is LISTEN; fields[9] is the socket's inode.
+                        if local_port == port and fields[3] == "0A" and fields[9] in inodes:
+                            return True
+            except OSError:
+                continue
+        return False
 
     def wait_for_exit(self, timeout: float = 60.0) -> int:
         """Wait for a Synapse that is expected to exit by itself."""
