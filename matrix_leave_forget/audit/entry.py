@@ -19,11 +19,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attr
-from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from signedjson.types import SigningKey, VerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
+
+from matrix_leave_forget.audit.canonical import encode_canonical
 
 GENESIS_HASH = ""
 
@@ -178,7 +179,8 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
 
 
 def _hash_body(body: Mapping[str, Any]) -> str:
-    return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
+    # encode_canonical is canonicaljson's encoding, byte for byte (audit/canonical.py).
+    return encode_base64(hashlib.sha256(encode_canonical(body)).digest())
 
 
 def chain_entry(fields: Mapping[str, Any]) -> dict[str, Any]:
