@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=min(2, os.cpu_count() or 1),
         metavar="N",
-        help="processes checking chunks of the chain at once, when more than 40,000 entries "
+        help="processes checking chunks of the chain at once, when 200,000 entries or more "
         "are to be checked and no old key has an expiry (default: %(default)s)",
     )
     verify.set_defaults(func=cmd_verify)

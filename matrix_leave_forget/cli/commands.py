@@ -622,7 +622,7 @@ def verify_database(
         jobs > 1
         and not key_expiry
         and db.reopen is not None
-        and _max_seq(db) - result.checked >= 2 * CHUNK
+        and _max_seq(db) - result.checked >= PARALLEL_FROM * CHUNK
     ):
         result = _verify_parallel(db, origin, keys, expected_heads, result, progress, jobs)
     else:
@@ -690,7 +690,11 @@ def _check_range(
 
 # Entries per chunk of a parallel verify: each worker streams its chunk
 # BATCH rows at a time, so memory stays bounded whatever the size.
-CHUNK = 20_000
+CHUNK = 25_000
+# Chunks below which one pass is as fast: with few chunks the last ones run
+# alone, and starting the workers costs more than they save (bench/verify.py:
+# 10^5 entries took longer with two workers than with one on 2 CPUs).
+PARALLEL_FROM = 8
 
 # What each worker process of a parallel verify checks with (set before the fork).
 _WORKER: dict[str, Any] = {}

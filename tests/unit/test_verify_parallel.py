@@ -25,6 +25,7 @@ class ParallelVerifyTest(CliTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.patch(cli.commands, "CHUNK", 8)
+        self.patch(cli.commands, "PARALLEL_FROM", 2)
         self.entries = incremental.group_chain(COUNT, self.key)
         self.store(self.entries)
 
