@@ -12,8 +12,13 @@ import json
 from typing import Any
 
 from matrix_leave_forget import cli
+from matrix_leave_forget.audit.entry import verify_keys_from_signing_key
+from matrix_leave_forget.audit.log import STORED_COLUMNS
+from matrix_leave_forget.cli.database import _max_seq, _open_postgres
+from matrix_leave_forget.db.schema import MIGRATIONS
 from tests.unit import test_verify_incremental as incremental
-from tests.unit.test_cli import CliTestCase
+from tests.unit.test_cli import ORIGIN, CliTestCase
+from tests.unit.test_schema import _postgres_or_skip
 
 COUNT = 60
 
@@ -104,3 +109,62 @@ class ParallelVerifyTest(CliTestCase):
         self.tamper("UPDATE leave_forget_audit SET reason = 'edited' WHERE seq = 41")
         one, _ = self.reports("--since", self.head(self.entries, 12))
         self.assertEqual((one["ok"], one["bad_seq"]), (False, 41))
+
+
+class PostgresParallelVerifyTest(CliTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        psycopg2 = _postgres_or_skip()
+        from tests.integration.harness import (
+            create_pg_database,
+            drop_pg_database,
+            pg_connect_args,
+        )
+
+        name = create_pg_database()
+        self.addCleanup(drop_pg_database, name)
+        self.args = {k: v for k, v in pg_connect_args(name).items() if not k.startswith("cp_")}
+        self.entries = incremental.group_chain(COUNT, self.key)
+        conn = psycopg2.connect(**self.args)
+        cur = conn.cursor()
+        for migration in MIGRATIONS:
+            for statement in migration:
+                cur.execute(statement)
+        cur.executemany(
+            f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
+            f"VALUES ({', '.join('%s' for _ in STORED_COLUMNS)})",
+            [
+                [
+                    json.dumps(e["signatures"]) if c == "signatures" else e.get(c)
+                    for c in STORED_COLUMNS
+                ]
+                for e in self.entries
+            ],
+        )
+        conn.commit()
+        self.conn = conn
+        self.addCleanup(conn.close)
+        self.patch(cli.commands, "CHUNK", 8)
+        self.patch(cli.commands, "PARALLEL_FROM", 2)
+
+    def verify(self, jobs: int, edit_after_start: str | None = None) -> Any:
+        db = _open_postgres(self.args)
+        self.addCleanup(db.close)
+        _max_seq(db)  # the read transaction's snapshot is taken here
+        if edit_after_start is not None:
+            self.conn.cursor().execute(edit_after_start)
+            self.conn.commit()
+        return cli.commands.verify_database(
+            db, ORIGIN, verify_keys_from_signing_key(self.key), None, jobs=jobs
+        )
+
+    def test_workers_read_the_main_snapshot(self) -> None:
+        """Two workers give the one-pass result on PostgreSQL, and read the snapshot of
+        the main connection: an edit committed after it started is not seen by them
+        (it is by the next run), as it is not by a one-pass check."""
+        self.assertEqual(self.verify(2), self.verify(1))
+        self.assertTrue(self.verify(1).ok)
+        edit = "UPDATE leave_forget_audit SET reason = 'edited' WHERE seq = 41"
+        self.assertTrue(self.verify(2, edit).ok)
+        after = self.verify(2)
+        self.assertEqual((after.bad_seq, after), (41, self.verify(1)))
