@@ -622,6 +622,8 @@ def verify_database(
         jobs > 1
         and not key_expiry
         and db.reopen is not None
+        # The workers inherit keys and settings by fork (Linux, the BSDs, macOS).
+        and "fork" in multiprocessing.get_all_start_methods()
         and _max_seq(db) - result.checked >= PARALLEL_FROM * CHUNK
     ):
         result = _verify_parallel(db, origin, keys, expected_heads, result, progress, jobs)
