@@ -13,6 +13,9 @@ read-only connection:
 Usage::
 
     python bench/verify.py [--sizes 100000,1000000] [--new 10000] [--group 100] [--rounds 3]
+        [--jobs 1,2] [--baseline]
+
+CPU seconds include the worker processes of a parallel check (``--jobs``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import sys
@@ -30,8 +34,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from canonicaljson import encode_canonical_json  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
+import matrix_leave_forget.audit.entry as entry_module  # noqa: E402
+from matrix_leave_forget.audit.canonical import encode_canonical  # noqa: E402
 from matrix_leave_forget.audit.entry import (  # noqa: E402
     GENESIS_HASH,
     escape_fields,
@@ -109,17 +116,34 @@ def head_at(path: str, seq: int) -> tuple[int, str]:
     return int(row[0]), str(row[1])
 
 
-def timed(path: str, key: Any, since: tuple[int, str] | None) -> tuple[float, float, int]:
-    """Wall and CPU seconds of one verify_database run on a fresh read-only connection,
-    and the entries it checked."""
+def open_db(path: str, _snapshot: str | None = None) -> Database:
+    """A read-only connection in its own read transaction, as the CLI opens one."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     conn.execute("BEGIN")
-    db = Database(conn, "?", path)
-    started, cpu = time.perf_counter(), time.process_time()
-    kwargs = {"since": since} if since else {}
-    result = verify_database(db, ORIGIN, verify_keys_from_signing_key(key), None, **kwargs)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    conn.close()
+    return Database(conn, "?", path, lambda snapshot: open_db(path, snapshot))
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its (waited-for) worker processes."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(
+    path: str, key: Any, since: tuple[int, str] | None, jobs: int = 1
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds (workers included) of one verify_database run on a fresh
+    read-only connection, and the entries it checked."""
+    db = open_db(path)
+    started, cpu = time.perf_counter(), cpu_seconds()
+    result = verify_database(
+        db, ORIGIN, verify_keys_from_signing_key(key), None, since=since, jobs=jobs
+    )
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    db.close()
     if not result.ok:
         raise SystemExit(f"verify failed on the bench file {path}: {result.problem}")
     return seconds, cpu, result.checked - (since[0] if since else 0)
@@ -131,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=10_000, help="entries after the recorded head")
     parser.add_argument("--group", type=int, default=100, help="entries per signature")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", default="1,2", help="worker processes of the full check")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time a full check hashing through canonicaljson (the encoder before orjson)",
+    )
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mlf-bench-verify"))
     args = parser.parse_args(argv)
     # A fixed key, so that a cached file verifies on the next run.
@@ -151,8 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             build(path, n, args.group, key)
             print(f"(built {path} in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
         since = head_at(path, n - args.new)
-        for mode, start in (("full", None), ("incremental", since)):
-            runs = [timed(path, key, start) for _ in range(args.rounds)]
+        modes: list[tuple[str, tuple[int, str] | None, int, bool]] = [
+            (f"full j={jobs}", None, int(jobs), False) for jobs in args.jobs.split(",")
+        ]
+        if args.baseline:
+            modes.append(("full canonjs", None, 1, True))
+        modes.append(("incremental", since, 1, False))
+        for mode, start, jobs, baseline in modes:
+            if baseline:
+                entry_module.encode_canonical = encode_canonical_json
+            try:
+                runs = [timed(path, key, start, jobs) for _ in range(args.rounds)]
+            finally:
+                entry_module.encode_canonical = encode_canonical
             wall = statistics.median(run[0] for run in runs)
             cpu = statistics.median(run[1] for run in runs)
             checked = runs[0][2]

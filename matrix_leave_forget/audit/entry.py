@@ -20,11 +20,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attr
-from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from signedjson.types import SigningKey, VerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
+
+from matrix_leave_forget.audit.canonical import encode_canonical
 
 GENESIS_HASH = ""
 
@@ -206,7 +207,7 @@ def text_commitment(salt: str, entry: Mapping[str, Any]) -> str:
         salt: Unpadded base64 of 16 random bytes, stored in ``text_salt``.
     """
     text = {k: entry.get(k) for k in COMMITTED_TEXT_FIELDS}
-    digest = hashlib.sha256(decode_base64(salt) + encode_canonical_json(text))
+    digest = hashlib.sha256(decode_base64(salt) + encode_canonical(text))
     return encode_base64(digest.digest())
 
 
@@ -376,7 +377,8 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
 
 
 def _hash_body(body: Mapping[str, Any]) -> str:
-    return encode_base64(hashlib.sha256(encode_canonical_json(body)).digest())
+    # encode_canonical is canonicaljson's encoding, byte for byte (audit/canonical.py).
+    return encode_base64(hashlib.sha256(encode_canonical(body)).digest())
 
 
 def chain_entry(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -562,6 +564,7 @@ def iter_verify(
     after: tuple[int, str] | None = None,
     after_ts: int | None = None,
     erasures: Mapping[int, tuple[int, str, str]] | None = None,
+    check_missing: bool = True,
 ) -> Iterator[VerifyResult]:
     """Check entries in seq order, yielding progress and stopping at the first bad one.
 
@@ -589,7 +592,8 @@ def iter_verify(
     record: ``erasures`` (erasures_from_entries of every ``erase`` entry, read
     before the chain, as the record follows the entry) must hold it, and the
     record must be the chain's own when the chain reaches it
-    (content_problem, docs/audit.md "Erasure").
+    (content_problem, docs/audit.md "Erasure"); without ``check_missing``
+    (a chunk of the chain) a record beyond the entries is the caller's to find.
 
     A result is yielded after each entry that is covered by a signature.
     """
@@ -629,7 +633,7 @@ def iter_verify(
             if not signatures and get("format") in GROUP_FORMATS:
                 pending.append(expected_seq)
             else:
-                problem = _signature_problem(entry, origin, verify_keys, expiry, max_ts)
+                problem = signature_problem(entry, origin, verify_keys, expiry, max_ts)
         if problem is not None:
             bad = seq if isinstance(seq, int) else expected_seq
             if pending and problem.startswith("bad signature"):
@@ -671,7 +675,7 @@ def iter_verify(
             erased,
         )
         return
-    if (missing := missing_erasure(erasures, checked)) is not None:
+    if check_missing and (missing := missing_erasure(erasures, checked)) is not None:
         yield VerifyResult(checked, signed_hash, missing[0], missing[1], matched, erased)
         return
     if checked == start_seq:
@@ -688,7 +692,7 @@ def missing_erasure(
     return None
 
 
-def _signature_problem(
+def signature_problem(
     entry: Mapping[str, Any],
     origin: str,
     verify_keys: Mapping[str, VerifyKey],

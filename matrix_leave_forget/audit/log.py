@@ -400,10 +400,9 @@ def _head(row: Sequence[Any] | None) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
-# Each optional (or unhashed) column after AUDIT_COLUMNS in a row, and whether it holds an int.
-_OPTIONAL_DECODING = tuple(
-    (key, key in _INT_OPTIONAL_FIELDS) for key in (*OPTIONAL_FIELDS, *UNHASHED_FIELDS)
-)
+# The optional (and unhashed) columns after AUDIT_COLUMNS in a row, and those that hold an int.
+_OPTIONAL_KEYS = (*OPTIONAL_FIELDS, *UNHASHED_FIELDS)
+_INT_OPTIONAL_KEYS = tuple(key for key in _OPTIONAL_KEYS if key in _INT_OPTIONAL_FIELDS)
 # What a row's signatures column holds for an unsigned (group-sealed) entry.
 _NO_SIGNATURES = "{}"
 
@@ -412,20 +411,26 @@ def row_to_entry(row: Sequence[Any]) -> dict[str, Any]:
     """An audit row (STORED_COLUMNS) as the entry that was hashed and signed.
 
     Optional fields appear only when set: an entry without them is exactly
-    what was hashed. (``verify`` decodes every row of the log through this:
-    it builds each dict once and skips decoding an unsigned entry's ``{}``.)
+    what was hashed. Integer columns are made ints (a driver may return
+    another type). (``verify`` decodes every row of the log through this: it
+    builds each dict once, converts only what is not an int already and skips
+    decoding an unsigned entry's ``{}``.)
     """
     if len(row) != len(STORED_COLUMNS):
         raise ValueError(f"an audit row has {len(STORED_COLUMNS)} columns, not {len(row)}")
-    entry = dict(zip(AUDIT_COLUMNS, row[: len(AUDIT_COLUMNS)], strict=True))
-    optional = row[len(AUDIT_COLUMNS) :]
-    for (key, is_int), value in zip(_OPTIONAL_DECODING, optional, strict=True):
+    entry = dict(zip(AUDIT_COLUMNS, row, strict=False))  # the row is longer: checked above
+    for key, value in zip(_OPTIONAL_KEYS, row[len(AUDIT_COLUMNS) :], strict=True):
         if value is not None:
-            entry[key] = int(value) if is_int else value
+            entry[key] = value
+    for key in _INT_OPTIONAL_KEYS:
+        value = entry.get(key)
+        if value is not None and type(value) is not int:
+            entry[key] = int(value)
     signatures = entry["signatures"]
     entry["signatures"] = {} if signatures == _NO_SIGNATURES else json.loads(signatures)
-    entry["seq"] = int(entry["seq"])
-    entry["ts"] = int(entry["ts"])
+    for key in ("seq", "ts"):
+        if type(entry[key]) is not int:
+            entry[key] = int(entry[key])
     return entry
 
 

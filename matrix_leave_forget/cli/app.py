@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start as --since from the head in FILE, if it exists, and write the new head "
         "there when the chain is valid (for cron: each run checks only the new entries)",
     )
+    verify.add_argument(
+        "--jobs",
+        type=_positive,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="processes checking chunks of the chain at once, when 200,000 entries or more "
+        "are to be checked and no old key has an expiry (default: %(default)s)",
+    )
     verify.set_defaults(func=cmd_verify)
     return parser
 

@@ -2,7 +2,9 @@
 
 import argparse
 import csv
+import itertools
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -28,12 +30,14 @@ from matrix_leave_forget.audit.checkpoint import (
 )
 from matrix_leave_forget.audit.entry import (
     GENESIS_HASH,
+    GROUP_FORMATS,
     VerifyResult,
-    _signature_problem,
-    entry_hash,
+    content_problem,
     iter_verify,
+    missing_erasure,
     parse_head,
     parse_verify_key,
+    signature_problem,
 )
 from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
@@ -606,9 +610,10 @@ class _UnreadableEntryError(Exception):
 
 
 def _entries_for_verify(
-    db: Database, current: dict[str, Any], after: int = 0
+    db: Database, current: dict[str, Any], after: int = 0, until: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """The log in seq order from after ``after``, noting in ``current`` the entry being checked.
+    """The log in seq order from after ``after`` (to ``until`` included, if given),
+    noting in ``current`` the entry being checked.
 
     BATCH rows at a time: memory stays bounded whatever the log's size.
     """
@@ -626,13 +631,15 @@ def _entries_for_verify(
                     raise _UnreadableEntryError(
                         next_seq(db, after), f"the row cannot be read: {one_line(str(exc))}"
                     )
-                if not row:
+                if not row or (until is not None and row[0]["seq"] > until):
                     return
                 current["seq"] = row[0]["seq"]
                 yield row[0]
                 after = row[0]["seq"]
             continue
         for entry in page:
+            if until is not None and entry["seq"] > until:
+                return
             current["seq"] = entry.get("seq")
             yield entry
         if len(page) < BATCH:
@@ -647,6 +654,7 @@ def _start_problem(
     keys: Mapping[str, VerifyKey],
     key_expiry: Mapping[str, int],
     expected_heads: Sequence[tuple[int, str]],
+    erasures: Mapping[int, tuple[int, str, str]],
 ) -> tuple[VerifyResult | None, int | None]:
     """Whether the chain still holds the head ``since``, checked earlier; and its ts.
 
@@ -673,12 +681,12 @@ def _start_problem(
             f"{entry['hash']} (the chain was rewritten up to it, or the head is not one "
             "verify printed)"
         )
-    elif entry_hash(entry) != head_hash:
-        problem = "contents do not match the stored hash (the row was edited)"
+    elif (content := content_problem(entry, erasures)) is not None:
+        problem = content
     elif not entry["signatures"]:
         problem = f"{seq}:{head_hash} is not a signed head (verify prints only signed heads)"
     else:
-        problem = _signature_problem(entry, origin, keys, key_expiry, entry["ts"])
+        problem = signature_problem(entry, origin, keys, key_expiry, entry["ts"])
     if problem is not None:
         return VerifyResult(0, GENESIS_HASH, seq, problem), None
     for head_seq, expected in sorted(set(expected_heads)):
@@ -712,6 +720,7 @@ def verify_database(
     key_expiry: Mapping[str, int] | None = None,
     expected_heads: Sequence[tuple[int, str]] = (),
     since: tuple[int, str] | None = None,
+    jobs: int = 1,
 ) -> VerifyResult:
     """Check the audit chain in the database, streaming it.
 
@@ -724,16 +733,20 @@ def verify_database(
         expected_heads: (seq, hash) the chain must hold: recorded heads, checkpoints.
         since: A head (seq, hash) checked earlier: check that the chain still
             holds it, then only the entries after it (O(new entries)).
+        jobs: Processes checking chunks of the log at once (_verify_parallel),
+            when the log is long enough and the database can be reopened.
 
     Returns:
         The result; ``bad_seq`` names the first bad entry, if any.
     """
     result = VerifyResult(0, GENESIS_HASH)
     after_ts = None
+    # Erased entries come before their erasure records: read the records first.
+    erasures = select_erasures_txn(db.cursor(), paramstyle=db.paramstyle)
     if since is not None:
         try:
             failure, after_ts = _start_problem(
-                db, since, origin, keys, key_expiry or {}, expected_heads
+                db, since, origin, keys, key_expiry or {}, expected_heads, erasures
             )
         except (AttributeError, TypeError, ValueError, KeyError) as exc:
             failure = VerifyResult(
@@ -745,19 +758,72 @@ def verify_database(
         if failure is not None:
             return attr.evolve(failure, problem=_plain_problem(failure.problem or ""))
         result = VerifyResult(since[0], since[1])
+    if (
+        jobs > 1
+        and not key_expiry
+        and db.reopen is not None
+        # The workers inherit keys and settings by fork (Linux, the BSDs, macOS).
+        and "fork" in multiprocessing.get_all_start_methods()
+        and max_seq(db) - result.checked >= PARALLEL_FROM * CHUNK
+    ):
+        result = _verify_parallel(
+            db, origin, keys, expected_heads, result, progress, jobs, erasures
+        )
+    else:
+        result, _ = _check_range(
+            db, origin, keys, key_expiry, expected_heads, since, after_ts, progress, erasures
+        )
+    if result.problem is not None:
+        result = attr.evolve(result, problem=_plain_problem(result.problem))
+    return result
+
+
+def _check_range(
+    db: Database,
+    origin: str,
+    keys: Mapping[str, VerifyKey],
+    key_expiry: Mapping[str, int] | None,
+    expected_heads: Sequence[tuple[int, str]],
+    start: tuple[int, str] | None,
+    after_ts: int | None,
+    progress: Progress | None,
+    erasures: Mapping[int, tuple[int, str, str]],
+    until: int | None = None,
+    chunk: bool = False,
+) -> tuple[VerifyResult, tuple[Any, Any] | None]:
+    """iter_verify over the entries after ``start`` (to ``until``), read from db.
+
+    With ``chunk``, ``start`` is (seq, anything): the check starts at the
+    stored ``prev_hash`` of the entry after seq, and the caller checks that
+    it is the previous chunk's head (see _verify_parallel); and an erasure
+    record in a later chunk is the caller's to find (missing_erasure).
+
+    Returns:
+        The last result, and with ``chunk`` the (seq, prev_hash) of the first
+        entry read (None if there was none).
+    """
+    after = start[0] if start is not None else 0
+    result = VerifyResult(*start) if start is not None else VerifyResult(0, GENESIS_HASH)
     current: dict[str, Any] = {"seq": None}
-    # Erased entries come before their erasure records: read the records first.
-    erasures = select_erasures_txn(db.cursor(), paramstyle=db.paramstyle)
+    first_link: tuple[Any, Any] | None = None
     try:
+        entries: Iterator[dict[str, Any]] = _entries_for_verify(db, current, after, until)
+        if chunk:
+            first = next(entries, None)
+            if first is not None:
+                first_link = (first.get("seq"), first.get("prev_hash"))
+                start = (after, first_link[1])
+                entries = itertools.chain([first], entries)
         for result in iter_verify(
-            _entries_for_verify(db, current, since[0] if since else 0),
+            entries,
             origin,
             keys,
             key_expiry,
             expected_heads,
-            since,
+            start,
             after_ts,
             erasures,
+            check_missing=not chunk,
         ):
             if progress is not None and result.ok:
                 progress.update(result.checked, int(current["seq"]))
@@ -773,9 +839,146 @@ def verify_database(
             seq,
             f"the entry cannot be checked: {one_line(str(exc)) or 'malformed'}",
         )
-    if result.problem is not None:
-        result = attr.evolve(result, problem=_plain_problem(result.problem))
-    return result
+    return result, first_link
+
+
+# Entries per chunk of a parallel verify: each worker streams its chunk
+# BATCH rows at a time, so memory stays bounded whatever the size.
+CHUNK = 25_000
+# Chunks below which one pass is as fast: with few chunks the last ones run
+# alone, and starting the workers costs more than they save (bench/verify.py:
+# 10^5 entries took longer with two workers than with one on 2 CPUs).
+PARALLEL_FROM = 8
+
+# What each worker process of a parallel verify checks with (set before the fork).
+_WORKER: dict[str, Any] = {}
+
+
+def _chunk_bounds(db: Database, start: int) -> list[int]:
+    """The seqs where chunks end: the first entry, CHUNK or more entries after the
+    previous bound, that iter_verify counts as covering (signed, or of the first
+    format), so that no chunk ends on entries waiting for a later signature."""
+    bounds: list[int] = []
+    cur = db.cursor()
+    at = start + CHUNK - 1
+    while True:
+        try:
+            page = select_audit_txn(cur, after_seq=at, limit=128, paramstyle=db.paramstyle)
+        except (ValueError, TypeError, KeyError):
+            return bounds  # the last chunk goes on to the end and reports the row
+        if not page:
+            return bounds
+        bound = next(
+            (e["seq"] for e in page if e["signatures"] or e.get("format") not in GROUP_FORMATS),
+            None,
+        )
+        if bound is None:
+            at = page[-1]["seq"]
+            continue
+        bounds.append(bound)
+        at = bound + CHUNK - 1
+
+
+def _worker_init() -> None:
+    db: Database = _WORKER["db"]
+    assert db.reopen is not None
+    _WORKER["own_db"] = db.reopen(_WORKER.get("snapshot"))
+
+
+def _check_chunk(
+    task: tuple[int, int | None, list[tuple[int, str]]],
+) -> tuple[VerifyResult, tuple[Any, Any] | None]:
+    after, until, heads = task
+    return _check_range(
+        _WORKER["own_db"],
+        _WORKER["origin"],
+        _WORKER["keys"],
+        None,
+        heads,
+        (after, GENESIS_HASH) if after else None,
+        None,
+        None,
+        _WORKER["erasures"],
+        until,
+        chunk=after > 0,
+    )
+
+
+def _verify_parallel(
+    db: Database,
+    origin: str,
+    keys: Mapping[str, VerifyKey],
+    expected_heads: Sequence[tuple[int, str]],
+    start: VerifyResult,
+    progress: Progress | None,
+    jobs: int,
+    erasures: Mapping[int, tuple[int, str, str]],
+) -> VerifyResult:
+    """The check of _check_range, by ``jobs`` processes over chunks of the log.
+
+    Each chunk ends on a covering entry (_chunk_bounds) and is checked by
+    iter_verify from the stored ``prev_hash`` of its first entry; here, in
+    order, each chunk's first entry must follow the previous chunk's last one
+    (seq + 1 and prev_hash = its hash) and each chunk must reach its end. So
+    every link, hash and signature is checked exactly as in one pass. (Key
+    expiry depends on every earlier ``ts``: verify_database checks a log with
+    expiring keys in one pass.)
+    """
+    bounds = _chunk_bounds(db, start.checked)
+    starts = [start.checked, *bounds]
+    ends: list[int | None] = [*bounds, None]
+    tasks = []
+    for after, until in zip(starts, ends, strict=True):
+        heads = [
+            (seq, h) for seq, h in expected_heads if seq > after and (until is None or seq <= until)
+        ]
+        tasks.append((after, until, heads))
+    _WORKER.update(
+        db=db, origin=origin, keys=keys, erasures=erasures, snapshot=db.export_snapshot()
+    )
+    try:
+        head_hash, matched, erased = start.head_hash, 0, 0
+        result = start
+        with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+            for (after, until, _), (result, first_link) in zip(
+                tasks, pool.imap(_check_chunk, tasks), strict=True
+            ):
+                if after > 0 and first_link is not None and first_link[0] == after + 1:
+                    if first_link[1] != head_hash:
+                        return VerifyResult(
+                            after,
+                            head_hash,
+                            after + 1,
+                            "prev_hash does not match the previous entry's hash",
+                            matched,
+                        )
+                if result.checked == after:
+                    # Nothing in this chunk verified: the last good head is the previous one.
+                    result = attr.evolve(result, head_hash=head_hash)
+                result = attr.evolve(
+                    result,
+                    heads_matched=matched + result.heads_matched,
+                    erased=erased + result.erased,
+                )
+                if not result.ok:
+                    return result
+                if until is not None and result.checked != until:
+                    # Only when rows vanish between this process's read and the worker's.
+                    return attr.evolve(
+                        result,
+                        bad_seq=result.checked + 1,
+                        problem=f"entry {result.checked + 1} is missing (the chain changed while "
+                        "it was checked)",
+                    )
+                head_hash, matched, erased = result.head_hash, result.heads_matched, result.erased
+                if progress is not None:
+                    progress.update(result.checked, result.checked)
+    finally:
+        _WORKER.clear()
+    missing = missing_erasure(erasures, result.checked)
+    if missing is not None:
+        return VerifyResult(result.checked, head_hash, missing[0], missing[1], matched, erased)
+    return VerifyResult(result.checked, head_hash, heads_matched=matched, erased=erased)
 
 
 def _plain_problem(text: str) -> str:
@@ -875,7 +1078,9 @@ def cmd_verify(db: Database, config: HomeserverConfig, args: argparse.Namespace)
         heads = [head for head in heads if head != since]
     progress = _progress("Verifying", db)
     try:
-        result = verify_database(db, origin, keys, progress, expiry, heads, since)
+        result = verify_database(
+            db, origin, keys, progress, expiry, heads, since, getattr(args, "jobs", 1)
+        )
     finally:
         if progress is not None:
             progress.finish()

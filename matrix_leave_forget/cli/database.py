@@ -3,7 +3,7 @@
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attr
@@ -28,6 +28,9 @@ class Database:
     conn: Any
     paramstyle: str
     description: str
+    # Opens another connection to the same database (for the worker processes
+    # of a parallel verify), seeing the snapshot export_snapshot named if any.
+    reopen: Callable[[str | None], "Database"] | None = None
 
     def cursor(self) -> Any:
         """A new DB-API cursor inside the run's one read transaction."""
@@ -44,6 +47,20 @@ class Database:
     def close(self) -> None:
         """Close the connection, ending the read transaction."""
         self.conn.close()
+
+    def export_snapshot(self) -> str | None:
+        """A name for this connection's snapshot that reopen can start from (PostgreSQL), or None.
+
+        SQLite has no shared snapshots: the log is append-only, so another
+        connection sees at least the same entries, and an entry changed in
+        between is checked as it was read (a chunk and its neighbour are
+        joined by a hash and a signature, not by this process's read).
+        """
+        if self.paramstyle == "?":
+            return None
+        cur = self.conn.cursor()
+        cur.execute("SELECT pg_export_snapshot()")
+        return str(cur.fetchone()[0])
 
 
 def _open_sqlite(args: Mapping[str, Any]) -> Database:
@@ -75,7 +92,7 @@ def _open_sqlite(args: Mapping[str, Any]) -> Database:
             raise
     except sqlite3.Error as exc:
         raise CliError(f"cannot open SQLite database {path}: {_sqlite_cause(path, exc)}")
-    return Database(conn, "?", f"SQLite database {path}")
+    return Database(conn, "?", f"SQLite database {path}", lambda _snapshot: _open_sqlite(args))
 
 
 def _sqlite_cause(path: str, exc: sqlite3.Error) -> str:
@@ -97,7 +114,7 @@ def _sqlite_cause(path: str, exc: sqlite3.Error) -> str:
     )
 
 
-def _open_postgres(args: Mapping[str, Any]) -> Database:
+def open_postgres(args: Mapping[str, Any]) -> Database:
     """Connect to PostgreSQL with Synapse's psycopg2 args, in a read-only transaction."""
     try:
         import psycopg2
@@ -126,7 +143,16 @@ def _open_postgres(args: Mapping[str, Any]) -> Database:
     # consistent across batches, and no way to write by mistake.
     conn.set_session(readonly=True, isolation_level="REPEATABLE READ")
     where = connect_args.get("database") or connect_args.get("dbname") or "?"
-    return Database(conn, "%s", f"PostgreSQL database {where}")
+    return Database(conn, "%s", f"PostgreSQL database {where}", lambda s: _reopen_postgres(args, s))
+
+
+def _reopen_postgres(args: Mapping[str, Any], snapshot: str | None) -> Database:
+    """Another connection like open_postgres's, in the snapshot ``snapshot`` if given."""
+    db = open_postgres(args)
+    if snapshot is not None:
+        # The first statement of the read-only REPEATABLE READ transaction.
+        db.conn.cursor().execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+    return db
 
 
 def open_database(config: HomeserverConfig) -> Database:
@@ -145,7 +171,7 @@ def open_database(config: HomeserverConfig) -> Database:
     if name == "sqlite3":
         db = _open_sqlite(args)
     elif name == "psycopg2":
-        db = _open_postgres(args)
+        db = open_postgres(args)
     else:
         raise CliError(
             f"{config.sources[-1]}: unsupported database {name!r} "

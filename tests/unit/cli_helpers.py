@@ -18,8 +18,8 @@ from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget import cli
-from matrix_leave_forget.audit.entry import ENTRY_FIELDS
-from matrix_leave_forget.audit.log import AUDIT_COLUMNS
+from matrix_leave_forget.audit.entry import ENTRY_FIELDS, GENESIS_HASH, escape_fields, seal_entries
+from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
 from matrix_leave_forget.db.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.support.chain import make_chain
 
@@ -146,3 +146,63 @@ class CliTestCase(SynchronousTestCase):
         conn.execute(sql, args)
         conn.commit()
         conn.close()
+
+
+GROUP = 4
+
+
+def group_chain(count: int, key: Any, group: int = GROUP) -> list[dict[str, Any]]:
+    """``count`` leave entries sealed ``group`` at a time (the group format)."""
+    entries: list[dict[str, Any]] = []
+    seq, prev = 0, GENESIS_HASH
+    while seq < count:
+        size = min(group, count - seq)
+        fields = [
+            escape_fields(
+                {
+                    "ts": 1_700_000_000_000 + (seq + i) * 1000,
+                    "origin": ORIGIN,
+                    "instance": "master",
+                    "action": "leave",
+                    "user_id": f"@user{(seq + i) % 3}:{ORIGIN}",
+                    "room_id": f"!room{seq + i}:{ORIGIN}",
+                    "reason": f"reason {seq + i}",
+                    "event_id": f"$event{seq + i}",
+                    "device_id": "DEVICE",
+                    "outcome": "ok",
+                    "via": "api",
+                }
+            )
+            for i in range(size)
+        ]
+        sealed = seal_entries(fields, seq, prev, ORIGIN, key)
+        seq, prev = sealed[-1]["seq"], sealed[-1]["hash"]
+        entries += sealed
+    return entries
+
+
+class ChainStoreTestCase(CliTestCase):
+    """A CLI test whose database holds a given chain, stored column by column."""
+
+    def store(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the database with one holding entries (every stored column)."""
+        if os.path.exists(self.db_path):
+            os.unlink(self.db_path)
+        create_database(self.db_path, [])
+        conn = sqlite3.connect(self.db_path)
+        conn.executemany(
+            f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})",
+            [
+                [
+                    json.dumps(e["signatures"], sort_keys=True) if c == "signatures" else e.get(c)
+                    for c in STORED_COLUMNS
+                ]
+                for e in entries
+            ],
+        )
+        conn.commit()
+        conn.close()
+
+    def head(self, entries: list[dict[str, Any]], seq: int) -> str:
+        return f"{seq}:{entries[seq - 1]['hash']}"

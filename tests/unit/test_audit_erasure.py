@@ -15,7 +15,6 @@ from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.audit.entry import (
-    ACTION_ERASE,
     FORMAT_COMMITTED,
     FORMAT_GROUP,
     GENESIS_HASH,
@@ -34,6 +33,7 @@ from matrix_leave_forget.audit.entry import (
     verify_chain,
     verify_keys_from_signing_key,
 )
+from tests.support.chain import erase_texts
 
 ORIGIN = "example.org"
 SECRET = "my new address is 12 Elm St"
@@ -82,27 +82,6 @@ def append_format3(
     seq = chain[-1]["seq"] if chain else 0
     prev = chain[-1]["hash"] if chain else GENESIS_HASH
     chain += seal_entries(many, seq, prev, ORIGIN, key)
-
-
-def erase(chain: list[dict[str, Any]], seqs: list[int], key: SigningKey) -> None:
-    """What AuditLog.erase_text_txn does to the rows: record, then delete the text."""
-    claims = [erasure_claim(chain[s - 1]) for s in seqs]
-    record = {
-        **fields(0, None),
-        "action": ACTION_ERASE,
-        "outcome": "erased_user",
-        "room_id": None,
-        "event_id": None,
-        "device_id": None,
-        "erasure": json.dumps(claims),
-    }
-    append_format3(chain, [record], key)
-    for s in seqs:
-        entry = chain[s - 1]
-        for name in ("reason_sha256", "text_salt"):
-            entry.pop(name, None)
-        entry["reason"] = None
-        entry["text_erased"] = 1
 
 
 class ErasureTest(SynchronousTestCase):
@@ -154,7 +133,7 @@ class ErasureTest(SynchronousTestCase):
 
     def test_erased_text_of_every_format_verifies_as_erased(self) -> None:
         """Erasing entries of formats 1, 2 and 3 leaves no text and a chain that verifies."""
-        erase(self.chain, [1, 3, 4, 5, 6], self.key)
+        erase_texts(self.chain, [1, 3, 4, 5, 6], self.key)
         text = json.dumps(self.chain)
         for gone in ("Elm St", '"short"', '"abc"', '"no"'):
             self.assertNotIn(gone, text)
@@ -198,14 +177,14 @@ class ErasureTest(SynchronousTestCase):
 
     def test_edited_reason_of_an_unerased_entry_is_caught_after_an_erasure(self) -> None:
         """Once some entries are erased, an edit to another entry's reason is still caught."""
-        erase(self.chain, [1, 5], self.key)
+        erase_texts(self.chain, [1, 5], self.key)
         self.chain[3]["reason"] = "edited"
         result = self.verify()
         self.assertEqual(result.bad_seq, 4, result)
 
     def test_edit_of_an_erased_entrys_other_fields_is_caught(self) -> None:
         """After erasure, editing the room of an erased entry fails against its record."""
-        erase(self.chain, [1, 3, 5], self.key)
+        erase_texts(self.chain, [1, 3, 5], self.key)
         for seq in (1, 3, 5):
             with self.subTest(seq=seq):
                 chain = copy.deepcopy(self.chain)
@@ -215,7 +194,7 @@ class ErasureTest(SynchronousTestCase):
 
     def test_erasure_record_must_be_in_the_chain(self) -> None:
         """A chain cut before the erase entry fails at the erased entry; an edited record fails."""
-        erase(self.chain, [1], self.key)
+        erase_texts(self.chain, [1], self.key)
         erasures = erasures_from_entries(self.chain)
         result = verify_chain(self.chain[:7], ORIGIN, self.keys, erasures=erasures)
         self.assertEqual(result.bad_seq, 1, result)
@@ -225,7 +204,7 @@ class ErasureTest(SynchronousTestCase):
 
     def test_erasures_given_must_match_the_chains_records(self) -> None:
         """A claim handed to verify that the chain's erase entry does not hold fails there."""
-        erase(self.chain, [1], self.key)
+        erase_texts(self.chain, [1], self.key)
         # Entry 4's reason deleted, with a made-up claim naming the genuine erase entry 8.
         erasures = erasures_from_entries(self.chain)
         chain = copy.deepcopy(self.chain)
@@ -238,7 +217,7 @@ class ErasureTest(SynchronousTestCase):
 
     def test_erased_entry_still_holding_text_is_caught(self) -> None:
         """Text written back into an erased entry is not accepted as erased."""
-        erase(self.chain, [3], self.key)
+        erase_texts(self.chain, [3], self.key)
         self.chain[2]["reason"] = "put back"
         result = self.verify()
         self.assertEqual(result.bad_seq, 3)
@@ -250,7 +229,7 @@ class ErasureTest(SynchronousTestCase):
         append_format3(chain, [escape_fields(fields(1, "a\x00b"))], self.key)
         self.assertEqual(unescape_entry(chain[0])["reason"], "a\x00b")
         self.assertTrue(self.verify(chain).ok)
-        erase(chain, [1], self.key)
+        erase_texts(chain, [1], self.key)
         self.assertIsNone(unescape_entry(chain[0])["reason"])
         result = self.verify(chain)
         self.assertTrue(result.ok, result)

@@ -9,72 +9,16 @@ entries, one signature per group) and runs the CLI in process.
 
 import json
 import os
-import sqlite3
 from typing import Any
 
 from matrix_leave_forget import cli
 from matrix_leave_forget.audit.checkpoint import make_checkpoint
-from matrix_leave_forget.audit.entry import GENESIS_HASH, escape_fields, seal_entries
-from matrix_leave_forget.audit.log import STORED_COLUMNS, select_audit_txn
-from tests.unit.cli_helpers import ORIGIN, CliTestCase, create_database
-
-GROUP = 4
+from matrix_leave_forget.audit.entry import seal_entries
+from matrix_leave_forget.audit.log import select_audit_txn
+from tests.unit.cli_helpers import ORIGIN, ChainStoreTestCase, group_chain
 
 
-def group_chain(count: int, key: Any, group: int = GROUP) -> list[dict[str, Any]]:
-    """``count`` leave entries sealed ``group`` at a time (the group format)."""
-    entries: list[dict[str, Any]] = []
-    seq, prev = 0, GENESIS_HASH
-    while seq < count:
-        size = min(group, count - seq)
-        fields = [
-            escape_fields(
-                {
-                    "ts": 1_700_000_000_000 + (seq + i) * 1000,
-                    "origin": ORIGIN,
-                    "instance": "master",
-                    "action": "leave",
-                    "user_id": f"@user{(seq + i) % 3}:{ORIGIN}",
-                    "room_id": f"!room{seq + i}:{ORIGIN}",
-                    "reason": f"reason {seq + i}",
-                    "event_id": f"$event{seq + i}",
-                    "device_id": "DEVICE",
-                    "outcome": "ok",
-                    "via": "api",
-                }
-            )
-            for i in range(size)
-        ]
-        sealed = seal_entries(fields, seq, prev, ORIGIN, key)
-        seq, prev = sealed[-1]["seq"], sealed[-1]["hash"]
-        entries += sealed
-    return entries
-
-
-class IncrementalVerifyTest(CliTestCase):
-    def store(self, entries: list[dict[str, Any]]) -> None:
-        """Replace the database with one holding entries (every stored column)."""
-        if os.path.exists(self.db_path):
-            os.unlink(self.db_path)
-        create_database(self.db_path, [])
-        conn = sqlite3.connect(self.db_path)
-        conn.executemany(
-            f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})",
-            [
-                [
-                    json.dumps(e["signatures"], sort_keys=True) if c == "signatures" else e.get(c)
-                    for c in STORED_COLUMNS
-                ]
-                for e in entries
-            ],
-        )
-        conn.commit()
-        conn.close()
-
-    def head(self, entries: list[dict[str, Any]], seq: int) -> str:
-        return f"{seq}:{entries[seq - 1]['hash']}"
-
+class IncrementalVerifyTest(ChainStoreTestCase):
     def spy_reads(self) -> list[int]:
         """The after_seq of every page verify reads."""
         reads: list[int] = []
