@@ -11,7 +11,7 @@ import json
 import urllib.parse
 from typing import Any, ClassVar
 
-from tests.integration.test_history_guard import (
+from tests.integration.guard_scenes import (
     BASE_CONFIG,
     SLIDING_SYNC,
     HistoryGuardTestCase,
