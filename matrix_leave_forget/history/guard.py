@@ -22,7 +22,12 @@ from synapse.module_api import ModuleApi
 from matrix_leave_forget._synapse.contexts import run_in_request_context
 from matrix_leave_forget.history.departures import Departure, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
-from matrix_leave_forget.history.later_events import is_later, later_events, scrub_aggregations
+from matrix_leave_forget.history.later_events import (
+    ids_with_bundled,
+    is_later,
+    later_events,
+    scrub_aggregations,
+)
 from matrix_leave_forget.history.sync import SyncGuard, may_change, rooms_named_by
 
 logger = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ Replacement = tuple[int, bytes]
 _CLIENT = rb"^/_matrix/client/(?:api/v1|r0|v1|v3|unstable(?:/[^/]+)?)"
 _ROOM_READ = re.compile(
     _CLIENT + rb"/rooms/(?P<room_id>[^/]+)/"
-    rb"(?P<endpoint>messages|context|event|relations|threads)(?:/[^/]+)*$"
+    rb"(?P<endpoint>messages|context|event|relations|threads|members)(?:/[^/]+)*$"
 )
 _SYNC = re.compile(_CLIENT + rb"/sync$")
 # The legacy event stream and single-event read (no room id in the path).
@@ -54,7 +59,12 @@ NEVER_MEMBER: dict[str, tuple[int, str, str]] = {
     "context": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
     "event": (404, "M_NOT_FOUND", "Event not found."),
     "legacy_event": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
+    "members": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
 }
+# /members?at=<token>: Synapse checks the state at the token, not the membership.
+_NOT_AT_TOKEN = "User {user_id} not allowed to view events in room {room_id} at token {token}"
+# Room reads Synapse refuses a non-member unless the room is world_readable now.
+_ROOM_CHECKED = ("messages", "relations", "threads", "members")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -245,7 +255,8 @@ class RoomReadGuard:
     """/messages, /context, /event, /relations and /threads of one room.
 
     After forget the answer is what a never-member gets; after leave, kick or
-    ban (not forgotten), events sent after the departure are left out.
+    ban (not forgotten), events sent after the departure are left out unless
+    they were world_readable (docs/history.md, "The rule").
     """
 
     def __init__(self, lookup: DepartureLookup) -> None:
@@ -255,33 +266,75 @@ class RoomReadGuard:
         self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
     ) -> Replacement | None:
         departure = await self._lookup.departure(user_id, room_id)
-        if departure is None or await self._lookup.world_readable(room_id):
+        if departure is None:
             return None
         if departure.forgotten:
-            status, errcode, error = NEVER_MEMBER[endpoint]
-            return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
+            return await self._as_never_member(request, user_id, room_id, endpoint, body)
         data = decode(body)
         if not isinstance(data, dict):
             return None
         later = await self._later_events(data, departure)
-        if not later:
+        # What anyone may see (world_readable at the event) is not hidden from them.
+        hidden = later - await self._lookup.never_member_sees(later) if later else later
+        return self._without(request, user_id, room_id, endpoint, data, hidden)
+
+    async def _as_never_member(
+        self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
+    ) -> Replacement | None:
+        """What Synapse answers a user who was never in the room, from the user's answer.
+
+        Room-level reads are refused unless the room is world_readable now; what
+        is then served, and what /context and /event serve, is the events
+        world_readable at the event.
+        """
+        status, errcode, error = NEVER_MEMBER[endpoint]
+        refusal = status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
+        at = arg(request, b"at") if endpoint == "members" else None
+        if at is not None:
+            visible, token = await self._lookup.state_visible_to_never_member(room_id, at)
+            if not visible:
+                text = _NOT_AT_TOKEN.format(user_id=user_id, room_id=room_id, token=token)
+                return 403, error_body("M_FORBIDDEN", text)
+            return None
+        if endpoint in _ROOM_CHECKED and not await self._lookup.world_readable(room_id):
+            return refusal
+        if endpoint == "members":
+            return None
+        data = decode(body)
+        if not isinstance(data, dict):
+            return refusal
+        ids = {i for event in _top_events(data) for i in ids_with_bundled(event)}
+        hidden = ids - await self._lookup.never_member_sees(ids)
+        return self._without(request, user_id, room_id, endpoint, data, hidden)
+
+    @staticmethod
+    def _without(
+        request: Any,
+        user_id: str,
+        room_id: str,
+        endpoint: str,
+        data: dict[str, Any],
+        hidden: set[str],
+    ) -> Replacement | None:
+        """data without the hidden events (bundled ones too), or the refusal if it is about one."""
+        if not hidden:
             return None
         forward = arg(request, b"dir") == "f"
         single = endpoint in ("event", "legacy_event")
-        if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in later:
+        if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in hidden:
             status, errcode, error = NEVER_MEMBER[endpoint]
-            return status, error_body(errcode, error)
+            return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
         if single:
-            scrub_aggregations(data, later)
+            scrub_aggregations(data, hidden)
             return 200, encode(data)
         dropped = False
         for key in ("chunk", "events_before", "events_after", "state"):
             if isinstance(data.get(key), list):
-                kept = [e for e in data[key] if not is_later(e, later)]
+                kept = [e for e in data[key] if not is_later(e, hidden)]
                 dropped |= key != "state" and len(kept) != len(data[key])
                 data[key] = kept
         for event in _top_events(data):
-            scrub_aggregations(event, later)
+            scrub_aggregations(event, hidden)
         # Forward paging past the departure would only find later events.
         if dropped and forward:
             data.pop("end", None)

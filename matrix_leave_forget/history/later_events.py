@@ -14,7 +14,7 @@ async def later_events(
     lookup: DepartureLookup, events: list[dict[str, Any]], departure: Departure
 ) -> set[str]:
     """The ids of events (bundled ones too) that were sent after departure."""
-    ids = {i for event in events for i in _ids_with_bundled(event)}
+    ids = {i for event in events for i in ids_with_bundled(event)}
     if not ids:
         return set()
     positions = await lookup.stream_orderings(ids)
@@ -26,11 +26,16 @@ async def hide_later(
 ) -> bool:
     """Drop later events from each list (in place) and later bundles from the rest.
 
+    Events world_readable at the event are kept: a never-member may see them too.
+
     Returns:
         Whether anything was dropped.
     """
     events = [e for events in event_lists for e in events if isinstance(e, dict)]
     later = await later_events(lookup, events, departure)
+    if later:
+        # What anyone may see (world_readable at the event) is not hidden.
+        later -= await lookup.never_member_sees(later)
     if not later:
         return False
     for events in event_lists:
@@ -46,12 +51,12 @@ def _bundled(event: dict[str, Any]) -> dict[str, Any]:
     return relations if isinstance(relations, dict) else {}
 
 
-def _ids_with_bundled(event: dict[str, Any]) -> list[str]:
+def ids_with_bundled(event: dict[str, Any]) -> list[str]:
     ids = [event["event_id"]] if isinstance(event.get("event_id"), str) else []
     relations = _bundled(event)
     thread = relations.get("m.thread")
     if isinstance(thread, dict) and isinstance(thread.get("latest_event"), dict):
-        ids.extend(_ids_with_bundled(thread["latest_event"]))
+        ids.extend(ids_with_bundled(thread["latest_event"]))
     replace = relations.get("m.replace")
     if isinstance(replace, dict) and isinstance(replace.get("event_id"), str):
         ids.append(replace["event_id"])
@@ -78,7 +83,7 @@ def scrub_aggregations(event: dict[str, Any], later: set[str]) -> None:
         return
     thread = relations.get("m.thread")
     if isinstance(thread, dict) and any(
-        i in later for i in _ids_with_bundled(thread.get("latest_event") or {})
+        i in later for i in ids_with_bundled(thread.get("latest_event") or {})
     ):
         del relations["m.thread"]
     replace = relations.get("m.replace")

@@ -68,7 +68,7 @@ class ClassifyTests(SynchronousTestCase):
             (b"POST", b"/_matrix/client/v3/sync"),
             (b"PUT", b"/_matrix/client/v3/rooms/%21a/send/m.room.message/1"),
             (b"GET", b"/_matrix/client/v3/rooms/%21a/state"),
-            (b"GET", b"/_matrix/client/v3/rooms/%21a/members"),
+            (b"GET", b"/_matrix/client/v3/rooms/%21a/joined_members"),
             (b"GET", b"/_matrix/client/v3/rooms/%21a/messagesx"),
             (b"GET", b"/_matrix/federation/v1/event/%24e"),
             (b"GET", b"/_matrix/client/v3/syncx"),
