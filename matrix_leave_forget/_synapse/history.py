@@ -184,9 +184,16 @@ class HistoryInternals:
             parsed = await StreamToken.from_string(self._store, token)
         except Exception:
             return False, token
-        last = await self._store.get_last_event_id_in_room_before_stream_ordering(
-            room_id, end_token=parsed.room_key
+        # The same query; Synapse 1.98 names it without "_id".
+        last_event_before = (
+            getattr(
+                self._store,
+                "get_last_event_id_in_room_before_stream_ordering",
+                None,
+            )
+            or self._store.get_last_event_in_room_before_stream_ordering
         )
+        last = await last_event_before(room_id, end_token=parsed.room_key)
         if last is None:
             return False, str(parsed)
         state = await self._hs.get_storage_controllers().state.get_state_for_event(

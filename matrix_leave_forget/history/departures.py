@@ -109,6 +109,14 @@ class DepartureLookup:
             return forgotten
         return await self._internals.forgotten_rooms_from_database(user_id)
 
+    async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
+        """The rooms user_id is joined to (Synapse's cache)."""
+        return await self._internals.joined_rooms(user_id)
+
+    def joined_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
+        """joined_rooms if Synapse's cache holds it, without waiting; else None."""
+        return self._internals.joined_rooms_now(user_id)
+
     def joined_now(self, user_id: str, room_id: str) -> bool:
         """True if Synapse's cache already says user_id is joined to room_id."""
         rooms = self._internals.joined_rooms_now(user_id)

@@ -151,7 +151,8 @@ class HistoryGuard:
             return False
         named = rooms_named_by(body)
         forgotten = self._lookup.forgotten_rooms_now(user_id, named)
-        return forgotten is not None and not may_change(route.kind, body, forgotten, named)
+        joined = self._lookup.joined_rooms_now(user_id) if route.kind == "sliding_sync" else None
+        return forgotten is not None and not may_change(route.kind, body, forgotten, named, joined)
 
     async def _check(
         self, request: Any, route: Route, code: int, body: bytes

@@ -7,7 +7,10 @@ with a message of alice's after each (``post1``...). Optionally bob forgets
 the room right after his first departure. Then bob reads the room on every
 path and each answer is checked against tests/history_model.py:
 
-* no answer holds an event the model says bob may not see (a leak);
+* no answer holds an event the model says bob may not see (a leak): after a
+  forget, anything but what a never-member may see; otherwise anything sent
+  after the departure that was not world_readable (up to the departure, and
+  while joined, the answer is Synapse's own visibility, which the module keeps);
 * while the forget holds (and the room is not world_readable now), the room
   reads Synapse refuses a never-member are refused bob with the same status;
 * after a rejoin, the history the model gives him is there (Complement's
@@ -53,7 +56,10 @@ SCHEDULES: dict[str, tuple[str, str | None, str | None]] = {
     "shared>world_readable": ("shared", None, "world_readable"),
     "world_readable>shared": ("world_readable", "shared", None),
 }
-PATHS = ("messages b", "messages f", "context", "event", "members at", "sync")
+_SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=0"
+_SLIDING_BODY = {
+    "lists": {"all": {"ranges": [[0, 99]], "timeline_limit": 50, "required_state": [["*", "*"]]}}
+}
 _LABEL = "mlf.label"
 _INCLUDE_LEAVE = urllib.parse.quote(json.dumps({"room": {"include_leave": True}}))
 
@@ -232,6 +238,7 @@ class Runner:
             yield f"members at {name}", self.call(bob, "GET", self.room(room, tail))
         sync = f"/_matrix/client/v3/sync?timeout=0&filter={_INCLUDE_LEAVE}"
         yield "sync", self.call(bob, "GET", sync)
+        yield "sliding sync", self.call(bob, "POST", _SLIDING_SYNC, _SLIDING_BODY)
 
     def check(
         self,
@@ -258,8 +265,16 @@ class Runner:
             return never.get(path)
 
         departed_at = _departure(events, bob.user_id)
+        position = {e["event_id"]: i for i, e in enumerate(events)}
         for path, resp in self.reads(bob, room_id, labels, *tokens):
-            seen = _event_ids(resp.body, room_id) if resp.status == 200 else set()
+            seen, state = _event_ids(resp.body, room_id) if resp.status == 200 else (set(), set())
+            # State sections are the state at a point, not history: only state sent
+            # after the departure that the model hides counts.
+            seen |= {
+                e
+                for e in state
+                if e in position and departed_at is not None and position[e] > departed_at
+            }
             if path.startswith("members"):
                 # State at a point: whole, as a never-member gets it if the room was
                 # world_readable there; otherwise only what was there at the departure.
@@ -273,8 +288,16 @@ class Runner:
                         for i, e in enumerate(events)
                         if departed_at is None or i <= departed_at
                     }
-            else:
+            elif forgotten:
                 allowed_here = allowed
+            else:
+                # Up to the departure (or while joined) the answer is Synapse's own
+                # visibility; only what came after the departure is the guard's.
+                allowed_here = allowed | {
+                    e["event_id"]
+                    for i, e in enumerate(events)
+                    if departed_at is None or i <= departed_at
+                }
             leaked = sorted(
                 labels.get(e, f"{known[e]['type']}:{known[e].get('state_key')}")
                 for e in seen
@@ -324,25 +347,30 @@ def _current_visibility(events: Sequence[dict[str, Any]]) -> str:
     return visibility
 
 
-def _event_ids(body: Any, room_id: str) -> set[str]:
-    """Every event id anywhere in an answer (bundles and ``unsigned`` included).
+def _event_ids(body: Any, room_id: str) -> tuple[set[str], set[str]]:
+    """Every event id in an answer (bundles and ``unsigned`` included), and those
+    in its ``state`` sections apart.
 
-    In a /sync answer only the room's own section counts.
+    In a /sync or sliding sync answer only the room's own entries count.
     """
     if isinstance(body, dict) and isinstance(body.get("rooms"), dict):
-        sections = body["rooms"].values()
-        body = [s.get(room_id) for s in sections if isinstance(s, dict)]
+        if "lists" in body:  # sliding sync: rooms by id
+            body = body["rooms"].get(room_id)
+        else:
+            sections = body["rooms"].values()
+            body = [s.get(room_id) for s in sections if isinstance(s, dict)]
     found: set[str] = set()
+    state: set[str] = set()
 
-    def walk(value: Any) -> None:
+    def walk(value: Any, into: set[str]) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
                 if key in ("event_id", "redacts") and isinstance(item, str):
-                    found.add(item)
-                walk(item)
+                    into.add(item)
+                walk(item, state if key in ("state", "required_state") else into)
         elif isinstance(value, list):
             for item in value:
-                walk(item)
+                walk(item, into)
 
-    walk(body)
-    return found
+    walk(body, found)
+    return found, state - found
