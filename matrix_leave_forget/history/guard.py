@@ -304,7 +304,11 @@ class RoomReadGuard:
         data = decode(body)
         if not isinstance(data, dict):
             return refusal
-        ids = {i for event in _top_events(data) for i in ids_with_bundled(event)}
+        # The state Synapse adds to /context is not filtered for a never-member either.
+        state = data.get("state")
+        in_state = {id(e) for e in state} if isinstance(state, list) else set()
+        events = [e for e in _top_events(data) if id(e) not in in_state]
+        ids = {i for event in events for i in ids_with_bundled(event)}
         hidden = ids - await self._lookup.never_member_sees(ids)
         return self._without(request, user_id, room_id, endpoint, data, hidden)
 

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget.config import parse_config
 from matrix_leave_forget.history.guard import Route, capture, classify
 from matrix_leave_forget.history.json_codec import decode
-from matrix_leave_forget.history.sync import SyncGuard, named_rooms
+from matrix_leave_forget.history.sync import SyncGuard, may_change, named_rooms, rooms_named_by
 
 
 class ConfigTests(SynchronousTestCase):
@@ -41,6 +41,7 @@ class ClassifyTests(SynchronousTestCase):
                 ("event/%24e", "event"),
                 ("relations/%24e/m.thread/m.room.message", "relations"),
                 ("threads", "threads"),
+                ("members", "members"),
             ):
                 path = f"/_matrix/client/{prefix}/rooms/{room}/{tail}".encode()
                 for method in (b"GET", b"HEAD"):
@@ -210,6 +211,19 @@ class SyncPreCheckTests(SynchronousTestCase):
             )
             self.assertIsNone(self.notifications(guard, self.notifications_body(self.KEPT)))
             loads.assert_not_called()
+
+    def test_sliding_sync_room_not_joined_nor_forgotten_is_checked(self) -> None:
+        """A sliding-sync answer naming a room the user is not joined to and Synapse has
+        not as forgotten may be one forgotten before a knock or invite: it is checked;
+        one naming only joined rooms passes unparsed; a forgotten one and an unknown
+        joined set mean a check too."""
+        left = "!left:test.local"
+        body = b'{"rooms":{"%s":{}},"lists":{}}' % left.encode()
+        named = rooms_named_by(body)
+        self.assertTrue(may_change("sliding_sync", body, frozenset(), named, {self.KEPT}))
+        self.assertFalse(may_change("sliding_sync", body, frozenset(), named, {left}))
+        self.assertTrue(may_change("sliding_sync", body, {left}, named, set()))  # taken out
+        self.assertTrue(may_change("sliding_sync", body, frozenset(), named, None))
 
     def test_forgotten_room_is_still_taken_out(self) -> None:
         """A forgotten room named in the answer is parsed and removed; other rooms stay."""
