@@ -16,7 +16,7 @@ from tests.integration.base import SynapseTestCase
 from tests.integration.membership_sequences import NAMED, Runner, sample
 
 # About 2 minutes on one shared Synapse; MLF_SEQUENCE_SAMPLE changes it.
-SAMPLE = int(os.environ.get("MLF_SEQUENCE_SAMPLE", "48"))
+SAMPLE = int(os.environ.get("MLF_SEQUENCE_SAMPLE", "40"))
 
 
 class MembershipSequenceTests(SynapseTestCase):
