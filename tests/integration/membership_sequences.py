@@ -269,12 +269,15 @@ class Runner:
         for path, resp in self.reads(bob, room_id, labels, *tokens):
             seen, state = _event_ids(resp.body, room_id) if resp.status == 200 else (set(), set())
             # State sections are the state at a point, not history: only state sent
-            # after the departure that the model hides counts.
-            seen |= {
-                e
-                for e in state
-                if e in position and departed_at is not None and position[e] > departed_at
-            }
+            # after the departure that the model hides counts. (After a forget,
+            # /context of an event anyone may see carries the state at it, as a
+            # never-member's does.)
+            if not (forgotten and path.startswith("context")):
+                seen |= {
+                    e
+                    for e in state
+                    if e in position and departed_at is not None and position[e] > departed_at
+                }
             if path.startswith("members"):
                 # State at a point: whole, as a never-member gets it if the room was
                 # world_readable there; otherwise only what was there at the departure.
