@@ -32,7 +32,14 @@ from typing import Any
 import attr
 
 from tests.history_model import visible_events
-from tests.integration.harness import Response, SynapseProcess, User, quote_room
+from tests.integration.harness import (
+    ListeningProcess,
+    Response,
+    SynapseProcess,
+    User,
+    quote_room,
+    wait_until,
+)
 
 OPS = ("leave", "kick", "ban", "unban", "knock", "rescind", "invite", "reject", "rejoin")
 # bob's membership after each op, from the memberships it may follow.
@@ -132,14 +139,21 @@ class Outcome:
 class Runner:
     """Runs cases on one Synapse; ``carol`` (never in any room) is the never-member oracle."""
 
-    def __init__(self, hs: SynapseProcess, prefix: str) -> None:
+    def __init__(
+        self, hs: SynapseProcess, prefix: str, reader: ListeningProcess | None = None
+    ) -> None:
         self.hs = hs
+        # Where bob and carol read (a worker, say); writes go to hs.
+        self.reader = reader or hs
         self.prefix = prefix
         self._names = itertools.count(1)
         self.carol = hs.register(f"{prefix}carol")
 
     def call(self, user: User, method: str, path: str, body: Any = None) -> Response:
         return self.hs.client(method, path, body, token=user.access_token)
+
+    def read(self, user: User, method: str, path: str, body: Any = None) -> Response:
+        return self.reader.client(method, path, body, token=user.access_token)
 
     def ok(self, resp: Response, what: str) -> Response:
         if resp.status != 200:
@@ -193,7 +207,7 @@ class Runner:
         if before is not None:
             self.set_visibility(alice, room_id, before)
             labels[self.say(alice, room_id, "pre2")] = "pre2"
-        at_joined = self.ok(self.call(bob, "GET", "/_matrix/client/v3/sync?timeout=0"), "sync")
+        at_joined = self.ok(self.read(bob, "GET", "/_matrix/client/v3/sync?timeout=0"), "sync")
         forgotten_after = None
         for k, op in enumerate(case.ops, start=1):
             self.op(op, alice, bob, room_id)
@@ -206,6 +220,16 @@ class Runner:
             labels[self.say(alice, room_id, "post-wr")] = "post-wr"
         at_end = self.ok(self.call(alice, "GET", "/_matrix/client/v3/sync?timeout=0"), "sync")
         events = self.events(alice, room_id)
+        if self.reader is not self.hs:
+            # Replication reaches the reader asynchronously: wait for the last event.
+            last = self.room(room_id, "messages?dir=b&limit=1")
+            wait_until(
+                lambda: (
+                    (r := self.read(alice, "GET", last)).status == 200
+                    and r.body["chunk"][0]["event_id"] == events[-1]["event_id"]
+                ),
+                what="the reader catching up",
+            )
         allowed = visible_events(events, bob.user_id, forgotten_after)
         outcome = Outcome(case)
         self.check(
@@ -226,19 +250,19 @@ class Runner:
         self, bob: User, room_id: str, labels: dict[str, str], at_joined: str, at_end: str
     ) -> Iterator[tuple[str, Response]]:
         room = room_id
-        yield "messages b", self.call(bob, "GET", self.room(room, "messages?dir=b&limit=1000"))
-        yield "messages f", self.call(bob, "GET", self.room(room, "messages?dir=f&limit=1000"))
+        yield "messages b", self.read(bob, "GET", self.room(room, "messages?dir=b&limit=1000"))
+        yield "messages f", self.read(bob, "GET", self.room(room, "messages?dir=f&limit=1000"))
         for event_id, label in labels.items():
             eid = urllib.parse.quote(event_id, safe="")
-            ctx = self.call(bob, "GET", self.room(room, f"context/{eid}?limit=100"))
+            ctx = self.read(bob, "GET", self.room(room, f"context/{eid}?limit=100"))
             yield f"context {label}", ctx
-            yield f"event {label}", self.call(bob, "GET", self.room(room, f"event/{eid}"))
+            yield f"event {label}", self.read(bob, "GET", self.room(room, f"event/{eid}"))
         for name, token in (("joined", at_joined), ("end", at_end)):
             tail = f"members?at={urllib.parse.quote(token, safe='')}"
-            yield f"members at {name}", self.call(bob, "GET", self.room(room, tail))
+            yield f"members at {name}", self.read(bob, "GET", self.room(room, tail))
         sync = f"/_matrix/client/v3/sync?timeout=0&filter={_INCLUDE_LEAVE}"
-        yield "sync", self.call(bob, "GET", sync)
-        yield "sliding sync", self.call(bob, "POST", _SLIDING_SYNC, _SLIDING_BODY)
+        yield "sync", self.read(bob, "GET", sync)
+        yield "sliding sync", self.read(bob, "POST", _SLIDING_SYNC, _SLIDING_BODY)
 
     def check(
         self,

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.membership_sequences import NAMED, Runner, sample
+from tests.integration.test_workers import _DeploymentTestCase
 
 # About 2 minutes on one shared Synapse; MLF_SEQUENCE_SAMPLE changes it.
 SAMPLE = int(os.environ.get("MLF_SEQUENCE_SAMPLE", "40"))
@@ -38,5 +39,21 @@ class MembershipSequenceTests(SynapseTestCase):
         runner = Runner(self.hs, prefix)
         with ThreadPoolExecutor(3) as pool:
             outcomes = list(pool.map(runner.run, cases))
+        failures = [f"{o.case.name}: {f}" for o in outcomes for f in o.failures]
+        self.assertEqual(failures, [], "\n".join(failures))
+
+
+class WorkerSequenceTests(_DeploymentTestCase):
+    """The same on a generic worker (PostgreSQL only): writes to the main process,
+    bob's and the never-member's reads to the worker, after replication caught up."""
+
+    MODE = "intercept"
+    MODULE_CONFIG: ClassVar[dict[str, Any]] = {"forget_rate_limit": None}
+
+    def test_named_cases_on_a_worker(self) -> None:
+        """The cases issue 17 names hold on the worker as on the main process."""
+        runner = Runner(self.hs, "w", reader=self.worker)
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(pool.map(runner.run, NAMED))
         failures = [f"{o.case.name}: {f}" for o in outcomes for f in o.failures]
         self.assertEqual(failures, [], "\n".join(failures))
