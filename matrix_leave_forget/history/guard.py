@@ -253,7 +253,7 @@ def _send(request: Any, body: bytes) -> None:
 
 
 class RoomReadGuard:
-    """/messages, /context, /event, /relations and /threads of one room.
+    """/messages, /context, /event, /relations, /threads and /members of one room.
 
     After forget the answer is what a never-member gets; after leave, kick or
     ban (not forgotten), events sent after the departure are left out unless
