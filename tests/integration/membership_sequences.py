@@ -394,6 +394,10 @@ def _event_ids(body: Any, room_id: str) -> tuple[set[str], set[str]]:
             for key, item in value.items():
                 if key in ("event_id", "redacts") and isinstance(item, str):
                     into.add(item)
+                if key in ("invite_state", "knock_state", "stripped_state"):
+                    # The stripped state of a pending invite or knock (the user's own
+                    # membership included; Synapse 1.98 adds event ids there): not history.
+                    continue
                 walk(item, state if key in ("state", "required_state") else into)
         elif isinstance(value, list):
             for item in value:
