@@ -9,7 +9,9 @@ without the module (native). Both get the same data, built by the same code:
   ``MESSAGES`` messages mentioning them (so /notifications has entries), and
   no departed room;
 * ``forgetful``: a user joined to the same rooms who also left and forgot
-  ``FORGOTTEN`` (100) other rooms, each with a few messages.
+  ``FORGOTTEN`` (100) other rooms, each with a few messages;
+* ``leaver``: a user joined to the same rooms who also left (and did not
+  forget) ``FORGOTTEN`` other rooms, each with a few messages (issue 17).
 
 For each user and each read (/sync initial, /sync idle incremental, /messages,
 /context, /event, /notifications), batches alternate module / native / native
@@ -74,7 +76,7 @@ PLANS = {
 }
 WARMUP = 16
 READS = ("sync_initial", "sync_incremental", "messages", "context", "event", "notifications")
-USERS = ("plain", "forgetful")
+USERS = ("plain", "forgetful", "leaver")
 # Background updates of a fresh database, run without Synapse's pauses.
 EXTRA = {"background_updates": {"sleep_enabled": False}, "presence": {"enabled": False}}
 
@@ -113,24 +115,29 @@ class Side:
         hs = self.hs
         owner = hs.register("owner")
         plain, forgetful = hs.register("plain"), hs.register("forgetful")
-        self.users = {"plain": plain, "forgetful": forgetful}
+        leaver = hs.register("leaver")
+        self.users = {"plain": plain, "forgetful": forgetful, "leaver": leaver}
 
         def shared_room(_: int) -> tuple[str, list[str]]:
             room = hs.create_room(owner, preset="public_chat")
-            for user in (plain, forgetful):
+            for user in (plain, forgetful, leaver):
                 self.ok(hs.membership(user, room, "join"), "join")
-            return room, [self.send(owner, room, i, "plain forgetful") for i in range(MESSAGES)]
+            mention = "plain forgetful leaver"
+            return room, [self.send(owner, room, i, mention) for i in range(MESSAGES)]
 
         for room, ids in parallel(shared_room, range(ROOMS), 4):
             self.rooms.append(room)
             self.events.extend((room, e) for e in ids)
 
-        def forgotten_room(_: int) -> None:
+        def forgotten_room(n: int) -> None:
+            user = forgetful if n < forgotten else leaver
             room = hs.create_room(owner, preset="public_chat")
-            self.ok(hs.membership(forgetful, room, "join"), "join")
+            self.ok(hs.membership(user, room, "join"), "join")
             for i in range(3):
-                self.send(owner, room, i, "forgetful")
-            self.ok(hs.membership(forgetful, room, "leave"), "leave")
+                self.send(owner, room, i, user.user_id)
+            self.ok(hs.membership(user, room, "leave"), "leave")
+            if user is leaver:
+                return
             self.ok(
                 hs.client(
                     "POST",
@@ -141,7 +148,7 @@ class Side:
                 "forget",
             )
 
-        parallel(forgotten_room, range(forgotten), 4)
+        parallel(forgotten_room, range(2 * forgotten), 4)
         for name, user in self.users.items():
             body = self.ok(
                 hs.client("GET", "/_matrix/client/v3/sync?timeout=0", token=user.access_token),

@@ -11,11 +11,27 @@ from synapse.module_api import ModuleApi
 # Why: /sync ``since`` and sliding-sync ``pos`` are Synapse's own stream
 # tokens; the history guard compares them with a departure's position.
 from synapse.types import StreamToken
+from synapse.types.state import StateFilter
+
+# Why: what a never-member may see is Synapse's visibility rule; newer Synapse
+# versions renamed the function (and wrap each event), 1.98 has the old name.
+try:
+    from synapse.visibility import filter_and_transform_events_for_client as _filter_events
+
+    _WRAPPED = True
+except ImportError:  # Synapse before the rename
+    from synapse.visibility import (  # type: ignore[attr-defined,no-redef]
+        filter_events_for_client as _filter_events,
+    )
+
+    _WRAPPED = False
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
+
+_HISTORY_VISIBILITY = "m.room.history_visibility"
 
 
 # ---------------------------------------------------------------------------
@@ -39,6 +55,8 @@ class HistoryInternals:
         self._forgotten_rooms_uncached: Callable[..., Awaitable[AbstractSet[str]]] = (
             inspect.getattr_static(type(self._store), "get_forgotten_rooms_for_user").orig
         )
+        # A space is not allowed in a localpart: no account can be this user.
+        self._never_member = f"@mlf never-member:{self._hs.hostname}"
 
     async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
         """The rooms user_id is joined to.
@@ -103,6 +121,87 @@ class HistoryInternals:
             user_id, room_id
         )
         return membership, event_id
+
+    async def membership_history(
+        self, user_id: str, room_id: str
+    ) -> list[tuple[str, str, int, bool]]:
+        """Every membership user_id had in room_id, oldest first.
+
+        Returns:
+            (membership, event id, stream position, forgotten) per membership event.
+
+        Why: the guard needs the user's whole membership history in the room
+        (the departure is the first leave or ban after the last join, and the
+        forget is the flag Synapse's forget sets on that row), and Synapse
+        offers only the current membership. ``room_memberships`` keeps one row
+        per membership event with the ``forgotten`` flag, indexed by user.
+        """
+
+        def txn_fn(txn: Any) -> list[tuple[str, str, int, bool]]:
+            txn.execute(
+                "SELECT m.membership, m.event_id, e.stream_ordering, m.forgotten"
+                " FROM room_memberships AS m INNER JOIN events AS e USING (event_id)"
+                " WHERE m.user_id = ? AND m.room_id = ? AND NOT e.outlier"
+                " ORDER BY e.stream_ordering",
+                (user_id, room_id),
+            )
+            return [(str(m), str(e), int(s), bool(f)) for m, e, s, f in txn]
+
+        rows: list[tuple[str, str, int, bool]] = await self._store.db_pool.runInteraction(
+            "leave_forget_membership_history", txn_fn
+        )
+        return rows
+
+    async def never_member_sees(self, events: Iterable[str]) -> AbstractSet[str]:
+        """The events among the given ids that a user who was never in the room may see.
+
+        Why: that is Synapse's own visibility check (history visibility at each
+        event, the boundary rule for a visibility change), which ModuleApi does
+        not expose; it is asked for a user id no account can have, so that no
+        membership, ignore list or admin setting of a real user takes part.
+        """
+        ids = list(set(events))
+        if not ids:
+            return frozenset()
+        loaded = await self._store.get_events_as_list(ids)
+        storage = self._hs.get_storage_controllers()
+        allowed: list[Any] = await _filter_events(
+            storage, self._never_member, loaded, is_peeking=True
+        )
+        return {(a.event if _WRAPPED else a).event_id for a in allowed}
+
+    async def state_visible_to_never_member(self, room_id: str, token: str) -> tuple[bool, str]:
+        """Whether a never-member may see room_id's state at a /members ``at`` token.
+
+        Returns:
+            The answer, and the token as Synapse writes it in its refusal.
+
+        Why: Synapse decides this from the history visibility in the state at
+        the room's last event before the token (``_user_can_see_state_at_event``,
+        not exposed); the refusal's text names the parsed StreamToken.
+        """
+        try:
+            parsed = await StreamToken.from_string(self._store, token)
+        except Exception:
+            return False, token
+        # The same query; Synapse 1.98 names it without "_id".
+        last_event_before = (
+            getattr(
+                self._store,
+                "get_last_event_id_in_room_before_stream_ordering",
+                None,
+            )
+            or self._store.get_last_event_in_room_before_stream_ordering
+        )
+        last = await last_event_before(room_id, end_token=parsed.room_key)
+        if last is None:
+            return False, str(parsed)
+        state = await self._hs.get_storage_controllers().state.get_state_for_event(
+            last, StateFilter.from_types([(_HISTORY_VISIBILITY, "")])
+        )
+        event = state.get((_HISTORY_VISIBILITY, ""))
+        visibility = event.content.get("history_visibility") if event is not None else None
+        return visibility == "world_readable", str(parsed)
 
     async def stream_orderings(self, event_ids: Iterable[str]) -> dict[str, int]:
         """Each known event's position in the room event stream (outliers left out).

@@ -13,7 +13,7 @@ answer naming such a room is checked against the forgotten rooms read from the
 database.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
@@ -30,18 +30,49 @@ _HISTORY_VISIBILITY = "m.room.history_visibility"
 
 @attr.s(frozen=True, auto_attribs=True)
 class Departure:
-    """A local user's current leave or ban in a room.
+    """How a local user's last stay in a room ended: their first leave, kick or ban after it.
 
     Attributes:
         event_id: The user's m.room.member event (leave, kick or ban).
         stream_ordering: That event's position in the room event stream;
             events after it were sent after the user left.
-        forgotten: Whether the user has forgotten the room since.
+        forgotten: Whether the user has forgotten the room since (and not
+            joined again: a knock, an invite or an unban does not lift it).
     """
 
     event_id: str
     stream_ordering: int
     forgotten: bool
+
+
+# (membership, event id, stream position, forgotten flag) of one membership event.
+MembershipRow = tuple[str, str, int, bool]
+
+
+def departure_from(history: Sequence[MembershipRow]) -> Departure | None:
+    """The departure a membership history (oldest first) ends in, or None.
+
+    The departure is the first leave, kick or ban after the user's last join:
+    what follows it without a join (a knock and its rescinding, an invite and
+    its rejection, an unban, another leave or ban) does not move it, since the
+    user saw nothing of the room meanwhile. None if the user is joined (their
+    latest membership is the join) or never joined: those read as natively.
+
+    The forget holds until the user joins again: Synapse sets the ``forgotten``
+    flag on every membership row of the user in the room, the departure's
+    included, and a new membership (a knock, an invite) adds a row without it,
+    which clears Synapse's own "forgotten" but not the departure's flag.
+    """
+    last_join = None
+    for index, (membership, _, _, _) in enumerate(history):
+        if membership == "join":
+            last_join = index
+    if last_join is None:
+        return None
+    for membership, event_id, stream_ordering, forgotten in history[last_join + 1 :]:
+        if membership in DEPARTED:
+            return Departure(event_id, stream_ordering, forgotten)
+    return None
 
 
 class DepartureLookup:
@@ -78,6 +109,14 @@ class DepartureLookup:
             return forgotten
         return await self._internals.forgotten_rooms_from_database(user_id)
 
+    async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
+        """The rooms user_id is joined to (Synapse's cache)."""
+        return await self._internals.joined_rooms(user_id)
+
+    def joined_rooms_now(self, user_id: str) -> AbstractSet[str] | None:
+        """joined_rooms if Synapse's cache holds it, without waiting; else None."""
+        return self._internals.joined_rooms_now(user_id)
+
     def joined_now(self, user_id: str, room_id: str) -> bool:
         """True if Synapse's cache already says user_id is joined to room_id."""
         rooms = self._internals.joined_rooms_now(user_id)
@@ -96,24 +135,36 @@ class DepartureLookup:
         return forgotten
 
     async def departure(self, user_id: str, room_id: str) -> Departure | None:
-        """user_id's departure from room_id, or None if they are not departed from it.
+        """user_id's departure from room_id (see departure_from), or None.
 
-        None for a joined user (one cache hit), and for one who was never in the
-        room, is invited or knocks: those read the room exactly as natively.
+        None for a joined user (one cache hit), for one who never joined the room
+        (invited, knocking, a rejected invite: those read as natively) and for
+        one with no membership in it (one cached row). Otherwise the user's
+        membership history in the room is read from the database (one indexed
+        query), which also keeps a forget made on another process current.
         """
         if room_id in await self._internals.joined_rooms(user_id):
             return None
-        membership, event_id = await self._internals.local_membership(user_id, room_id)
-        if membership not in DEPARTED or event_id is None:
+        membership, _ = await self._internals.local_membership(user_id, room_id)
+        if membership is None or membership == "join":
             return None
-        positions = await self._internals.stream_orderings([event_id])
-        if event_id not in positions:
-            return None
-        forgotten = room_id in await self.forgotten_rooms(user_id, lambda: {room_id})
-        return Departure(event_id, positions[event_id], forgotten)
+        return departure_from(await self._internals.membership_history(user_id, room_id))
+
+    async def never_member_sees(self, event_ids: Iterable[str]) -> AbstractSet[str]:
+        """The events a user who was never in the room may see (world_readable at each)."""
+        return await self._internals.never_member_sees(event_ids)
+
+    async def state_visible_to_never_member(self, room_id: str, token: str) -> tuple[bool, str]:
+        """Whether a never-member may see the room's state at a /members ``at`` token,
+        and the token as Synapse spells it in its refusal."""
+        return await self._internals.state_visible_to_never_member(room_id, token)
 
     async def world_readable(self, room_id: str) -> bool:
-        """Whether anyone may read room_id's history (then nothing is hidden)."""
+        """Whether the room's current history visibility is world_readable.
+
+        What Synapse asks before it serves a room read (/messages, /members...)
+        to a non-member; which events such a reader then gets is never_member_sees.
+        """
         state = await self._api.get_room_state(room_id, [(_HISTORY_VISIBILITY, "")])
         event = state.get((_HISTORY_VISIBILITY, ""))
         return event is not None and event.content.get("history_visibility") == "world_readable"

@@ -24,6 +24,7 @@ from matrix_leave_forget._synapse.routing import watch_routing
 from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
 from matrix_leave_forget.history.later_events import (
+    carried_ids,
     hide_later,
     is_later,
     later_events,
@@ -49,6 +50,7 @@ SERVLETS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "RelationPaginationServlet": ("room", "relations", _READS),
     "ThreadsServlet": ("room", "threads", _READS),
     "RoomInitialSyncRestServlet": ("room", "initial_sync", _READS),
+    "RoomMemberListRestServlet": ("room", "members", _READS),
     "EventRestServlet": ("legacy_event", "legacy_event", _READS),
     "SyncRestServlet": ("sync", None, _READS),
     "NotificationsServlet": ("notifications", None, _READS),
@@ -72,7 +74,12 @@ NEVER_MEMBER: dict[str, tuple[int, str, str]] = {
     "event": (404, "M_NOT_FOUND", "Event not found."),
     "legacy_event": (403, "M_FORBIDDEN", "You don't have permission to access that event."),
     "initial_sync": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
+    "members": (403, "M_FORBIDDEN", _NOT_IN_ROOM),
 }
+# /members?at=<token>: Synapse checks the state at the token, not the membership.
+_NOT_AT_TOKEN = "User {user_id} not allowed to view events in room {room_id} at token {token}"
+# Room reads Synapse refuses a non-member unless the room is world_readable now.
+_ROOM_CHECKED = ("messages", "relations", "threads", "members", "initial_sync")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -280,10 +287,11 @@ def _send(request: Any, body: bytes) -> None:
 
 
 class RoomReadGuard:
-    """/messages, /context, /event, /relations and /threads of one room.
+    """/messages, /context, /event, /relations, /threads, /members and room /initialSync.
 
     After forget the answer is what a never-member gets; after leave, kick or
-    ban (not forgotten), events sent after the departure are left out.
+    ban (not forgotten), events sent after the departure are left out unless
+    they were world_readable (docs/history.md, "The rule"), carried ones too.
     """
 
     def __init__(self, lookup: DepartureLookup) -> None:
@@ -293,30 +301,70 @@ class RoomReadGuard:
         self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
     ) -> Replacement | None:
         departure = await self._lookup.departure(user_id, room_id)
-        if departure is None or await self._lookup.world_readable(room_id):
+        if departure is None:
             return None
         if departure.forgotten:
-            status, errcode, error = NEVER_MEMBER[endpoint]
-            return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
+            return await self._as_never_member(request, user_id, room_id, endpoint, body)
         data = decode(body)
         if not isinstance(data, dict):
             return None
         return self._scrubbed(
             request,
+            user_id,
+            room_id,
             endpoint,
             data,
             await later_events(self._lookup, _top_events(data), departure),
         )
 
+    async def _as_never_member(
+        self, request: Any, user_id: str, room_id: str, endpoint: str, body: bytes
+    ) -> Replacement | None:
+        """What Synapse answers a user who was never in the room, from the user's answer.
+
+        Room-level reads are refused unless the room is world_readable now; what
+        is then served, and what /context and /event serve, is the events
+        world_readable at the event.
+        """
+        status, errcode, error = NEVER_MEMBER[endpoint]
+        refusal = status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
+        at = arg(request, b"at") if endpoint == "members" else None
+        if at is not None:
+            visible, token = await self._lookup.state_visible_to_never_member(room_id, at)
+            if not visible:
+                text = _NOT_AT_TOKEN.format(user_id=user_id, room_id=room_id, token=token)
+                return 403, error_body("M_FORBIDDEN", text)
+            return None
+        if endpoint in _ROOM_CHECKED and not await self._lookup.world_readable(room_id):
+            return refusal
+        if endpoint == "members":
+            return None
+        data = decode(body)
+        if not isinstance(data, dict):
+            return refusal
+        # The state Synapse adds to /context is not filtered for a never-member either.
+        state = data.get("state")
+        in_state = {id(e) for e in state} if isinstance(state, list) else set()
+        events = [e for e in _top_events(data) if id(e) not in in_state]
+        ids = {e["event_id"] for e in events if isinstance(e.get("event_id"), str)}
+        ids |= {i for event in events for i in carried_ids(event)}
+        hidden = ids - await self._lookup.never_member_sees(ids)
+        return self._scrubbed(request, user_id, room_id, endpoint, data, hidden)
+
     @staticmethod
     def _scrubbed(
-        request: Any, endpoint: str, data: dict[str, Any], later: set[str]
+        request: Any,
+        user_id: str,
+        room_id: str,
+        endpoint: str,
+        data: dict[str, Any],
+        later: set[str],
     ) -> Replacement | None:
         """data without the events in later, top-level or carried (None: unchanged)."""
         single = endpoint in ("event", "legacy_event")
         if (single or endpoint == "context") and data.get("event_id", _event_id(data)) in later:
             status, errcode, error = NEVER_MEMBER[endpoint]
-            return status, error_body(errcode, error)
+            return status, error_body(errcode, error.format(user_id=user_id, room_id=room_id))
         dropped = False
         changed = False
         for events in _event_lists(data):
@@ -359,7 +407,7 @@ class InitialSyncGuard:
                 kept.append(entry)
                 continue
             departure = await self._lookup.departure(user_id, room_id)
-            if departure is None or await self._lookup.world_readable(room_id):
+            if departure is None:
                 kept.append(entry)
                 continue
             if departure.forgotten:

@@ -39,7 +39,9 @@ _LEGACY_TOP_LEVEL = frozenset({"redacted_because", "replaces_state", "redacted_b
 async def later_events(
     lookup: DepartureLookup, events: list[dict[str, Any]], departure: Departure
 ) -> set[str]:
-    """The ids of events (carried ones too) that were sent after departure.
+    """The ids of events (carried ones too) that were sent after departure and
+    that a never-member may not see (world_readable at the event: docs/history.md,
+    "The rule").
 
     A carried event the server does not know (no stream position) counts as later.
     """
@@ -50,7 +52,11 @@ async def later_events(
         return set()
     positions = await lookup.stream_orderings(ids)
     later = {i for i, pos in positions.items() if pos > departure.stream_ordering}
-    return later | (carried - positions.keys())
+    later |= carried - positions.keys()
+    if later:
+        # What anyone may see (world_readable at the event) is not hidden.
+        later -= await lookup.never_member_sees(later)
+    return later
 
 
 async def hide_later(

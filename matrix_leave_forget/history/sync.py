@@ -146,15 +146,22 @@ class SyncGuard:
                 entry = rooms[section].pop(room_id)
                 if section == "leave" and await self._departed_since(user_id, room_id, position):
                     rooms[section][room_id] = self._sync_stub(entry, user_id)
-        left = rooms.get("leave")
-        for room_id, entry in left.items() if isinstance(left, dict) else ():
+        left: dict[str, Any] = rooms["leave"] if isinstance(rooms.get("leave"), dict) else {}
+        for room_id, entry in list(left.items()):
             if room_id not in forgotten and isinstance(entry, dict):
                 lists = [
                     section["events"]
                     for section in entry.values()
                     if isinstance(section, dict) and isinstance(section.get("events"), list)
                 ]
-                changed |= await self._hide_later(user_id, room_id, lists)
+                hidden = await self._hide_later(user_id, room_id, lists)
+                if hidden is None:
+                    # Forgotten, then a knock or an invite cleared Synapse's flag.
+                    position = await self._position(_arg(request, b"since"))
+                    del left[room_id]
+                    if await self._departed_since(user_id, room_id, position):
+                        left[room_id] = self._sync_stub(entry, user_id)
+                changed |= hidden is not False
         if not changed:
             return None
         for section in [s for s, entries in rooms.items() if entries == {}]:
@@ -162,11 +169,19 @@ class SyncGuard:
             del rooms[section]
         return 200, encode(data)
 
-    async def _hide_later(self, user_id: str, room_id: str, lists: list[list[Any]]) -> bool:
-        """Drop what was sent after user_id left room_id from lists (bundles included)."""
+    async def _hide_later(self, user_id: str, room_id: str, lists: list[list[Any]]) -> bool | None:
+        """Drop what was sent after user_id left room_id from lists (carried ones included).
+
+        Returns:
+            Whether anything was dropped; None if the user forgot the room and has
+            not joined it since (a knock or an invite after the forget clears
+            Synapse's forgotten flag, not the guard's): then the whole room goes.
+        """
         departure = await self._lookup.departure(user_id, room_id)
-        if departure is None or await self._lookup.world_readable(room_id):
+        if departure is None:
             return False
+        if departure.forgotten:
+            return None
         return await hide_later(self._lookup, lists, departure)
 
     @staticmethod
@@ -238,7 +253,10 @@ class SyncGuard:
                     for key in ("timeline", "required_state")
                     if isinstance(entry.get(key), list)
                 ]
-                changed |= await self._hide_later(user_id, room_id, lists)
+                hidden = await self._hide_later(user_id, room_id, lists)
+                if hidden is None:
+                    hits.add(room_id)
+                changed |= hidden is not False
         for name, per_room in sections:
             # A departed room's own account data is the user's; the rest
             # (receipts, typing, anything newer) tells of the room now.
@@ -272,9 +290,8 @@ class SyncGuard:
         return 200, encode(data)
 
     async def _departed(self, user_id: str, room_id: str) -> bool:
-        """Whether user_id departed from room_id (not world_readable): its reads are guarded."""
-        departure = await self._lookup.departure(user_id, room_id)
-        return departure is not None and not await self._lookup.world_readable(room_id)
+        """Whether user_id departed from room_id: its reads are guarded."""
+        return await self._lookup.departure(user_id, room_id) is not None
 
     @staticmethod
     def _sliding_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:
@@ -356,7 +373,7 @@ class SyncGuard:
         changed = False
         for room_id, events in by_room.items():
             departure = await self._lookup.departure(user_id, room_id)
-            if departure is None or await self._lookup.world_readable(room_id):
+            if departure is None:
                 continue
             later = await later_events(self._lookup, events, departure)
             for event in events:

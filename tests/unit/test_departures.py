@@ -11,7 +11,11 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget._synapse.history import HistoryInternals
-from matrix_leave_forget.history.departures import DepartureLookup
+from matrix_leave_forget.history.departures import (
+    DepartureLookup,
+    MembershipRow,
+    departure_from,
+)
 
 USER = "@u:test.local"
 JOINED = "!joined:test.local"
@@ -106,14 +110,61 @@ class ForgottenRoomsTests(SynchronousTestCase):
         self.internals.local_membership = mock.AsyncMock(  # type: ignore[attr-defined]
             return_value=("leave", "$departure")
         )
-        self.internals.stream_orderings = mock.AsyncMock(  # type: ignore[attr-defined]
-            return_value={"$departure": 7}
+        self.internals.membership_history = mock.AsyncMock(  # type: ignore[attr-defined]
+            return_value=[("join", "$join", 3, True), ("leave", "$departure", 7, True)]
         )
         departure = self.successResultOf(
             defer.ensureDeferred(lookup.departure(USER, FORGOTTEN_JUST_NOW))
         )
         assert departure is not None
         self.assertEqual((departure.stream_ordering, departure.forgotten), (7, True))
+
+
+def _history(*memberships: str, forgotten_until: int = 0) -> list[MembershipRow]:
+    """Rows for memberships at positions 1, 2, ...; the first forgotten_until flagged."""
+    return [(m, f"${i}", i, i <= forgotten_until) for i, m in enumerate(memberships, start=1)]
+
+
+class DepartureFromTests(SynchronousTestCase):
+    def test_departure_is_the_first_leave_or_ban_after_the_last_join(self) -> None:
+        """Knocks, rescinds, invites, rejections, unbans and further bans after a
+        departure do not move it; a rejoin starts a new stay."""
+        cases = {
+            ("join", "leave"): 2,
+            ("join", "ban", "leave"): 2,  # ban, unban
+            ("join", "leave", "knock", "leave"): 2,  # knock, rescind
+            ("join", "leave", "invite", "leave"): 2,  # invite, reject
+            ("join", "leave", "ban", "leave", "ban"): 2,
+            ("join", "leave", "invite", "join", "leave"): 5,  # rejoined, left again
+            ("join", "leave", "knock", "invite", "join", "ban"): 6,
+        }
+        for memberships, position in cases.items():
+            departure = departure_from(_history(*memberships))
+            assert departure is not None, memberships
+            self.assertEqual(departure.stream_ordering, position, memberships)
+
+    def test_no_departure_when_joined_or_never_joined(self) -> None:
+        """A joined user, and one who was only invited or knocked, read as natively."""
+        for memberships in (
+            ("join",),
+            ("join", "leave", "invite", "join"),
+            ("invite", "leave"),
+            ("knock", "leave", "invite"),
+            (),
+        ):
+            self.assertIsNone(departure_from(_history(*memberships)), memberships)
+
+    def test_forget_holds_until_the_next_join(self) -> None:
+        """The departure's forgotten flag decides: a knock or invite after the forget
+        (rows without the flag) keeps it; a rejoin starts a stay never forgotten."""
+        kept = departure_from(_history("join", "leave", "knock", "leave", forgotten_until=2))
+        assert kept is not None
+        self.assertTrue(kept.forgotten)
+        lifted = departure_from(
+            _history("join", "leave", "invite", "join", "leave", forgotten_until=2)
+        )
+        assert lifted is not None
+        self.assertFalse(lifted.forgotten)
 
 
 class _Pool:
@@ -165,3 +216,51 @@ class ForgottenRoomsFromDatabaseTests(SynchronousTestCase):
         )
         self.assertEqual(set(rooms), {FORGOTTEN_EARLIER})
         self.assertEqual(store.db_pool.descriptions, ["get_forgotten_rooms_for_user"])  # type: ignore[attr-defined]
+
+    def test_membership_history_in_stream_order(self) -> None:
+        """HistoryInternals.membership_history returns the user's memberships in the
+        room in stream order with their forgotten flags, outliers and other users
+        and rooms left out."""
+        conn = sqlite3.connect(":memory:")
+        conn.execute(
+            "CREATE TABLE room_memberships (event_id TEXT, user_id TEXT, room_id TEXT,"
+            " membership TEXT, forgotten INTEGER DEFAULT 0)"
+        )
+        conn.execute(
+            "CREATE TABLE events (event_id TEXT, stream_ordering INTEGER, outlier BOOLEAN)"
+        )
+        conn.executemany(
+            "INSERT INTO room_memberships VALUES (?, ?, ?, ?, ?)",
+            [
+                ("$knock", USER, LEFT, "knock", 0),
+                ("$join", USER, LEFT, "join", 1),
+                ("$leave", USER, LEFT, "leave", 1),
+                ("$oob", USER, LEFT, "leave", 0),
+                ("$other", "@other:test.local", LEFT, "leave", 1),
+                ("$elsewhere", USER, JOINED, "join", 0),
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO events VALUES (?, ?, ?)",
+            [
+                ("$join", 3, False),
+                ("$leave", 5, False),
+                ("$knock", 9, False),
+                ("$oob", 11, True),
+                ("$other", 4, False),
+                ("$elsewhere", 1, False),
+            ],
+        )
+        store = _Store(conn)
+        api = mock.Mock()
+        api._hs.get_datastores.return_value.main = store
+        internals = HistoryInternals(api)
+        rows = self.successResultOf(defer.ensureDeferred(internals.membership_history(USER, LEFT)))
+        self.assertEqual(
+            rows,
+            [
+                ("join", "$join", 3, True),
+                ("leave", "$leave", 5, True),
+                ("knock", "$knock", 9, False),
+            ],
+        )

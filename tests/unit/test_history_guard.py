@@ -16,7 +16,7 @@ from twisted.web.resource import EncodingResourceWrapper
 from matrix_leave_forget._synapse.routing import watch_routing
 from matrix_leave_forget.config import parse_config
 from matrix_leave_forget.history.departures import Departure
-from matrix_leave_forget.history.guard import SERVLETS, Route, capture, route_for
+from matrix_leave_forget.history.guard import SERVLETS, RoomReadGuard, Route, capture, route_for
 from matrix_leave_forget.history.json_codec import decode
 from matrix_leave_forget.history.later_events import carried_ids, scrub_carried
 from matrix_leave_forget.history.sync import SyncGuard, named_rooms
@@ -46,6 +46,7 @@ _SERVLET_MODULES = {
     "RelationPaginationServlet": "relations",
     "ThreadsServlet": "relations",
     "RoomInitialSyncRestServlet": "room",
+    "RoomMemberListRestServlet": "room",
     "EventRestServlet": "events",
     "SyncRestServlet": "sync",
     "NotificationsServlet": "notifications",
@@ -137,7 +138,7 @@ class ClassifyTests(SynchronousTestCase):
         """Other servlets, and guarded servlets on a method they do not read with,
         are not guarded."""
         self.assertIsNone(route_for(b"GET", "RoomStateRestServlet", {"room_id": "!a"}))
-        self.assertIsNone(route_for(b"GET", "RoomMemberListRestServlet", {"room_id": "!a"}))
+        self.assertIsNone(route_for(b"GET", "JoinedRoomMemberListRestServlet", {"room_id": "!a"}))
         self.assertIsNone(route_for(b"OPTIONS", "SyncRestServlet", {}))
         self.assertIsNone(route_for(b"GET", "SlidingSyncRestServlet", {}))
         self.assertIsNone(route_for(b"POST", "RoomMessageListRestServlet", {"room_id": "!a"}))
@@ -481,6 +482,9 @@ class DepartedLookup(FakeLookup):
     async def world_readable(self, room_id: str) -> bool:
         return False
 
+    async def never_member_sees(self, event_ids: Any) -> AbstractSet[str]:
+        return frozenset()
+
     async def stream_orderings(self, event_ids: Any) -> dict[str, int]:
         known = {"$earlier": 5, "$later": 20, "$leave": 10}
         return {i: known[i] for i in event_ids if i in known}
@@ -523,3 +527,84 @@ class DepartedRoomStreamTests(SynchronousTestCase):
         chunk = json.loads(result[1])["chunk"]
         self.assertNotIn("$later", json.dumps(chunk[0]))
         self.assertEqual(chunk[1], event(joined))
+
+
+class RoomLookup:
+    """The lookups RoomReadGuard uses: one departure at position 10, events by position,
+    and which of them a never-member may see."""
+
+    def __init__(self, forgotten: bool, world_readable_now: bool, anyone_sees: set[str]) -> None:
+        self.forgotten = forgotten
+        self.world_readable_now = world_readable_now
+        self.anyone_sees = anyone_sees
+        self.positions = {"$pre": 5, "$leave": 10, "$post": 15, "$open": 20}
+
+    async def departure(self, user_id: str, room_id: str) -> Departure:
+        return Departure("$leave", 10, self.forgotten)
+
+    async def stream_orderings(self, event_ids: Any) -> dict[str, int]:
+        return {e: self.positions[e] for e in event_ids if e in self.positions}
+
+    async def never_member_sees(self, event_ids: Any) -> AbstractSet[str]:
+        return {e for e in event_ids if e in self.anyone_sees}
+
+    async def world_readable(self, room_id: str) -> bool:
+        return self.world_readable_now
+
+
+class RoomReadRuleTests(SynchronousTestCase):
+    """The rule of docs/history.md on room reads: per event, never from current state."""
+
+    ROOM = "!r:test.local"
+    CHUNK = {
+        "chunk": [{"event_id": e, "type": "m.room.message"} for e in ("$pre", "$post", "$open")]
+    }
+
+    def check(
+        self, lookup: RoomLookup, endpoint: str, data: dict[str, Any], **args: bytes
+    ) -> tuple[int, Any] | None:
+        guard = RoomReadGuard(lookup)  # type: ignore[arg-type]
+        request = mock.Mock(args={k.encode(): [v] for k, v in args.items()})
+        body = json.dumps(data).encode()
+        result = self.successResultOf(
+            defer.ensureDeferred(guard.check(request, "@u:test.local", self.ROOM, endpoint, body))
+        )
+        return None if result is None else (result[0], json.loads(result[1]))
+
+    def ids(self, result: tuple[int, Any] | None) -> list[str]:
+        assert result is not None
+        return [e["event_id"] for e in result[1]["chunk"]]
+
+    def test_after_leave_what_anyone_may_see_stays(self) -> None:
+        """Not forgotten: later events go unless world_readable at the event."""
+        result = self.check(RoomLookup(False, False, {"$open"}), "messages", self.CHUNK, dir=b"f")
+        self.assertEqual(self.ids(result), ["$pre", "$open"])
+
+    def test_after_forget_room_reads_are_refused_unless_world_readable_now(self) -> None:
+        """Forgotten, the room not world_readable now: /messages is a never-member's 403,
+        although one event was world_readable when sent."""
+        result = self.check(RoomLookup(True, False, {"$open"}), "messages", self.CHUNK)
+        assert result is not None
+        self.assertEqual((result[0], result[1]["errcode"]), (403, "M_FORBIDDEN"))
+
+    def test_after_forget_world_readable_now_serves_only_what_anyone_may_see(self) -> None:
+        """Forgotten, the room world_readable now: the earlier history is gone, the events
+        world_readable when sent stay (the current visibility opens nothing before it)."""
+        result = self.check(RoomLookup(True, True, {"$open"}), "messages", self.CHUNK)
+        self.assertEqual(self.ids(result), ["$open"])
+
+    def test_after_forget_context_per_event(self) -> None:
+        """Forgotten: /context of an event anyone may see is served without the rest;
+        of any other event, refused as to a never-member."""
+        context = {
+            "event": {"event_id": "$open", "type": "m.room.message"},
+            "events_before": [{"event_id": "$pre", "type": "m.room.message"}],
+            "events_after": [],
+            "state": [],
+        }
+        result = self.check(RoomLookup(True, False, {"$open"}), "context", context)
+        assert result is not None
+        self.assertEqual((result[0], result[1]["events_before"]), (200, []))
+        result = self.check(RoomLookup(True, False, set()), "context", context)
+        assert result is not None
+        self.assertEqual((result[0], result[1]["errcode"]), (403, "M_FORBIDDEN"))
