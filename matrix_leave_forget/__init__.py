@@ -29,6 +29,7 @@ from matrix_leave_forget.config import (
     describe_config,
     parse_config,
 )
+from matrix_leave_forget.db.media import MediaRefStore
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
@@ -41,6 +42,8 @@ from matrix_leave_forget.http.client import (
     MatrixNode,
 )
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
+from matrix_leave_forget.media.index import INTERVAL_MS as MEDIA_INDEX_INTERVAL_MS
+from matrix_leave_forget.media.index import MediaIndexer
 from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.membership.observer import RouteObserver
 from matrix_leave_forget.membership.reconcile import Reconciler
@@ -76,6 +79,8 @@ class LeaveForgetModule:
         self._routes = SynapseRoutes(api)
         self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
         self.sweeper = RetentionSweeper(api, config.retention, self.store)
+        # What the rooms' events reference (docs/retention.md "Media").
+        self.media_index = MediaIndexer(api, MediaRefStore(api))
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
         self._ready = _StartupGate()
@@ -147,6 +152,7 @@ class LeaveForgetModule:
                 self._ready.wait,
                 sweeper=self.sweeper,
                 abandoned_check=why_not_abandoned_many_txn,
+                media_index=self.media_index,
             ),
         )
         # Listeners start right after modules are loaded; check them then.
@@ -213,6 +219,9 @@ class LeaveForgetModule:
                 self.eraser.run, _ERASE_INTERVAL_MS, desc="leave_forget_erase_text"
             )
             await self.eraser.run()
+            self._api.looping_background_call(
+                self.media_index.tick, MEDIA_INDEX_INTERVAL_MS, desc="leave_forget_media_index"
+            )
 
     async def _erase_after_deactivation(
         self, user_id: str, by_admin: bool, deactivated: bool

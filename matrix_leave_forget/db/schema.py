@@ -131,6 +131,25 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         # forgotten by all (docs/retention.md "Abandoned rooms").
         "ALTER TABLE leave_forget_rooms ADD COLUMN scheduled_by TEXT",
     ),
+    # 7 (media): the media reference index, (server, media id) -> the events
+    # that reference it (media/index.py); filled from Synapse's events stream,
+    # its positions in leave_forget_stream_positions (store.STREAM_MEDIA_*).
+    # Looked up by media (is it referenced elsewhere?) and by room (what did
+    # a purged room reference?).
+    (
+        """
+        CREATE TABLE leave_forget_media_refs (
+            media_origin TEXT NOT NULL,
+            media_id TEXT NOT NULL,
+            room_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            kind TEXT NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX leave_forget_media_refs_key ON leave_forget_media_refs "
+        "(media_origin, media_id, event_id, kind)",
+        "CREATE INDEX leave_forget_media_refs_room ON leave_forget_media_refs (room_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

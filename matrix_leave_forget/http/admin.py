@@ -29,6 +29,7 @@ from matrix_leave_forget.timestamps import now_ms
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
+    from matrix_leave_forget.media.index import MediaIndexer
     from matrix_leave_forget.retention.state import ForgottenCheckMany
     from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
@@ -134,6 +135,7 @@ class AdminResource(DirectServeJsonResource):
         sweeper: The retention sweeper, for its pacing state (GET /retention).
         abandoned_check: Why rooms are not abandoned (the membership rules'
             why_not_abandoned_many_txn), for scheduling abandoned rooms.
+        media_index: The media reference index, for its progress (GET /retention).
     """
 
     isLeaf = True
@@ -147,8 +149,10 @@ class AdminResource(DirectServeJsonResource):
         ready: Callable[[], Awaitable[None]],
         sweeper: "RetentionSweeper",
         abandoned_check: Optional["ForgottenCheckMany"] = None,
+        media_index: Optional["MediaIndexer"] = None,
     ) -> None:
         super().__init__()
+        self._media_index = media_index
         self._sweeper = sweeper
         self._abandoned_check = abandoned_check
         self._ready = ready
@@ -333,6 +337,9 @@ class AdminResource(DirectServeJsonResource):
             **retention_summary(counts, purged, estimated),
             "dry_run": self._retention.dry_run,
             "pacing": pacing,
+            "media_index": (
+                await self._media_index.status() if self._media_index is not None else None
+            ),
         }
 
     async def _room_detail(self, room_id: str) -> dict[str, Any]:
