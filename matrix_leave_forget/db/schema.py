@@ -149,6 +149,37 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "CREATE UNIQUE INDEX leave_forget_media_refs_key ON leave_forget_media_refs "
         "(media_origin, media_id, event_id, kind)",
         "CREATE INDEX leave_forget_media_refs_room ON leave_forget_media_refs (room_id)",
+        # A purged room's media, once the room is up for purge (media/reaper.py):
+        # whether the room was encrypted and where its events ended in the
+        # stream (the index must have read that far), then what was decided.
+        """
+        CREATE TABLE leave_forget_media_rooms (
+            room_id TEXT NOT NULL PRIMARY KEY,
+            state TEXT NOT NULL,
+            encrypted INTEGER NOT NULL,
+            max_stream BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX leave_forget_media_rooms_state ON leave_forget_media_rooms (state)",
+        # Each medium a purged room referenced: due for deletion (until
+        # due_at), deleted, kept (and why) or cancelled (and why).
+        """
+        CREATE TABLE leave_forget_media_deletions (
+            media_origin TEXT NOT NULL,
+            media_id TEXT NOT NULL,
+            room_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            bytes BIGINT NOT NULL,
+            due_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (media_origin, media_id, room_id)
+        )
+        """,
+        "CREATE INDEX leave_forget_media_deletions_due ON leave_forget_media_deletions "
+        "(state, due_at)",
+        "CREATE INDEX leave_forget_media_deletions_room ON leave_forget_media_deletions (room_id)",
     ),
 )
 
