@@ -57,7 +57,7 @@ LEAVE_FORGET_PATH = re.compile(
 # read by the media reaper (a read cancels a pending deletion).
 MEDIA_READ_PATH = re.compile(
     r"^/_matrix/(?:media/[^/]+|client/[^/]+/media)/(?:download|thumbnail)/"
-    r"(?P<origin>[^/]+)/(?P<media_id>[^/]+)"
+    r"(?P<origin>[^/?]+)/(?P<media_id>[^/?]+)"
 )
 
 # Called with (server name, media id) of each media read seen.

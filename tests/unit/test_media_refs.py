@@ -170,3 +170,68 @@ class StretchTests(SynchronousTestCase):
             MediaRefStore.positions_txn(self.txn)[STREAM_MEDIA_FORWARD],  # type: ignore[arg-type]
             2,
         )
+
+
+class MediaReceiptTests(SynchronousTestCase):
+    def test_counts_by_decision(self) -> None:
+        """Deleted media count by origin with their bytes; kept ones by reason."""
+        from matrix_leave_forget.media.reaper import media_receipt
+
+        rows = [
+            ("s", "a", "deleted", None, 10),
+            ("s", "b", "deleted", None, 5),
+            ("r", "c", "deleted", None, 7),
+            ("s", "d", "kept", "referenced_elsewhere", 3),
+            ("s", "e", "kept", "encrypted_room", 4),
+            ("s", "f", "cancelled", "downloaded_during_grace", 6),
+        ]
+        media = media_receipt(rows, "s")["media"]
+        self.assertEqual(
+            {k: v for k, v in media.items() if k != "kept"},
+            {
+                "policy": "delete",
+                "local_items": 2,
+                "local_bytes": 15,
+                "remote_items": 1,
+                "remote_bytes": 7,
+                "kept_referenced_elsewhere": 2,
+                "kept_encrypted_room": 1,
+            },
+        )
+        self.assertEqual(
+            media["kept"],
+            {
+                "cancelled:downloaded_during_grace": 1,
+                "kept:encrypted_room": 1,
+                "kept:referenced_elsewhere": 1,
+            },
+        )
+
+
+class MediaReadPathTests(SynchronousTestCase):
+    def test_every_prefix(self) -> None:
+        """Downloads and thumbnails under every media prefix are seen; other paths are not."""
+        from matrix_leave_forget.http.client import media_read
+
+        class Request:
+            def __init__(self, path: str) -> None:
+                self.path = path.encode()
+
+        for path in (
+            "/_matrix/media/v3/download/s.org/abc",
+            "/_matrix/media/r0/download/s.org/abc/name.png",
+            "/_matrix/media/v1/thumbnail/s.org/abc?width=32",
+            "/_matrix/client/v1/media/download/s.org/abc",
+            "/_matrix/client/v1/media/thumbnail/s.org/abc",
+        ):
+            self.assertEqual(media_read(Request(path)), ("s.org", "abc"), path)
+        self.assertEqual(
+            media_read(Request("/_matrix/client/v1/media/download/h%3A8448/x")), ("h:8448", "x")
+        )
+        for path in (
+            "/_matrix/media/v3/upload",
+            "/_matrix/media/v3/config",
+            "/_matrix/client/v3/rooms/!r:s/messages",
+            "/_matrix/client/v1/media/preview_url",
+        ):
+            self.assertIsNone(media_read(Request(path)), path)
