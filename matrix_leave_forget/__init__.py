@@ -162,6 +162,7 @@ class LeaveForgetModule:
                 sweeper=self.sweeper,
                 abandoned_check=why_not_abandoned_many_txn,
                 media_index=self.media_index,
+                media_reaper=self.media_reaper,
             ),
         )
         # Listeners start right after modules are loaded; check them then.

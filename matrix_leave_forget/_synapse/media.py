@@ -41,7 +41,9 @@ def stream_bounds_txn(txn: LoggingTransaction) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def room_media_facts_txn(txn: LoggingTransaction, room_id: str) -> tuple[bool, int, list[EventRow]]:
+def room_media_facts_txn(
+    txn: LoggingTransaction, room_id: str, with_rows: bool = True
+) -> tuple[bool, int, list[EventRow]]:
     """(encrypted, last stream ordering, events holding an mxc URI) of a room about to be purged.
 
     Why: after Synapse's purge the room's events are gone, and its current
@@ -61,6 +63,8 @@ def room_media_facts_txn(txn: LoggingTransaction, room_id: str) -> tuple[bool, i
     )
     row = txn.fetchone()
     max_stream = int(row[0]) if row else 0
+    if not with_rows:
+        return encrypted, max_stream, []
     txn.execute(
         "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, j.json"
         " FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id"

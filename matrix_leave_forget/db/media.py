@@ -156,30 +156,34 @@ def referenced_elsewhere_txn(
     return txn.fetchone() is not None
 
 
-def schedule_room_txn(
+# One decision: (server name, media id, state, reason, bytes).
+Decision = tuple[str, str, str, str | None, int]
+
+
+def decide_room_media_txn(
     txn: LoggingTransaction,
     room_id: str,
     encrypted: bool,
     server_name: str,
-    now: int,
-    grace_ms: int,
     facts_txn: FactsTxn,
-) -> int:
-    """Decide each medium a purged room referenced: due after the grace, or kept and why.
+    limit: int | None = None,
+) -> list[Decision]:
+    """What becomes of each medium a room's events reference (Synapse holds), and why.
 
-    The room's references leave the index in the same transaction (its
-    events are gone). Media Synapse does not hold is not recorded.
-
-    Returns:
-        How many media became due.
+    Read only: :func:`schedule_room_txn` records it after the purge; the
+    admin API shows it before (``dry_run``).
     """
-    txn.execute(
-        "SELECT DISTINCT media_origin, media_id FROM leave_forget_media_refs WHERE room_id = ?",
-        (room_id,),
+    sql = (
+        "SELECT DISTINCT media_origin, media_id FROM leave_forget_media_refs WHERE room_id = ?"
+        " ORDER BY media_origin, media_id"
     )
+    args: list[object] = [room_id]
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    txn.execute(sql, args)
     media = [(str(o), str(m)) for o, m in txn.fetchall()]
-    rows = []
-    due = 0
+    decisions: list[Decision] = []
     for origin, media_id in media:
         size, _file_id, kept = facts_txn(txn, server_name, origin, media_id)
         if size is None:
@@ -192,21 +196,41 @@ def schedule_room_txn(
             state, reason = MEDIA_KEPT, kept
         else:
             state, reason = MEDIA_DUE, None
-            due += 1
-        rows.append((origin, media_id, room_id, state, reason, size, now + grace_ms, now))
+        decisions.append((origin, media_id, state, reason, size))
+    return decisions
+
+
+def schedule_room_txn(
+    txn: LoggingTransaction,
+    room_id: str,
+    encrypted: bool,
+    server_name: str,
+    now: int,
+    grace_ms: int,
+    facts_txn: FactsTxn,
+) -> int:
+    """Record each medium a purged room referenced: due after the grace, or kept and why.
+
+    The room's references leave the index in the same transaction (its
+    events are gone). Media Synapse does not hold is not recorded.
+
+    Returns:
+        How many media became due.
+    """
+    decisions = decide_room_media_txn(txn, room_id, encrypted, server_name, facts_txn)
     txn.execute_batch(
         "INSERT INTO leave_forget_media_deletions"
         " (media_origin, media_id, room_id, state, reason, bytes, due_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (media_origin, media_id, room_id) DO NOTHING",
-        rows,
+        [(o, m, room_id, s, r, b, now + grace_ms, now) for o, m, s, r, b in decisions],
     )
     txn.execute("DELETE FROM leave_forget_media_refs WHERE room_id = ?", (room_id,))
     txn.execute(
         "UPDATE leave_forget_media_rooms SET state = ?, updated_at = ? WHERE room_id = ?",
         (ROOM_SCHEDULED, now, room_id),
     )
-    return due
+    return sum(1 for d in decisions if d[2] == MEDIA_DUE)
 
 
 def due_media_txn(txn: LoggingTransaction, now: int, limit: int) -> list[tuple[str, str]]:

@@ -43,7 +43,9 @@ from matrix_leave_forget.db.media import (
     MEDIA_CANCELLED,
     MEDIA_DELETED,
     MEDIA_KEPT,
+    Decision,
     MediaRefStore,
+    decide_room_media_txn,
     due_media_txn,
     is_due_txn,
     mark_reported_txn,
@@ -70,6 +72,8 @@ INTERVAL_MS = 1000
 BATCH = 100
 
 OUTCOME_MEDIA_DELETED = "media_deleted"
+# Media listed per room by preview().
+PREVIEW_LIMIT = 1000
 
 
 def media_receipt(
@@ -141,6 +145,38 @@ class MediaReaper:
             record_room_txn(txn, room_id, encrypted, max_stream, now_ms())
 
         await self._api.run_db_interaction("leave_forget_media_before_purge", txn_fn)
+
+    async def preview(self, room_id: str) -> dict[str, Any]:
+        """What a purge of the room would do with its media now (the admin API's room detail).
+
+        Returns:
+            ``policy``; ``encrypted``; ``index_ready`` (the index has read the
+            room's events and finished its back-fill: only then is media
+            deleted); ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
+            ``decision`` (``due``: deleted after the grace, or ``kept``),
+            ``reason`` and ``bytes``.
+        """
+        server_name = self._api.server_name
+
+        def txn_fn(txn: LoggingTransaction) -> tuple[bool, int, list[Decision]]:
+            encrypted, max_stream, _rows = room_media_facts_txn(txn, room_id, with_rows=False)
+            decisions = decide_room_media_txn(
+                txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT
+            )
+            return encrypted, max_stream, decisions
+
+        encrypted, max_stream, decisions = await self._api.run_db_interaction(
+            "leave_forget_media_preview", txn_fn
+        )
+        return {
+            "policy": self._config.media,
+            "encrypted": encrypted,
+            "index_ready": await self._index.covers(max_stream),
+            "media": [
+                {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
+                for o, m, s, r, b in decisions
+            ],
+        }
 
     async def on_media_read(self, origin: str, media_id: str) -> None:
         """A download or thumbnail request for a medium: cancel its deletion if it is due."""

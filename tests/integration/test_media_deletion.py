@@ -156,8 +156,21 @@ class MediaDeletionTest(RetentionHelpers):
         self.assertTrue(os.path.exists(own_file))
         wait_until(lambda: self.thumbnail_rows(own) > 0, what="thumbnails of the room's image")
 
+        # What a purge would do, shown before it (as with dry_run).
+        preview = wait_until(
+            lambda: (p := self.detail(room_id)["media_preview"])["index_ready"] and p,
+            what="the media preview with the index ready",
+        )
+        shown = {m["mxc"]: (m["decision"], m["reason"]) for m in preview["media"]}
+        self.assertEqual(preview["policy"], "delete")
+        self.assertFalse(preview["encrypted"])
+        self.assertEqual(shown[own], ("due", None))
+        self.assertEqual(shown[forwarded], ("kept", "referenced_elsewhere"))
+        self.assertEqual(shown[profile], ("kept", "profile_avatar"))
+
         self.leave_and_forget([alice, bob], room_id)
         self.wait_state(room_id, "purged")
+        self.assertIsNone(self.detail(room_id)["media_preview"])
         # Due for deletion: still served during the grace; a download cancels it.
         decisions = wait_until(
             lambda: (d := self.decisions(room_id)) and d.get(own) and d,
