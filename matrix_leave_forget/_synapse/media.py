@@ -6,6 +6,10 @@ from typing import Any
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
+# A parameter, not a literal: with psycopg2 a literal % in the statement is
+# read as a placeholder.
+MXC_LIKE = "%mxc://%"
+
 # One row per event: stream ordering, event id, room id, type, event JSON.
 EventRow = tuple[int, str, str, str, str]
 
@@ -22,8 +26,8 @@ def events_with_mxc_txn(txn: LoggingTransaction, after: int, upto: int) -> list[
         "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, j.json"
         " FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id"
         " WHERE e.stream_ordering > ? AND e.stream_ordering <= ?"
-        " AND j.json LIKE '%mxc://%'",
-        (after, upto),
+        " AND j.json LIKE ?",
+        (after, upto, MXC_LIKE),
     )
     return [(int(r[0]), r[1], r[2], r[3], r[4]) for r in txn.fetchall()]
 
@@ -68,8 +72,8 @@ def room_media_facts_txn(
     txn.execute(
         "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, j.json"
         " FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id"
-        " WHERE e.room_id = ? AND j.json LIKE '%mxc://%'",
-        (room_id,),
+        " WHERE e.room_id = ? AND j.json LIKE ?",
+        (room_id, MXC_LIKE),
     )
     rows = [(int(r[0]), r[1], r[2], r[3], r[4]) for r in txn.fetchall()]
     return encrypted, max_stream, rows

@@ -398,8 +398,13 @@ class RetentionSweeper:
         purge.retry_at_ms = 0
         try:
             if self._media is not None:
-                # Before its state goes: whether it is encrypted.
-                await self._media.before_purge(room_id)
+                # Before its events go: whether it is encrypted, its references.
+                try:
+                    await self._media.before_purge(room_id)
+                except Exception:
+                    # The purge goes on; without this record the room's media is
+                    # never decided, i.e. kept (the safe side).
+                    logger.exception("Could not record %s's media; it will be kept", room_id)
             # For the erasure receipt, and where the room's leftovers start.
             await self._store.retention.record_footprint(room_id, room_footprint_txn)
             await self._api.delete_room(room_id)
