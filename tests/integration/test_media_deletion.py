@@ -12,6 +12,7 @@ its media.
 import io
 import json
 import os
+import signal
 import urllib.parse
 from typing import Any
 
@@ -217,3 +218,35 @@ class MediaDeletionTest(RetentionHelpers):
         self.assertEqual(self.decisions(room_id)[image], ("kept", "encrypted_room"))
         self.assertTrue(self.media_row(image))
         self.assertTrue(os.path.exists(self.media_paths(image)[0]))
+
+    def test_sigkill_mid_deletion_resumes(self) -> None:
+        """Killed with a medium half deleted (its file gone, its rows and thumbnails
+        not), the restarted module finishes the deletion and records it once."""
+        room_id, (alice, bob) = self.joined_room(2)
+        image = self.upload(alice, 77)
+        self.send_image(alice, room_id, image)
+        image_file, image_thumbs = self.media_paths(image)
+        wait_until(lambda: self.thumbnail_rows(image) > 0, what="thumbnails of the image")
+        self.leave_and_forget([alice, bob], room_id)
+        self.wait_state(room_id, "purged")
+        wait_until(
+            lambda: self.decisions(room_id).get(image) == ("due", None), what="the image due"
+        )
+        # A crash in the middle of Synapse's deletion: the file is gone, the rest is not.
+        self.hs.stop(signal.SIGKILL)
+        os.remove(image_file)
+        self.assertTrue(self.media_row(image))
+        self.assertTrue(os.path.exists(image_thumbs))
+        self.hs.start()
+        receipt = self.media_entry(room_id)["media"]
+        self.assertEqual(self.decisions(room_id)[image], ("deleted", None))
+        self.assertEqual(receipt["local_items"], 1)
+        self.assertFalse(self.media_row(image))
+        self.assertEqual(self.thumbnail_rows(image), 0)
+        self.assertFalse(os.path.exists(image_thumbs))
+        entries = [
+            e
+            for e in self.audit(room_id=room_id)
+            if e["action"] == "purge" and e["outcome"] == "media_deleted"
+        ]
+        self.assertEqual(len(entries), 1)
