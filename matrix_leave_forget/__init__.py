@@ -16,7 +16,10 @@ from twisted.internet import defer
 
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.capabilities import forget_on_leave_settings
-from matrix_leave_forget._synapse.contexts import on_new_event_is_safe
+from matrix_leave_forget._synapse.contexts import (
+    on_new_event_is_safe,
+    run_in_background_process,
+)
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
 from matrix_leave_forget._synapse.new_events import observe_new_events
@@ -29,6 +32,7 @@ from matrix_leave_forget.config import (
     describe_config,
     parse_config,
 )
+from matrix_leave_forget.db.media import MediaRefStore
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
@@ -41,6 +45,10 @@ from matrix_leave_forget.http.client import (
     MatrixNode,
 )
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
+from matrix_leave_forget.media.index import INTERVAL_MS as MEDIA_INDEX_INTERVAL_MS
+from matrix_leave_forget.media.index import MediaIndexer
+from matrix_leave_forget.media.reaper import INTERVAL_MS as MEDIA_REAPER_INTERVAL_MS
+from matrix_leave_forget.media.reaper import MediaReaper
 from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.membership.observer import RouteObserver
 from matrix_leave_forget.membership.reconcile import Reconciler
@@ -75,7 +83,11 @@ class LeaveForgetModule:
         )
         self._routes = SynapseRoutes(api)
         self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
-        self.sweeper = RetentionSweeper(api, config.retention, self.store)
+        # What the rooms' events reference, and purged rooms' media deleted
+        # (docs/retention.md "Media").
+        self.media_index = MediaIndexer(api, MediaRefStore(api))
+        self.media_reaper = MediaReaper(api, config.retention, self.media_index, self.store.audit)
+        self.sweeper = RetentionSweeper(api, config.retention, self.store, self.media_reaper)
         # Every route of leave and forget, not only the module's endpoints
         # (docs/audit.md "Routes").
         self._ready = _StartupGate()
@@ -131,6 +143,8 @@ class LeaveForgetModule:
                 servlet, self._internals.unrecognized_resource()
             )
             self._intercept.guard_reads(self._history_guard)
+            if self.media_reaper.enabled:
+                self._intercept.watch_media_reads(self._media_read)
             self._capabilities = CapabilitiesRewrite(forget_on_leave_settings(api))
             self._intercept.rewrite_capabilities(self._capabilities)
             api.register_web_resource("/_matrix", self._intercept)
@@ -147,6 +161,8 @@ class LeaveForgetModule:
                 self._ready.wait,
                 sweeper=self.sweeper,
                 abandoned_check=why_not_abandoned_many_txn,
+                media_index=self.media_index,
+                media_reaper=self.media_reaper,
             ),
         )
         # Listeners start right after modules are loaded; check them then.
@@ -213,6 +229,12 @@ class LeaveForgetModule:
                 self.eraser.run, _ERASE_INTERVAL_MS, desc="leave_forget_erase_text"
             )
             await self.eraser.run()
+            self._api.looping_background_call(
+                self.media_index.tick, MEDIA_INDEX_INTERVAL_MS, desc="leave_forget_media_index"
+            )
+            self._api.looping_background_call(
+                self.media_reaper.tick, MEDIA_REAPER_INTERVAL_MS, desc="leave_forget_media_reaper"
+            )
 
     async def _erase_after_deactivation(
         self, user_id: str, by_admin: bool, deactivated: bool
@@ -241,12 +263,22 @@ class LeaveForgetModule:
                 "to it (docs/mounting.md)"
             )
 
+    def _media_read(self, origin: str, media_id: str) -> None:
+        """A download or thumbnail request: cancels the medium's pending deletion (if any)."""
+        run_in_background_process(
+            self._api,
+            "leave_forget_media_read",
+            lambda: self.media_reaper.on_media_read(origin, media_id),
+        )
+
     def _check_intercept(self, intercept: InterceptingMatrixResource) -> list[str]:
         roots = self._internals.listener_roots()
         problems = intercept.install(roots)
         intercepted = 0
         for root in roots:
             node = root.children.get(b"_matrix")
+            if isinstance(node, MatrixNode) and self.media_reaper.enabled:
+                node.watch_media_reads(self._media_read)
             client = getattr(node, "children", {}).get(b"client")
             if client is None:
                 continue

@@ -47,6 +47,11 @@ class RateLimitConfig:
     burst_count: int
 
 
+# retention.media: what becomes of a purged room's media (docs/retention.md "Media").
+MEDIA_DELETE = "delete"
+MEDIA_KEEP = "keep"
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class RetentionConfig:
     """When and how rooms forgotten by every local user are purged.
@@ -71,6 +76,8 @@ class RetentionConfig:
     # The default that kept live sends and /sync near idle while still draining
     # the backlog promptly on PostgreSQL (docs/benchmarks.md §5).
     purge_load: float = 0.3
+    media: str = MEDIA_KEEP
+    media_grace_ms: int = 7 * 24 * 60 * 60 * 1000
 
 
 # Refused requests may append this many entries per user at once, then one a minute.
@@ -245,6 +252,8 @@ def _parse_retention(value: Any) -> RetentionConfig:
             "sweep_interval",
             "max_concurrent_purges",
             "purge_load",
+            "media",
+            "media_grace",
         ),
         path,
     )
@@ -272,6 +281,10 @@ def _parse_retention(value: Any) -> RetentionConfig:
         raise ConfigError("must be a number", (path, "purge_load"))
     if not 0 < load <= 1:
         raise ConfigError("must be greater than 0 and at most 1", (path, "purge_load"))
+    # Deleting media is what a retention period asks for; without one nothing is purged.
+    media = section.get("media", MEDIA_DELETE if period_ms is not None else MEDIA_KEEP)
+    if media not in (MEDIA_DELETE, MEDIA_KEEP):
+        raise ConfigError(f"must be {MEDIA_DELETE!r} or {MEDIA_KEEP!r}", (path, "media"))
     return RetentionConfig(
         period_ms=period_ms,
         dry_run=_bool(section, "dry_run", False, path),
@@ -281,6 +294,8 @@ def _parse_retention(value: Any) -> RetentionConfig:
         ),
         max_concurrent_purges=concurrency,
         purge_load=float(load),
+        media=media,
+        media_grace_ms=parse_duration_ms(section.get("media_grace", "7d"), (path, "media_grace")),
     )
 
 

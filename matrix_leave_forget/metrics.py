@@ -88,6 +88,21 @@ purge_task_seconds = Histogram(
     buckets=_PURGE_TASK_BUCKETS,
 )
 
+media_index_lag = Gauge(
+    "synapse_leave_forget_media_index_lag",
+    "Positions of Synapse's events stream the media reference index has not read yet "
+    "(set at each run of the index, on the background-tasks process).",
+    ["server_name"],
+)
+
+media_index_backfill_remaining = Gauge(
+    "synapse_leave_forget_media_index_backfill_remaining",
+    "Positions of Synapse's events stream from before the media reference index "
+    "that it has not back-filled yet (0 once the back-fill is done; media is "
+    "deleted only then).",
+    ["server_name"],
+)
+
 # Label values that alert rules (docs/monitoring/alerts.yml) read. A counter
 # child that does not exist yet has no series, and `increase()` over a series
 # that first appears at 1 sees no increase: the first failure would not alert.

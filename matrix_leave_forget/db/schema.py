@@ -131,6 +131,56 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         # forgotten by all (docs/retention.md "Abandoned rooms").
         "ALTER TABLE leave_forget_rooms ADD COLUMN scheduled_by TEXT",
     ),
+    # 7 (media): the media reference index, (server, media id) -> the events
+    # that reference it (media/index.py); filled from Synapse's events stream,
+    # its positions in leave_forget_stream_positions (store.STREAM_MEDIA_*).
+    # Looked up by media (is it referenced elsewhere?) and by room (what did
+    # a purged room reference?).
+    (
+        """
+        CREATE TABLE leave_forget_media_refs (
+            media_origin TEXT NOT NULL,
+            media_id TEXT NOT NULL,
+            room_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            kind TEXT NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX leave_forget_media_refs_key ON leave_forget_media_refs "
+        "(media_origin, media_id, event_id, kind)",
+        "CREATE INDEX leave_forget_media_refs_room ON leave_forget_media_refs (room_id)",
+        # A purged room's media, once the room is up for purge (media/reaper.py):
+        # whether the room was encrypted and where its events ended in the
+        # stream (the index must have read that far), then what was decided.
+        """
+        CREATE TABLE leave_forget_media_rooms (
+            room_id TEXT NOT NULL PRIMARY KEY,
+            state TEXT NOT NULL,
+            encrypted INTEGER NOT NULL,
+            max_stream BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX leave_forget_media_rooms_state ON leave_forget_media_rooms (state)",
+        # Each medium a purged room referenced: due for deletion (until
+        # due_at), deleted, kept (and why) or cancelled (and why).
+        """
+        CREATE TABLE leave_forget_media_deletions (
+            media_origin TEXT NOT NULL,
+            media_id TEXT NOT NULL,
+            room_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            bytes BIGINT NOT NULL,
+            due_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (media_origin, media_id, room_id)
+        )
+        """,
+        "CREATE INDEX leave_forget_media_deletions_due ON leave_forget_media_deletions "
+        "(state, due_at)",
+        "CREATE INDEX leave_forget_media_deletions_room ON leave_forget_media_deletions (room_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

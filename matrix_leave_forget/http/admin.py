@@ -29,6 +29,8 @@ from matrix_leave_forget.timestamps import now_ms
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
+    from matrix_leave_forget.media.index import MediaIndexer
+    from matrix_leave_forget.media.reaper import MediaReaper
     from matrix_leave_forget.retention.state import ForgottenCheckMany
     from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
@@ -134,6 +136,8 @@ class AdminResource(DirectServeJsonResource):
         sweeper: The retention sweeper, for its pacing state (GET /retention).
         abandoned_check: Why rooms are not abandoned (the membership rules'
             why_not_abandoned_many_txn), for scheduling abandoned rooms.
+        media_index: The media reference index, for its progress (GET /retention).
+        media_reaper: Previews what a purge would do with a room's media (room detail).
     """
 
     isLeaf = True
@@ -147,8 +151,12 @@ class AdminResource(DirectServeJsonResource):
         ready: Callable[[], Awaitable[None]],
         sweeper: "RetentionSweeper",
         abandoned_check: Optional["ForgottenCheckMany"] = None,
+        media_index: Optional["MediaIndexer"] = None,
+        media_reaper: Optional["MediaReaper"] = None,
     ) -> None:
         super().__init__()
+        self._media_reaper = media_reaper
+        self._media_index = media_index
         self._sweeper = sweeper
         self._abandoned_check = abandoned_check
         self._ready = ready
@@ -333,6 +341,9 @@ class AdminResource(DirectServeJsonResource):
             **retention_summary(counts, purged, estimated),
             "dry_run": self._retention.dry_run,
             "pacing": pacing,
+            "media_index": (
+                await self._media_index.status() if self._media_index is not None else None
+            ),
         }
 
     async def _room_detail(self, room_id: str) -> dict[str, Any]:
@@ -345,12 +356,18 @@ class AdminResource(DirectServeJsonResource):
         hold = await self._store.retention.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
+        # What its purge would do with its media (also what dry_run shows), while
+        # the room is there to look at.
+        media_preview = None
+        if self._media_reaper is not None and (retention is None or retention.purged_at is None):
+            media_preview = await self._media_reaper.preview(room_id)
         return {
             "room_id": room_id,
             "retention": attr.asdict(retention) if retention else None,
             "hold": hold,
             # The signed entry that records what the purge erased and kept.
             "purge_receipt": receipt_view(purge),
+            "media_preview": media_preview,
             "local_members": [
                 {
                     "user_id": user_id,

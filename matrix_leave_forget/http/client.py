@@ -52,6 +52,29 @@ LEAVE_FORGET_PATH = re.compile(
 )
 
 
+# A download or thumbnail of a medium, under every prefix Synapse serves
+# media at (the legacy media API's versions and the authenticated client one);
+# read by the media reaper (a read cancels a pending deletion).
+MEDIA_READ_PATH = re.compile(
+    r"^/_matrix/(?:media/[^/]+|client/[^/]+/media)/(?:download|thumbnail)/"
+    r"(?P<origin>[^/?]+)/(?P<media_id>[^/?]+)"
+)
+
+# Called with (server name, media id) of each media read seen.
+MediaReads = Callable[[str, str], None]
+
+
+def media_read(request: Any) -> tuple[str, str] | None:
+    """(server name, media id) of a media download or thumbnail request, else None."""
+    try:
+        match = MEDIA_READ_PATH.match(request.path.decode("ascii"))
+    except UnicodeDecodeError:
+        return None
+    if match is None:
+        return None
+    return urllib.parse.unquote(match["origin"]), urllib.parse.unquote(match["media_id"])
+
+
 def _unquote(value: str | None) -> str | None:
     # Exactly what Synapse's JsonResource does with path groups.
     return urllib.parse.unquote(value) if value else value
@@ -176,6 +199,7 @@ class MatrixNode(Resource):
         self._history_guard: HistoryGuard | None = None
         self._routing_watched = False
         self._capabilities: CapabilitiesRewrite | None = None
+        self._media_reads: MediaReads | None = None
         for name, child in (children or {}).items():
             Resource.putChild(self, name, child)
 
@@ -199,7 +223,19 @@ class MatrixNode(Resource):
         """Add MSC4267's capability to /capabilities answers with rewrite (http/capabilities.py)."""
         self._capabilities = rewrite
 
+    def watch_media_reads(self, on_read: MediaReads | None) -> None:
+        """Tell on_read of every media download or thumbnail request (media/reaper.py)."""
+        self._media_reads = on_read
+
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        if (
+            self._media_reads is not None
+            and path in (b"media", b"client")
+            and request.method in (b"GET", b"HEAD")
+        ):
+            read = media_read(request)
+            if read is not None:
+                self._media_reads(*read)
         if path == b"client" and self._capabilities is not None:
             self._capabilities.watch(request)
         if path == b"client" and b"client" in self.children and request.method in (b"POST", b"PUT"):

@@ -20,7 +20,7 @@ from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
 from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.schema import is_postgres
-from matrix_leave_forget.retention.receipt import build_receipt, encode_receipt
+from matrix_leave_forget.retention.receipt import MEDIA_POLICY_KEEP, build_receipt, encode_receipt
 
 # Retention states of a room (leave_forget_rooms.state).
 STATE_ACTIVE = "active"  # was forgotten by all, then someone came back
@@ -450,6 +450,7 @@ class RetentionState:
         leftovers_txn: Callable[[LoggingTransaction, str, int | None], dict[str, int]]
         | None = None,
         cleared: dict[str, int] | None = None,
+        media_policy: str = MEDIA_POLICY_KEEP,
     ) -> None:
         """Record a room purged, clearing first what Synapse's purge left of it.
 
@@ -462,6 +463,8 @@ class RetentionState:
                 rows start in the events stream; in this transaction.
             cleared: Leftovers cleared before this transaction, by table, for
                 the receipt.
+            media_policy: The receipt's media policy (``delete``: the room's
+                media is decided after its grace, in a ``media_deleted`` entry).
         """
 
         def txn_fn(txn: LoggingTransaction) -> None:
@@ -476,7 +479,9 @@ class RetentionState:
             leftovers = dict(cleared or {})
             if leftovers_txn is not None:
                 leftovers.update(leftovers_txn(txn, room_id, min_stream))
-            receipt = encode_receipt(build_receipt(events, groups, leftovers))
+            receipt = encode_receipt(
+                build_receipt(events, groups, leftovers, media_policy=media_policy)
+            )
             entry = self._audit.append_txn(
                 txn,
                 AuditFields(action="purge", outcome="purged", room_id=room_id, receipt=receipt),

@@ -18,6 +18,7 @@ immediately before Synapse is asked to purge it, however long it queued.
 
 import logging
 import time
+from typing import TYPE_CHECKING, Optional
 
 import attr
 from synapse.module_api import ModuleApi
@@ -30,15 +31,19 @@ from matrix_leave_forget._synapse.leftovers import (
     room_footprint_txn,
 )
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
-from matrix_leave_forget.config import RetentionConfig
+from matrix_leave_forget.config import MEDIA_DELETE, RetentionConfig
 from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.pacer import PurgePacer
+from matrix_leave_forget.retention.receipt import MEDIA_POLICY_KEEP
 from matrix_leave_forget.retention.state import (
     STATE_PURGING,
     why_not_abandoned_many_txn,
     why_not_forgotten_many_txn,
 )
 from matrix_leave_forget.timestamps import now_ms
+
+if TYPE_CHECKING:
+    from matrix_leave_forget.media.reaper import MediaReaper
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,7 @@ class RetentionSweeper:
         api: The module API (purges go through ModuleApi.delete_room).
         config: The retention settings.
         store: The retention store.
+        media: Deletes purged rooms' media (retention.media: delete), or None.
     """
 
     def __init__(
@@ -99,8 +105,10 @@ class RetentionSweeper:
         api: ModuleApi,
         config: RetentionConfig,
         store: RetentionStore,
+        media: Optional["MediaReaper"] = None,
     ) -> None:
         self._api = api
+        self._media = media
         self._config = config
         self._store = store
         self.pacer = PurgePacer(config.max_concurrent_purges, config.purge_load)
@@ -310,7 +318,14 @@ class RetentionSweeper:
             if not view.room_exists:
                 groups = await purge_remaining_state_groups(self._api, room_id)
                 await self._store.retention.mark_purged(
-                    room_id, purge_leftovers_txn, {"state_groups": groups} if groups else None
+                    room_id,
+                    purge_leftovers_txn,
+                    {"state_groups": groups} if groups else None,
+                    media_policy=(
+                        MEDIA_DELETE
+                        if self._media is not None and self._media.enabled
+                        else MEDIA_POLICY_KEEP
+                    ),
                 )
                 del self._in_flight[room_id]
                 self._resumed.discard(room_id)
@@ -382,6 +397,14 @@ class RetentionSweeper:
         purge.requested_ms = now
         purge.retry_at_ms = 0
         try:
+            if self._media is not None:
+                # Before its events go: whether it is encrypted, its references.
+                try:
+                    await self._media.before_purge(room_id)
+                except Exception:
+                    # The purge goes on; without this record the room's media is
+                    # never decided, i.e. kept (the safe side).
+                    logger.exception("Could not record %s's media; it will be kept", room_id)
             # For the erasure receipt, and where the room's leftovers start.
             await self._store.retention.record_footprint(room_id, room_footprint_txn)
             await self._api.delete_room(room_id)

@@ -247,7 +247,7 @@ class PurgeLeftoversTest(RetentionHelpers):
         self.assertEqual(receipt["leftovers_cleared"]["threads"], 1)
         self.assertGreater(receipt["leftovers_cleared"]["current_state_delta_stream"], 5)
         self.assertEqual(set(receipt["kept"]), ROOM_ID_ONLY_TABLES)
-        self.assertEqual(receipt["media"]["policy"], "keep")
+        self.assertEqual(receipt["media"]["policy"], "delete")
         self.assertEqual(receipt["media"]["local_items"], 0)
         cli = run_cli(self.hs.config_path, "receipt", room_id, "--json")
         self.assertEqual(cli.returncode, 0, cli.stderr)

@@ -71,6 +71,7 @@ class ParseConfigDefaultsTests(SynchronousTestCase):
                 dry_run=True,
                 holds=frozenset({"!a:test.local", "!b:test.local"}),
                 sweep_interval_ms=200,
+                media="delete",
             ),
         )
 
@@ -186,6 +187,7 @@ class BadConfigTests(SynchronousTestCase):
         for section, key in (
             ("retention", "period"),
             ("retention", "sweep_interval"),
+            ("retention", "media_grace"),
             ("audit", "checkpoint_interval"),
         ):
             for value in (30, "30", " 30 "):
@@ -395,3 +397,28 @@ class ConfigFuzzTests(SynchronousTestCase):
                 self.assertTrue(error.msg)
 
         check()
+
+
+class MediaConfigTests(SynchronousTestCase):
+    def assert_refused(self, config: dict[str, Any], path: tuple[str, ...]) -> ConfigError:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(config)
+        self.assertEqual(tuple(caught.exception.path or ()), path)
+        return caught.exception
+
+    def test_media_defaults(self) -> None:
+        """media is delete with a retention period, keep without; media_grace is 7d."""
+        with_period = parse_config({"retention": {"period": "30d"}}).retention
+        self.assertEqual((with_period.media, with_period.media_grace_ms), ("delete", 7 * 86400000))
+        self.assertEqual(parse_config({}).retention.media, "keep")
+        kept = parse_config({"retention": {"period": "30d", "media": "keep"}}).retention
+        self.assertEqual(kept.media, "keep")
+        grace = parse_config({"retention": {"media_grace": "2s"}}).retention
+        self.assertEqual(grace.media_grace_ms, 2000)
+
+    def test_bad_media_values_name_the_key(self) -> None:
+        """A media policy other than delete/keep, or a grace without a unit, names its key."""
+        for bad in ("purge", True, 1, None):
+            self.assert_refused({"retention": {"media": bad}}, ("retention", "media"))
+        for bad in ("7", "-1d", "soon"):
+            self.assert_refused({"retention": {"media_grace": bad}}, ("retention", "media_grace"))

@@ -29,6 +29,7 @@ MODULE_TABLES_BY_VERSION = {
     4: set(),  # columns only
     5: {"leave_forget_stream_positions"},
     6: set(),  # columns and indexes only
+    7: {"leave_forget_media_refs", "leave_forget_media_rooms", "leave_forget_media_deletions"},
 }
 
 

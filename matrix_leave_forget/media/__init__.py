@@ -1,0 +1,1 @@
+"""The media a room's events reference: the reference index (docs/retention.md "Media")."""

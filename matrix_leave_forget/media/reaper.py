@@ -1,0 +1,306 @@
+"""A purged room's media goes with it: what nothing else references, after a grace.
+
+Steps, each a transaction of its own, so that a crash (or SIGKILL) anywhere
+resumes from the tables (docs/retention.md "Media"):
+
+1. Before Synapse purges a room (:meth:`MediaReaper.before_purge`): whether
+   it is encrypted, where its events end in the stream, and its own events'
+   references (added to the index: it may not have read the newest yet).
+2. Once it is purged and the reference index has read past its events and
+   finished its back-fill: each medium its events referenced is *due* (after
+   ``retention.media_grace``) or *kept*, with the reason: an encrypted room
+   (the server cannot see which media its events use), another room's event,
+   a profile avatar, safe from quarantine.
+3. A download or thumbnail of a due medium during the grace cancels its
+   deletion (:meth:`MediaReaper.on_media_read`).
+4. Past the grace, each due medium is checked again (a reference made during
+   the grace keeps it) and deleted through Synapse's media repository, then
+   marked deleted. Deleting twice is harmless: a resumed deletion finds the
+   file gone and deletes the rows.
+5. When none of a room's media is due any more, a ``purge``/``media_deleted``
+   audit entry records what was deleted and kept (its ``receipt``).
+"""
+
+import logging
+from collections import Counter
+from typing import Any
+
+from synapse.module_api import LoggingTransaction, ModuleApi
+
+from matrix_leave_forget._synapse.media import (
+    can_delete_media,
+    delete_local_media,
+    delete_remote_media,
+    media_facts_txn,
+    room_media_facts_txn,
+    stream_bounds_txn,
+)
+from matrix_leave_forget.audit.log import AuditFields, AuditLog
+from matrix_leave_forget.config import MEDIA_DELETE, RetentionConfig
+from matrix_leave_forget.db.media import (
+    CANCELLED_DOWNLOADED,
+    KEPT_ENCRYPTED_ROOM,
+    MEDIA_CANCELLED,
+    MEDIA_DELETED,
+    MEDIA_KEPT,
+    Decision,
+    MediaRefStore,
+    decide_room_media_txn,
+    due_media_txn,
+    is_due_txn,
+    mark_reported_txn,
+    purged_rooms_waiting_txn,
+    record_room_txn,
+    referenced_elsewhere_txn,
+    room_media_rows_txn,
+    rooms_settled_txn,
+    schedule_room_txn,
+    settle_media_txn,
+)
+from matrix_leave_forget.db.media import (
+    KEPT_REFERENCED_ELSEWHERE as REFERENCED,
+)
+from matrix_leave_forget.media.index import MediaIndexer, refs_of_rows
+from matrix_leave_forget.retention.receipt import encode_receipt
+from matrix_leave_forget.timestamps import now_ms
+
+logger = logging.getLogger(__name__)
+
+# How often due media and purged rooms are looked at.
+INTERVAL_MS = 1000
+# Media deleted per run (each is a few file operations and a transaction).
+BATCH = 100
+
+OUTCOME_MEDIA_DELETED = "media_deleted"
+# Media listed per room by preview().
+PREVIEW_LIMIT = 1000
+
+
+def media_receipt(
+    rows: list[tuple[str, str, str, str | None, int]], server_name: str
+) -> dict[str, Any]:
+    """The ``media_deleted`` entry's receipt: counts and bytes deleted, kept and why.
+
+    Args:
+        rows: ``room_media_rows_txn``'s rows of the room.
+    """
+    media: dict[str, Any] = {
+        "policy": MEDIA_DELETE,
+        "local_items": 0,
+        "local_bytes": 0,
+        "remote_items": 0,
+        "remote_bytes": 0,
+        "kept_referenced_elsewhere": 0,
+        "kept_encrypted_room": 0,
+    }
+    reasons: Counter[str] = Counter()
+    for origin, _media_id, state, reason, size in rows:
+        if state == MEDIA_DELETED:
+            where = "local" if origin == server_name else "remote"
+            media[f"{where}_items"] += 1
+            media[f"{where}_bytes"] += size
+            continue
+        reasons[f"{state}:{reason}"] += 1
+        if reason == KEPT_ENCRYPTED_ROOM:
+            media["kept_encrypted_room"] += 1
+        else:
+            media["kept_referenced_elsewhere"] += 1
+    media["kept"] = dict(sorted(reasons.items()))
+    return {"media": media}
+
+
+class MediaReaper:
+    """Deletes purged rooms' unreferenced media (background-tasks process).
+
+    Args:
+        api: The module API.
+        config: The retention config (``media``, ``media_grace_ms``).
+        index: The media reference index.
+        audit: The audit log (the ``media_deleted`` entries).
+    """
+
+    def __init__(
+        self, api: ModuleApi, config: RetentionConfig, index: MediaIndexer, audit: AuditLog
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._index = index
+        self._audit = audit
+        self._running = False
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._config.media == MEDIA_DELETE and not self._config.dry_run
+
+    async def before_purge(self, room_id: str) -> None:
+        """Remember whether a room about to be purged is encrypted, and where its events end."""
+        if not self.enabled:
+            return
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            encrypted, max_stream, rows = room_media_facts_txn(txn, room_id)
+            # The room's own references, whether or not the index reached them.
+            MediaRefStore.insert_txn(txn, refs_of_rows(rows))
+            record_room_txn(txn, room_id, encrypted, max_stream, now_ms())
+
+        await self._api.run_db_interaction("leave_forget_media_before_purge", txn_fn)
+
+    async def preview(self, room_id: str) -> dict[str, Any]:
+        """What a purge of the room would do with its media now (the admin API's room detail).
+
+        Returns:
+            ``policy``; ``encrypted``; ``index_ready`` (the index has read the
+            room's events and finished its back-fill: only then is media
+            deleted); ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
+            ``decision`` (``due``: deleted after the grace, or ``kept``),
+            ``reason`` and ``bytes``.
+        """
+        server_name = self._api.server_name
+
+        def txn_fn(txn: LoggingTransaction) -> tuple[bool, int, list[Decision]]:
+            encrypted, max_stream, _rows = room_media_facts_txn(txn, room_id, with_rows=False)
+            decisions = decide_room_media_txn(
+                txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT
+            )
+            return encrypted, max_stream, decisions
+
+        encrypted, max_stream, decisions = await self._api.run_db_interaction(
+            "leave_forget_media_preview", txn_fn
+        )
+        return {
+            "policy": self._config.media,
+            "encrypted": encrypted,
+            "index_ready": await self._index.covers(max_stream),
+            "media": [
+                {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
+                for o, m, s, r, b in decisions
+            ],
+        }
+
+    async def on_media_read(self, origin: str, media_id: str) -> None:
+        """A download or thumbnail request for a medium: cancel its deletion if it is due."""
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            if not is_due_txn(txn, origin, media_id):
+                return 0
+            return settle_media_txn(
+                txn, origin, media_id, MEDIA_CANCELLED, CANCELLED_DOWNLOADED, now_ms()
+            )
+
+        cancelled = await self._api.run_db_interaction("leave_forget_media_read", txn_fn)
+        if cancelled:
+            logger.info(
+                "Deletion of mxc://%s/%s cancelled: requested during its grace", origin, media_id
+            )
+
+    async def tick(self) -> None:
+        """One run: decide purged rooms' media, delete what is past its grace, report."""
+        if self._running or not self.enabled:
+            return
+        self._running = True
+        try:
+            await self._decide_rooms()
+            if can_delete_media(self._api):
+                await self._delete_due()
+            elif not self._warned:
+                self._warned = True
+                logger.warning(
+                    "retention.media is delete but this process has no media store "
+                    "(a media-repository worker holds it): purged rooms' media is not deleted"
+                )
+            await self._report()
+        finally:
+            self._running = False
+
+    async def _decide_rooms(self) -> None:
+        rooms = await self._api.run_db_interaction(
+            "leave_forget_media_rooms_waiting", purged_rooms_waiting_txn
+        )
+        for room_id, encrypted, max_stream in rooms:
+            # The index must have read every event that could reference the
+            # room's media: its own, and everything else until now.
+            if not await self._index.covers(max_stream):
+                return
+            due = await self._api.run_db_interaction(
+                "leave_forget_media_schedule",
+                schedule_room_txn,
+                room_id,
+                encrypted,
+                self._api.server_name,
+                now_ms(),
+                self._config.media_grace_ms,
+                media_facts_txn,
+            )
+            if encrypted:
+                logger.info("Purged encrypted room %s: its media is kept", room_id)
+            elif due:
+                logger.info("Purged room %s: %d medium/media due for deletion", room_id, due)
+
+    async def _delete_due(self) -> None:
+        due = await self._api.run_db_interaction(
+            "leave_forget_media_due", due_media_txn, now_ms(), BATCH
+        )
+        if not due:
+            return
+        # A reference made during the grace (a forward into another room) must
+        # be in the index before the check: wait for it to read up to now.
+        _low, head = await self._api.run_db_interaction(
+            "leave_forget_media_bounds", stream_bounds_txn
+        )
+        if not await self._index.covers(head):
+            return
+        server_name = self._api.server_name
+        for origin, media_id in due:
+
+            def check_txn(
+                txn: LoggingTransaction, origin: str = origin, media_id: str = media_id
+            ) -> tuple[str | None, str | None, bool]:
+                size, file_id, kept = media_facts_txn(txn, server_name, origin, media_id)
+                if referenced_elsewhere_txn(txn, origin, media_id, None):
+                    kept = REFERENCED
+                return kept, file_id, size is not None
+
+            kept, file_id, present = await self._api.run_db_interaction(
+                "leave_forget_media_check", check_txn
+            )
+            if kept is not None:
+                await self._settle(origin, media_id, MEDIA_KEPT, kept)
+                continue
+            if present:
+                if origin == server_name:
+                    await delete_local_media(self._api, media_id)
+                elif file_id is not None:
+                    await delete_remote_media(self._api, origin, media_id, file_id)
+            await self._settle(origin, media_id, MEDIA_DELETED, None)
+
+    async def _settle(self, origin: str, media_id: str, state: str, reason: str | None) -> None:
+        await self._api.run_db_interaction(
+            "leave_forget_media_settle", settle_media_txn, origin, media_id, state, reason, now_ms()
+        )
+
+    async def _report(self) -> None:
+        rooms = await self._api.run_db_interaction("leave_forget_media_settled", rooms_settled_txn)
+        for room_id, encrypted in rooms:
+
+            def txn_fn(
+                txn: LoggingTransaction, room_id: str = room_id, encrypted: bool = encrypted
+            ) -> None:
+                self._audit.lock_chain_txn(txn)
+                rows = room_media_rows_txn(txn, room_id)
+                mark_reported_txn(txn, room_id, now_ms())
+                if not rows and not encrypted:
+                    return  # no media: the purge's own receipt says all there is
+                receipt = media_receipt(rows, self._api.server_name)
+                receipt["media"]["encrypted_room"] = encrypted
+                self._audit.append_txn(
+                    txn,
+                    AuditFields(
+                        action="purge",
+                        outcome=OUTCOME_MEDIA_DELETED,
+                        room_id=room_id,
+                        receipt=encode_receipt(receipt),
+                    ),
+                )
+
+            await self._api.run_db_interaction("leave_forget_media_report", txn_fn)

@@ -1,0 +1,252 @@
+"""A purged room's media goes with it, and only what nothing else references.
+
+On a real Synapse (retention.period 1s, media_grace a few seconds): a room
+with uploaded images, one forwarded into a second room, a profile avatar and
+another room's avatar, one downloaded during the grace; both members leave
+and forget. After the purge and the grace the room's own image is gone (row,
+file, thumbnails), everything else survives with its reason recorded, and a
+signed ``purge``/``media_deleted`` entry counts it. An encrypted room keeps
+its media.
+"""
+
+import io
+import json
+import os
+import signal
+import urllib.parse
+from typing import Any
+
+from tests.integration.retention_helpers import (
+    FAST_RETENTION,
+    RELAXED_FORGET,
+    RetentionHelpers,
+)
+from tests.support import rawdb
+from tests.support.harness import SERVER_NAME, quote_room, wait_until
+
+GRACE = "4s"
+
+
+def png(seed: int) -> bytes:
+    """A 100x100 PNG, different per seed (so Synapse makes thumbnails of it)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 100), (seed % 256, (seed * 7) % 256, 99))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+class MediaDeletionTest(RetentionHelpers):
+    """Media of a purged room: deleted if unreferenced, kept (with the reason) otherwise."""
+
+    MODE = "intercept"
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {**FAST_RETENTION, "media": "delete", "media_grace": GRACE},
+    }
+
+    def upload(self, user: Any, seed: int) -> str:
+        resp = self.hs.client(
+            "POST",
+            "/_matrix/media/v3/upload?filename=i.png",
+            raw_body=png(seed),
+            headers={"Content-Type": "image/png"},
+            token=user.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        return str(resp.body["content_uri"])
+
+    def send_image(self, user: Any, room_id: str, uri: str) -> str:
+        resp = self.hs.client(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/send/m.room.message/"
+            + os.urandom(6).hex(),
+            {"msgtype": "m.image", "body": "i.png", "url": uri},
+            token=user.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        return str(resp.body["event_id"])
+
+    def put_state(self, user: Any, room_id: str, event_type: str, content: Any) -> None:
+        resp = self.hs.client(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/state/{event_type}/",
+            content,
+            token=user.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+
+    def media_row(self, uri: str) -> bool:
+        media_id = uri.rsplit("/", 1)[1]
+        rows = rawdb.query(
+            self.hs, "SELECT 1 FROM local_media_repository WHERE media_id = ?", (media_id,)
+        )
+        return bool(rows)
+
+    def thumbnail_rows(self, uri: str) -> int:
+        media_id = uri.rsplit("/", 1)[1]
+        rows = rawdb.query(
+            self.hs,
+            "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?",
+            (media_id,),
+        )
+        return int(rows[0][0])
+
+    def media_paths(self, uri: str) -> tuple[str, str]:
+        """The file and the thumbnail directory of a local medium in the media store."""
+        m = uri.rsplit("/", 1)[1]
+        store = os.path.join(self.hs.workdir, "media_store")
+        return (
+            os.path.join(store, "local_content", m[0:2], m[2:4], m[4:]),
+            os.path.join(store, "local_thumbnails", m[0:2], m[2:4], m[4:]),
+        )
+
+    def decisions(self, room_id: str) -> dict[str, tuple[str, str | None]]:
+        rows = rawdb.query(
+            self.hs,
+            "SELECT media_id, state, reason FROM leave_forget_media_deletions WHERE room_id = ?",
+            (room_id,),
+        )
+        return {f"mxc://{SERVER_NAME}/{m}": (str(s), r) for m, s, r in rows}
+
+    def media_entry(self, room_id: str) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            for entry in self.audit(room_id=room_id):
+                if entry["action"] == "purge" and entry["outcome"] == "media_deleted":
+                    return entry
+            return None
+
+        entry = wait_until(found, what=f"the media_deleted entry of {room_id}")
+        receipt = entry["receipt"]
+        return dict(json.loads(receipt) if isinstance(receipt, str) else receipt)
+
+    def download(self, user: Any, uri: str) -> int:
+        server, media_id = uri[len("mxc://") :].split("/")
+        resp = self.hs.client(
+            "GET",
+            f"/_matrix/client/v1/media/download/{urllib.parse.quote(server)}/{media_id}",
+            token=user.access_token,
+        )
+        return resp.status
+
+    def test_room_media_deleted_rest_kept(self) -> None:
+        """Only the purged room's unreferenced image goes (row, file, thumbnails); a
+        forwarded image, a profile avatar, another room's avatar and an image
+        downloaded during the grace stay, each with its reason."""
+        room_id, (alice, bob) = self.joined_room(2)
+        own, forwarded, profile, other_avatar, fetched = (
+            self.upload(alice, seed) for seed in range(5)
+        )
+        self.assertTrue(all(self.media_row(u) for u in (own, forwarded, profile, other_avatar)))
+        for uri in (own, forwarded, profile, other_avatar, fetched):
+            self.send_image(alice, room_id, uri)
+        other_room = self.hs.create_room(bob, preset="private_chat")
+        self.send_image(bob, other_room, forwarded)
+        self.put_state(bob, other_room, "m.room.avatar", {"url": other_avatar})
+        # A user in no room: only the profile refers to it.
+        carol = self.user("carol")
+        resp = self.hs.client(
+            "PUT",
+            f"/_matrix/client/v3/profile/{urllib.parse.quote(carol.user_id)}/avatar_url",
+            {"avatar_url": profile},
+            token=carol.access_token,
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        own_file, own_thumbs = self.media_paths(own)
+        self.assertTrue(os.path.exists(own_file))
+        wait_until(lambda: self.thumbnail_rows(own) > 0, what="thumbnails of the room's image")
+
+        # What a purge would do, shown before it (as with dry_run).
+        preview = wait_until(
+            lambda: (p := self.detail(room_id)["media_preview"])["index_ready"] and p,
+            what="the media preview with the index ready",
+        )
+        shown = {m["mxc"]: (m["decision"], m["reason"]) for m in preview["media"]}
+        self.assertEqual(preview["policy"], "delete")
+        self.assertFalse(preview["encrypted"])
+        self.assertEqual(shown[own], ("due", None))
+        self.assertEqual(shown[forwarded], ("kept", "referenced_elsewhere"))
+        self.assertEqual(shown[profile], ("kept", "profile_avatar"))
+
+        self.leave_and_forget([alice, bob], room_id)
+        self.wait_state(room_id, "purged")
+        self.assertIsNone(self.detail(room_id)["media_preview"])
+        # Due for deletion: still served during the grace; a download cancels it.
+        decisions = wait_until(
+            lambda: (d := self.decisions(room_id)) and d.get(own) and d,
+            what="the room's media decided",
+        )
+        self.assertEqual(decisions[own], ("due", None))
+        self.assertEqual(decisions[fetched], ("due", None))
+        self.assertEqual(self.download(alice, fetched), 200)
+        receipt = self.media_entry(room_id)["media"]
+
+        decisions = self.decisions(room_id)
+        self.assertEqual(decisions[own], ("deleted", None))
+        self.assertEqual(decisions[fetched], ("cancelled", "downloaded_during_grace"))
+        self.assertEqual(decisions[forwarded], ("kept", "referenced_elsewhere"))
+        self.assertEqual(decisions[other_avatar], ("kept", "referenced_elsewhere"))
+        self.assertEqual(decisions[profile], ("kept", "profile_avatar"))
+        self.assertFalse(self.media_row(own))
+        self.assertEqual(self.thumbnail_rows(own), 0)
+        self.assertFalse(os.path.exists(own_file))
+        self.assertFalse(os.path.exists(own_thumbs))
+        for uri in (forwarded, profile, other_avatar, fetched):
+            self.assertTrue(self.media_row(uri), uri)
+            self.assertTrue(os.path.exists(self.media_paths(uri)[0]), uri)
+        self.assertEqual(receipt["policy"], "delete")
+        self.assertEqual(receipt["local_items"], 1)
+        self.assertEqual(receipt["local_bytes"], len(png(0)))
+        self.assertEqual(receipt["kept_referenced_elsewhere"], 4)
+        self.assertEqual(receipt["kept"]["cancelled:downloaded_during_grace"], 1)
+        self.assertEqual(self.download(alice, forwarded), 200)
+        self.assertEqual(self.download(alice, own), 404)
+
+    def test_encrypted_room_keeps_its_media(self) -> None:
+        """A purged encrypted room's events go, its media stays, and the entry says why."""
+        room_id, (alice, bob) = self.joined_room(2)
+        self.put_state(alice, room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+        image = self.upload(alice, 42)
+        self.send_image(alice, room_id, image)
+        self.leave_and_forget([alice, bob], room_id)
+        self.wait_state(room_id, "purged")
+        receipt = self.media_entry(room_id)["media"]
+        self.assertTrue(receipt["encrypted_room"])
+        self.assertEqual(receipt["kept_encrypted_room"], 1)
+        self.assertEqual(receipt["local_items"], 0)
+        self.assertEqual(self.decisions(room_id)[image], ("kept", "encrypted_room"))
+        self.assertTrue(self.media_row(image))
+        self.assertTrue(os.path.exists(self.media_paths(image)[0]))
+
+    def test_sigkill_mid_deletion_resumes(self) -> None:
+        """Killed with a medium half deleted (its file gone, its rows and thumbnails
+        not), the restarted module finishes the deletion and records it once."""
+        room_id, (alice, bob) = self.joined_room(2)
+        image = self.upload(alice, 77)
+        self.send_image(alice, room_id, image)
+        image_file, image_thumbs = self.media_paths(image)
+        wait_until(lambda: self.thumbnail_rows(image) > 0, what="thumbnails of the image")
+        self.leave_and_forget([alice, bob], room_id)
+        self.wait_state(room_id, "purged")
+        wait_until(
+            lambda: self.decisions(room_id).get(image) == ("due", None), what="the image due"
+        )
+        # A crash in the middle of Synapse's deletion: the file is gone, the rest is not.
+        self.hs.stop(signal.SIGKILL)
+        os.remove(image_file)
+        self.assertTrue(self.media_row(image))
+        self.assertTrue(os.path.exists(image_thumbs))
+        self.hs.start()
+        receipt = self.media_entry(room_id)["media"]
+        self.assertEqual(self.decisions(room_id)[image], ("deleted", None))
+        self.assertEqual(receipt["local_items"], 1)
+        self.assertFalse(self.media_row(image))
+        self.assertEqual(self.thumbnail_rows(image), 0)
+        self.assertFalse(os.path.exists(image_thumbs))
+        entries = [
+            e
+            for e in self.audit(room_id=room_id)
+            if e["action"] == "purge" and e["outcome"] == "media_deleted"
+        ]
+        self.assertEqual(len(entries), 1)
