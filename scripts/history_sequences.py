@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tests.integration.harness import SynapseProcess  # noqa: E402
 from tests.integration.membership_sequences import Runner, all_cases, sample  # noqa: E402
+from tests.support.harness import SynapseProcess  # noqa: E402
 
 
 def main() -> int:

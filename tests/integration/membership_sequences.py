@@ -32,7 +32,7 @@ from typing import Any
 import attr
 
 from tests.history_model import visible_events
-from tests.integration.harness import (
+from tests.support.harness import (
     ListeningProcess,
     Response,
     SynapseProcess,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.membership_sequences import NAMED, Runner, sample
-from tests.integration.test_workers import _DeploymentTestCase
+from tests.integration.workers import DeploymentTestCase
 
 # About 2 minutes on one shared Synapse; MLF_SEQUENCE_SAMPLE changes it.
 SAMPLE = int(os.environ.get("MLF_SEQUENCE_SAMPLE", "40"))
@@ -43,7 +43,7 @@ class MembershipSequenceTests(SynapseTestCase):
         self.assertEqual(failures, [], "\n".join(failures))
 
 
-class WorkerSequenceTests(_DeploymentTestCase):
+class WorkerSequenceTests(DeploymentTestCase):
     """The same on a generic worker (PostgreSQL only): writes to the main process,
     bob's and the never-member's reads to the worker, after replication caught up."""
 
