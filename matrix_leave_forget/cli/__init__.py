@@ -16,7 +16,7 @@ error (unreadable config, unsupported or unreachable database, bad usage).
 """
 
 from matrix_leave_forget.cli.app import build_parser, main, parse_timestamp, run
-from matrix_leave_forget.cli.commands import BATCH, verify_database
+from matrix_leave_forget.cli.commands import BATCH
 from matrix_leave_forget.cli.config import (
     MODULE_NAME,
     HomeserverConfig,
@@ -34,6 +34,7 @@ from matrix_leave_forget.cli.errors import (
     CliError,
 )
 from matrix_leave_forget.cli.render import Progress, format_ts, render_table
+from matrix_leave_forget.cli.verify import verify_database
 
 __all__ = [
     "BATCH",

@@ -14,7 +14,6 @@ from matrix_leave_forget.cli.commands import (
     cmd_receipt,
     cmd_rooms,
     cmd_schedule_abandoned,
-    cmd_verify,
 )
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, is_database_error, open_database
@@ -26,6 +25,7 @@ from matrix_leave_forget.cli.errors import (
     one_line,
 )
 from matrix_leave_forget.cli.render import warn
+from matrix_leave_forget.cli.verify import cmd_verify
 from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.retention.state import LISTINGS
 

@@ -466,7 +466,7 @@ class VerifyTest(CliTestCase):
 
     def test_verify_streams_in_batches(self) -> None:
         """verify pages through the log (keyset by seq) and still finds a bad entry late in it."""
-        self.patch(cli.commands, "BATCH", 3)
+        self.patch(cli.verify, "BATCH", 3)
         entries = self.chain(10)
         fetched: list[int] = []
         real_select = select_audit_txn
@@ -475,7 +475,7 @@ class VerifyTest(CliTestCase):
             fetched.append(kwargs["limit"])
             return real_select(*args, **kwargs)
 
-        self.patch(cli.commands, "select_audit_txn", spy)
+        self.patch(cli.verify, "select_audit_txn", spy)
         self.assertEqual(self.run_cli("verify")[0], 0)
         self.assertEqual(fetched, [3, 3, 3, 3])  # never the whole table at once
         self.tamper("UPDATE leave_forget_audit SET reason = 'x' WHERE seq = 8")
@@ -488,7 +488,7 @@ class VerifyTest(CliTestCase):
 
     def test_unreadable_row_is_named(self) -> None:
         """A row whose signatures are not JSON is named by seq (exit 1), after the rows before."""
-        self.patch(cli.commands, "BATCH", 3)
+        self.patch(cli.verify, "BATCH", 3)
         self.chain(8)
         self.tamper("UPDATE leave_forget_audit SET signatures = 'not json' WHERE seq = 5")
         code, out, err = self.run_cli("verify")

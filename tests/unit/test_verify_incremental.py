@@ -28,7 +28,7 @@ class IncrementalVerifyTest(ChainStoreTestCase):
             reads.append(kwargs["after_seq"])
             return real(*args, **kwargs)
 
-        self.patch(cli.commands, "select_audit_txn", spy)
+        self.patch(cli.verify, "select_audit_txn", spy)
         return reads
 
     def test_only_new_entries_are_read(self) -> None:

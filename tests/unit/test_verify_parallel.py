@@ -27,8 +27,8 @@ COUNT = 60
 class ParallelVerifyTest(ChainStoreTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.patch(cli.commands, "CHUNK", 8)
-        self.patch(cli.commands, "PARALLEL_FROM", 2)
+        self.patch(cli.verify, "CHUNK", 8)
+        self.patch(cli.verify, "PARALLEL_FROM", 2)
         self.entries = group_chain(COUNT, self.key)
         self.store(self.entries)
 
@@ -36,13 +36,13 @@ class ParallelVerifyTest(ChainStoreTestCase):
         """The --json reports of one pass and of two workers (which must have run)."""
         code1, out1, err1 = self.run_cli("--json", "verify", "--jobs", "1", *argv)
         calls: list[int] = []
-        real = cli.commands._verify_parallel
+        real = cli.verify._verify_parallel
 
         def spy(*args: Any, **kwargs: Any) -> Any:
             calls.append(1)
             return real(*args, **kwargs)
 
-        self.patch(cli.commands, "_verify_parallel", spy)
+        self.patch(cli.verify, "_verify_parallel", spy)
         code2, out2, err2 = self.run_cli("--json", "verify", "--jobs", "2", *argv)
         self.assertEqual(calls, [1], "the parallel check did not run")
         self.assertEqual(code1, code2, out1 + err1 + out2 + err2)
@@ -142,8 +142,8 @@ class PostgresParallelVerifyTest(CliTestCase):
         conn.commit()
         self.conn = conn
         self.addCleanup(conn.close)
-        self.patch(cli.commands, "CHUNK", 8)
-        self.patch(cli.commands, "PARALLEL_FROM", 2)
+        self.patch(cli.verify, "CHUNK", 8)
+        self.patch(cli.verify, "PARALLEL_FROM", 2)
 
     def verify(self, jobs: int, edit_after_start: str | None = None) -> Any:
         db = open_postgres(self.args)
@@ -152,7 +152,7 @@ class PostgresParallelVerifyTest(CliTestCase):
         if edit_after_start is not None:
             self.conn.cursor().execute(edit_after_start)
             self.conn.commit()
-        return cli.commands.verify_database(
+        return cli.verify.verify_database(
             db, ORIGIN, verify_keys_from_signing_key(self.key), None, jobs=jobs
         )
 
@@ -173,8 +173,8 @@ class ParallelErasureTest(ChainStoreTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.patch(cli.commands, "CHUNK", 8)
-        self.patch(cli.commands, "PARALLEL_FROM", 2)
+        self.patch(cli.verify, "CHUNK", 8)
+        self.patch(cli.verify, "PARALLEL_FROM", 2)
         self.entries = group_chain(COUNT, self.key)
         erase_texts(self.entries, [10, 30], self.key)
         self.store(self.entries)
