@@ -14,6 +14,9 @@ concern:
 * ``history``: cached membership lookups and stream tokens for the history guard;
 * ``routing``: which servlet Synapse routes a client request to (the guard's classification);
 * ``purge_tasks``: where Synapse's purge of a room stands;
+* ``leftovers``: what Synapse's room purge leaves behind (threads, state deltas);
+* ``media``: the room's media in Synapse's tables and media repository;
+* ``erasure``: which users Synapse erased (GDPR), for their audit text;
 * ``listeners``: the live HTTP listeners, for the mount checks;
 * ``capabilities``: the forget-on-leave settings ``/capabilities`` advertises;
 * ``offline_config``: Synapse's readers of homeserver.yaml, for the CLI;
