@@ -8,41 +8,20 @@ as for rooms forgotten by all.
 """
 
 import os
-import sqlite3
 import subprocess
 import sys
 from typing import Any, ClassVar
 
 from tests.integration.retention_helpers import RELAXED_FORGET, RetentionHelpers
+from tests.support import rawdb
 from tests.support.harness import quote_room
-from tests.support.rawdb import pg_connect_args
 
 SCHEDULE = "/rooms/abandoned/schedule"
 
 
 def forget_untracked(hs: Any, room_id: str) -> None:
     """Drop the module's retention row of a room: as if it was forgotten before installation."""
-    sql = "DELETE FROM leave_forget_rooms WHERE room_id = ?"
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-        try:
-            conn.execute(sql, (room_id,))
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg.cursor() as cur:
-            cur.execute(sql.replace("?", "%s"), (room_id,))
-        pg.commit()
-    finally:
-        pg.close()
+    rawdb.query(hs, "DELETE FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
 
 
 class AbandonedRoomsTest(RetentionHelpers):

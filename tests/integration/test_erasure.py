@@ -10,8 +10,6 @@ hand-edits (a reason, an erased entry's room) are still caught.
 """
 
 import os
-import sqlite3
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from signedjson.key import read_signing_keys
@@ -25,6 +23,7 @@ from matrix_leave_forget.audit.entry import (
 )
 from matrix_leave_forget.audit.log import STORED_COLUMNS
 from tests.integration.base import SynapseTestCase
+from tests.support import rawdb
 from tests.support.harness import (
     SERVER_NAME,
     User,
@@ -32,7 +31,6 @@ from tests.support.harness import (
     run_cli,
     wait_until,
 )
-from tests.support.rawdb import pg_connect_args
 from tests.support.tamper import Tampering, tampered_config
 
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
@@ -48,33 +46,6 @@ ALICE_TEXT = "alice stays: off to lunch"
 HOLD_TEXT = "legal hold typed by the admin"
 
 
-def db_execute(hs: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Run one statement on the test server's database (either engine) and commit."""
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-        try:
-            rows = list(conn.execute(sql, tuple(args)).fetchall())
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg.cursor() as cur:
-            # No arguments, no %-formatting (LIKE 'leave_forget%').
-            cur.execute(sql.replace("?", "%s"), tuple(args) or None)
-            rows = list(cur.fetchall()) if cur.description else []
-        pg.commit()
-        return rows
-    finally:
-        pg.close()
-
-
 def insert_entry(hs: Any, entry: dict[str, Any]) -> None:
     import json
 
@@ -82,7 +53,7 @@ def insert_entry(hs: Any, entry: dict[str, Any]) -> None:
         json.dumps(entry["signatures"], sort_keys=True) if c == "signatures" else entry.get(c)
         for c in STORED_COLUMNS
     ]
-    db_execute(
+    rawdb.query(
         hs,
         f"INSERT INTO leave_forget_audit ({', '.join(STORED_COLUMNS)}) "
         f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})",
@@ -97,7 +68,7 @@ def write_old_format_entries(hs: Any, user: User) -> None:
     """
     with open(os.path.join(hs.workdir, "signing.key")) as f:
         key = read_signing_keys(f)[0]
-    head = db_execute(hs, "SELECT count(*) FROM leave_forget_audit")[0][0]
+    head = rawdb.query(hs, "SELECT count(*) FROM leave_forget_audit")[0][0]
     assert head == 0, head
 
     def fields(seq: int, prev: str, reason: str, outcome: str = "ok") -> dict[str, Any]:
@@ -208,7 +179,7 @@ class ErasureTest(SynapseTestCase):
         wait_until(lambda: cls._bob_text_rows() == 0, timeout=30, what="bob's text erased")
         cls.module_tables = [
             str(r[0])
-            for r in db_execute(
+            for r in rawdb.query(
                 hs,
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'leave_forget%'"
                 if hs.pg_database is None
@@ -217,7 +188,7 @@ class ErasureTest(SynapseTestCase):
         ]
         cls.entries_after = [
             dict(zip(STORED_COLUMNS, row, strict=True))
-            for row in db_execute(
+            for row in rawdb.query(
                 hs, f"SELECT {', '.join(STORED_COLUMNS)} FROM leave_forget_audit ORDER BY seq"
             )
         ]
@@ -226,7 +197,7 @@ class ErasureTest(SynapseTestCase):
     @classmethod
     def _bob_text_rows(cls) -> int:
         return int(
-            db_execute(
+            rawdb.query(
                 cls.hs,
                 "SELECT count(*) FROM leave_forget_audit WHERE user_id = ? "
                 "AND (reason IS NOT NULL OR reason_sha256 IS NOT NULL)",
@@ -241,7 +212,7 @@ class ErasureTest(SynapseTestCase):
         needles = [*BOB_TEXTS.values()]
         needles += [reason_digest(BOB_TEXTS[k])[1] for k in ("f2_refusal", "f3_refusal")]
         for table in self.module_tables:
-            text = repr(db_execute(self.hs, f"SELECT * FROM {table}"))
+            text = repr(rawdb.query(self.hs, f"SELECT * FROM {table}"))
             for needle in needles:
                 self.assertNotIn(needle[:40], text, (table, needle))
 
@@ -269,7 +240,7 @@ class ErasureTest(SynapseTestCase):
         reasons = [e["reason"] for e in self.entries_after]
         self.assertIn(ALICE_TEXT, reasons)
         self.assertIn(HOLD_TEXT, reasons)
-        holds = db_execute(self.hs, "SELECT reason FROM leave_forget_holds")
+        holds = rawdb.query(self.hs, "SELECT reason FROM leave_forget_holds")
         self.assertEqual(holds, [(HOLD_TEXT,)])
 
     def test_verify_passes_and_reports_the_erasure(self) -> None:
@@ -321,12 +292,14 @@ class TextRetentionTest(SynapseTestCase):
         hs.start()
 
         def erased() -> list[tuple[Any, ...]]:
-            return db_execute(
+            return rawdb.query(
                 hs, "SELECT seq FROM leave_forget_audit WHERE text_erased IS NOT NULL ORDER BY seq"
             )
 
         wait_until(lambda: erased() == [(1,), (2,), (3,)], timeout=30, what="old text erased")
-        rows = db_execute(hs, "SELECT action, outcome, reason FROM leave_forget_audit ORDER BY seq")
+        rows = rawdb.query(
+            hs, "SELECT action, outcome, reason FROM leave_forget_audit ORDER BY seq"
+        )
         self.assertIn(("leave", "ok", ALICE_TEXT), rows)
         self.assertIn(("erase", "text_retention", None), rows)
         self.assertNotIn("Elm St", repr(rows))

@@ -10,14 +10,12 @@ docs/retention.md lists (stream tables), and nowhere else.
 
 import json
 import os
-import sqlite3
 import urllib.parse
 from typing import Any, ClassVar
 
 from tests.integration.retention_helpers import FAST_RETENTION, RELAXED_FORGET, RetentionHelpers
 from tests.support import rawdb
 from tests.support.harness import quote_room, run_cli, wait_until
-from tests.support.rawdb import pg_connect_args
 
 # Unique texts, one per kind of content.
 TEXTS = {
@@ -46,37 +44,6 @@ ROOM_ID_ONLY_TABLES = {
     # deletes finished tasks after a week.
     "scheduled_tasks",
 }
-
-
-def all_rows(hs: Any) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table of the server's database, by table."""
-    if hs.pg_database is None:
-        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
-        try:
-            names = [
-                str(r[0])
-                for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            ]
-            return {n: list(conn.execute(f'SELECT * FROM "{n}"').fetchall()) for n in names}
-        finally:
-            conn.close()
-    import psycopg2
-
-    params = pg_connect_args(hs.pg_database)
-    params.pop("cp_min")
-    params.pop("cp_max")
-    pg = psycopg2.connect(**params)
-    try:
-        with pg.cursor() as cur:
-            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-            names = [str(r[0]) for r in cur.fetchall()]
-            out: dict[str, list[tuple[Any, ...]]] = {}
-            for name in names:
-                cur.execute(f'SELECT * FROM "{name}"')
-                out[name] = list(cur.fetchall())
-            return out
-    finally:
-        pg.close()
 
 
 def holding(rows: dict[str, list[tuple[Any, ...]]], needle: str) -> dict[str, int]:
@@ -199,7 +166,7 @@ class PurgeLeftoversTest(RetentionHelpers):
         room_id, members = self.use_room()
         for user in members:
             self.leave(user, room_id)
-        before = all_rows(self.hs)
+        before = rawdb.all_rows(self.hs)
         event_ids = sorted(
             {
                 str(value)
@@ -224,7 +191,7 @@ class PurgeLeftoversTest(RetentionHelpers):
             timeout=120,
             what="Synapse's background updates to finish",
         )
-        after = all_rows(self.hs)
+        after = rawdb.all_rows(self.hs)
         leftovers = {needle: holding(after, needle) for needle in [*event_ids, *TEXTS.values()]}
         self.maxDiff = None
         self.assertEqual({k: v for k, v in leftovers.items() if v}, {})

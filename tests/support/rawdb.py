@@ -61,7 +61,8 @@ def query(
     conn, paramstyle = connect(hs, timeout)
     try:
         cur = conn.cursor()
-        cur.execute(sql.replace("?", paramstyle), tuple(args))
+        # No arguments: no %-formatting (a LIKE 'x%' pattern stays as written).
+        cur.execute(sql.replace("?", paramstyle), tuple(args) or None)
         rows = [tuple(row) for row in cur.fetchall()] if cur.description else []
         conn.commit()
         return rows
@@ -79,3 +80,29 @@ def execute(hs: Any, *statements: str) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+def all_rows(hs: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the server's database, by table."""
+    if hs.pg_database is None:
+        conn = sqlite3.connect(os.path.join(hs.workdir, "homeserver.db"), timeout=30)
+        try:
+            names = [
+                str(r[0])
+                for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
+            return {n: list(conn.execute(f'SELECT * FROM "{n}"').fetchall()) for n in names}
+        finally:
+            conn.close()
+    pg = pg_connection(hs.pg_database)
+    try:
+        with pg.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            names = [str(r[0]) for r in cur.fetchall()]
+            out: dict[str, list[tuple[Any, ...]]] = {}
+            for name in names:
+                cur.execute(f'SELECT * FROM "{name}"')
+                out[name] = list(cur.fetchall())
+            return out
+    finally:
+        pg.close()
