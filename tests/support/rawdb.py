@@ -61,8 +61,12 @@ def query(
     conn, paramstyle = connect(hs, timeout)
     try:
         cur = conn.cursor()
-        # No arguments: no %-formatting (a LIKE 'x%' pattern stays as written).
-        cur.execute(sql.replace("?", paramstyle), tuple(args) or None)
+        if paramstyle == "?":
+            cur.execute(sql, tuple(args))
+        else:
+            # psycopg2 %-formats only when given arguments: without them a
+            # LIKE 'x%' pattern stays as written.
+            cur.execute(sql.replace("?", paramstyle), tuple(args) or None)
         rows = [tuple(row) for row in cur.fetchall()] if cur.description else []
         conn.commit()
         return rows
