@@ -1,6 +1,7 @@
 """The verify command: the audit chain checked offline, whole, incrementally or in parallel."""
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import multiprocessing
@@ -218,9 +219,15 @@ def verify_database(
         and "fork" in multiprocessing.get_all_start_methods()
         and max_seq(db) - result.checked >= PARALLEL_FROM * CHUNK
     ):
-        result = _verify_parallel(
-            db, origin, keys, expected_heads, result, progress, jobs, erasures
-        )
+        try:
+            result = _verify_parallel(
+                db, origin, keys, expected_heads, result, progress, jobs, erasures
+            )
+        except concurrent.futures.BrokenExecutor as exc:
+            warn(f"a verify worker died ({exc}); checking in one pass instead")
+            result, _ = _check_range(
+                db, origin, keys, key_expiry, expected_heads, since, after_ts, progress, erasures
+            )
     else:
         result, _ = _check_range(
             db, origin, keys, key_expiry, expected_heads, since, after_ts, progress, erasures
@@ -391,9 +398,15 @@ def _verify_parallel(
     try:
         head_hash, matched, erased = start.head_hash, 0, 0
         result = start
-        with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+        # An executor, not multiprocessing.Pool: leaving a Pool early (the first bad
+        # chunk) terminates it, which can hang when a worker dies meanwhile; the
+        # executor cancels what has not started and reports a dead worker.
+        pool = concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init
+        )
+        try:
             for (after, until, _), (result, first_link) in zip(
-                tasks, pool.imap(_check_chunk, tasks), strict=True
+                tasks, pool.map(_check_chunk, tasks), strict=True
             ):
                 if after > 0 and first_link is not None and first_link[0] == after + 1:
                     if first_link[1] != head_hash:
@@ -425,6 +438,8 @@ def _verify_parallel(
                 head_hash, matched, erased = result.head_hash, result.heads_matched, result.erased
                 if progress is not None:
                     progress.update(result.checked, result.checked)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         _WORKER.clear()
     missing = missing_erasure(erasures, result.checked)
