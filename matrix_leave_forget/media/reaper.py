@@ -150,28 +150,31 @@ class MediaReaper:
         """What a purge of the room would do with its media now (the admin API's room detail).
 
         Returns:
-            ``policy``; ``encrypted``; ``index_ready`` (the index has read the
-            room's events and finished its back-fill: only then is media
-            deleted); ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
+            ``policy``; ``encrypted``; ``index_ready`` (the index has read every
+            event up to now and finished its back-fill, so a reference from
+            another room is in the decisions; deletion waits for the same); ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
             ``decision`` (``due``: deleted after the grace, or ``kept``),
             ``reason`` and ``bytes``.
         """
         server_name = self._api.server_name
 
         def txn_fn(txn: LoggingTransaction) -> tuple[bool, int, list[Decision]]:
-            encrypted, max_stream, _rows = room_media_facts_txn(txn, room_id, with_rows=False)
+            encrypted, _max_stream, _rows = room_media_facts_txn(txn, room_id, with_rows=False)
+            # Read before the decisions: an index that covers this head had
+            # every reference the decisions below could see.
+            _low, head = stream_bounds_txn(txn)
             decisions = decide_room_media_txn(
                 txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT
             )
-            return encrypted, max_stream, decisions
+            return encrypted, head, decisions
 
-        encrypted, max_stream, decisions = await self._api.run_db_interaction(
+        encrypted, head, decisions = await self._api.run_db_interaction(
             "leave_forget_media_preview", txn_fn
         )
         return {
             "policy": self._config.media,
             "encrypted": encrypted,
-            "index_ready": await self._index.covers(max_stream),
+            "index_ready": await self._index.covers(head),
             "media": [
                 {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
                 for o, m, s, r, b in decisions
