@@ -13,6 +13,7 @@ concern:
 * ``routes``: every route of leave and forget (Synapse's forget taken over);
 * ``history``: cached membership lookups and stream tokens for the history guard;
 * ``routing``: which servlet Synapse routes a client request to (the guard's classification);
+* ``responses``: holding back Synapse's answer until the guard or the capability has seen it;
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``leftovers``: what Synapse's room purge leaves behind (threads, state deltas);
 * ``media``: the room's media in Synapse's tables and media repository;

@@ -20,6 +20,7 @@ import attr
 from synapse.module_api import ModuleApi
 
 from matrix_leave_forget._synapse.contexts import run_in_request_context
+from matrix_leave_forget._synapse.responses import hold_response, send_response
 from matrix_leave_forget._synapse.routing import watch_routing
 from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
@@ -233,29 +234,15 @@ def capture(
 
     ``passes_now`` is asked first, synchronously: when it says the answer
     passes unchanged, the answer goes out at once, as Synapse finished it.
-
-    Synapse writes a JSON answer at once or through a producer in chunks, then
-    calls ``finish``; nothing reaches the transport (headers included) until
-    ``finish``, so the status and Content-Length can still change. The
-    listener's gzip encoder, if any, sits below ``write`` and still applies.
     """
-    chunks: list[bytes] = []
 
-    def write(data: bytes) -> None:
-        chunks.append(data)
-
-    def finish() -> None:
-        # Back to the class's own methods for the real write and finish.
-        del request.write
-        del request.finish
-        body = b"".join(chunks)
+    def finished(body: bytes) -> None:
         if passes_now(request.code, body):
-            _send(request, body)
+            send_response(request, body)
             return
         run_in_request_context(request, lambda: _release(request, body, check))
 
-    request.write = write
-    request.finish = finish
+    hold_response(request, finished)
 
 
 async def _release(
@@ -272,18 +259,7 @@ async def _release(
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", b"%d" % (len(body),))
-    _send(request, body)
-
-
-def _send(request: Any, body: bytes) -> None:
-    if getattr(request, "_disconnected", False):
-        return
-    try:
-        if body:
-            request.write(body)
-        request.finish()
-    except RuntimeError as exc:  # the connection went away meanwhile
-        logger.info("Connection closed before the response was written: %r", exc)
+    send_response(request, body)
 
 
 class RoomReadGuard:

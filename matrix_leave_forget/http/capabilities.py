@@ -12,13 +12,12 @@ advertises is left as Synapse wrote it.
 """
 
 import json
-import logging
 import re
 from typing import Any
 
 from matrix_leave_forget._synapse.capabilities import ForgetOnLeaveSettings
+from matrix_leave_forget._synapse.responses import hold_response, send_response
 
-logger = logging.getLogger(__name__)
 
 STABLE = "m.forget_forced_upon_leave"
 UNSTABLE = "org.matrix.msc4267.forget_forced_upon_leave"
@@ -77,31 +76,13 @@ class CapabilitiesRewrite:
                 return
         except (AttributeError, TypeError):
             return
-        chunks: list[bytes] = []
 
-        def write(data: bytes) -> None:
-            chunks.append(data)
-
-        def finish() -> None:
-            # Back to the class's own methods for the real write and finish.
-            del request.write
-            del request.finish
-            body = b"".join(chunks)
+        def finished(body: bytes) -> None:
             if request.code == 200:
                 rewritten = with_forget_on_leave(body, self._settings)
                 if rewritten is not None:
                     body = rewritten
                     request.setHeader(b"Content-Length", b"%d" % (len(body),))
-            if getattr(request, "_disconnected", False):
-                return
-            try:
-                if body:
-                    request.write(body)
-                request.finish()
-            except RuntimeError as exc:  # the connection went away meanwhile
-                logger.info("Connection closed before the response was written: %r", exc)
+            send_response(request, body)
 
-        # Synapse writes its answer (headers included) only through these
-        # two, so nothing reaches the client before the capability is added.
-        request.write = write
-        request.finish = finish
+        hold_response(request, finished)

@@ -152,7 +152,8 @@ class MediaReaper:
         Returns:
             ``policy``; ``encrypted``; ``index_ready`` (the index has read every
             event up to now and finished its back-fill, so a reference from
-            another room is in the decisions; deletion waits for the same); ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
+            another room is in the decisions; deletion waits for the same);
+            ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
             ``decision`` (``due``: deleted after the grace, or ``kept``),
             ``reason`` and ``bytes``.
         """
