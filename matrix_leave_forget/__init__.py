@@ -33,7 +33,6 @@ from matrix_leave_forget.config import (
     parse_config,
 )
 from matrix_leave_forget.db.media import MediaRefStore
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.history.departures import DepartureLookup
 from matrix_leave_forget.history.guard import HistoryGuard
 from matrix_leave_forget.http.admin import AdminResource
@@ -53,6 +52,7 @@ from matrix_leave_forget.membership.handler import MembershipHandler
 from matrix_leave_forget.membership.observer import RouteObserver
 from matrix_leave_forget.membership.reconcile import Reconciler
 from matrix_leave_forget.retention.state import why_not_abandoned_many_txn
+from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.retention.sweeper import RetentionSweeper
 
 __version__ = "0.1.0"

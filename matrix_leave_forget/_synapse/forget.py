@@ -6,9 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
-from matrix_leave_forget._synapse.sql import IN_LIST_MAX, LIVE_MEMBERSHIPS, LIVE_SQL
-from matrix_leave_forget.db.schema import is_postgres
-from matrix_leave_forget.db.statements import StatementBatch
+from matrix_leave_forget._synapse.sql import (
+    IN_LIST_MAX,
+    LIVE_MEMBERSHIPS,
+    LIVE_SQL,
+    StatementSink,
+    is_postgres,
+)
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -36,7 +40,7 @@ def forget_rows_txn(
     store: Any,
     txn: LoggingTransaction,
     pairs: Sequence[tuple[str, str]],
-    together: StatementBatch,
+    together: StatementSink,
 ) -> None:
     """Synapse's forget of each (user_id, room_id), inside the caller's transaction.
 
@@ -98,7 +102,7 @@ class SynapseForgets:
         self,
         txn: LoggingTransaction,
         pairs: Sequence[tuple[str, str]],
-        together: StatementBatch,
+        together: StatementSink,
     ) -> None:
         forget_rows_txn(self._hs.get_datastores().main, txn, pairs, together)
 
@@ -246,7 +250,7 @@ def _invalidate_and_stream_txn(
     store: Any,
     txn: LoggingTransaction,
     invalidations: Sequence[tuple[Any, Sequence[tuple[str, ...]]]],
-    batch: StatementBatch,
+    batch: StatementSink,
 ) -> None:
     """Synapse's ``_invalidate_cache_and_stream_bulk`` for several caches at once.
 

@@ -17,6 +17,7 @@ import attr
 from signedjson.types import SigningKey
 from synapse.module_api import LoggingTransaction, ModuleApi
 
+from matrix_leave_forget._synapse.sql import is_postgres
 from matrix_leave_forget.audit.entry import (
     ACTION_ERASE,
     ENTRY_FIELDS,
@@ -31,7 +32,6 @@ from matrix_leave_forget.audit.entry import (
     seal_entries,
 )
 from matrix_leave_forget.db.group_commit import GroupCommit, run_each_txn
-from matrix_leave_forget.db.schema import is_postgres
 from matrix_leave_forget.db.statements import StatementBatch
 from matrix_leave_forget.timestamps import now_ms
 

@@ -1,1 +1,1 @@
-"""The module's own tables: schema, migrations, statements and the store."""
+"""The module's own tables: schema, migrations, statements, group commit, media tables."""

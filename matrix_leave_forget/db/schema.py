@@ -11,6 +11,8 @@ never altered.
 from collections.abc import Sequence
 from typing import Any
 
+from matrix_leave_forget._synapse.sql import is_postgres
+
 # Arbitrary, fixed: the advisory lock key for this module's migrations.
 _MIGRATION_LOCK_KEY = 0x4C46_4D31  # "LFM1"
 
@@ -189,11 +191,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # the CLI refuse a larger argument, which would fail in the database driver
 # (a 500) instead of being answered.
 MAX_INT_ARG = 2**63 - 1
-
-
-def is_postgres(txn: Any) -> bool:
-    """Whether a Synapse LoggingTransaction talks to PostgreSQL."""
-    return "psycopg" in txn.database_engine.module.__name__
 
 
 def current_version(txn: Any) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from synapse.module_api import LoggingTransaction
 
-from matrix_leave_forget.db.schema import is_postgres
+from matrix_leave_forget._synapse.sql import is_postgres
 
 
 class StatementBatch:

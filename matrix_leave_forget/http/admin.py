@@ -20,10 +20,10 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.db.schema import MAX_INT_ARG
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
 from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import LISTINGS
+from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
 from matrix_leave_forget.timestamps import now_ms
 

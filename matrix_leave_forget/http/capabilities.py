@@ -18,7 +18,6 @@ from typing import Any
 from matrix_leave_forget._synapse.capabilities import ForgetOnLeaveSettings
 from matrix_leave_forget._synapse.responses import hold_response, send_response
 
-
 STABLE = "m.forget_forced_upon_leave"
 UNSTABLE = "org.matrix.msc4267.forget_forced_upon_leave"
 

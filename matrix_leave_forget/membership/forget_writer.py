@@ -2,7 +2,7 @@
 
 Every forget, whatever its route, goes through here: the requesters'
 memberships and Synapse's forget rows (``_synapse/forget.py``), the audit
-entries and the retention state (``db/store.py``), atomically, many forgets
+entries and the retention state (``retention/store.py``), atomically, many forgets
 at once.
 """
 
@@ -16,8 +16,8 @@ from synapse.module_api import LoggingTransaction, ModuleApi
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.group_commit import GroupCommit
 from matrix_leave_forget.db.statements import StatementBatch
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.state import RoomRetention
+from matrix_leave_forget.retention.store import RetentionStore
 
 
 class ForgetOps(Protocol):

@@ -22,9 +22,9 @@ from matrix_leave_forget.audit.entry import VIA_API
 from matrix_leave_forget.audit.log import AuditFields
 from matrix_leave_forget.audit.refusals import RefusalBudget, refused_reason
 from matrix_leave_forget.config import LeaveForgetConfig, is_valid_room_id
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.membership.forget_writer import ForgetRequest, ForgetWriter
 from matrix_leave_forget.metrics import refusals_suppressed_total
+from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.timestamps import iso8601
 
 if TYPE_CHECKING:

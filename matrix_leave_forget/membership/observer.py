@@ -42,8 +42,8 @@ from matrix_leave_forget.audit.entry import (
     VIA_STATE_API,
 )
 from matrix_leave_forget.audit.log import AuditFields
-from matrix_leave_forget.db.store import DepartureEvent, RetentionStore
 from matrix_leave_forget.membership.handler import MembershipHandler
+from matrix_leave_forget.retention.store import DepartureEvent, RetentionStore
 from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)

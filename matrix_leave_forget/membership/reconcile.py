@@ -33,8 +33,8 @@ from synapse.module_api import ModuleApi
 
 from matrix_leave_forget.audit.entry import VIA_RECOVERED
 from matrix_leave_forget.audit.log import OUTCOME_RECOVERED
-from matrix_leave_forget.db.store import STREAM_DEPARTURES, DepartureEvent, RetentionStore
 from matrix_leave_forget.membership.observer import departure_fields, departure_from_row
+from matrix_leave_forget.retention.store import STREAM_DEPARTURES, DepartureEvent, RetentionStore
 
 if TYPE_CHECKING:
     from matrix_leave_forget._synapse.routes import SynapseRoutes

@@ -1,1 +1,1 @@
-"""Room retention: the state of each room, the sweeper and the purge pacer."""
+"""Room retention: the state of each room, the store, the sweeper and the purge pacer."""

@@ -16,10 +16,9 @@ import attr
 from synapse.module_api import LoggingTransaction, ModuleApi
 
 from matrix_leave_forget._synapse.forget import remembering_members_txn
-from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
+from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS, is_postgres
 from matrix_leave_forget.audit.entry import escape_text, needs_escape, unescape_text
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
-from matrix_leave_forget.db.schema import is_postgres
 from matrix_leave_forget.retention.receipt import MEDIA_POLICY_KEEP, build_receipt, encode_receipt
 
 # Retention states of a room (leave_forget_rooms.state).

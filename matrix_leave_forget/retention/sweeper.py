@@ -18,7 +18,7 @@ immediately before Synapse is asked to purge it, however long it queued.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Protocol
 
 import attr
 from synapse.module_api import ModuleApi
@@ -32,7 +32,6 @@ from matrix_leave_forget._synapse.leftovers import (
 )
 from matrix_leave_forget._synapse.purge_tasks import purge_tasks_txn
 from matrix_leave_forget.config import MEDIA_DELETE, RetentionConfig
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.pacer import PurgePacer
 from matrix_leave_forget.retention.receipt import MEDIA_POLICY_KEEP
 from matrix_leave_forget.retention.state import (
@@ -40,10 +39,20 @@ from matrix_leave_forget.retention.state import (
     why_not_abandoned_many_txn,
     why_not_forgotten_many_txn,
 )
+from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.timestamps import now_ms
 
-if TYPE_CHECKING:
-    from matrix_leave_forget.media.reaper import MediaReaper
+
+class MediaBeforePurge(Protocol):
+    """What the sweeper asks of media deletion (media/reaper.py), which sits above it."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether purged rooms' media is deleted (else kept)."""
+
+    async def before_purge(self, room_id: str) -> None:
+        """Record what deciding the room's media needs, before its events go."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +114,7 @@ class RetentionSweeper:
         api: ModuleApi,
         config: RetentionConfig,
         store: RetentionStore,
-        media: Optional["MediaReaper"] = None,
+        media: MediaBeforePurge | None = None,
     ) -> None:
         self._api = api
         self._media = media

@@ -23,9 +23,9 @@ from matrix_leave_forget._synapse.forget import (
 from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
 from matrix_leave_forget.audit.log import AuditFields
 from matrix_leave_forget.db.statements import StatementBatch
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.membership.forget_writer import ForgetRequest, ForgetResult, ForgetWriter
 from matrix_leave_forget.retention.state import STATE_FORGOTTEN, why_not_forgotten_many_txn
+from matrix_leave_forget.retention.store import RetentionStore
 from tests.unit.db_helpers import InlineApi, World
 
 PERIOD_MS = 7 * 86_400_000

@@ -13,7 +13,6 @@ from signedjson.key import generate_signing_key
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from matrix_leave_forget.db.store import RetentionStore
 from matrix_leave_forget.retention.state import (
     STATE_ACTIVE,
     STATE_DRY_RUN,
@@ -23,6 +22,7 @@ from matrix_leave_forget.retention.state import (
     retention_counts_txn,
     why_not_forgotten_many_txn,
 )
+from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
 from tests.unit.db_helpers import InlineApi, World
 
