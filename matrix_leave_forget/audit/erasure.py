@@ -126,11 +126,10 @@ class TextEraser:
         while True:
 
             def txn_fn(txn: LoggingTransaction) -> tuple[int, int]:
-                self._audit.lock_chain_txn(txn)
                 seqs = select(txn)
                 return len(seqs), self._audit.erase_text_txn(txn, seqs, outcome, user_id)
 
-            found, erased = await self._api.run_db_interaction("leave_forget_erase_text", txn_fn)
+            found, erased = await self._audit.run_locked("leave_forget_erase_text", txn_fn)
             total += erased
             # Entries that could not be erased (tampered with) are found again: stop.
             if found < ERASE_BATCH or erased < found:

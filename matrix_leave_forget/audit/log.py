@@ -109,6 +109,20 @@ class AuditLog:
             api, "leave_forget_record", self.lock_chain_txn, run_each_txn
         )
 
+    async def run_locked(self, description: str, fn: Callable[[LoggingTransaction], T]) -> T:
+        """Run ``fn`` in a transaction of its own that takes the chain lock first.
+
+        The one way to append outside the group commit: the lock must be the
+        transaction's first statement (see :meth:`lock_chain_txn`).
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> T:
+            self.lock_chain_txn(txn)
+            return fn(txn)
+
+        result: T = await self._api.run_db_interaction(description, txn_fn)
+        return result
+
     async def run_grouped(self, fn: Callable[[LoggingTransaction], T]) -> T:
         """Run ``fn`` in a group-committed transaction, after the chain lock."""
         result: T = await self._records.run(fn)

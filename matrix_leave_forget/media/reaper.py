@@ -290,7 +290,6 @@ class MediaReaper:
             def txn_fn(
                 txn: LoggingTransaction, room_id: str = room_id, encrypted: bool = encrypted
             ) -> None:
-                self._audit.lock_chain_txn(txn)
                 rows = room_media_rows_txn(txn, room_id)
                 mark_reported_txn(txn, room_id, now_ms())
                 if not rows and not encrypted:
@@ -307,4 +306,4 @@ class MediaReaper:
                     ),
                 )
 
-            await self._api.run_db_interaction("leave_forget_media_report", txn_fn)
+            await self._audit.run_locked("leave_forget_media_report", txn_fn)

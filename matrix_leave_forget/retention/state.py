@@ -276,7 +276,6 @@ class RetentionState:
                 timings[name] = round((now_clock - clock) * 1000, 2)
                 clock = now_clock
 
-            self._audit.lock_chain_txn(txn)
             holds = sorted(config_holds)
             txn.execute(
                 "SELECT room_id, scheduled_by FROM leave_forget_rooms AS r "
@@ -337,7 +336,7 @@ class RetentionState:
             lap("update_ms")
             return DueDecisions(decided, cancelled, len(rooms) >= limit, timings)
 
-        return await self._api.run_db_interaction("leave_forget_decide_due", txn_fn)
+        return await self._audit.run_locked("leave_forget_decide_due", txn_fn)
 
     async def schedule_abandoned(
         self,
@@ -361,7 +360,6 @@ class RetentionState:
         """
 
         def txn_fn(txn: LoggingTransaction) -> ScheduleResult:
-            self._audit.lock_chain_txn(txn)
             states: dict[str, str] = {}
             for start in range(0, len(room_ids), 500):
                 chunk = list(room_ids[start : start + 500])
@@ -402,7 +400,7 @@ class RetentionState:
                 skipped=[{"room_id": r, "why": why} for r, why in sorted(skipped.items())],
             )
 
-        return await self._api.run_db_interaction("leave_forget_schedule_abandoned", txn_fn)
+        return await self._audit.run_locked("leave_forget_schedule_abandoned", txn_fn)
 
     async def backlog_counts(self, now: int, config_holds: AbstractSet[str]) -> dict[str, int]:
         """What retention has to do (see retention_counts_txn), in one transaction."""
@@ -467,7 +465,6 @@ class RetentionState:
         """
 
         def txn_fn(txn: LoggingTransaction) -> None:
-            self._audit.lock_chain_txn(txn)
             txn.execute(
                 "SELECT purge_events, purge_state_groups, purge_min_stream "
                 "FROM leave_forget_rooms WHERE room_id = ?",
@@ -491,7 +488,7 @@ class RetentionState:
                 (STATE_PURGED, entry["ts"], entry["ts"], room_id, STATE_PURGING),
             )
 
-        await self._api.run_db_interaction("leave_forget_mark_purged", txn_fn)
+        await self._audit.run_locked("leave_forget_mark_purged", txn_fn)
 
     # -- holds -----------------------------------------------------------
 
@@ -504,7 +501,6 @@ class RetentionState:
         """Hold a room; False if it was already held."""
 
         def txn_fn(txn: LoggingTransaction) -> bool:
-            self._audit.lock_chain_txn(txn)
             if self.is_held_txn(txn, room_id):
                 return False
             entry = self._audit.append_txn(
@@ -520,13 +516,12 @@ class RetentionState:
             )
             return True
 
-        return await self._api.run_db_interaction("leave_forget_put_hold", txn_fn)
+        return await self._audit.run_locked("leave_forget_put_hold", txn_fn)
 
     async def lift_hold(self, room_id: str, lifted_by: str) -> bool:
         """Lift a hold; False if there was none."""
 
         def txn_fn(txn: LoggingTransaction) -> bool:
-            self._audit.lock_chain_txn(txn)
             if not self.is_held_txn(txn, room_id):
                 return False
             self._audit.append_txn(
@@ -535,7 +530,7 @@ class RetentionState:
             txn.execute("DELETE FROM leave_forget_holds WHERE room_id = ?", (room_id,))
             return True
 
-        return await self._api.run_db_interaction("leave_forget_lift_hold", txn_fn)
+        return await self._audit.run_locked("leave_forget_lift_hold", txn_fn)
 
     async def get_holds_page(self, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Holds placed through the admin API, keyset-paged by room id."""
