@@ -97,6 +97,41 @@ class SynapseTestCase(SynchronousTestCase):
         return request(self.module_port, method, path, body, **kw)
 
 
+class StoppedServerTestCase(SynapseTestCase):
+    """A class whose tests read what a Synapse wrote, after it stopped.
+
+    The class's Synapse starts, :meth:`prepare` writes (and reads whatever must
+    be compared while it runs), then Synapse stops: every test reads a
+    quiescent database with no server at all.
+    """
+
+    _ready: ClassVar[bool] = False
+
+    @classmethod
+    def prepare(cls) -> None:
+        """Write what the tests read, while the class's Synapse runs."""
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if cls.__dict__.get("_ready"):
+            return
+        super().setUpClass()
+        try:
+            cls.prepare()
+        except BaseException:
+            super().tearDownClass()
+            raise
+        cls.hs.stop()
+        cls._ready = True
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.__dict__.get("_ready"):
+            cls._ready = False
+            super().tearDownClass()
+
+
 _localparts = itertools.count(1)
 
 

@@ -23,7 +23,7 @@ from signedjson.key import (
 
 from matrix_leave_forget.audit.entry import ENTRY_FIELDS, text_commitment
 from matrix_leave_forget.audit.log import AUDIT_COLUMNS, STORED_COLUMNS
-from tests.integration.base import SynapseTestCase
+from tests.integration.base import StoppedServerTestCase
 from tests.support.chain import reseal_from
 from tests.support.harness import (
     SERVER_NAME,
@@ -37,7 +37,7 @@ from tests.support.tamper import Tampering, tampered_config
 ADMIN = "/_synapse/client/leave_forget/v1/admin"
 
 
-class CliTest(SynapseTestCase):
+class CliTest(StoppedServerTestCase):
     """The CLI reads, exports and verifies what the module really wrote."""
 
     MODE = "listener"
@@ -52,33 +52,15 @@ class CliTest(SynapseTestCase):
     admin_audit: ClassVar[dict[str, Any]]
     admin_forgotten: ClassVar[dict[str, Any]]
 
-    _ready: ClassVar[bool] = False
-
     @classmethod
-    def setUpClass(cls) -> None:
-        if cls.__dict__.get("_ready"):
-            return
-        super().setUpClass()
-        try:
-            cls._make_history()
-            # What the admin API says while Synapse runs, to compare the
-            # offline CLI against; and one CLI run beside the live writer.
-            cls.admin_export = cls._admin("/audit/export").raw
-            cls.admin_audit = cls._admin("/audit?limit=1000").body
-            cls.admin_forgotten = cls._admin("/rooms?state=forgotten").body
-            cls.live_verify = cls.cli(cls.hs.config_path, "--json", "verify")
-        except BaseException:
-            super().tearDownClass()
-            raise
-        # Every test below reads a quiescent database, with no Synapse at all.
-        cls.hs.stop()
-        cls._ready = True
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if cls.__dict__.get("_ready"):
-            cls._ready = False
-            super().tearDownClass()
+    def prepare(cls) -> None:
+        cls._make_history()
+        # What the admin API says while Synapse runs, to compare the offline
+        # CLI against; and one CLI run beside the live writer.
+        cls.admin_export = cls._admin("/audit/export").raw
+        cls.admin_audit = cls._admin("/audit?limit=1000").body
+        cls.admin_forgotten = cls._admin("/rooms?state=forgotten").body
+        cls.live_verify = cls.cli(cls.hs.config_path, "--json", "verify")
 
     @classmethod
     def _make_history(cls) -> None:

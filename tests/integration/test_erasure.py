@@ -22,7 +22,7 @@ from matrix_leave_forget.audit.entry import (
     sign_entry,
 )
 from matrix_leave_forget.audit.log import STORED_COLUMNS
-from tests.integration.base import SynapseTestCase
+from tests.integration.base import StoppedServerTestCase, SynapseTestCase
 from tests.support import rawdb
 from tests.support.harness import (
     SERVER_NAME,
@@ -103,7 +103,7 @@ def write_old_format_entries(hs: Any, user: User) -> None:
         insert_entry(hs, entry)
 
 
-class ErasureTest(SynapseTestCase):
+class ErasureTest(StoppedServerTestCase):
     """An admin's GDPR erasure of bob, whose entries span formats 1, 2 and 3."""
 
     MODE = "intercept"
@@ -114,33 +114,13 @@ class ErasureTest(SynapseTestCase):
     module_tables: ClassVar[list[str]]
     verify_after: ClassVar[Any]
     entries_after: ClassVar[list[dict[str, Any]]]
-    _ready: ClassVar[bool] = False
 
     # Tampering with copies of the stopped server's database (test_cli's helpers).
     def tampered_config(self, tampering: Tampering) -> str:
         return tampered_config(self.hs, tampering, self.addCleanup)
 
     @classmethod
-    def setUpClass(cls) -> None:
-        if cls.__dict__.get("_ready"):
-            return
-        super().setUpClass()
-        try:
-            cls._scenario()
-        except BaseException:
-            super().tearDownClass()
-            raise
-        cls.hs.stop()
-        cls._ready = True
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if cls.__dict__.get("_ready"):
-            cls._ready = False
-            super().tearDownClass()
-
-    @classmethod
-    def _scenario(cls) -> None:
+    def prepare(cls) -> None:
         hs = cls.hs
         cls.alice = hs.register("alice", admin=True)
         cls.bob = hs.register("bob")
