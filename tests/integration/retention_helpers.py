@@ -7,8 +7,10 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from matrix_leave_forget.retention.sweeper import SYNAPSE_LOCK_TIMEOUT_S
 from matrix_leave_forget.timestamps import now_ms
 from tests.integration.base import SynapseTestCase
+from tests.support import rawdb
 from tests.support.harness import (
     PURGE_TIMEOUT,
     Response,
@@ -242,6 +244,29 @@ class RetentionHelpers(SynapseTestCase):
         self.assertIsNone(self.retention(room_id))
         self.assertEqual(self.purge_outcomes(room_id), [])
         self.assertTrue(self.synapse_has_room(room_id))
+
+    def lock_tokens(self) -> list[str]:
+        """The tokens of every row in Synapse's read/write lock table now."""
+        rows = rawdb.query(self.hs, "SELECT token FROM worker_read_write_locks")
+        return [str(row[0]) for row in rows]
+
+    def expire_locks(self, tokens: Sequence[str]) -> None:
+        """Make these lock rows look unrenewed for longer than Synapse's lock timeout.
+
+        What the 2 minutes after a crash would do to the dead process's locks,
+        without waiting for them: Synapse's next attempt to take the lock
+        deletes an expired row, as it would then. Rows a running process
+        took (other tokens) are left alone.
+        """
+        if not tokens:
+            return
+        expired = now_ms() - (SYNAPSE_LOCK_TIMEOUT_S + 60) * 1000
+        rawdb.query(
+            self.hs,
+            "UPDATE worker_read_write_locks SET last_renewed_ts = ? "
+            f"WHERE token IN ({', '.join('?' for _ in tokens)})",
+            (expired, *tokens),
+        )
 
     def assert_purged(self, room_id: str) -> None:
         retention = self.wait_state(room_id, "purged")

@@ -29,13 +29,18 @@ class FaultTests(RetentionHelpers):
     RETENTION: ClassVar[dict[str, Any]] = {"period": "1h", "sweep_interval": "100ms"}
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": RETENTION}
 
-    def restart(self, retention: dict[str, Any]) -> None:
-        """SIGKILL Synapse (if still running) and start it with ``retention``."""
+    def restart(self, retention: dict[str, Any]) -> list[str]:
+        """SIGKILL Synapse (if still running) and start it with ``retention``.
+
+        Returns the tokens of the lock rows the killed process left behind.
+        """
         self.hs.stop(signal.SIGKILL)
+        dead_locks = self.lock_tokens()
         self.hs.reconfigure(
             module_config={"mount": self.MODE, **self.MODULE_CONFIG, "retention": retention}
         )
         self.hs.start()
+        return dead_locks
 
     def verify_with_cli(self) -> None:
         result = run_cli(self.hs.config_path, "verify")
@@ -152,7 +157,7 @@ class FaultTests(RetentionHelpers):
 
         # The worst moment: a crash leaves Synapse's lock behind in the database.
         interrupted = wait_until(purge_lock_held, what="Synapse to hold a purge lock")[0][0]
-        self.restart(retention)
+        dead_locks = self.restart(retention)
         if purge_lock_held():
             # The purge did not finish before the kill landed: Synapse resumes
             # it once the dead process's lock expires. Until then the module
@@ -162,6 +167,8 @@ class FaultTests(RetentionHelpers):
                 what="the interrupted purge to be reported",
             )
             self.assertEqual(self.retention(interrupted)["state"], "purging")
+        # The dead process's locks run out (Synapse's timeout, not waited for).
+        self.expire_locks(dead_locks)
         for room in room_ids:
             # Synapse resumes the interrupted purge once the dead process's
             # lock expires; the other rooms queue behind it.
