@@ -235,6 +235,17 @@ class LeaveForgetModule:
             self._api.looping_background_call(
                 self.media_reaper.tick, MEDIA_REAPER_INTERVAL_MS, desc="leave_forget_media_reaper"
             )
+        elif self.media_reaper.deletes_here:
+            # A media-repository worker: the media store is here, so purged
+            # rooms' media is deleted here; the background-tasks process
+            # decides it and writes the entries (docs/workers.md "Media").
+            logger.info("Deleting purged rooms' media on this process (it holds the media store)")
+            self._api.looping_background_call(
+                self.media_reaper.delete_tick,
+                MEDIA_REAPER_INTERVAL_MS,
+                desc="leave_forget_media_delete",
+                run_on_all_instances=True,
+            )
 
     async def _erase_after_deactivation(
         self, user_id: str, by_admin: bool, deactivated: bool

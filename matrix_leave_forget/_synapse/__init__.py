@@ -16,7 +16,8 @@ concern:
 * ``responses``: holding back Synapse's answer until the guard or the capability has seen it;
 * ``purge_tasks``: where Synapse's purge of a room stands;
 * ``leftovers``: what Synapse's room purge leaves behind (threads, state deltas);
-* ``media``: the room's media in Synapse's tables and media repository;
+* ``media``: the room's media in Synapse's tables and media repository, which process
+  deletes it and the worker lock it deletes under;
 * ``erasure``: which users Synapse erased (GDPR), for their audit text;
 * ``listeners``: the live HTTP listeners, for the mount checks;
 * ``capabilities``: the forget-on-leave settings ``/capabilities`` advertises;

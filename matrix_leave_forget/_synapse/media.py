@@ -2,6 +2,8 @@
 
 import os
 import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from synapse.module_api import LoggingTransaction, ModuleApi
@@ -127,6 +129,66 @@ def can_delete_media(api: ModuleApi) -> bool:
     (``enable_media_repo: false``); only ``hs.config.media`` says so (1.98 and 1.163).
     """
     return bool(api._hs.config.media.can_load_media_repo)
+
+
+def is_media_deleter(
+    holds_media_store: bool, media_jobs_instance: str | None, instance_name: str
+) -> bool:
+    """The rule of which process deletes purged rooms' media (docs/workers.md "Media").
+
+    A process that holds the media store, and, when
+    ``media_instance_running_background_jobs`` names one instance, only that
+    one (Synapse's own choice of the media instance that runs the media
+    repository's background jobs; this deletion is one). Unset, every process
+    holding the media store may delete, one at a time
+    (:func:`media_deletion_lock`).
+    """
+    if not holds_media_store:
+        return False
+    return media_jobs_instance is None or media_jobs_instance == instance_name
+
+
+def media_deleter_here(api: ModuleApi) -> tuple[bool, str | None]:
+    """(whether this process deletes purged rooms' media, the instance named to run media jobs).
+
+    Why: the media store and ``media_instance_running_background_jobs`` are
+    only in ``hs.config.media`` (1.98 and 1.163; without a media store
+    Synapse does not set the latter), the instance name only in ``hs``.
+    """
+    media = api._hs.config.media
+    chosen = getattr(media, "media_instance_running_background_jobs", None)
+    chosen = str(chosen) if chosen is not None else None
+    here = is_media_deleter(bool(media.can_load_media_repo), chosen, api._hs.get_instance_name())
+    return here, chosen
+
+
+# Synapse's worker lock held by the process deleting media (worker_locks.lock_name).
+MEDIA_DELETION_LOCK = "matrix_leave_forget_media_deletion"
+
+
+@asynccontextmanager
+async def media_deletion_lock(
+    api: ModuleApi,
+) -> AsyncIterator[Callable[[], Awaitable[bool]] | None]:
+    """Hold the media deletion lock: one process at a time deletes media.
+
+    Yields None when another process holds it; else a function that says
+    whether this process still holds it (checked before each medium).
+
+    Why: Synapse's ``LockStore.try_acquire_lock`` is the lock its own
+    workers share (``worker_locks``, both databases; the same on 1.98 and
+    1.163): renewed every 30 s while held, released on exit and at shutdown,
+    taken over by another process once not renewed for 2 minutes (a process
+    killed while holding it), and taken back at once by the same instance
+    restarted. No ModuleApi method takes a lock between processes.
+    """
+    store: Any = api._hs.get_datastores().main
+    lock = await store.try_acquire_lock(MEDIA_DELETION_LOCK, "")
+    if lock is None:
+        yield None
+        return
+    async with lock:
+        yield lock.is_still_valid
 
 
 async def delete_local_media(api: ModuleApi, media_id: str) -> None:

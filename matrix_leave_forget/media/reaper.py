@@ -16,13 +16,16 @@ resumes from the tables (docs/retention.md "Media"):
 4. Past the grace, each due medium is checked again (a reference made during
    the grace keeps it) and deleted through Synapse's media repository, then
    marked deleted. Deleting twice is harmless: a resumed deletion finds the
-   file gone and deletes the rows.
+   file gone and deletes the rows. This step runs on the process that holds
+   the media store (:meth:`MediaReaper.delete_tick` on a media-repository
+   worker), under a lock that lets one process at a time delete.
 5. When none of a room's media is due any more, a ``purge``/``media_deleted``
    audit entry records what was deleted and kept (its ``receipt``).
 """
 
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from synapse.module_api import LoggingTransaction, ModuleApi
@@ -31,6 +34,8 @@ from matrix_leave_forget._synapse.media import (
     can_delete_media,
     delete_local_media,
     delete_remote_media,
+    media_deleter_here,
+    media_deletion_lock,
     media_facts_txn,
     room_media_facts_txn,
     stream_bounds_txn,
@@ -110,7 +115,12 @@ def media_receipt(
 
 
 class MediaReaper:
-    """Deletes purged rooms' unreferenced media (background-tasks process).
+    """Deletes purged rooms' unreferenced media.
+
+    The background-tasks process decides purged rooms' media and writes the
+    report entries (:meth:`tick`); the deletion runs where the media store is
+    (:attr:`deletes_here`): there too in a single process, on the
+    media-repository worker otherwise (:meth:`delete_tick`).
 
     Args:
         api: The module API.
@@ -127,11 +137,18 @@ class MediaReaper:
         self._index = index
         self._audit = audit
         self._running = False
-        self._warned = False
+        self._deleting = False
+        self._said_where = False
+        self._deletes_here, self._media_jobs_instance = media_deleter_here(api)
 
     @property
     def enabled(self) -> bool:
         return self._config.media == MEDIA_DELETE and not self._config.dry_run
+
+    @property
+    def deletes_here(self) -> bool:
+        """Whether this process deletes due media (it holds the media store; docs/workers.md)."""
+        return self.enabled and self._deletes_here
 
     async def before_purge(self, room_id: str) -> None:
         """Remember whether a room about to be purged is encrypted, and where its events end."""
@@ -199,23 +216,57 @@ class MediaReaper:
             )
 
     async def tick(self) -> None:
-        """One run: decide purged rooms' media, delete what is past its grace, report."""
+        """One run on the background-tasks process: decide purged rooms' media,
+        delete what is past its grace if the media store is here, report."""
         if self._running or not self.enabled:
             return
         self._running = True
         try:
             await self._decide_rooms()
-            if can_delete_media(self._api):
-                await self._delete_due()
-            elif not self._warned:
-                self._warned = True
-                logger.warning(
-                    "retention.media is delete but this process has no media store "
-                    "(a media-repository worker holds it): purged rooms' media is not deleted"
-                )
+            if self._deletes_here:
+                await self.delete_tick()
+            else:
+                self._say_where_media_is_deleted()
             await self._report()
         finally:
             self._running = False
+
+    async def delete_tick(self) -> None:
+        """Delete the media past its grace, if no other process is deleting (any process
+        with the media store: :attr:`deletes_here`)."""
+        if self._deleting or not self.deletes_here:
+            return
+        self._deleting = True
+        try:
+            # Most runs find nothing due: no lock taken for them.
+            due = await self._api.run_db_interaction(
+                "leave_forget_media_due", due_media_txn, now_ms(), 1
+            )
+            if not due:
+                return
+            async with media_deletion_lock(self._api) as still_held:
+                if still_held is None:
+                    logger.debug("Media due for deletion: another process is deleting it")
+                    return
+                await self._delete_due(still_held)
+        finally:
+            self._deleting = False
+
+    def _say_where_media_is_deleted(self) -> None:
+        if self._said_where:
+            return
+        self._said_where = True
+        if can_delete_media(self._api):
+            logger.info(
+                "Purged rooms' media is deleted by %s (media_instance_running_background_jobs), "
+                "not by this process",
+                self._media_jobs_instance,
+            )
+        else:
+            logger.info(
+                "This process has no media store: purged rooms' media is deleted by the "
+                "process that holds it (a media-repository worker with this module loaded)"
+            )
 
     async def _decide_rooms(self) -> None:
         rooms = await self._api.run_db_interaction(
@@ -241,7 +292,7 @@ class MediaReaper:
             elif due:
                 logger.info("Purged room %s: %d medium/media due for deletion", room_id, due)
 
-    async def _delete_due(self) -> None:
+    async def _delete_due(self, still_held: Callable[[], Awaitable[bool]]) -> None:
         due = await self._api.run_db_interaction(
             "leave_forget_media_due", due_media_txn, now_ms(), BATCH
         )
@@ -256,6 +307,9 @@ class MediaReaper:
             return
         server_name = self._api.server_name
         for origin, media_id in due:
+            if not await still_held():
+                logger.warning("Lost the media deletion lock: stopping until the next run")
+                return
 
             def check_txn(
                 txn: LoggingTransaction, origin: str = origin, media_id: str = media_id
@@ -277,6 +331,7 @@ class MediaReaper:
                 elif file_id is not None:
                     await delete_remote_media(self._api, origin, media_id, file_id)
             await self._settle(origin, media_id, MEDIA_DELETED, None)
+            logger.info("Deleted mxc://%s/%s (a purged room's, past its grace)", origin, media_id)
 
     async def _settle(self, origin: str, media_id: str, state: str, reason: str | None) -> None:
         await self._api.run_db_interaction(

@@ -9,35 +9,22 @@ signed ``purge``/``media_deleted`` entry counts it. An encrypted room keeps
 its media.
 """
 
-import io
-import json
 import os
 import signal
 import urllib.parse
-from typing import Any
 
+from tests.integration.media_helpers import MediaHelpers, png
 from tests.integration.retention_helpers import (
     FAST_RETENTION,
     RELAXED_FORGET,
     RetentionHelpers,
 )
-from tests.support import rawdb
-from tests.support.harness import SERVER_NAME, quote_room, wait_until
+from tests.support.harness import wait_until
 
 GRACE = "4s"
 
 
-def png(seed: int) -> bytes:
-    """A 100x100 PNG, different per seed (so Synapse makes thumbnails of it)."""
-    from PIL import Image
-
-    image = Image.new("RGB", (100, 100), (seed % 256, (seed * 7) % 256, 99))
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
-
-
-class MediaDeletionTest(RetentionHelpers):
+class MediaDeletionTest(MediaHelpers, RetentionHelpers):
     """Media of a purged room: deleted if unreferenced, kept (with the reason) otherwise."""
 
     MODE = "intercept"
@@ -45,90 +32,6 @@ class MediaDeletionTest(RetentionHelpers):
         "forget_rate_limit": RELAXED_FORGET,
         "retention": {**FAST_RETENTION, "media": "delete", "media_grace": GRACE},
     }
-
-    def upload(self, user: Any, seed: int) -> str:
-        resp = self.hs.client(
-            "POST",
-            "/_matrix/media/v3/upload?filename=i.png",
-            raw_body=png(seed),
-            headers={"Content-Type": "image/png"},
-            token=user.access_token,
-        )
-        self.assertEqual(resp.status, 200, resp.body)
-        return str(resp.body["content_uri"])
-
-    def send_image(self, user: Any, room_id: str, uri: str) -> str:
-        resp = self.hs.client(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/send/m.room.message/"
-            + os.urandom(6).hex(),
-            {"msgtype": "m.image", "body": "i.png", "url": uri},
-            token=user.access_token,
-        )
-        self.assertEqual(resp.status, 200, resp.body)
-        return str(resp.body["event_id"])
-
-    def put_state(self, user: Any, room_id: str, event_type: str, content: Any) -> None:
-        resp = self.hs.client(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/state/{event_type}/",
-            content,
-            token=user.access_token,
-        )
-        self.assertEqual(resp.status, 200, resp.body)
-
-    def media_row(self, uri: str) -> bool:
-        media_id = uri.rsplit("/", 1)[1]
-        rows = rawdb.query(
-            self.hs, "SELECT 1 FROM local_media_repository WHERE media_id = ?", (media_id,)
-        )
-        return bool(rows)
-
-    def thumbnail_rows(self, uri: str) -> int:
-        media_id = uri.rsplit("/", 1)[1]
-        rows = rawdb.query(
-            self.hs,
-            "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?",
-            (media_id,),
-        )
-        return int(rows[0][0])
-
-    def media_paths(self, uri: str) -> tuple[str, str]:
-        """The file and the thumbnail directory of a local medium in the media store."""
-        m = uri.rsplit("/", 1)[1]
-        store = os.path.join(self.hs.workdir, "media_store")
-        return (
-            os.path.join(store, "local_content", m[0:2], m[2:4], m[4:]),
-            os.path.join(store, "local_thumbnails", m[0:2], m[2:4], m[4:]),
-        )
-
-    def decisions(self, room_id: str) -> dict[str, tuple[str, str | None]]:
-        rows = rawdb.query(
-            self.hs,
-            "SELECT media_id, state, reason FROM leave_forget_media_deletions WHERE room_id = ?",
-            (room_id,),
-        )
-        return {f"mxc://{SERVER_NAME}/{m}": (str(s), r) for m, s, r in rows}
-
-    def media_entry(self, room_id: str) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            for entry in self.audit(room_id=room_id):
-                if entry["action"] == "purge" and entry["outcome"] == "media_deleted":
-                    return entry
-            return None
-
-        entry = wait_until(found, what=f"the media_deleted entry of {room_id}")
-        receipt = entry["receipt"]
-        return dict(json.loads(receipt) if isinstance(receipt, str) else receipt)
-
-    def download(self, user: Any, uri: str) -> int:
-        server, media_id = uri[len("mxc://") :].split("/")
-        resp = self.hs.client(
-            "GET",
-            f"/_matrix/client/v1/media/download/{urllib.parse.quote(server)}/{media_id}",
-            token=user.access_token,
-        )
-        return resp.status
 
     def test_room_media_deleted_rest_kept(self) -> None:
         """Only the purged room's unreferenced image goes (row, file, thumbnails); a
@@ -244,9 +147,4 @@ class MediaDeletionTest(RetentionHelpers):
         self.assertFalse(self.media_row(image))
         self.assertEqual(self.thumbnail_rows(image), 0)
         self.assertFalse(os.path.exists(image_thumbs))
-        entries = [
-            e
-            for e in self.audit(room_id=room_id)
-            if e["action"] == "purge" and e["outcome"] == "media_deleted"
-        ]
-        self.assertEqual(len(entries), 1)
+        self.assertEqual(len(self.media_entries(room_id)), 1)

@@ -31,13 +31,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget.audit.entry import verify_chain, verify_keys_from_signing_key
 from tests.integration.workers import (
+    DOC_MEDIA_PORT,
     DOC_PORTS,
     MAIN_INSTANCE,
+    MEDIA_WORKER_NAME,
     WORKER_NAME,
     DeploymentTestCase,
     Ports,
     WorkerDeployment,
     main_fragment,
+    media_worker_fragment,
     worker_fragment,
 )
 from tests.support.harness import (
@@ -130,9 +133,13 @@ class WorkerDocTests(SynchronousTestCase):
         what the helper builds for the doc's ports, so the documented deployment is
         the tested one (WorkerTests checks that the processes run with these parts)."""
         blocks = doc_yaml_blocks()
-        self.assertEqual(sorted(blocks), ["homeserver.yaml", f"{WORKER_NAME}.yaml"])
+        self.assertEqual(
+            sorted(blocks), ["homeserver.yaml", f"{MEDIA_WORKER_NAME}.yaml", f"{WORKER_NAME}.yaml"]
+        )
         self.assertEqual(blocks["homeserver.yaml"], main_fragment(DOC_PORTS))
         self.assertEqual(blocks[f"{WORKER_NAME}.yaml"], worker_fragment(DOC_PORTS))
+        # The "Media" section's worker (tests/integration/test_media_workers.py runs it).
+        self.assertEqual(blocks[f"{MEDIA_WORKER_NAME}.yaml"], media_worker_fragment(DOC_MEDIA_PORT))
 
     def test_doc_routes_leave_to_a_module_listener_and_forget_to_main(self) -> None:
         """With the doc's nginx rules, leave and forget under every client prefix, POST

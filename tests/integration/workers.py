@@ -54,6 +54,8 @@ from tests.support.rawdb import pg_connect_args
 
 MODULE = "matrix_leave_forget.LeaveForgetModule"
 WORKER_NAME = "worker1"
+# The media-repository worker some classes add (WorkerDeployment.add_media_worker).
+MEDIA_WORKER_NAME = "media1"
 # Synapse's instance name for the main process (what the audit log records).
 MAIN_INSTANCE = "master"
 LOOPBACK = "127.0.0.1"
@@ -82,6 +84,10 @@ DOC_PORTS = Ports(
     worker_replication=9094,
     redis=6379,
 )
+
+
+# The media worker's listener in docs/workers.md ("Media").
+DOC_MEDIA_PORT = 8085
 
 
 def _http_listener(port: int, resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,6 +133,20 @@ def worker_fragment(ports: Ports) -> dict[str, Any]:
             _http_listener(ports.worker_module, []),
             _http_listener(ports.worker_replication, [{"names": ["replication"]}]),
         ],
+    }
+
+
+def media_worker_fragment(media_port: int) -> dict[str, Any]:
+    """A media-repository worker's own config file: it serves media and holds the media store.
+
+    With it the shared ``homeserver.yaml`` says ``enable_media_repo: false``
+    (the main process then has no media store) unless the main process keeps
+    serving media too.
+    """
+    return {
+        "worker_app": "synapse.app.media_repository",
+        "worker_name": MEDIA_WORKER_NAME,
+        "worker_listeners": [_http_listener(media_port, [{"names": ["media"]}])],
     }
 
 
@@ -280,12 +300,12 @@ class MainProcess(SynapseProcess):
 class WorkerProcess(ListeningProcess):
     """One generic worker reading the main's ``homeserver.yaml`` and its own file."""
 
-    def __init__(self, main: MainProcess) -> None:
+    def __init__(self, main: MainProcess, name: str = WORKER_NAME) -> None:
         self.main = main
-        self.name = WORKER_NAME
-        self.config_path = os.path.join(main.workdir, f"{WORKER_NAME}.yaml")
-        self.log_path = os.path.join(main.workdir, f"{WORKER_NAME}.log")
-        self._stderr_path = os.path.join(main.workdir, f"{WORKER_NAME}.stderr.log")
+        self.name = name
+        self.config_path = os.path.join(main.workdir, f"{name}.yaml")
+        self.log_path = os.path.join(main.workdir, f"{name}.log")
+        self._stderr_path = os.path.join(main.workdir, f"{name}.stderr.log")
         self.process: subprocess.Popen[bytes] | None = None
         # Test-specific additions: ``listeners`` are appended, other keys set.
         self.extra_config: dict[str, Any] = {}
@@ -299,8 +319,12 @@ class WorkerProcess(ListeningProcess):
     def module_port(self) -> int:
         return self.main.worker_module_port
 
+    def fragment(self) -> dict[str, Any]:
+        """What the worker's own file holds, besides the test's additions."""
+        return worker_fragment(self.main.ports)
+
     def worker_config(self) -> dict[str, Any]:
-        config = worker_fragment(self.main.ports)
+        config = self.fragment()
         config["worker_log_config"] = self._write_log_config()
         for key, value in self.extra_config.items():
             if key == "listeners":
@@ -314,7 +338,7 @@ class WorkerProcess(ListeningProcess):
         with open(self.main.homeserver_config()["log_config"]) as f:
             log_config = yaml.safe_load(f)
         log_config["handlers"]["file"]["filename"] = self.log_path
-        path = os.path.join(self.main.workdir, f"{WORKER_NAME}.log.yaml")
+        path = os.path.join(self.main.workdir, f"{self.name}.log.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(log_config, f)
         return path
@@ -353,14 +377,41 @@ class WorkerProcess(ListeningProcess):
                 return False
 
         try:
-            _wait_for(healthy, self.process, f"Synapse worker {WORKER_NAME}", timeout)
+            _wait_for(healthy, self.process, f"Synapse worker {self.name}", timeout)
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(f"{exc}:\n{self.tail_logs()}") from None
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the worker (SIGKILL to simulate a crash)."""
+        if sig != signal.SIGTERM and self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
         _stop_process(self.process)
         self.process = None
+
+
+class MediaWorkerProcess(WorkerProcess):
+    """A media-repository worker (:func:`media_worker_fragment`) with one ``media`` listener.
+
+    Uploads and downloads go to its listener (:attr:`client_port`, which also
+    answers ``/health``); in ``mount: intercept`` the module sits on it too.
+    """
+
+    def __init__(self, main: MainProcess) -> None:
+        super().__init__(main, MEDIA_WORKER_NAME)
+        self.media_port = free_port()
+
+    @property
+    def client_port(self) -> int:
+        return self.media_port
+
+    @property
+    def module_port(self) -> int:
+        return self.media_port
+
+    def fragment(self) -> dict[str, Any]:
+        return media_worker_fragment(self.media_port)
 
 
 def _require_prerequisites() -> None:
@@ -410,20 +461,42 @@ class WorkerDeployment:
             raise
         self.redis = RedisServer(self.main.workdir, redis_port)
         self.worker = WorkerProcess(self.main)
+        self.media_worker: MediaWorkerProcess | None = None
 
     @property
     def ports(self) -> Ports:
         return self.main.ports
 
+    def add_media_worker(
+        self, main_media_store: bool = False, media_jobs_instance: str | None = None
+    ) -> MediaWorkerProcess:
+        """Add a media-repository worker (started after the generic worker).
+
+        Args:
+            main_media_store: Whether the main process keeps its media store
+                (``enable_media_repo``; Synapse's worker docs turn it off).
+            media_jobs_instance: ``media_instance_running_background_jobs``, if set.
+        """
+        extra = {**self.main.extra_config, "enable_media_repo": main_media_store}
+        if media_jobs_instance is not None:
+            extra["media_instance_running_background_jobs"] = media_jobs_instance
+        self.main.reconfigure(extra_config=extra)
+        self.media_worker = MediaWorkerProcess(self.main)
+        return self.media_worker
+
     def start(self) -> None:
-        """Start redis, then the main process, then the worker."""
+        """Start redis, then the main process, then the workers."""
         self.redis.start()
         self.main.start()
         self.worker.start()
+        if self.media_worker is not None:
+            self.media_worker.start()
 
     def cleanup(self) -> None:
         """Stop everything and drop the database and the working directory."""
         try:
+            if self.media_worker is not None:
+                self.media_worker.stop()
             self.worker.stop()
             self.main.stop()
             self.redis.stop()
@@ -433,13 +506,15 @@ class WorkerDeployment:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def doc_blocks(ports: Ports = DOC_PORTS) -> str:
+def doc_blocks(ports: Ports = DOC_PORTS, media_port: int = DOC_MEDIA_PORT) -> str:
     """The configuration parts in docs/workers.md's form."""
     return (
         "# homeserver.yaml (read by every process)\n"
         + to_yaml(main_fragment(ports))
         + f"\n# {WORKER_NAME}.yaml\n"
         + to_yaml(worker_fragment(ports))
+        + f"\n# {MEDIA_WORKER_NAME}.yaml\n"
+        + to_yaml(media_worker_fragment(media_port))
     )
 
 
@@ -458,6 +533,8 @@ class DeploymentTestCase(SynapseTestCase):
 
     deployment: ClassVar[WorkerDeployment]
     worker: ClassVar[WorkerProcess]
+    # Set when configure_deployment added one (WorkerDeployment.add_media_worker).
+    media_worker: ClassVar[MediaWorkerProcess | None] = None
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -469,6 +546,7 @@ class DeploymentTestCase(SynapseTestCase):
             deployment.start()
             cls.hs = deployment.main
             cls.worker = deployment.worker
+            cls.media_worker = deployment.media_worker
             cls.set_up_deployment()
         except BaseException:
             deployment.cleanup()

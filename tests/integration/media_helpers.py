@@ -1,0 +1,134 @@
+"""Helpers shared by the media deletion test modules (no tests of their own).
+
+:class:`MediaHelpers` is a mixin for a test class that has ``self.hs`` (the
+main process: its database and work directory, whose ``media_store`` every
+process shares) and ``self.audit(**filters)``; uploads and downloads go to
+:attr:`MediaHelpers.media_port` (the main's client listener unless a
+media-repository worker serves media).
+"""
+
+import io
+import json
+import os
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from tests.support import rawdb
+from tests.support.harness import SERVER_NAME, SynapseProcess, User, quote_room, request, wait_until
+
+
+def png(seed: int) -> bytes:
+    """A 100x100 PNG, different per seed (so Synapse makes thumbnails of it)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 100), (seed % 256, (seed * 7) % 256, 99))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+class MediaHelpers:
+    """Uploads, image messages, Synapse's media rows and files, the module's decisions."""
+
+    hs: SynapseProcess
+
+    if TYPE_CHECKING:
+        # The test class's own (the admin API's audit listing).
+        def audit(self, **filters: str) -> list[dict[str, Any]]: ...
+
+    @property
+    def media_port(self) -> int:
+        """Where media is uploaded and downloaded."""
+        return self.hs.client_port
+
+    def upload(self, user: User, seed: int) -> str:
+        resp = request(
+            self.media_port,
+            "POST",
+            "/_matrix/media/v3/upload?filename=i.png",
+            raw_body=png(seed),
+            headers={"Content-Type": "image/png"},
+            token=user.access_token,
+        )
+        assert resp.status == 200, resp.body
+        return str(resp.body["content_uri"])
+
+    def download(self, user: User, uri: str) -> int:
+        server, media_id = uri[len("mxc://") :].split("/")
+        resp = request(
+            self.media_port,
+            "GET",
+            f"/_matrix/client/v1/media/download/{urllib.parse.quote(server)}/{media_id}",
+            token=user.access_token,
+        )
+        return resp.status
+
+    def send_image(self, user: User, room_id: str, uri: str) -> str:
+        resp = self.hs.client(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/send/m.room.message/"
+            + os.urandom(6).hex(),
+            {"msgtype": "m.image", "body": "i.png", "url": uri},
+            token=user.access_token,
+        )
+        assert resp.status == 200, resp.body
+        return str(resp.body["event_id"])
+
+    def put_state(self, user: User, room_id: str, event_type: str, content: Any) -> None:
+        resp = self.hs.client(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote_room(room_id)}/state/{event_type}/",
+            content,
+            token=user.access_token,
+        )
+        assert resp.status == 200, resp.body
+
+    def media_row(self, uri: str) -> bool:
+        media_id = uri.rsplit("/", 1)[1]
+        rows = rawdb.query(
+            self.hs, "SELECT 1 FROM local_media_repository WHERE media_id = ?", (media_id,)
+        )
+        return bool(rows)
+
+    def thumbnail_rows(self, uri: str) -> int:
+        media_id = uri.rsplit("/", 1)[1]
+        rows = rawdb.query(
+            self.hs,
+            "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?",
+            (media_id,),
+        )
+        return int(rows[0][0])
+
+    def media_paths(self, uri: str) -> tuple[str, str]:
+        """The file and the thumbnail directory of a local medium in the media store."""
+        m = uri.rsplit("/", 1)[1]
+        store = os.path.join(self.hs.workdir, "media_store")
+        return (
+            os.path.join(store, "local_content", m[0:2], m[2:4], m[4:]),
+            os.path.join(store, "local_thumbnails", m[0:2], m[2:4], m[4:]),
+        )
+
+    def decisions(self, room_id: str) -> dict[str, tuple[str, str | None]]:
+        rows = rawdb.query(
+            self.hs,
+            "SELECT media_id, state, reason FROM leave_forget_media_deletions WHERE room_id = ?",
+            (room_id,),
+        )
+        return {f"mxc://{SERVER_NAME}/{m}": (str(s), r) for m, s, r in rows}
+
+    def media_entries(self, room_id: str) -> list[dict[str, Any]]:
+        """The room's ``purge``/``media_deleted`` audit entries."""
+        return [
+            e
+            for e in self.audit(room_id=room_id)
+            if e["action"] == "purge" and e["outcome"] == "media_deleted"
+        ]
+
+    def media_entry(self, room_id: str) -> dict[str, Any]:
+        """The receipt of the room's ``media_deleted`` entry, once it is written."""
+        entry = wait_until(
+            lambda: (entries := self.media_entries(room_id)) and entries[0],
+            what=f"the media_deleted entry of {room_id}",
+        )
+        receipt = entry["receipt"]
+        return dict(json.loads(receipt) if isinstance(receipt, str) else receipt)
