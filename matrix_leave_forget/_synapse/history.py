@@ -13,6 +13,8 @@ from synapse.module_api import ModuleApi
 from synapse.types import StreamToken
 from synapse.types.state import StateFilter
 
+from matrix_leave_forget._synapse.sql import IN_LIST_MAX
+
 # Why: what a never-member may see is Synapse's visibility rule; newer Synapse
 # versions renamed the function (and wrap each event), 1.98 has the old name.
 try:
@@ -151,6 +153,55 @@ class HistoryInternals:
             "leave_forget_membership_history", txn_fn
         )
         return rows
+
+    async def membership_histories(
+        self, user_id: str, room_ids: Iterable[str]
+    ) -> dict[str, tuple[str | None, list[tuple[str, str, int, bool]]]]:
+        """local_membership and membership_history of user_id in each of room_ids, together.
+
+        Returns:
+            Per room: the current local membership (None if none) and every
+            membership event, oldest first, as membership_history gives them.
+            Rooms without a current local membership have no entry.
+
+        Why: as membership_history; one transaction, with IN lists of at most
+        ``IN_LIST_MAX`` rooms, instead of two queries per room (a /sync with
+        ``include_leave`` names every room the user left).
+        """
+        rooms = sorted(set(room_ids))
+
+        def txn_fn(
+            txn: Any,
+        ) -> dict[str, tuple[str | None, list[tuple[str, str, int, bool]]]]:
+            found: dict[str, tuple[str | None, list[tuple[str, str, int, bool]]]] = {}
+            for start in range(0, len(rooms), IN_LIST_MAX):
+                chunk = rooms[start : start + IN_LIST_MAX]
+                marks = ", ".join("?" for _ in chunk)
+                txn.execute(
+                    "SELECT room_id, membership FROM local_current_membership"
+                    f" WHERE user_id = ? AND room_id IN ({marks})",
+                    (user_id, *chunk),
+                )
+                for room_id, membership in txn.fetchall():
+                    found[str(room_id)] = (str(membership) if membership else None, [])
+                txn.execute(
+                    "SELECT m.room_id, m.membership, m.event_id, e.stream_ordering, m.forgotten"
+                    " FROM room_memberships AS m INNER JOIN events AS e USING (event_id)"
+                    f" WHERE m.user_id = ? AND m.room_id IN ({marks}) AND NOT e.outlier"
+                    " ORDER BY e.stream_ordering",
+                    (user_id, *chunk),
+                )
+                for room_id, m, e, s, f in txn.fetchall():
+                    if str(room_id) in found:
+                        found[str(room_id)][1].append((str(m), str(e), int(s), bool(f)))
+            return found
+
+        if not rooms:
+            return {}
+        found: dict[
+            str, tuple[str | None, list[tuple[str, str, int, bool]]]
+        ] = await self._store.db_pool.runInteraction("leave_forget_membership_histories", txn_fn)
+        return found
 
     async def never_member_sees(self, events: Iterable[str]) -> AbstractSet[str]:
         """The events among the given ids that a user who was never in the room may see.

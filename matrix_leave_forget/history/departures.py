@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Memberships that mean the user was in the room and is no longer.
 DEPARTED = ("leave", "ban")
+# Memberships that ask to be let in (again): a knock, or an invite not yet answered.
+PENDING = ("knock", "invite")
 _HISTORY_VISIBILITY = "m.room.history_visibility"
 
 
@@ -43,6 +45,10 @@ class Departure:
     event_id: str
     stream_ordering: int
     forgotten: bool
+    # The user's membership now if it is a knock or an invite made after the
+    # departure (pending: the user is not in the room and sees only what any
+    # knocker or invitee sees); else None.
+    pending: str | None = None
 
 
 # (membership, event id, stream position, forgotten flag) of one membership event.
@@ -71,7 +77,9 @@ def departure_from(history: Sequence[MembershipRow]) -> Departure | None:
         return None
     for membership, event_id, stream_ordering, forgotten in history[last_join + 1 :]:
         if membership in DEPARTED:
-            return Departure(event_id, stream_ordering, forgotten)
+            latest = history[-1][0]
+            pending = latest if latest in PENDING else None
+            return Departure(event_id, stream_ordering, forgotten, pending)
     return None
 
 
@@ -149,6 +157,31 @@ class DepartureLookup:
         if membership is None or membership == "join":
             return None
         return departure_from(await self._internals.membership_history(user_id, room_id))
+
+    async def departures(
+        self, user_id: str, room_ids: Iterable[str]
+    ) -> dict[str, Departure | None]:
+        """departure() for each of room_ids, with one database transaction for all.
+
+        The rooms the user is joined to (Synapse's cache) have none; the others'
+        current memberships and histories are read together, in IN lists of a
+        bounded size, so that an answer naming many rooms the user left (an
+        initial /sync with ``include_leave``) costs one transaction, not two
+        queries per room.
+        """
+        rooms = set(room_ids)
+        found: dict[str, Departure | None] = dict.fromkeys(rooms)
+        if not rooms:
+            return found
+        asked = rooms - await self._internals.joined_rooms(user_id)
+        if not asked:
+            return found
+        for room_id, (membership, history) in (
+            await self._internals.membership_histories(user_id, asked)
+        ).items():
+            if room_id in found and membership is not None and membership != "join":
+                found[room_id] = departure_from(history)
+        return found
 
     async def never_member_sees(self, event_ids: Iterable[str]) -> AbstractSet[str]:
         """The events a user who was never in the room may see (world_readable at each)."""

@@ -67,17 +67,52 @@ async def hide_later(
     Returns:
         Whether anything was dropped.
     """
-    events = [e for events in event_lists for e in events if isinstance(e, dict)]
-    later = await later_events(lookup, events, departure)
-    changed = False
-    for events in event_lists:
-        kept = [e for e in events if not is_later(e, later)]
-        changed |= len(kept) != len(events)
-        events[:] = kept
-        for event in events:
-            if isinstance(event, dict):
-                changed |= scrub_carried(event, later)
-    return changed
+    return (await hide_later_in_rooms(lookup, [(event_lists, departure)]))[0]
+
+
+async def hide_later_in_rooms(
+    lookup: DepartureLookup, rooms: list[tuple[list[list[Any]], Departure]]
+) -> list[bool]:
+    """hide_later for several rooms at once, each with its own departure.
+
+    The same decisions as hide_later room by room, with one stream-position
+    lookup and at most one visibility check for all the rooms together (a /sync
+    with ``include_leave`` holds every room the user left).
+
+    Returns:
+        Whether anything was dropped, per room, in order.
+    """
+    per_room = []
+    for event_lists, departure in rooms:
+        events = [e for events in event_lists for e in events if isinstance(e, dict)]
+        top = {e["event_id"] for e in events if isinstance(e.get("event_id"), str)}
+        carried = {i for event in events for i in carried_ids(event)}
+        per_room.append((event_lists, departure, top | carried, carried))
+    ids = {i for _lists, _departure, room_ids, _carried in per_room for i in room_ids}
+    positions = await lookup.stream_orderings(ids) if ids else {}
+    later_by_room = []
+    for _lists, departure, room_ids, carried in per_room:
+        later = {i for i in room_ids if i in positions and positions[i] > departure.stream_ordering}
+        later_by_room.append(later | (carried - positions.keys()))
+    candidates = set().union(*later_by_room)
+    if candidates:
+        # What anyone may see (world_readable at the event) is not hidden.
+        seen = await lookup.never_member_sees(candidates)
+        later_by_room = [later - seen for later in later_by_room]
+    changed_by_room = []
+    for (event_lists, _departure, _ids, _carried), later in zip(
+        per_room, later_by_room, strict=True
+    ):
+        changed = False
+        for events in event_lists:
+            kept = [e for e in events if not is_later(e, later)]
+            changed |= len(kept) != len(events)
+            events[:] = kept
+            for event in events:
+                if isinstance(event, dict):
+                    changed |= scrub_carried(event, later)
+        changed_by_room.append(changed)
+    return changed_by_room
 
 
 def _unsigned(event: Any) -> dict[str, Any]:

@@ -13,9 +13,13 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from matrix_leave_forget.history.departures import DEPARTED, DepartureLookup
+from matrix_leave_forget.history.departures import DEPARTED, Departure, DepartureLookup
 from matrix_leave_forget.history.json_codec import decode, encode
-from matrix_leave_forget.history.later_events import hide_later, later_events, scrub_carried
+from matrix_leave_forget.history.later_events import (
+    hide_later_in_rooms,
+    later_events,
+    scrub_carried,
+)
 
 Replacement = tuple[int, bytes]
 _MEMBER = "m.room.member"
@@ -23,6 +27,20 @@ _MEMBER = "m.room.member"
 # cost a parse): a /sync "leave" section; events carried inside others.
 _LEAVE_SECTION = b'"leave":{'
 _CARRIED = (b'"redacted_because"', b'"redacted_by"', b'"m.relations"')
+# What Synapse's sliding sync gives a room the user knocked on or is invited to
+# (1.163: its stripped state and room details, never a timeline or state).
+_PENDING_KEYS = frozenset(
+    {
+        "invite_state",
+        "name",
+        "avatar",
+        "bump_stamp",
+        "initial",
+        "notification_count",
+        "highlight_count",
+        "is_dm",
+    }
+)
 # Every JSON string in the answer that starts with "!": a superset of the room ids
 # it names, as keys ("rooms", extensions) or values ("room_id", list "room_ids").
 # In valid JSON a match cannot start at a string's closing quote (one is never
@@ -97,6 +115,11 @@ def _departure_events(events: Any, user_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def _departed_after(departure: Departure | None, position: int | None) -> bool:
+    """Whether departure came after the sync position (the device missed it)."""
+    return position is not None and departure is not None and departure.stream_ordering > position
+
+
 class SyncGuard:
     """Takes forgotten rooms out of /sync, sliding sync and /notifications answers.
 
@@ -106,13 +129,6 @@ class SyncGuard:
 
     def __init__(self, lookup: DepartureLookup) -> None:
         self._lookup = lookup
-
-    async def _departed_since(self, user_id: str, room_id: str, position: int | None) -> bool:
-        """Whether the user left room_id after the sync position (their device missed it)."""
-        if position is None:
-            return False
-        departure = await self._lookup.departure(user_id, room_id)
-        return departure is not None and departure.stream_ordering > position
 
     async def _position(self, token: str | None) -> int | None:
         return await self._lookup.token_position(token) if token else None
@@ -139,50 +155,59 @@ class SyncGuard:
             for room_id in entries
             if room_id in forgotten
         ]
-        changed = bool(hits)
-        if hits:
-            position = await self._position(_arg(request, b"since"))
-            for section, room_id in hits:
-                entry = rooms[section].pop(room_id)
-                if section == "leave" and await self._departed_since(user_id, room_id, position):
-                    rooms[section][room_id] = self._sync_stub(entry, user_id)
         left: dict[str, Any] = rooms["leave"] if isinstance(rooms.get("leave"), dict) else {}
-        for room_id, entry in list(left.items()):
-            if room_id not in forgotten and isinstance(entry, dict):
-                lists = [
-                    section["events"]
-                    for section in entry.values()
-                    if isinstance(section, dict) and isinstance(section.get("events"), list)
-                ]
-                hidden = await self._hide_later(user_id, room_id, lists)
-                if hidden is None:
-                    # Forgotten, then a knock or an invite cleared Synapse's flag.
-                    position = await self._position(_arg(request, b"since"))
-                    del left[room_id]
-                    if await self._departed_since(user_id, room_id, position):
-                        left[room_id] = self._sync_stub(entry, user_id)
-                changed |= hidden is not False
+        kept_left = [
+            room_id
+            for room_id, entry in left.items()
+            if room_id not in forgotten and isinstance(entry, dict)
+        ]
+        since = _arg(request, b"since")
+        # Every departure this answer needs, in one lookup: the rooms in "leave"
+        # (each is checked) and, for a device with a since, the forgotten ones there
+        # (a stub if the device missed the departure).
+        wanted = set(kept_left)
+        if since and any(section == "leave" for section, _ in hits):
+            wanted |= {room_id for section, room_id in hits if section == "leave"}
+        departures = await self._lookup.departures(user_id, wanted) if wanted else {}
+        positions: list[int | None] = []
+
+        async def position() -> int | None:
+            if not positions:
+                positions.append(await self._position(since))
+            return positions[0]
+
+        changed = bool(hits)
+        for section, room_id in hits:
+            entry = rooms[section].pop(room_id)
+            if section == "leave" and _departed_after(departures.get(room_id), await position()):
+                rooms[section][room_id] = self._sync_stub(entry, user_id)
+        to_hide: list[tuple[list[list[Any]], Departure]] = []
+        for room_id in kept_left:
+            entry = left[room_id]
+            departure = departures.get(room_id)
+            if departure is None:
+                continue
+            if departure.forgotten:
+                # Forgotten, then a knock or an invite cleared Synapse's flag.
+                del left[room_id]
+                if _departed_after(departure, await position()):
+                    left[room_id] = self._sync_stub(entry, user_id)
+                changed = True
+                continue
+            lists = [
+                section["events"]
+                for section in entry.values()
+                if isinstance(section, dict) and isinstance(section.get("events"), list)
+            ]
+            to_hide.append((lists, departure))
+        if to_hide:
+            changed |= any(await hide_later_in_rooms(self._lookup, to_hide))
         if not changed:
             return None
         for section in [s for s, entries in rooms.items() if entries == {}]:
             # Synapse leaves empty sections out.
             del rooms[section]
         return 200, encode(data)
-
-    async def _hide_later(self, user_id: str, room_id: str, lists: list[list[Any]]) -> bool | None:
-        """Drop what was sent after user_id left room_id from lists (carried ones included).
-
-        Returns:
-            Whether anything was dropped; None if the user forgot the room and has
-            not joined it since (a knock or an invite after the forget clears
-            Synapse's forgotten flag, not the guard's): then the whole room goes.
-        """
-        departure = await self._lookup.departure(user_id, room_id)
-        if departure is None:
-            return False
-        if departure.forgotten:
-            return None
-        return await hide_later(self._lookup, lists, departure)
 
     @staticmethod
     def _sync_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:
@@ -209,9 +234,19 @@ class SyncGuard:
     ) -> Replacement | None:
         """Simplified sliding sync: the same rule as /sync, in its shapes.
 
-        A room the user departed from (a ``room_subscriptions`` entry can name one)
-        shows nothing sent after the departure, and no receipts or typing: those
-        extensions' sections of departed rooms are removed (they tell of the room now).
+        Every room the answer names (``rooms``, the lists' ``room_ids``, the
+        extensions' per-room sections) is looked up, in one query:
+
+        * a room the user forgot is removed from all of them (a device whose
+          ``pos`` predates the departure gets the stub instead); if the user has
+          knocked on it or been invited to it since, it is shown as to a knocker
+          or invitee who was never in the room: listed, with Synapse's stripped
+          state and room details, no timeline, no state, nothing but the user's
+          own account data in the extensions;
+        * a room the user departed from (a ``room_subscriptions`` entry can name
+          one) shows nothing sent after the departure, and no receipts, typing or
+          other extension data but the user's account data (they tell of the
+          room now).
         """
         named = rooms_named_by(body)
         forgotten = await self._lookup.forgotten_rooms(user_id, named)
@@ -223,10 +258,10 @@ class SyncGuard:
         if not isinstance(data, dict):
             return None
         rooms: dict[str, Any] = data["rooms"] if isinstance(data.get("rooms"), dict) else {}
+        lists = [e for e in (data.get("lists") or {}).values() if isinstance(e, dict)]
         listed = {
             room_id
-            for entry in (data.get("lists") or {}).values()
-            if isinstance(entry, dict)
+            for entry in lists
             for op in entry.get("ops") or []
             if isinstance(op, dict)
             for room_id in op.get("room_ids") or []
@@ -238,29 +273,53 @@ class SyncGuard:
             if isinstance(ext, dict) and isinstance(ext.get("rooms"), dict)
         ]
         extension_rooms = {room_id for _name, per_room in sections for room_id in per_room}
-        hits = (set(rooms) | listed | extension_rooms) & set(forgotten)
+        mentioned = set(rooms) | listed | extension_rooms
+        departures = await self._lookup.departures(
+            user_id, {r for r in mentioned if isinstance(r, str)}
+        )
+        # Forgotten and since knocked on or invited to: shown as to a never-member.
+        pending = {
+            room_id
+            for room_id, d in departures.items()
+            if d is not None and d.forgotten and d.pending and room_id not in forgotten
+        }
+        hits = (mentioned & set(forgotten)) | {
+            room_id
+            for room_id, d in departures.items()
+            if d is not None and d.forgotten and room_id not in pending
+        }
         changed = bool(hits)
         # Rooms the user left but did not forget: nothing sent after the departure.
-        departed = set()
-        for room_id in (set(rooms) | extension_rooms) - hits:
-            if await self._departed(user_id, room_id):
-                departed.add(room_id)
+        departed = {
+            room_id for room_id, d in departures.items() if d is not None and not d.forgotten
+        } - hits
+        to_hide: list[tuple[list[list[Any]], Departure]] = []
         for room_id in departed:
             entry = rooms.get(room_id)
-            if isinstance(entry, dict):
-                lists = [
+            departure = departures[room_id]
+            if isinstance(entry, dict) and departure is not None:
+                event_lists = [
                     entry[key]
                     for key in ("timeline", "required_state")
                     if isinstance(entry.get(key), list)
                 ]
-                hidden = await self._hide_later(user_id, room_id, lists)
-                if hidden is None:
-                    hits.add(room_id)
-                changed |= hidden is not False
+                to_hide.append((event_lists, departure))
+        if to_hide:
+            changed |= any(await hide_later_in_rooms(self._lookup, to_hide))
+        for room_id in pending:
+            entry = rooms.get(room_id)
+            if isinstance(entry, dict):
+                reduced = {k: v for k, v in entry.items() if k in _PENDING_KEYS}
+                if reduced != entry:
+                    rooms[room_id] = reduced
+                    changed = True
+            elif entry is not None:
+                del rooms[room_id]
+                changed = True
         for name, per_room in sections:
             # A departed room's own account data is the user's; the rest
-            # (receipts, typing, anything newer) tells of the room now.
-            for room_id in departed - {r for r in per_room if name == "account_data"}:
+            # (receipts, typing, sticky events, anything newer) tells of the room now.
+            for room_id in (departed | pending) - {r for r in per_room if name == "account_data"}:
                 if per_room.pop(room_id, None) is not None:
                     changed = True
         if not changed:
@@ -269,13 +328,11 @@ class SyncGuard:
         stubbed = set()
         for room_id in hits:
             entry = rooms.pop(room_id, None)
-            if entry is not None and await self._departed_since(user_id, room_id, position):
+            if entry is not None and _departed_after(departures.get(room_id), position):
                 rooms[room_id] = self._sliding_stub(entry, user_id)
                 stubbed.add(room_id)
         dropped = hits - stubbed
-        for entry in (data.get("lists") or {}).values():
-            if not isinstance(entry, dict):
-                continue
+        for entry in lists:
             removed = 0
             for op in entry.get("ops") or []:
                 if isinstance(op, dict) and isinstance(op.get("room_ids"), list):
@@ -288,10 +345,6 @@ class SyncGuard:
             for room_id in hits:
                 per_room.pop(room_id, None)
         return 200, encode(data)
-
-    async def _departed(self, user_id: str, room_id: str) -> bool:
-        """Whether user_id departed from room_id: its reads are guarded."""
-        return await self._lookup.departure(user_id, room_id) is not None
 
     @staticmethod
     def _sliding_stub(entry: dict[str, Any], user_id: str) -> dict[str, Any]:

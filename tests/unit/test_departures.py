@@ -11,6 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from matrix_leave_forget._synapse.history import HistoryInternals
+from matrix_leave_forget._synapse.sql import IN_LIST_MAX
 from matrix_leave_forget.history.departures import (
     DepartureLookup,
     MembershipRow,
@@ -264,3 +265,100 @@ class ForgottenRoomsFromDatabaseTests(SynchronousTestCase):
                 ("knock", "$knock", 9, False),
             ],
         )
+
+
+class _SqliteInternals(HistoryInternals):
+    """HistoryInternals on an in-memory database, with a fixed joined set."""
+
+    def __init__(self, conn: sqlite3.Connection, joined: AbstractSet[str]) -> None:
+        api = mock.Mock()
+        api._hs.get_datastores.return_value.main = _Store(conn)
+        super().__init__(api)
+        self.joined = joined
+
+    async def joined_rooms(self, user_id: str) -> AbstractSet[str]:
+        return self.joined
+
+    async def local_membership(self, user_id: str, room_id: str) -> tuple[str | None, str | None]:
+        row = self._store.db_pool.conn.execute(
+            "SELECT membership, event_id FROM local_current_membership"
+            " WHERE user_id = ? AND room_id = ?",
+            (user_id, room_id),
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+
+class BatchedDepartureTests(SynchronousTestCase):
+    def database(self, rooms: int) -> tuple[sqlite3.Connection, list[str]]:
+        """rooms rooms of USER with every kind of history (the pattern repeats)."""
+        conn = sqlite3.connect(":memory:")
+        conn.execute(
+            "CREATE TABLE room_memberships (event_id TEXT, user_id TEXT, room_id TEXT,"
+            " membership TEXT, forgotten INTEGER DEFAULT 0)"
+        )
+        conn.execute(
+            "CREATE TABLE events (event_id TEXT, stream_ordering INTEGER, outlier BOOLEAN)"
+        )
+        conn.execute(
+            "CREATE TABLE local_current_membership (room_id TEXT, user_id TEXT,"
+            " event_id TEXT, membership TEXT)"
+        )
+        kinds: list[tuple[tuple[str, ...], int]] = [
+            (("join", "leave"), 0),
+            (("join", "leave", "knock"), 2),  # forgotten, then knocked: pending
+            (("join", "leave", "invite"), 2),  # forgotten, then invited: pending
+            (("join", "leave", "knock", "leave"), 2),  # knock rescinded
+            (("join", "ban"), 0),
+            (("join",), 0),  # joined (the cache may lag: the row says join)
+            (("invite",), 0),  # never joined
+            ((), 0),  # no membership at all
+        ]
+        position = 0
+        room_ids = []
+        for index in range(rooms):
+            room_id = f"!r{index}:test.local"
+            room_ids.append(room_id)
+            memberships, forgotten_until = kinds[index % len(kinds)]
+            for k, membership in enumerate(memberships, start=1):
+                position += 1
+                event_id = f"${index}.{k}"
+                conn.execute(
+                    "INSERT INTO room_memberships VALUES (?, ?, ?, ?, ?)",
+                    (event_id, USER, room_id, membership, int(k <= forgotten_until)),
+                )
+                conn.execute("INSERT INTO events VALUES (?, ?, ?)", (event_id, position, False))
+            if memberships:
+                conn.execute(
+                    "INSERT INTO local_current_membership VALUES (?, ?, ?, ?)",
+                    (room_id, USER, f"${index}.{len(memberships)}", memberships[-1]),
+                )
+        return conn, room_ids
+
+    def test_batched_departures_are_those_of_departure(self) -> None:
+        """DepartureLookup.departures gives, for more rooms than one IN list holds,
+        what departure() gives room by room (joined rooms, never-members and rooms
+        without a membership included), in one transaction; a knock or invite after
+        a forget is its pending membership, a rescinded one none."""
+        conn, room_ids = self.database(IN_LIST_MAX + 37)
+        internals = _SqliteInternals(conn, joined={room_ids[0], room_ids[5]})
+        lookup = DepartureLookup(mock.Mock(), internals)
+        pool = internals._store.db_pool
+        batched = self.successResultOf(defer.ensureDeferred(lookup.departures(USER, room_ids)))
+        self.assertEqual(pool.descriptions, ["leave_forget_membership_histories"])
+        one_by_one = {
+            room_id: self.successResultOf(defer.ensureDeferred(lookup.departure(USER, room_id)))
+            for room_id in room_ids
+        }
+        self.assertEqual(batched, one_by_one)
+        self.assertIsNone(batched[room_ids[0]])  # joined, per the cache
+        left = batched[room_ids[8]]
+        assert left is not None
+        self.assertEqual((left.forgotten, left.pending), (False, None))
+        pending = [batched[room_ids[i]] for i in (1, 2, 3)]
+        self.assertEqual(
+            [(d.forgotten, d.pending) for d in pending if d is not None],
+            [(True, "knock"), (True, "invite"), (True, None)],
+        )
+        # Five of every eight kinds depart; room 0 (the first of them) is joined.
+        departed = sum(1 for i in range(len(room_ids)) if i % 8 < 5) - 1
+        self.assertEqual(sum(d is not None for d in batched.values()), departed)
