@@ -1,0 +1,86 @@
+"""trial, with each worker of ``-j N`` taking a whole test class at a time.
+
+Stock ``trial -j N`` hands tests out one by one from a shared queue, so both
+workers of an environment run tests of the same class side by side, and each
+boots that class's Synapse (tests/integration/base.py, ``ClassFixtures``): of
+the ~100 Synapse boots of an environment, ~40 were such duplicates (about 1.7
+CPU seconds each), and the history matrix built its two servers and 48 rooms
+twice. Here a worker takes every test of a class at once; the largest classes
+go first, so that no worker is left with one at the end.
+
+This replaces ``DistTrialRunner._driveWorker``, a private method of Twisted's
+(the same shape since Twisted 22.8). If Twisted's runner changes shape, stock
+trial runs the same tests (only slower) and says so on stderr.
+
+Usage: ``python scripts/trial_by_class.py [trial arguments]`` (tox.ini).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.python.failure import Failure
+from twisted.scripts import trial
+
+# A class of more tests than this starts before the others.
+LARGE_CLASS = 100
+
+
+def class_groups(cases: Iterable[Any]) -> deque[list[Any]]:
+    """Consecutive tests of one class, as lists; the largest classes first."""
+    groups: list[list[Any]] = []
+    for case in cases:
+        if groups and type(groups[-1][0]) is type(case):
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    large = [g for g in groups if len(g) > LARGE_CLASS]
+    return deque(large + [g for g in groups if len(g) <= LARGE_CLASS])
+
+
+def install() -> bool:
+    """Make disttrial hand out whole classes; False if its runner is not as expected."""
+    try:
+        from twisted.trial._dist.disttrial import DistTrialRunner
+
+        expected = ["self", "result", "testCases", "worker"]
+        if list(inspect.signature(DistTrialRunner._driveWorker).parameters) != expected:
+            return False
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+    # The iterator of the run being driven, and its groups.
+    shared: list[Any] = [None, deque()]
+
+    async def drive_worker(self: Any, result: Any, test_cases: Any, worker: Any) -> None:
+        # Every worker's driver gets the same iterator of the run: the first
+        # one to start groups it, the others share those groups. Nothing
+        # awaits between taking a group off the queue and running its first
+        # test, so no two workers take the same one.
+        if shared[0] is not test_cases:
+            shared[:] = [test_cases, class_groups(test_cases)]
+        groups = shared[1]
+        while groups:
+            for case in groups.popleft():
+                try:
+                    await worker.run(case, result)
+                except Exception:
+                    result.original.addError(case, Failure())
+
+    DistTrialRunner._driveWorker = drive_worker
+    return True
+
+
+if __name__ == "__main__":
+    if not install():
+        print(
+            "trial_by_class: Twisted's disttrial is not as expected; "
+            "running stock trial (tests are handed out one by one)",
+            file=sys.stderr,
+        )
+    sys.argv[0] = "trial"
+    trial.run()
