@@ -14,7 +14,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from tests.support import rawdb
-from tests.support.harness import SERVER_NAME, SynapseProcess, User, quote_room, request, wait_until
+from tests.support.harness import SynapseProcess, User, quote_room, request, wait_until
 
 
 def png(seed: int) -> bytes:
@@ -41,9 +41,10 @@ class MediaHelpers:
         """Where media is uploaded and downloaded."""
         return self.hs.client_port
 
-    def upload(self, user: User, seed: int) -> str:
+    def upload(self, user: User, seed: int, on: SynapseProcess | None = None) -> str:
+        """Upload ``png(seed)`` as ``user`` (to ``on``, a server without the module, if given)."""
         resp = request(
-            self.media_port,
+            on.client_port if on is not None else self.media_port,
             "POST",
             "/_matrix/media/v3/upload?filename=i.png",
             raw_body=png(seed),
@@ -53,18 +54,20 @@ class MediaHelpers:
         assert resp.status == 200, resp.body
         return str(resp.body["content_uri"])
 
-    def download(self, user: User, uri: str) -> int:
+    def download(self, user: User, uri: str, on: SynapseProcess | None = None) -> int:
         server, media_id = uri[len("mxc://") :].split("/")
         resp = request(
-            self.media_port,
+            on.client_port if on is not None else self.media_port,
             "GET",
             f"/_matrix/client/v1/media/download/{urllib.parse.quote(server)}/{media_id}",
             token=user.access_token,
         )
         return resp.status
 
-    def send_image(self, user: User, room_id: str, uri: str) -> str:
-        resp = self.hs.client(
+    def send_image(
+        self, user: User, room_id: str, uri: str, on: SynapseProcess | None = None
+    ) -> str:
+        resp = (on or self.hs).client(
             "PUT",
             f"/_matrix/client/v3/rooms/{quote_room(room_id)}/send/m.room.message/"
             + os.urandom(6).hex(),
@@ -83,10 +86,11 @@ class MediaHelpers:
         )
         assert resp.status == 200, resp.body
 
-    def media_row(self, uri: str) -> bool:
+    def media_row(self, uri: str, on: SynapseProcess | None = None) -> bool:
+        """Whether this server (or ``on``) holds a local medium's row."""
         media_id = uri.rsplit("/", 1)[1]
         rows = rawdb.query(
-            self.hs, "SELECT 1 FROM local_media_repository WHERE media_id = ?", (media_id,)
+            on or self.hs, "SELECT 1 FROM local_media_repository WHERE media_id = ?", (media_id,)
         )
         return bool(rows)
 
@@ -99,10 +103,10 @@ class MediaHelpers:
         )
         return int(rows[0][0])
 
-    def media_paths(self, uri: str) -> tuple[str, str]:
+    def media_paths(self, uri: str, on: SynapseProcess | None = None) -> tuple[str, str]:
         """The file and the thumbnail directory of a local medium in the media store."""
         m = uri.rsplit("/", 1)[1]
-        store = os.path.join(self.hs.workdir, "media_store")
+        store = os.path.join((on or self.hs).workdir, "media_store")
         return (
             os.path.join(store, "local_content", m[0:2], m[2:4], m[4:]),
             os.path.join(store, "local_thumbnails", m[0:2], m[2:4], m[4:]),
@@ -111,10 +115,42 @@ class MediaHelpers:
     def decisions(self, room_id: str) -> dict[str, tuple[str, str | None]]:
         rows = rawdb.query(
             self.hs,
-            "SELECT media_id, state, reason FROM leave_forget_media_deletions WHERE room_id = ?",
+            "SELECT media_origin, media_id, state, reason FROM leave_forget_media_deletions"
+            " WHERE room_id = ?",
             (room_id,),
         )
-        return {f"mxc://{SERVER_NAME}/{m}": (str(s), r) for m, s, r in rows}
+        return {f"mxc://{o}/{m}": (str(s), r) for o, m, s, r in rows}
+
+    def remote_cache(self, uri: str) -> tuple[str, int] | None:
+        """(file id, bytes) of this server's cached copy of another server's medium, or None."""
+        origin, media_id = uri[len("mxc://") :].split("/")
+        rows = rawdb.query(
+            self.hs,
+            "SELECT filesystem_id, media_length FROM remote_media_cache"
+            " WHERE media_origin = ? AND media_id = ?",
+            (origin, media_id),
+        )
+        return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def remote_thumbnail_rows(self, uri: str) -> int:
+        origin, media_id = uri[len("mxc://") :].split("/")
+        rows = rawdb.query(
+            self.hs,
+            "SELECT COUNT(*) FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = ? AND media_id = ?",
+            (origin, media_id),
+        )
+        return int(rows[0][0])
+
+    def remote_cache_paths(self, uri: str, file_id: str) -> tuple[str, str]:
+        """The file and the thumbnail directory of a cached remote medium in the media store."""
+        origin = uri[len("mxc://") :].split("/")[0]
+        store = os.path.join(self.hs.workdir, "media_store")
+        parts = (origin, file_id[0:2], file_id[2:4], file_id[4:])
+        return (
+            os.path.join(store, "remote_content", *parts),
+            os.path.join(store, "remote_thumbnail", *parts),
+        )
 
     def media_entries(self, room_id: str) -> list[dict[str, Any]]:
         """The room's ``purge``/``media_deleted`` audit entries."""

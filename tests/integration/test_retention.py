@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from matrix_leave_forget.timestamps import now_ms
+from tests.integration.media_helpers import MediaHelpers, png
 from tests.integration.retention_helpers import (
     ADMIN,
     FAST_RETENTION,
@@ -32,11 +33,13 @@ from tests.integration.retention_helpers import (
     FederatedPair,
     RetentionHelpers,
 )
+from tests.support import rawdb
 from tests.support.harness import (
     Response,
     User,
     quote_room,
     request,
+    wait_until,
 )
 
 
@@ -480,12 +483,18 @@ class RestartTests(RetentionHelpers):
         self.assert_purged(room)
 
 
-class FederatedRetentionTests(FederatedPair, RetentionHelpers):
-    """Rooms that live on on a remote server: a rejoin, invite or knock cancels a pending purge."""
+class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
+    """Rooms that live on on a remote server: a rejoin, invite or knock cancels a pending
+    purge; the remote media a purged room referenced leaves this server's cache."""
 
     MODULE_CONFIG = {
         "forget_rate_limit": RELAXED_FORGET,
-        "retention": {"period": "2s", "sweep_interval": "100ms"},
+        "retention": {
+            "period": "2s",
+            "sweep_interval": "100ms",
+            "media": "delete",
+            "media_grace": "4s",
+        },
     }
 
     def remote_room(self, **content: Any) -> str:
@@ -610,6 +619,76 @@ class FederatedRetentionTests(FederatedPair, RetentionHelpers):
         self.release(room)
         self.assert_purged(room)
         self.assertGreaterEqual(self.retention(room)["purge_started_at"], second["purge_due_at"])
+
+    def test_purged_room_drops_cached_remote_media(self) -> None:
+        """A remote user's image in a purged room leaves this server's cache (row, file,
+        thumbnails) after the grace, while the remote server keeps its original; one
+        another local room refers to stays (``referenced_elsewhere``); the signed
+        ``media_deleted`` entry counts the remote item and its bytes."""
+        alice, bob = self.user("alice"), self.user("bob")
+        room = self.remote_room(preset="public_chat")
+        self.federated(alice, room, "join")
+        self.federated(bob, room, "join")
+        only_here, forwarded = (
+            self.upload(self.rita, 11, on=self.remote),
+            self.upload(self.rita, 12, on=self.remote),
+        )
+        for uri in (only_here, forwarded):
+            self.assertTrue(uri.startswith(f"mxc://{self.remote.server_name}/"), uri)
+            self.send_image(self.rita, room, uri, on=self.remote)
+        # A local download caches the remote media here (and thumbnails it).
+        for uri in (only_here, forwarded):
+            self.assertEqual(self.download(alice, uri), 200)
+        cached = self.remote_cache(only_here)
+        assert cached is not None
+        file_id, size = cached
+        self.assertEqual(size, len(png(11)))
+        cached_file, cached_thumbs = self.remote_cache_paths(only_here, file_id)
+        self.assertTrue(os.path.exists(cached_file))
+        wait_until(
+            lambda: self.remote_thumbnail_rows(only_here) > 0 and os.path.exists(cached_thumbs),
+            what="thumbnails of the cached remote image",
+        )
+        self.assertIsNotNone(self.remote_cache(forwarded))
+        # The other image is also in a local room that stays.
+        other_room = self.hs.create_room(alice, preset="private_chat")
+        self.send_image(alice, other_room, forwarded)
+        # Both images reached this server in the shared room (the index reads them there).
+        wait_until(lambda: {only_here, forwarded} <= self.room_media(room), what="the images here")
+
+        self.leave_and_forget([alice, bob], room)
+        self.wait_state(room, "purged")
+        receipt = self.media_entry(room)["media"]
+        self.assertEqual(
+            self.decisions(room),
+            {only_here: ("deleted", None), forwarded: ("kept", "referenced_elsewhere")},
+        )
+        self.assertEqual((receipt["remote_items"], receipt["remote_bytes"]), (1, len(png(11))))
+        self.assertEqual((receipt["local_items"], receipt["local_bytes"]), (0, 0))
+        self.assertEqual(receipt["kept_referenced_elsewhere"], 1)
+        self.assertEqual(receipt["kept"], {"kept:referenced_elsewhere": 1})
+        # This server's copy is gone: row, file, thumbnails.
+        self.assertIsNone(self.remote_cache(only_here))
+        self.assertEqual(self.remote_thumbnail_rows(only_here), 0)
+        self.assertFalse(os.path.exists(cached_file))
+        self.assertFalse(os.path.exists(cached_thumbs))
+        self.assertIsNotNone(self.remote_cache(forwarded))
+        # The remote server keeps its original, and this server can fetch it again.
+        self.assertTrue(self.media_row(only_here, on=self.remote))
+        self.assertTrue(os.path.exists(self.media_paths(only_here, on=self.remote)[0]))
+        self.assertEqual(self.download(self.rita, only_here, on=self.remote), 200)
+        self.assertEqual(self.download(alice, only_here), 200)
+        self.assertIsNotNone(self.remote_cache(only_here))
+
+    def room_media(self, room_id: str) -> set[str]:
+        """The media this server's copy of a room refers to (its events' JSON)."""
+        rows = rawdb.query(
+            self.hs,
+            "SELECT j.json FROM event_json AS j JOIN events AS e ON e.event_id = j.event_id"
+            " WHERE e.room_id = ? AND e.type = 'm.room.message'",
+            (room_id,),
+        )
+        return {str(json.loads(r[0])["content"].get("url")) for r in rows}
 
 
 class InterceptModeTests(RetentionHelpers):
