@@ -48,7 +48,7 @@ def stream_bounds_txn(txn: LoggingTransaction) -> tuple[int, int]:
 
 
 def room_media_facts_txn(
-    txn: LoggingTransaction, room_id: str, with_rows: bool = True
+    txn: LoggingTransaction, room_id: str, with_rows: bool = True, paramstyle: str = "?"
 ) -> tuple[bool, int, list[EventRow]]:
     """(encrypted, last stream ordering, events holding an mxc URI) of a room about to be purged.
 
@@ -57,15 +57,19 @@ def room_media_facts_txn(
     is read from its ``m.room.encryption`` event in ``events``, and its own
     events with media are read here (through the room's index) so that the
     index holds them even if it had not reached them yet. Same tables on
-    Synapse 1.98 and 1.163.
+    Synapse 1.98 and 1.163. ``paramstyle``: ``%s`` from the offline CLI on a
+    raw psycopg2 cursor (Synapse's LoggingTransaction converts ``?`` itself).
     """
     txn.execute(
-        "SELECT 1 FROM events WHERE room_id = ? AND type = ? LIMIT 1",
+        "SELECT 1 FROM events WHERE room_id = ? AND type = ? LIMIT 1".replace("?", paramstyle),
         (room_id, "m.room.encryption"),
     )
     encrypted = txn.fetchone() is not None
     txn.execute(
-        "SELECT COALESCE(MAX(stream_ordering), 0) FROM events WHERE room_id = ?", (room_id,)
+        "SELECT COALESCE(MAX(stream_ordering), 0) FROM events WHERE room_id = ?".replace(
+            "?", paramstyle
+        ),
+        (room_id,),
     )
     row = txn.fetchone()
     max_stream = int(row[0]) if row else 0
@@ -74,7 +78,7 @@ def room_media_facts_txn(
     txn.execute(
         "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, j.json"
         " FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id"
-        " WHERE e.room_id = ? AND j.json LIKE ?",
+        " WHERE e.room_id = ? AND j.json LIKE ?".replace("?", paramstyle),
         (room_id, MXC_LIKE),
     )
     rows = [(int(r[0]), r[1], r[2], r[3], r[4]) for r in txn.fetchall()]
@@ -87,7 +91,7 @@ KEPT_SAFE_FROM_QUARANTINE = "safe_from_quarantine"
 
 
 def media_facts_txn(
-    txn: LoggingTransaction, server_name: str, origin: str, media_id: str
+    txn: LoggingTransaction, server_name: str, origin: str, media_id: str, paramstyle: str = "?"
 ) -> tuple[int | None, str | None, str | None]:
     """What Synapse holds of one medium: (bytes or None if absent, remote file id, kept).
 
@@ -96,14 +100,17 @@ def media_facts_txn(
     ``local_media_repository``), or None.
 
     Why: no module API reads the media tables; the columns read are the same
-    on Synapse 1.98 and 1.163.
+    on Synapse 1.98 and 1.163. ``paramstyle``: as :func:`room_media_facts_txn`'s.
     """
-    txn.execute("SELECT 1 FROM profiles WHERE avatar_url = ?", (f"mxc://{origin}/{media_id}",))
+    txn.execute(
+        "SELECT 1 FROM profiles WHERE avatar_url = ?".replace("?", paramstyle),
+        (f"mxc://{origin}/{media_id}",),
+    )
     profile = KEPT_PROFILE_AVATAR if txn.fetchone() is not None else None
     if origin == server_name:
         txn.execute(
             "SELECT media_length, safe_from_quarantine FROM local_media_repository"
-            " WHERE media_id = ?",
+            " WHERE media_id = ?".replace("?", paramstyle),
             (media_id,),
         )
         row = txn.fetchone()
@@ -113,7 +120,7 @@ def media_facts_txn(
         return int(row[0] or 0), None, profile or safe
     txn.execute(
         "SELECT media_length, filesystem_id FROM remote_media_cache"
-        " WHERE media_origin = ? AND media_id = ?",
+        " WHERE media_origin = ? AND media_id = ?".replace("?", paramstyle),
         (origin, media_id),
     )
     row = txn.fetchone()

@@ -391,12 +391,6 @@ class AuditLog:
         )
         return [int(r[0]) for r in txn.fetchall()]
 
-    async def purge_receipt(self, room_id: str) -> dict[str, Any] | None:
-        """The room's latest ``purged`` entry: seq, ts, hash, receipt (purge_receipt_txn)."""
-        return await self._api.run_db_interaction(
-            "leave_forget_purge_receipt", purge_receipt_txn, room_id
-        )
-
     async def count_purged_since(self, since_ts: int) -> int:
         """Rooms recorded purged since ``since_ts`` (the audit log's ts index)."""
         return await self._api.run_db_interaction(
@@ -532,12 +526,21 @@ def purge_receipt_txn(txn: Any, room_id: str, paramstyle: str = "?") -> dict[str
 
     Shared with the CLI (``paramstyle``: see select_audit_txn).
     """
+    return purge_entry_txn(txn, room_id, "purged", 0, paramstyle)
+
+
+def purge_entry_txn(
+    txn: Any, room_id: str, outcome: str, after_seq: int, paramstyle: str = "?"
+) -> dict[str, Any] | None:
+    """The room's latest ``purge`` entry with ``outcome`` after ``after_seq``: seq, ts, hash
+    and receipt (JSON text), or None. Shared with the CLI (``paramstyle``: see select_audit_txn).
+    """
     txn.execute(
         "SELECT seq, ts, hash, receipt FROM leave_forget_audit WHERE room_id = ? "
-        "AND action = 'purge' AND outcome = 'purged' ORDER BY seq DESC LIMIT 1".replace(
+        "AND action = 'purge' AND outcome = ? AND seq > ? ORDER BY seq DESC LIMIT 1".replace(
             "?", paramstyle
         ),
-        (room_id,),
+        (room_id, outcome, after_seq),
     )
     row = txn.fetchone()
     if row is None:

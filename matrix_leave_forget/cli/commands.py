@@ -25,7 +25,6 @@ from matrix_leave_forget._synapse.internals import SynapseInternals
 from matrix_leave_forget.audit.log import (
     STORED_COLUMNS,
     count_purged_since_txn,
-    purge_receipt_txn,
     select_audit_txn,
 )
 from matrix_leave_forget.cli.config import (
@@ -46,7 +45,11 @@ from matrix_leave_forget.cli.render import (
     write_json,
 )
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
-from matrix_leave_forget.retention.receipt import receipt_view
+from matrix_leave_forget.retention.receipt import (
+    MEDIA_NOTHING,
+    MEDIA_RECORDED,
+    purge_receipt_view_txn,
+)
 from matrix_leave_forget.retention.state import (
     LISTINGS,
     list_rooms_txn,
@@ -228,7 +231,9 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
 def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
     """Show the erasure receipt of a purged room: its signed ``purged`` audit entry.
 
-    The same as ``purge_receipt`` in ``GET .../admin/rooms/{roomId}``.
+    The same as ``purge_receipt`` in ``GET .../admin/rooms/{roomId}``, with
+    the room's media: its signed ``media_deleted`` entry once written after the
+    grace, or where the media stands until then.
 
     Args:
         db: The database.
@@ -238,19 +243,42 @@ def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace
     Returns:
         The exit status (EXIT_ERROR if the room has no purge recorded).
     """
-    view = receipt_view(purge_receipt_txn(db.cursor(), args.room, paramstyle=db.paramstyle))
+    view = purge_receipt_view_txn(db.cursor(), args.room, paramstyle=db.paramstyle)
     if view is None:
         raise CliError(f"no purge of {args.room} is recorded in the audit log")
     if args.format == "json":
         write_json(sys.stdout, {"room_id": args.room, **view})
         return EXIT_OK
+    rows = receipt_rows(args.room, view)
+    if args.format == "csv":
+        write_csv(sys.stdout, ["field", "value"], [{"field": k, "value": v} for k, v in rows])
+    elif view["receipt"] is None:
+        print("\n".join(f"{k}: {v}" for k, v in rows[:2]))
+        print("(recorded before erasure receipts existed: no counts)")
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in rows))
+    return EXIT_OK
+
+
+def receipt_rows(room_id: str, view: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The receipt's lines (field, value): the purge entry's, then its media's.
+
+    Media deleted after the grace is in its own entry (``media_deleted``):
+    once written its counts are the ones shown (the purge entry's are 0 under
+    ``delete``); until then, where the media stands.
+    """
     receipt = view["receipt"] or {}
-    media = receipt.get("media") or {}
+    media_state = view.get("media")
+    shown = receipt
+    if media_state is not None and media_state["state"] == MEDIA_RECORDED:
+        shown = media_state["receipt"] or {}
+    media = shown.get("media") or {}
     rows = [
-        ("room", args.room),
+        ("room", room_id),
         ("entry", f"{view['seq']}:{view['hash']} ({format_ts(view['ts'])})"),
         ("events erased", _count(receipt.get("events"))),
         ("state groups erased", _count(receipt.get("state_groups"))),
+        ("media", _media_state(media_state)),
         (
             "media erased",
             f"local {media.get('local_items', 0)} ({media.get('local_bytes', 0)} bytes), "
@@ -272,14 +300,20 @@ def cmd_receipt(db: Database, config: HomeserverConfig, args: argparse.Namespace
             ", ".join(f"{t} ({why})" for t, why in (receipt.get("kept") or {}).items()) or "none",
         ),
     ]
-    if args.format == "csv":
-        write_csv(sys.stdout, ["field", "value"], [{"field": k, "value": v} for k, v in rows])
-    elif view["receipt"] is None:
-        print("\n".join(f"{k}: {v}" for k, v in rows[:2]))
-        print("(recorded before erasure receipts existed: no counts)")
-    else:
-        print("\n".join(f"{k}: {v}" for k, v in rows))
-    return EXIT_OK
+    return rows
+
+
+def _media_state(media: Mapping[str, Any] | None) -> str:
+    """The ``media`` line of a receipt: which entry records the media, or where it stands."""
+    if media is None:
+        return "decided with the purge (no media deletion for it)"
+    if media["state"] == MEDIA_RECORDED:
+        return f"entry {media['seq']}:{media['hash']} ({format_ts(media['ts'])})"
+    if media["state"] == MEDIA_NOTHING:
+        return "none held by the server: nothing to delete"
+    if media["due"] is None:
+        return "pending: not decided yet (the reference index has not read the room's events)"
+    return f"pending: {media['due']} due for deletion, the last at {format_ts(media['due_at'])}"
 
 
 _SCHEDULE_COLUMNS = (

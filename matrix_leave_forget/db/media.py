@@ -1,6 +1,7 @@
 """The media reference index's rows and its positions in Synapse's events stream."""
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from synapse.module_api import LoggingTransaction, ModuleApi
 
@@ -27,11 +28,15 @@ class MediaRefStore:
         self._api = api
 
     @staticmethod
-    def positions_txn(txn: LoggingTransaction) -> dict[str, int]:
-        """The index's stream positions by name (absent until it first ran)."""
+    def positions_txn(txn: LoggingTransaction, paramstyle: str = "?") -> dict[str, int]:
+        """The index's stream positions by name (absent until it first ran).
+
+        Shared with the CLI (``paramstyle``: ``%s`` on a raw psycopg2 cursor).
+        """
         names = (STREAM_MEDIA_FORWARD, STREAM_MEDIA_TARGET, STREAM_MEDIA_LOW)
         txn.execute(
-            "SELECT name, stream_id FROM leave_forget_stream_positions WHERE name IN (?, ?, ?)",
+            "SELECT name, stream_id FROM leave_forget_stream_positions"
+            " WHERE name IN (?, ?, ?)".replace("?", paramstyle),
             names,
         )
         return {name: int(position) for name, position in txn.fetchall()}
@@ -117,8 +122,18 @@ KEPT_ENCRYPTED_ROOM = "encrypted_room"
 KEPT_REFERENCED_ELSEWHERE = "referenced_elsewhere"
 CANCELLED_DOWNLOADED = "downloaded_during_grace"
 
-# (bytes or None, remote file id, kept reason) of a medium: _synapse.media.media_facts_txn.
-FactsTxn = Callable[[LoggingTransaction, str, str, str], tuple[int | None, str | None, str | None]]
+
+class FactsTxn(Protocol):
+    """(bytes or None, remote file id, kept reason) of a medium: _synapse.media.media_facts_txn."""
+
+    def __call__(
+        self,
+        txn: LoggingTransaction,
+        server_name: str,
+        origin: str,
+        media_id: str,
+        paramstyle: str = "?",
+    ) -> tuple[int | None, str | None, str | None]: ...
 
 
 def record_room_txn(
@@ -144,7 +159,7 @@ def purged_rooms_waiting_txn(txn: LoggingTransaction) -> list[tuple[str, bool, i
 
 
 def referenced_elsewhere_txn(
-    txn: LoggingTransaction, origin: str, media_id: str, room_id: str | None
+    txn: LoggingTransaction, origin: str, media_id: str, room_id: str | None, paramstyle: str = "?"
 ) -> bool:
     """Whether an event of a room other than ``room_id`` (None: of any room) references it."""
     sql = "SELECT 1 FROM leave_forget_media_refs WHERE media_origin = ? AND media_id = ?"
@@ -152,7 +167,7 @@ def referenced_elsewhere_txn(
     if room_id is not None:
         sql += " AND room_id <> ?"
         args.append(room_id)
-    txn.execute(sql + " LIMIT 1", args)
+    txn.execute((sql + " LIMIT 1").replace("?", paramstyle), args)
     return txn.fetchone() is not None
 
 
@@ -167,11 +182,13 @@ def decide_room_media_txn(
     server_name: str,
     facts_txn: FactsTxn,
     limit: int | None = None,
+    paramstyle: str = "?",
 ) -> list[Decision]:
     """What becomes of each medium a room's events reference (Synapse holds), and why.
 
     Read only: :func:`schedule_room_txn` records it after the purge; the
-    admin API shows it before (``dry_run``).
+    admin API and the CLI show it before (``dry_run``; ``paramstyle``: ``%s``
+    from the CLI on a raw psycopg2 cursor).
     """
     sql = (
         "SELECT DISTINCT media_origin, media_id FROM leave_forget_media_refs WHERE room_id = ?"
@@ -181,16 +198,16 @@ def decide_room_media_txn(
     if limit is not None:
         sql += " LIMIT ?"
         args.append(limit)
-    txn.execute(sql, args)
+    txn.execute(sql.replace("?", paramstyle), args)
     media = [(str(o), str(m)) for o, m in txn.fetchall()]
     decisions: list[Decision] = []
     for origin, media_id in media:
-        size, _file_id, kept = facts_txn(txn, server_name, origin, media_id)
+        size, _file_id, kept = facts_txn(txn, server_name, origin, media_id, paramstyle)
         if size is None:
             continue
         if encrypted:
             state, reason = MEDIA_KEPT, KEPT_ENCRYPTED_ROOM
-        elif referenced_elsewhere_txn(txn, origin, media_id, room_id):
+        elif referenced_elsewhere_txn(txn, origin, media_id, room_id, paramstyle):
             state, reason = MEDIA_KEPT, KEPT_REFERENCED_ELSEWHERE
         elif kept is not None:
             state, reason = MEDIA_KEPT, kept
@@ -293,3 +310,27 @@ def mark_reported_txn(txn: LoggingTransaction, room_id: str, now: int) -> None:
         "UPDATE leave_forget_media_rooms SET state = ?, updated_at = ? WHERE room_id = ?",
         (ROOM_REPORTED, now, room_id),
     )
+
+
+def media_room_status_txn(
+    txn: LoggingTransaction, room_id: str, paramstyle: str = "?"
+) -> tuple[str, int, int | None] | None:
+    """Where a purged room's media stands: (room state, media still due, when the last is
+    due) or None if its purge decides no media (``keep``, ``dry_run``, an older purge).
+
+    Shared with the CLI (``paramstyle``: ``%s`` on a raw psycopg2 cursor).
+    """
+    txn.execute(
+        "SELECT state FROM leave_forget_media_rooms WHERE room_id = ?".replace("?", paramstyle),
+        (room_id,),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None
+    txn.execute(
+        "SELECT COUNT(*), MAX(due_at) FROM leave_forget_media_deletions"
+        " WHERE room_id = ? AND state = ?".replace("?", paramstyle),
+        (room_id, MEDIA_DUE),
+    )
+    due, due_at = txn.fetchone() or (0, None)
+    return str(row[0]), int(due or 0), int(due_at) if due_at is not None else None

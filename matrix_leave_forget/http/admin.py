@@ -21,7 +21,6 @@ from synapse.module_api.errors import Codes, SynapseError
 from matrix_leave_forget.config import RetentionConfig, is_valid_room_id
 from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
-from matrix_leave_forget.retention.receipt import receipt_view
 from matrix_leave_forget.retention.state import LISTINGS
 from matrix_leave_forget.retention.store import RetentionStore
 from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
@@ -352,7 +351,7 @@ class AdminResource(DirectServeJsonResource):
             "leave_forget_local_members", self._internals.local_memberships_txn, room_id
         )
         history = await self._store.audit.member_history(room_id)
-        purge = await self._store.audit.purge_receipt(room_id)
+        purge = await self._store.purge_receipt(room_id)
         hold = await self._store.retention.get_hold(room_id)
         if hold is None and room_id in self._retention.holds:
             hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
@@ -365,8 +364,9 @@ class AdminResource(DirectServeJsonResource):
             "room_id": room_id,
             "retention": attr.asdict(retention) if retention else None,
             "hold": hold,
-            # The signed entry that records what the purge erased and kept.
-            "purge_receipt": receipt_view(purge),
+            # The signed entry that records what the purge erased and kept, and
+            # the one that records its media after the grace (or where it stands).
+            "purge_receipt": purge,
             "media_preview": media_preview,
             "local_members": [
                 {

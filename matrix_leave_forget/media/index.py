@@ -55,6 +55,13 @@ def refs_of_rows(rows: list[tuple[int, str, str, str, str]]) -> list[RefRow]:
     return refs
 
 
+def index_covers(positions: dict[str, int], stream_ordering: int) -> bool:
+    """Whether an index at ``positions`` (``MediaRefStore.positions_txn``) holds every
+    reference of the events up to ``stream_ordering``, its back-fill done."""
+    forward = positions.get(STREAM_MEDIA_FORWARD)
+    return forward is not None and forward >= max(stream_ordering, positions[STREAM_MEDIA_TARGET])
+
+
 def _read_stretch_txn(txn: LoggingTransaction, name: str, after: int, upto: int, to: int) -> int:
     rows = events_with_mxc_txn(txn, after, upto)
     refs = refs_of_rows(rows)
@@ -142,11 +149,7 @@ class MediaIndexer:
 
         Read from the database, so any process can ask.
         """
-        positions = await self._store.positions()
-        forward = positions.get(STREAM_MEDIA_FORWARD)
-        return forward is not None and forward >= max(
-            stream_ordering, positions[STREAM_MEDIA_TARGET]
-        )
+        return index_covers(await self._store.positions(), stream_ordering)
 
     async def status(self) -> dict[str, Any]:
         """The index's progress, for ``GET …/admin/retention`` (``media_index``).

@@ -48,7 +48,6 @@ from matrix_leave_forget.db.media import (
     MEDIA_CANCELLED,
     MEDIA_DELETED,
     MEDIA_KEPT,
-    Decision,
     MediaRefStore,
     decide_room_media_txn,
     due_media_txn,
@@ -65,8 +64,8 @@ from matrix_leave_forget.db.media import (
 from matrix_leave_forget.db.media import (
     KEPT_REFERENCED_ELSEWHERE as REFERENCED,
 )
-from matrix_leave_forget.media.index import MediaIndexer, refs_of_rows
-from matrix_leave_forget.retention.receipt import encode_receipt
+from matrix_leave_forget.media.index import MediaIndexer, index_covers, refs_of_rows
+from matrix_leave_forget.retention.receipt import OUTCOME_MEDIA_DELETED, encode_receipt
 from matrix_leave_forget.timestamps import now_ms
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,6 @@ INTERVAL_MS = 1000
 # Media deleted per run (each is a few file operations and a transaction).
 BATCH = 100
 
-OUTCOME_MEDIA_DELETED = "media_deleted"
 # Media listed per room by preview().
 PREVIEW_LIMIT = 1000
 
@@ -112,6 +110,41 @@ def media_receipt(
             media["kept_referenced_elsewhere"] += 1
     media["kept"] = dict(sorted(reasons.items()))
     return {"media": media}
+
+
+def preview_txn(
+    txn: LoggingTransaction, room_id: str, server_name: str, paramstyle: str = "?"
+) -> dict[str, Any]:
+    """What a purge of the room would do with its media now; read only, in one transaction.
+
+    Shared by the admin API's room detail and the offline CLI (``paramstyle``:
+    ``%s`` on a raw psycopg2 cursor).
+
+    Returns:
+        ``encrypted``; ``index_ready`` (the index has read every event up to
+        now and finished its back-fill, so a reference from another room is in
+        the decisions; deletion waits for the same); ``media``: up to
+        PREVIEW_LIMIT decisions, each ``mxc``, ``decision`` (``due``: deleted
+        after the grace, or ``kept``), ``reason`` and ``bytes``.
+    """
+    encrypted, _max_stream, _rows = room_media_facts_txn(
+        txn, room_id, with_rows=False, paramstyle=paramstyle
+    )
+    # Read before the decisions: an index that covers this head had every
+    # reference the decisions below could see.
+    _low, head = stream_bounds_txn(txn)
+    ready = index_covers(MediaRefStore.positions_txn(txn, paramstyle), head)
+    decisions = decide_room_media_txn(
+        txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT, paramstyle
+    )
+    return {
+        "encrypted": encrypted,
+        "index_ready": ready,
+        "media": [
+            {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
+            for o, m, s, r, b in decisions
+        ],
+    }
 
 
 class MediaReaper:
@@ -166,38 +199,12 @@ class MediaReaper:
     async def preview(self, room_id: str) -> dict[str, Any]:
         """What a purge of the room would do with its media now (the admin API's room detail).
 
-        Returns:
-            ``policy``; ``encrypted``; ``index_ready`` (the index has read every
-            event up to now and finished its back-fill, so a reference from
-            another room is in the decisions; deletion waits for the same);
-            ``media``: up to PREVIEW_LIMIT decisions, each ``mxc``,
-            ``decision`` (``due``: deleted after the grace, or ``kept``),
-            ``reason`` and ``bytes``.
+        See :func:`preview_txn`, whose answer this returns with the policy.
         """
-        server_name = self._api.server_name
-
-        def txn_fn(txn: LoggingTransaction) -> tuple[bool, int, list[Decision]]:
-            encrypted, _max_stream, _rows = room_media_facts_txn(txn, room_id, with_rows=False)
-            # Read before the decisions: an index that covers this head had
-            # every reference the decisions below could see.
-            _low, head = stream_bounds_txn(txn)
-            decisions = decide_room_media_txn(
-                txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT
-            )
-            return encrypted, head, decisions
-
-        encrypted, head, decisions = await self._api.run_db_interaction(
-            "leave_forget_media_preview", txn_fn
+        preview = await self._api.run_db_interaction(
+            "leave_forget_media_preview", preview_txn, room_id, self._api.server_name
         )
-        return {
-            "policy": self._config.media,
-            "encrypted": encrypted,
-            "index_ready": await self._index.covers(head),
-            "media": [
-                {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
-                for o, m, s, r, b in decisions
-            ],
-        }
+        return {"policy": self._config.media, **preview}
 
     async def on_media_read(self, origin: str, media_id: str) -> None:
         """A download or thumbnail request for a medium: cancel its deletion if it is due."""

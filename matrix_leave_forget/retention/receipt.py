@@ -10,6 +10,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from matrix_leave_forget.audit.log import purge_entry_txn, purge_receipt_txn
+from matrix_leave_forget.db.media import ROOM_REPORTED, ROOM_WAITING, media_room_status_txn
+
 # Rows of Synapse's tables that keep the purged room's bare id, and why
 # (docs/retention.md "What a purge leaves").
 KEPT_ROOM_ID_ROWS: Mapping[str, str] = {
@@ -18,9 +21,16 @@ KEPT_ROOM_ID_ROWS: Mapping[str, str] = {
     "scheduled_tasks": "synapse_purge_task",
 }
 
-# What the module does with a purged room's media today: it keeps it (media
-# deletion does not exist yet; the counts below are then 0).
+# The purge receipt's media policy when none is given: the media is kept.
 MEDIA_POLICY_KEEP = "keep"
+
+# The outcome of the entry that records a purged room's media, after its grace.
+OUTCOME_MEDIA_DELETED = "media_deleted"
+
+# purge_receipt.media.state (docs/retention.md "The erasure receipt").
+MEDIA_PENDING = "pending"  # not decided yet, or media still due for deletion
+MEDIA_RECORDED = "recorded"  # the media_deleted entry is written
+MEDIA_NOTHING = "no_media"  # settled, no entry: no media Synapse held, not encrypted
 
 
 def build_receipt(
@@ -90,3 +100,46 @@ def receipt_view(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "hash": entry["hash"],
         "receipt": decode_receipt(entry["receipt"]),
     }
+
+
+def media_view(
+    status: tuple[str, int, int | None] | None, entry: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """Where a purged room's media stands, beside its purge receipt.
+
+    Args:
+        status: ``db.media.media_room_status_txn``'s answer (None: the purge
+            decides no media).
+        entry: The room's ``purge``/``media_deleted`` entry after its purge, if written.
+
+    Returns:
+        None when the purge decides no media; else ``state``: ``recorded``
+        (with the entry's ``seq``, ``ts``, ``hash`` and ``receipt``),
+        ``pending`` (``due``: media still due for deletion, None while
+        undecided; ``due_at``: when the last of them is) or ``no_media``.
+    """
+    if entry is not None:
+        return {"state": MEDIA_RECORDED, **(receipt_view(entry) or {})}
+    if status is None:
+        return None
+    state, due, due_at = status
+    if state == ROOM_REPORTED:
+        return {"state": MEDIA_NOTHING}
+    if state == ROOM_WAITING:
+        return {"state": MEDIA_PENDING, "due": None, "due_at": None}
+    return {"state": MEDIA_PENDING, "due": due, "due_at": due_at}
+
+
+def purge_receipt_view_txn(txn: Any, room_id: str, paramstyle: str = "?") -> dict[str, Any] | None:
+    """The room's purge receipt (:func:`receipt_view`) with ``media``: :func:`media_view`.
+
+    One read of the purge entry, the media entry written after it and the
+    media's state; shared by the admin API and the CLI (``paramstyle``: see
+    audit.log.select_audit_txn). None if no purge is recorded.
+    """
+    view = receipt_view(purge_receipt_txn(txn, room_id, paramstyle))
+    if view is None:
+        return None
+    entry = purge_entry_txn(txn, room_id, OUTCOME_MEDIA_DELETED, view["seq"], paramstyle)
+    status = media_room_status_txn(txn, room_id, paramstyle) if entry is None else None
+    return {**view, "media": media_view(status, entry)}

@@ -10,6 +10,7 @@ own rows, is membership/forget_writer.py's.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attr
 from signedjson.types import SigningKey
@@ -17,6 +18,7 @@ from synapse.module_api import LoggingTransaction, ModuleApi
 
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.db.schema import run_migrations
+from matrix_leave_forget.retention.receipt import purge_receipt_view_txn
 from matrix_leave_forget.retention.state import RetentionState
 
 # Positions in Synapse's events stream (leave_forget_stream_positions.name):
@@ -93,6 +95,12 @@ class RetentionStore:
             txn.fetchone()
 
         await self._api.run_db_interaction("leave_forget_probe", txn_fn)
+
+    async def purge_receipt(self, room_id: str) -> dict[str, Any] | None:
+        """The room's purge receipt and where its media stands (``purge_receipt_view_txn``)."""
+        return await self._api.run_db_interaction(
+            "leave_forget_purge_receipt", purge_receipt_view_txn, room_id
+        )
 
     async def record_departure(self, fields: AuditFields) -> bool:
         """Append a departure seen in Synapse's events, once per event.

@@ -204,8 +204,13 @@ class PurgeLeftoversTest(RetentionHelpers):
 
     def check_receipt(self, room_id: str, events: int) -> None:
         """The purge's signed entry says what was erased; the admin API and the CLI show it."""
-        detail = self.detail(room_id)
-        view = detail["purge_receipt"]
+        # Its media settled (the room had none Synapse held): the view no longer changes.
+        view = wait_until(
+            lambda: (v := self.detail(room_id)["purge_receipt"])["media"]["state"] != "pending"
+            and v,
+            what="the purged room's media settled",
+        )
+        self.assertEqual(view["media"], {"state": "no_media"})
         entry = next(e for e in self.audit(room_id=room_id) if e["outcome"] == "purged")
         self.assertEqual((view["seq"], view["hash"]), (entry["seq"], entry["hash"]))
         receipt = view["receipt"]

@@ -39,6 +39,7 @@ from tests.support.harness import (
     User,
     quote_room,
     request,
+    run_cli,
     wait_until,
 )
 
@@ -658,6 +659,9 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
 
         self.leave_and_forget([alice, bob], room)
         self.wait_state(room, "purged")
+        # Until the grace is over the receipt says the media is pending.
+        pending = self.detail(room)["purge_receipt"]["media"]
+        self.assertEqual(pending["state"], "pending")
         receipt = self.media_entry(room)["media"]
         self.assertEqual(
             self.decisions(room),
@@ -673,12 +677,45 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
         self.assertFalse(os.path.exists(cached_file))
         self.assertFalse(os.path.exists(cached_thumbs))
         self.assertIsNotNone(self.remote_cache(forwarded))
+        self.check_media_receipt(room, only_here)
         # The remote server keeps its original, and this server can fetch it again.
         self.assertTrue(self.media_row(only_here, on=self.remote))
         self.assertTrue(os.path.exists(self.media_paths(only_here, on=self.remote)[0]))
         self.assertEqual(self.download(self.rita, only_here, on=self.remote), 200)
         self.assertEqual(self.download(alice, only_here), 200)
         self.assertIsNotNone(self.remote_cache(only_here))
+
+    def check_media_receipt(self, room_id: str, deleted: str) -> None:
+        """The purge receipt (admin API and CLI) names the media_deleted entry beside the
+        purge entry, whose own fields stay as signed."""
+        entries = {e["outcome"]: e for e in self.audit(room_id=room_id) if e["action"] == "purge"}
+        view = self.detail(room_id)["purge_receipt"]
+        purged, media = entries["purged"], entries["media_deleted"]
+        self.assertEqual((view["seq"], view["hash"]), (purged["seq"], purged["hash"]))
+        self.assertEqual(view["receipt"], json.loads(purged["receipt"]))
+        self.assertEqual(view["receipt"]["media"]["remote_items"], 0)
+        self.assertEqual(
+            view["media"],
+            {
+                "state": "recorded",
+                "seq": media["seq"],
+                "ts": media["ts"],
+                "hash": media["hash"],
+                "receipt": json.loads(media["receipt"]),
+            },
+        )
+        cli = run_cli(self.hs.config_path, "receipt", room_id, "--json")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertEqual(json.loads(cli.stdout), {"room_id": room_id, **view})
+        table = run_cli(self.hs.config_path, "receipt", room_id)
+        self.assertEqual(table.returncode, 0, table.stderr)
+        self.assertIn(f"entry: {purged['seq']}:{purged['hash']}", table.stdout)
+        self.assertIn(f"media: entry {media['seq']}:{media['hash']}", table.stdout)
+        self.assertIn(
+            f"media erased: local 0 (0 bytes), remote 1 ({len(png(11))} bytes); policy delete",
+            table.stdout,
+        )
+        self.assertIn("media kept: referenced elsewhere 1, encrypted room 0", table.stdout)
 
     def room_media(self, room_id: str) -> set[str]:
         """The media this server's copy of a room refers to (its events' JSON)."""

@@ -7,6 +7,7 @@ from matrix_leave_forget.retention.receipt import (
     build_receipt,
     decode_receipt,
     encode_receipt,
+    media_view,
     receipt_view,
 )
 
@@ -56,3 +57,27 @@ class ReceiptTests(SynchronousTestCase):
         view = receipt_view({"seq": 5, "ts": 1, "hash": "h", "receipt": None})
         self.assertEqual(view, {"seq": 5, "ts": 1, "hash": "h", "receipt": None})
         self.assertIsNone(receipt_view(None))
+
+    def test_media_view_follows_the_media_decisions(self) -> None:
+        """Beside the purge receipt: None without media decisions, pending (undecided, then
+        due with the last due time), the media_deleted entry once written, or no_media."""
+        self.assertIsNone(media_view(None, None))
+        self.assertEqual(
+            media_view(("waiting", 0, None), None),
+            {"state": "pending", "due": None, "due_at": None},
+        )
+        self.assertEqual(
+            media_view(("scheduled", 2, 9000), None), {"state": "pending", "due": 2, "due_at": 9000}
+        )
+        self.assertEqual(media_view(("reported", 0, None), None), {"state": "no_media"})
+        entry = {"seq": 9, "ts": 5, "hash": "m", "receipt": '{"media":{"remote_items":1}}'}
+        self.assertEqual(
+            media_view(("reported", 0, None), entry),
+            {
+                "state": "recorded",
+                "seq": 9,
+                "ts": 5,
+                "hash": "m",
+                "receipt": {"media": {"remote_items": 1}},
+            },
+        )
