@@ -12,6 +12,7 @@ from matrix_leave_forget.cli.commands import (
     cmd_export,
     cmd_log,
     cmd_receipt,
+    cmd_room,
     cmd_rooms,
     cmd_schedule_abandoned,
 )
@@ -178,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rooms.add_argument("--from", dest="after", metavar="ROOM_ID", help="start after this room")
     rooms.set_defaults(func=cmd_rooms)
+
+    room = sub.add_parser(
+        "room",
+        parents=[formats],
+        help="one room: retention state, hold, purge receipt, what a purge would do with its media",
+        description=_summary(cmd_room),
+    )
+    room.add_argument("room", metavar="ROOM_ID")
+    room.set_defaults(func=cmd_room)
 
     receipt = sub.add_parser(
         "receipt",

@@ -1,4 +1,4 @@
-"""The commands that read the database: rooms, receipt, log and export.
+"""The commands that read the database: rooms, room, receipt, log and export.
 
 Also schedule-abandoned, through the admin API; verify is in cli/verify.py.
 """
@@ -30,6 +30,7 @@ from matrix_leave_forget.audit.log import (
 from matrix_leave_forget.cli.config import (
     HomeserverConfig,
     configured_holds,
+    module_config,
 )
 from matrix_leave_forget.cli.database import Database, max_seq, newest_start
 from matrix_leave_forget.cli.errors import EXIT_OK, CliError
@@ -45,6 +46,7 @@ from matrix_leave_forget.cli.render import (
     write_json,
 )
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
+from matrix_leave_forget.media.reaper import PREVIEW_LIMIT, preview_txn
 from matrix_leave_forget.retention.receipt import (
     MEDIA_NOTHING,
     MEDIA_RECORDED,
@@ -52,8 +54,10 @@ from matrix_leave_forget.retention.receipt import (
 )
 from matrix_leave_forget.retention.state import (
     LISTINGS,
+    RetentionState,
     list_rooms_txn,
     retention_counts_txn,
+    select_hold_txn,
     select_holds_txn,
 )
 from matrix_leave_forget.retention.summary import RATE_WINDOW_MS, retention_summary
@@ -314,6 +318,131 @@ def _media_state(media: Mapping[str, Any] | None) -> str:
     if media["due"] is None:
         return "pending: not decided yet (the reference index has not read the room's events)"
     return f"pending: {media['due']} due for deletion, the last at {format_ts(media['due_at'])}"
+
+
+_MEDIA_COLUMNS = (
+    Column("mxc", "MEDIA"),
+    Column("decision", "DECISION"),
+    Column("reason", "REASON"),
+    Column("bytes", "BYTES"),
+)
+
+
+def room_detail(db: Database, config: HomeserverConfig, room_id: str) -> dict[str, Any]:
+    """One room as ``GET .../admin/rooms/{roomId}`` shows it, without its local members.
+
+    ``media_preview`` (what a purge would do with the room's media now) while
+    the room is not purged, as the admin API; the policy is the module's
+    ``retention.media`` in homeserver.yaml.
+    """
+    cur = db.cursor()
+    retention = RetentionState.get_room_txn(cur, room_id, paramstyle=db.paramstyle)
+    hold = select_hold_txn(cur, room_id, paramstyle=db.paramstyle)
+    settings = module_config(config)
+    if hold is None and room_id in settings.retention.holds:
+        hold = {"room_id": room_id, "held_by": "config", "reason": None, "created_at": None}
+    media_preview = None
+    if retention is None or retention.purged_at is None:
+        preview = preview_txn(cur, room_id, config.server_name, paramstyle=db.paramstyle)
+        media_preview = {"policy": settings.retention.media, **preview}
+    return {
+        "room_id": room_id,
+        "retention": attr.asdict(retention) if retention else None,
+        "hold": hold,
+        "purge_receipt": purge_receipt_view_txn(cur, room_id, paramstyle=db.paramstyle),
+        "media_preview": media_preview,
+    }
+
+
+def cmd_room(db: Database, config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Show one room: retention, hold, purge receipt, what a purge would do with its media.
+
+    The same as ``GET .../admin/rooms/{roomId}`` without ``local_members``.
+
+    Args:
+        db: The database.
+        config: The homeserver config (server name, the module's holds and media policy).
+        args: The parsed command line (``room``).
+
+    Returns:
+        The exit status.
+    """
+    detail = room_detail(db, config, args.room)
+    preview = detail["media_preview"]
+    if args.format == "json":
+        write_json(sys.stdout, detail)
+        return EXIT_OK
+    if args.format == "csv":
+        # The media decisions, one row each (the fields of the room are in --json).
+        write_csv(sys.stdout, [c.key for c in _MEDIA_COLUMNS], preview["media"] if preview else [])
+        return EXIT_OK
+    print("\n".join(f"{k}: {v}" for k, v in _room_rows(detail)))
+    if preview is not None and preview["media"]:
+        print(render_table(_MEDIA_COLUMNS, preview["media"]))
+    if preview is not None and len(preview["media"]) >= PREVIEW_LIMIT:
+        warn(f"showing the first {PREVIEW_LIMIT} media of the room")
+    return EXIT_OK
+
+
+def _room_rows(detail: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The room's lines (field, value) before its media table."""
+    retention = detail["retention"]
+    if retention is None:
+        state = "not forgotten by all (no retention state)"
+    else:
+        times = [
+            f"{label} {format_ts(retention[key])}"
+            for key, label in (
+                ("forgotten_at", "forgotten"),
+                ("purge_due_at", "purge due"),
+                ("purged_at", "purged"),
+                ("cancelled_at", "cancelled"),
+            )
+            if retention[key] is not None
+        ]
+        note = f"; {retention['note']}" if retention["note"] else ""
+        state = f"{retention['state']} ({', '.join(times) or 'no times'}{note})"
+    hold = detail["hold"]
+    held = "none"
+    if hold is not None:
+        since = f" since {format_ts(hold['created_at'])}" if hold["created_at"] else ""
+        why = f": {hold['reason']}" if hold["reason"] else ""
+        held = f"held by {hold['held_by']}{since}{why}"
+    receipt = detail["purge_receipt"]
+    purge = "none"
+    if receipt is not None:
+        purge = f"entry {receipt['seq']}:{receipt['hash']} (see: receipt {detail['room_id']})"
+    rows = [
+        ("room", detail["room_id"]),
+        ("retention", state),
+        ("hold", held),
+        ("purge receipt", purge),
+    ]
+    preview = detail["media_preview"]
+    if preview is None:
+        rows.append(("media preview", "none (the room is purged)"))
+    else:
+        due = [m for m in preview["media"] if m["decision"] == "due"]
+        kept = len(preview["media"]) - len(due)
+        rows.append(
+            (
+                "media preview",
+                f"policy {preview['policy']}; encrypted {_yes(preview['encrypted'])}; "
+                f"index ready {_yes(preview['index_ready'])}"
+                + ("" if preview["index_ready"] else " (a reference elsewhere may be missing)"),
+            )
+        )
+        rows.append(
+            (
+                "media a purge would delete",
+                f"{len(due)} ({sum(m['bytes'] for m in due)} bytes); kept {kept}",
+            )
+        )
+    return rows
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 _SCHEDULE_COLUMNS = (

@@ -1,8 +1,8 @@
-"""Reading homeserver.yaml: the database settings, the signing keys, the module's holds."""
+"""Reading homeserver.yaml: the database settings, the signing keys, the module's config."""
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attr
 import yaml
@@ -17,6 +17,9 @@ from matrix_leave_forget._synapse.offline_config import (
 )
 from matrix_leave_forget.audit.entry import parse_old_signing_keys, verify_key_id
 from matrix_leave_forget.cli.errors import CliError, one_line
+
+if TYPE_CHECKING:
+    from matrix_leave_forget.config import LeaveForgetConfig
 
 MODULE_NAME = "matrix_leave_forget.LeaveForgetModule"
 
@@ -241,6 +244,15 @@ def configured_holds(config: HomeserverConfig) -> frozenset[str]:
     Raises:
         CliError: if the module's config is one the module itself would reject.
     """
+    return module_config(config).retention.holds
+
+
+def module_config(config: HomeserverConfig) -> "LeaveForgetConfig":
+    """The module's config as the module parses it (its defaults if it is not configured).
+
+    Raises:
+        CliError: if the module's config is one the module itself would reject.
+    """
     from matrix_leave_forget.config import parse_config
 
     modules = config.values.get("modules") or []
@@ -249,8 +261,8 @@ def configured_holds(config: HomeserverConfig) -> frozenset[str]:
     for module in modules:
         if isinstance(module, dict) and module.get("module") == MODULE_NAME:
             try:
-                return parse_config(module.get("config")).retention.holds
+                return parse_config(module.get("config"))
             except ConfigError as exc:
                 path = ".".join(getattr(exc, "path", None) or ())
                 raise CliError(f"module config {path}: {exc.msg}")
-    return frozenset()
+    return parse_config(None)

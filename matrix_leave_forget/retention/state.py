@@ -221,8 +221,16 @@ class RetentionState:
         return self.get_room_txn(txn, room_id)
 
     @staticmethod
-    def get_room_txn(txn: LoggingTransaction, room_id: str) -> RoomRetention | None:
-        txn.execute(f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?", (room_id,))
+    def get_room_txn(
+        txn: LoggingTransaction, room_id: str, paramstyle: str = "?"
+    ) -> RoomRetention | None:
+        """The room's row; shared with the CLI (``paramstyle``: see list_rooms_txn)."""
+        txn.execute(
+            f"SELECT {_ROOM_COLUMNS} FROM leave_forget_rooms WHERE room_id = ?".replace(
+                "?", paramstyle
+            ),
+            (room_id,),
+        )
         row = txn.fetchone()
         return RoomRetention(*row) if row else None
 
@@ -541,14 +549,7 @@ class RetentionState:
     async def get_hold(self, room_id: str) -> dict[str, Any] | None:
         """The hold placed on room_id through the admin API, if any."""
 
-        def txn_fn(txn: LoggingTransaction) -> dict[str, Any] | None:
-            txn.execute(
-                f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id = ?", (room_id,)
-            )
-            r = txn.fetchone()
-            return _hold_dict(r) if r else None
-
-        return await self._api.run_db_interaction("leave_forget_get_hold", txn_fn)
+        return await self._api.run_db_interaction("leave_forget_get_hold", select_hold_txn, room_id)
 
     async def list_rooms(
         self, states: Iterable[str], after: str | None, limit: int
@@ -672,6 +673,18 @@ def select_holds_page_txn(
     )
     txn.execute(sql.replace("?", paramstyle), (after or "", limit))
     return [_hold_dict(r) for r in txn.fetchall()]
+
+
+def select_hold_txn(txn: Any, room_id: str, paramstyle: str = "?") -> dict[str, Any] | None:
+    """The hold placed on room_id through the admin API, if any; shared with the CLI."""
+    txn.execute(
+        f"SELECT {_HOLD_COLUMNS} FROM leave_forget_holds WHERE room_id = ?".replace(
+            "?", paramstyle
+        ),
+        (room_id,),
+    )
+    r = txn.fetchone()
+    return _hold_dict(r) if r else None
 
 
 def select_holds_txn(txn: Any) -> list[dict[str, Any]]:

@@ -9,9 +9,13 @@ signed ``purge``/``media_deleted`` entry counts it. An encrypted room keeps
 its media.
 """
 
+import csv
+import io
+import json
 import os
 import signal
 import urllib.parse
+from typing import Any
 
 from tests.integration.media_helpers import MediaHelpers, png
 from tests.integration.retention_helpers import (
@@ -19,7 +23,7 @@ from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     RetentionHelpers,
 )
-from tests.support.harness import wait_until
+from tests.support.harness import run_cli, wait_until
 
 GRACE = "4s"
 
@@ -71,10 +75,17 @@ class MediaDeletionTest(MediaHelpers, RetentionHelpers):
         self.assertEqual(shown[own], ("due", None))
         self.assertEqual(shown[forwarded], ("kept", "referenced_elsewhere"))
         self.assertEqual(shown[profile], ("kept", "profile_avatar"))
+        self.check_cli_preview(room_id, preview, own, forwarded)
 
         self.leave_and_forget([alice, bob], room_id)
         self.wait_state(room_id, "purged")
         self.assertIsNone(self.detail(room_id)["media_preview"])
+        after = self.cli_room(room_id)
+        self.assertIsNone(after["media_preview"])
+        self.assertEqual(after["retention"]["state"], "purged")
+        self.assertEqual(
+            after["purge_receipt"]["seq"], self.detail(room_id)["purge_receipt"]["seq"]
+        )
         # Due for deletion: still served during the grace; a download cancels it.
         decisions = wait_until(
             lambda: (d := self.decisions(room_id)) and d.get(own) and d,
@@ -105,6 +116,33 @@ class MediaDeletionTest(MediaHelpers, RetentionHelpers):
         self.assertEqual(receipt["kept"]["cancelled:downloaded_during_grace"], 1)
         self.assertEqual(self.download(alice, forwarded), 200)
         self.assertEqual(self.download(alice, own), 404)
+
+    def cli_room(self, room_id: str, fmt: str = "json") -> Any:
+        """``matrix-leave-forget room ROOM`` in ``fmt`` (json: parsed; table, csv: the text)."""
+        flags = () if fmt == "table" else (f"--{fmt}",)
+        proc = run_cli(self.hs.config_path, "room", room_id, *flags)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        return json.loads(proc.stdout) if fmt == "json" else proc.stdout
+
+    def check_cli_preview(self, room_id: str, preview: dict[str, Any], due: str, kept: str) -> None:
+        """The CLI's ``room`` shows, offline, the admin API's media preview of the room."""
+        detail = self.cli_room(room_id)
+        self.assertEqual(detail["media_preview"], preview)
+        self.assertEqual(detail["retention"], None)
+        self.assertIsNone(detail["purge_receipt"])
+        table = self.cli_room(room_id, "table")
+        self.assertIn("media preview: policy delete; encrypted no; index ready yes", table)
+        rows = {
+            line.split()[0]: line.split()[1:] for line in table.splitlines() if "mxc://" in line
+        }
+        self.assertEqual(rows[due][:2], ["due", "-"])
+        self.assertEqual(rows[kept][:2], ["kept", "referenced_elsewhere"])
+        csv_rows = list(csv.DictReader(io.StringIO(self.cli_room(room_id, "csv"))))
+        self.assertEqual(
+            {r["mxc"]: r["decision"] for r in csv_rows},
+            {m["mxc"]: m["decision"] for m in preview["media"]},
+        )
 
     def test_encrypted_room_keeps_its_media(self) -> None:
         """A purged encrypted room's events go, its media stays, and the entry says why."""

@@ -206,8 +206,9 @@ class PurgeLeftoversTest(RetentionHelpers):
         """The purge's signed entry says what was erased; the admin API and the CLI show it."""
         # Its media settled (the room had none Synapse held): the view no longer changes.
         view = wait_until(
-            lambda: (v := self.detail(room_id)["purge_receipt"])["media"]["state"] != "pending"
-            and v,
+            lambda: (
+                (v := self.detail(room_id)["purge_receipt"])["media"]["state"] != "pending" and v
+            ),
             what="the purged room's media settled",
         )
         self.assertEqual(view["media"], {"state": "no_media"})

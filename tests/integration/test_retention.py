@@ -656,6 +656,21 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
         self.send_image(alice, other_room, forwarded)
         # Both images reached this server in the shared room (the index reads them there).
         wait_until(lambda: {only_here, forwarded} <= self.room_media(room), what="the images here")
+        # What a purge would do with them, in the admin API and the offline CLI alike.
+        preview = wait_until(
+            lambda: (p := self.detail(room)["media_preview"])["index_ready"] and p,
+            what="the media preview with the index ready",
+        )
+        self.assertEqual(
+            {m["mxc"]: (m["decision"], m["reason"], m["bytes"]) for m in preview["media"]},
+            {
+                only_here: ("due", None, len(png(11))),
+                forwarded: ("kept", "referenced_elsewhere", len(png(12))),
+            },
+        )
+        cli = run_cli(self.hs.config_path, "room", room, "--json")
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertEqual(json.loads(cli.stdout)["media_preview"], preview)
 
         self.leave_and_forget([alice, bob], room)
         self.wait_state(room, "purged")
