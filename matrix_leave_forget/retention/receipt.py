@@ -3,7 +3,9 @@
 An operator answering a data subject points at one entry: the room's
 ``purge``/``purged`` entry, whose ``receipt`` (hashed and signed with the
 chain) says how much of the room was erased and what stays, and why
-(docs/retention.md "The erasure receipt").
+(docs/retention.md "The erasure receipt"). Its media, decided after the
+purge and deleted after a grace, is recorded in a later entry of its own
+(``purge``/``media_deleted``); :func:`purge_receipt_view_txn` shows both.
 """
 
 import json

@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget import cli
 from matrix_leave_forget.audit.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
 from matrix_leave_forget.audit.log import STORED_COLUMNS, select_audit_txn
+from matrix_leave_forget.cli.commands import receipt_rows
 from matrix_leave_forget.retention.state import LISTINGS
 from tests.support.chain import make_chain
 from tests.unit.cli_helpers import ORIGIN, CliTestCase, Tty, create_database, insert_entry
@@ -875,3 +876,36 @@ class HelpersTest(SynchronousTestCase):
         """Progress writes nothing to a stream that is not a terminal."""
         self.assertFalse(cli.Progress.wanted(io.StringIO()))
         self.assertTrue(cli.Progress.wanted(Tty()))
+
+
+class ReceiptRowsTest(SynchronousTestCase):
+    """The receipt's text lines follow where the purged room's media stands."""
+
+    def view(self, media: dict[str, Any] | None) -> dict[str, Any]:
+        purge_media = {"policy": "delete", "local_items": 0, "remote_items": 0}
+        return {"seq": 7, "ts": 0, "hash": "h", "receipt": {"media": purge_media}, "media": media}
+
+    def rows(self, media: dict[str, Any] | None) -> dict[str, str]:
+        return dict(receipt_rows("!r:x", self.view(media)))
+
+    def test_pending_then_recorded(self) -> None:
+        """Pending says what is due and when; recorded names the entry and shows its counts
+        instead of the purge entry's zeros."""
+        self.assertIn("not decided yet", self.rows({"state": "pending", "due": None})["media"])
+        pending = self.rows({"state": "pending", "due": 2, "due_at": 0})
+        self.assertEqual(
+            pending["media"], "pending: 2 due for deletion, the last at 1970-01-01T00:00:00.000Z"
+        )
+        recorded = self.rows(
+            {
+                "state": "recorded",
+                "seq": 9,
+                "ts": 0,
+                "hash": "m",
+                "receipt": {"media": {"policy": "delete", "remote_items": 1, "remote_bytes": 5}},
+            }
+        )
+        self.assertTrue(recorded["media"].startswith("entry 9:m "), recorded["media"])
+        self.assertIn("remote 1 (5 bytes)", recorded["media erased"])
+        self.assertIn("nothing to delete", self.rows({"state": "no_media"})["media"])
+        self.assertIn("no media deletion", self.rows(None)["media"])
