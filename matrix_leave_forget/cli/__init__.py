@@ -2,11 +2,13 @@
 
 The command reads Synapse's database directly, from the settings in a
 ``homeserver.yaml``; Synapse need not run (and may: the database is only ever
-opened read-only). It lists rooms by retention state, shows and exports audit
+opened read-only). It lists rooms by retention state, shows one room (with what
+a purge would do with its media) and a purge's receipt, shows and exports audit
 entries, and verifies the whole audit chain (every hash link and signature)
 with the homeserver's key, or with only its public key (``--verify-key``)::
 
     matrix-leave-forget -c homeserver.yaml rooms --state forgotten
+    matrix-leave-forget -c homeserver.yaml room '!room:example.org'
     matrix-leave-forget -c homeserver.yaml log --user @alice:example.org
     matrix-leave-forget -c homeserver.yaml export -o audit.jsonl
     matrix-leave-forget -c homeserver.yaml verify
