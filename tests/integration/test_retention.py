@@ -13,7 +13,8 @@ rejoin it, invite to it or knock on it (Synapse answers 404 "no servers that
 are in the room"). Cancellation of a pending purge by a rejoin, a new invite or
 a knock therefore only happens for rooms that live on other servers too;
 :class:`FederatedRetentionTests` runs a second homeserver and federates with it
-over loopback TLS. On one server, an invite or knock that is pending when the
+over loopback TLS (and, there, deletes a purged room's cached copy of the remote
+server's media). On one server, an invite or knock that is pending when the
 last member forgets keeps the room from ever becoming "forgotten"; the
 single-server tests cover that.
 """
@@ -625,7 +626,9 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
         """A remote user's image in a purged room leaves this server's cache (row, file,
         thumbnails) after the grace, while the remote server keeps its original; one
         another local room refers to stays (``referenced_elsewhere``); the signed
-        ``media_deleted`` entry counts the remote item and its bytes."""
+        ``media_deleted`` entry counts the remote item and its bytes. The offline CLI's
+        ``room`` previews this as the admin API does, and the purge receipt (admin API,
+        CLI ``receipt``) says ``pending`` until the entry, then names it."""
         alice, bob = self.user("alice"), self.user("bob")
         room = self.remote_room(preset="public_chat")
         self.federated(alice, room, "join")
@@ -692,7 +695,7 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
         self.assertFalse(os.path.exists(cached_file))
         self.assertFalse(os.path.exists(cached_thumbs))
         self.assertIsNotNone(self.remote_cache(forwarded))
-        self.check_media_receipt(room, only_here)
+        self.check_media_receipt(room)
         # The remote server keeps its original, and this server can fetch it again.
         self.assertTrue(self.media_row(only_here, on=self.remote))
         self.assertTrue(os.path.exists(self.media_paths(only_here, on=self.remote)[0]))
@@ -700,7 +703,7 @@ class FederatedRetentionTests(FederatedPair, MediaHelpers, RetentionHelpers):
         self.assertEqual(self.download(alice, only_here), 200)
         self.assertIsNotNone(self.remote_cache(only_here))
 
-    def check_media_receipt(self, room_id: str, deleted: str) -> None:
+    def check_media_receipt(self, room_id: str) -> None:
         """The purge receipt (admin API and CLI) names the media_deleted entry beside the
         purge entry, whose own fields stay as signed."""
         entries = {e["outcome"]: e for e in self.audit(room_id=room_id) if e["action"] == "purge"}
