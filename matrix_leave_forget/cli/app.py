@@ -8,14 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from matrix_leave_forget.cli.commands import (
-    cmd_export,
-    cmd_log,
-    cmd_receipt,
-    cmd_room,
-    cmd_rooms,
-    cmd_schedule_abandoned,
-)
+from matrix_leave_forget.cli.commands import cmd_export, cmd_log
 from matrix_leave_forget.cli.config import HomeserverConfig, load_config
 from matrix_leave_forget.cli.database import Database, is_database_error, open_database
 from matrix_leave_forget.cli.errors import (
@@ -26,6 +19,12 @@ from matrix_leave_forget.cli.errors import (
     one_line,
 )
 from matrix_leave_forget.cli.render import warn
+from matrix_leave_forget.cli.rooms import (
+    cmd_receipt,
+    cmd_room,
+    cmd_rooms,
+    cmd_schedule_abandoned,
+)
 from matrix_leave_forget.cli.verify import cmd_verify
 from matrix_leave_forget.db.schema import MAX_INT_ARG
 from matrix_leave_forget.retention.state import LISTINGS

@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from matrix_leave_forget import cli
 from matrix_leave_forget.audit.checkpoint import CHECKPOINT_EVENT_TYPE, make_checkpoint
 from matrix_leave_forget.audit.log import STORED_COLUMNS, select_audit_txn
-from matrix_leave_forget.cli.commands import receipt_rows
+from matrix_leave_forget.cli.rooms import receipt_rows
 from matrix_leave_forget.retention.state import LISTINGS
 from tests.support.chain import make_chain
 from tests.unit.cli_helpers import ORIGIN, CliTestCase, Tty, create_database, insert_entry
