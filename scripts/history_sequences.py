@@ -10,9 +10,12 @@ tests/integration/membership_sequences.py. CI runs a deterministic sample
 Usage::
 
     python scripts/history_sequences.py [--side module|native] [--sample N]
-        [--database sqlite|postgres] [--threads 3] [--verbose]
+        [--database sqlite|postgres] [--worker] [--threads 3] [--verbose]
 
 ``--side native`` runs Synapse without the module: what the guard is up against.
+``--worker`` runs a main process and a generic worker (PostgreSQL and Redis, as
+tests/integration/workers.py): writes go to the main process, the former
+member's and the never-member's reads to the worker.
 Exits 1 if any case fails.
 """
 
@@ -26,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tests.integration.membership_sequences import Runner, all_cases, sample  # noqa: E402
+from tests.integration.workers import WorkerDeployment  # noqa: E402
 from tests.support.harness import SynapseProcess  # noqa: E402
 
 
@@ -34,20 +38,30 @@ def main() -> int:
     parser.add_argument("--side", choices=("module", "native"), default="module")
     parser.add_argument("--sample", type=int, default=0, help="0 = every case")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--worker", action="store_true", help="read through a generic worker")
     parser.add_argument("--threads", type=int, default=3)
     parser.add_argument("--verbose", action="store_true", help="print every failure")
     args = parser.parse_args()
     cases = sample(args.sample) if args.sample else all_cases()
     module = {"mount": "intercept"} if args.side == "module" else None
-    hs = SynapseProcess(module, {"bcrypt_rounds": 4}, database=args.database)
-    hs.start()
+    if args.worker:
+        if module is None:
+            parser.error("--worker runs the module's deployment: not with --side native")
+        args.database = "postgres"
+        deployment = WorkerDeployment({**module, "forget_rate_limit": None})
+        deployment.start()
+        hs, reader, cleanup = deployment.main, deployment.worker, deployment.cleanup
+    else:
+        hs = SynapseProcess(module, {"bcrypt_rounds": 4}, database=args.database)
+        hs.start()
+        reader, cleanup = None, hs.cleanup
     started = time.monotonic()
     try:
-        runner = Runner(hs, "x")
+        runner = Runner(hs, "x", reader=reader)
         with ThreadPoolExecutor(args.threads) as pool:
             outcomes = list(pool.map(runner.run, cases))
     finally:
-        hs.cleanup()
+        cleanup()
     failed = [o for o in outcomes if o.failures]
     by_kind: collections.Counter[str] = collections.Counter()
     for outcome in failed:
@@ -56,7 +70,7 @@ def main() -> int:
             if args.verbose:
                 print(f"{outcome.case.name}: {failure}")
     print(
-        f"{args.side} ({args.database}): {len(cases)} cases in "
+        f"{args.side} ({args.database}{', worker' if args.worker else ''}): {len(cases)} cases in "
         f"{time.monotonic() - started:.0f} s, {len(failed)} failing, "
         f"{sum(o.leaks for o in outcomes)} leaked events"
     )
