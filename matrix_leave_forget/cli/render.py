@@ -189,3 +189,22 @@ class Progress:
         if self._drawn:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
+
+
+def write_listing(
+    out_format: str,
+    json_value: Any,
+    columns: Sequence[Column],
+    rows: Sequence[Mapping[str, Any]],
+    empty: str,
+) -> None:
+    """A listing on stdout: ``json_value`` as JSON, the rows as CSV, or a table (``empty``
+    when there are no rows)."""
+    if out_format == "json":
+        write_json(sys.stdout, json_value)
+    elif out_format == "csv":
+        write_csv(sys.stdout, [c.key for c in columns], rows)
+    elif rows:
+        print(render_table(columns, rows))
+    else:
+        print(empty)

@@ -33,6 +33,7 @@ from matrix_leave_forget.cli.render import (
     warn,
     write_csv,
     write_json,
+    write_listing,
 )
 from matrix_leave_forget.http.paths import ADMIN_PREFIX
 from matrix_leave_forget.media.reaper import PREVIEW_LIMIT, preview_txn
@@ -153,19 +154,12 @@ def cmd_rooms(db: Database, config: HomeserverConfig, args: argparse.Namespace) 
         args.state, _ROOM_COLUMNS
     )
     summary = pending_summary(db, config) if args.state == "pending" else None
-    if args.format == "json":
-        result: dict[str, Any] = {"state": args.state, "rooms": rooms}
-        if more:
-            result["next_from"] = rooms[-1]["room_id"]
-        if summary is not None:
-            result["retention"] = summary
-        write_json(sys.stdout, result)
-    elif args.format == "csv":
-        write_csv(sys.stdout, [c.key for c in columns], rooms)
-    elif rooms:
-        print(render_table(columns, rooms))
-    else:
-        print(f"No rooms in state {args.state}.")
+    result: dict[str, Any] = {"state": args.state, "rooms": rooms}
+    if more:
+        result["next_from"] = rooms[-1]["room_id"]
+    if summary is not None:
+        result["retention"] = summary
+    write_listing(args.format, result, columns, rooms, f"No rooms in state {args.state}.")
     if summary is not None and args.format == "table":
         print(_summary_line(summary))
     elif summary is not None and args.format == "csv":
@@ -455,14 +449,7 @@ def cmd_schedule_abandoned(db: Database, config: HomeserverConfig, args: argpars
         for r in answer["scheduled"]
     ]
     rows += [{**r, "result": "skipped", "purge_due_at": None} for r in answer["skipped"]]
-    if args.format == "json":
-        write_json(sys.stdout, answer)
-    elif args.format == "csv":
-        write_csv(sys.stdout, [c.key for c in _SCHEDULE_COLUMNS], rows)
-    elif rows:
-        print(render_table(_SCHEDULE_COLUMNS, rows))
-    else:
-        print("No abandoned rooms.")
+    write_listing(args.format, answer, _SCHEDULE_COLUMNS, rows, "No abandoned rooms.")
     if answer["dry_run"] and args.format != "json":
         warn("dry run: nothing was scheduled; run again with --apply to schedule")
     if "next_from" in answer and args.format != "json" and not args.room:

@@ -25,6 +25,17 @@ FORGOTTEN_EARLIER = "!earlier:test.local"
 FORGOTTEN_JUST_NOW = "!justnow:test.local"
 
 
+def membership_tables() -> sqlite3.Connection:
+    """An in-memory database with the columns of Synapse's tables the lookups read."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE room_memberships (event_id TEXT, user_id TEXT, room_id TEXT,"
+        " membership TEXT, forgotten INTEGER DEFAULT 0)"
+    )
+    conn.execute("CREATE TABLE events (event_id TEXT, stream_ordering INTEGER, outlier BOOLEAN)")
+    return conn
+
+
 class FakeInternals:
     """Synapse's caches, a forget behind: the database already holds FORGOTTEN_JUST_NOW."""
 
@@ -222,14 +233,7 @@ class ForgottenRoomsFromDatabaseTests(SynchronousTestCase):
         """HistoryInternals.membership_history returns the user's memberships in the
         room in stream order with their forgotten flags, outliers and other users
         and rooms left out."""
-        conn = sqlite3.connect(":memory:")
-        conn.execute(
-            "CREATE TABLE room_memberships (event_id TEXT, user_id TEXT, room_id TEXT,"
-            " membership TEXT, forgotten INTEGER DEFAULT 0)"
-        )
-        conn.execute(
-            "CREATE TABLE events (event_id TEXT, stream_ordering INTEGER, outlier BOOLEAN)"
-        )
+        conn = membership_tables()
         conn.executemany(
             "INSERT INTO room_memberships VALUES (?, ?, ?, ?, ?)",
             [
@@ -291,14 +295,7 @@ class _SqliteInternals(HistoryInternals):
 class BatchedDepartureTests(SynchronousTestCase):
     def database(self, rooms: int) -> tuple[sqlite3.Connection, list[str]]:
         """rooms rooms of USER with every kind of history (the pattern repeats)."""
-        conn = sqlite3.connect(":memory:")
-        conn.execute(
-            "CREATE TABLE room_memberships (event_id TEXT, user_id TEXT, room_id TEXT,"
-            " membership TEXT, forgotten INTEGER DEFAULT 0)"
-        )
-        conn.execute(
-            "CREATE TABLE events (event_id TEXT, stream_ordering INTEGER, outlier BOOLEAN)"
-        )
+        conn = membership_tables()
         conn.execute(
             "CREATE TABLE local_current_membership (room_id TEXT, user_id TEXT,"
             " event_id TEXT, membership TEXT)"
