@@ -56,12 +56,14 @@ class MediaHelpers:
 
     def download(self, user: User, uri: str, on: SynapseProcess | None = None) -> int:
         server, media_id = uri[len("mxc://") :].split("/")
-        resp = request(
-            on.client_port if on is not None else self.media_port,
-            "GET",
-            f"/_matrix/client/v1/media/download/{urllib.parse.quote(server)}/{media_id}",
-            token=user.access_token,
-        )
+        port = on.client_port if on is not None else self.media_port
+        tail = f"/download/{urllib.parse.quote(server)}/{media_id}"
+        resp = request(port, "GET", "/_matrix/client/v1/media" + tail, token=user.access_token)
+        if resp.status == 404 and isinstance(resp.body, dict):
+            if resp.body.get("errcode") == "M_UNRECOGNIZED":
+                # Synapse before 1.109 (the oldest supported, 1.98) has only
+                # the legacy media API.
+                resp = request(port, "GET", "/_matrix/media/v3" + tail, token=user.access_token)
         return resp.status
 
     def send_image(
