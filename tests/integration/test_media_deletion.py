@@ -25,7 +25,8 @@ from tests.integration.retention_helpers import (
 )
 from tests.support.harness import run_cli, wait_until
 
-GRACE = "4s"
+# Long enough that a loaded machine still reads a decision before its grace ends.
+GRACE = "8s"
 
 
 class MediaDeletionTest(MediaHelpers, RetentionHelpers):
