@@ -230,7 +230,11 @@ class PacingTests(ThroughputHelpers):
         longest = max(end - start for start, end in intervals.values()) / 1000
         # Otherwise the burst alone could have covered the storm.
         self.assertGreater(busy, BURST_S + longest, "the storm outlasted one burst")
-        self.assertLessEqual(busy, self.LOAD * elapsed + BURST_S + longest + 0.5, intervals)
+        # The intervals are the audit entries' times, each written a little
+        # after the pacer's own start and end (a transaction, a poll): allow
+        # that lag per purge on top of the budget.
+        lag = 0.5 + 0.05 * len(intervals)
+        self.assertLessEqual(busy, self.LOAD * elapsed + BURST_S + longest + lag, intervals)
         waiting = [
             s
             for s in snapshots
