@@ -17,8 +17,11 @@ Usage: ``python scripts/trial_by_class.py [trial arguments]`` (tox.ini).
 
 from __future__ import annotations
 
+import atexit
 import inspect
+import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +31,10 @@ from twisted.scripts import trial
 
 # A class of more tests than this starts before the others.
 LARGE_CLASS = 100
+
+# How many of the slowest classes the run's end names (on stderr), to show
+# where an environment's time goes; MLF_CLASS_TIMES=0 turns it off.
+SLOWEST_SHOWN = int(os.environ.get("MLF_CLASS_TIMES", "12"))
 
 
 def class_groups(cases: Iterable[Any]) -> deque[list[Any]]:
@@ -55,6 +62,7 @@ def install() -> bool:
 
     # The iterator of the run being driven, and its groups.
     shared: list[Any] = [None, deque()]
+    durations: dict[str, float] = {}
 
     async def drive_worker(self: Any, result: Any, test_cases: Any, worker: Any) -> None:
         # Every worker's driver gets the same iterator of the run: the first
@@ -65,11 +73,24 @@ def install() -> bool:
             shared[:] = [test_cases, class_groups(test_cases)]
         groups = shared[1]
         while groups:
-            for case in groups.popleft():
+            group = groups.popleft()
+            started = time.monotonic()
+            for case in group:
                 try:
                     await worker.run(case, result)
                 except Exception:
                     result.original.addError(case, Failure())
+            name = f"{type(group[0]).__module__}.{type(group[0]).__qualname__}"
+            durations[name] = durations.get(name, 0.0) + time.monotonic() - started
+
+    def report_durations() -> None:
+        slowest = sorted(durations.items(), key=lambda item: -item[1])[:SLOWEST_SHOWN]
+        if slowest:
+            print(f"trial_by_class: the {len(slowest)} slowest classes (wall s):", file=sys.stderr)
+            for name, seconds in slowest:
+                print(f"  {seconds:7.1f}  {name}", file=sys.stderr)
+
+    atexit.register(report_durations)
 
     DistTrialRunner._driveWorker = drive_worker
     return True
