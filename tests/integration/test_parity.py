@@ -8,13 +8,11 @@ each answer, and the state that results (the user's ``m.room.member`` event as
 the admin API shows it, which section of an initial /sync lists the room, and
 whether /messages still serves it).
 
-Both mount modes are covered:
-
-* ``listener``: one Synapse. Native is its client listener, the module its
-  ``resources: []`` listener.
-* ``intercept``: the module takes leave and forget over on the client
-  listener, so native is unreachable there; the oracle is a twin Synapse
-  started without the module.
+Both mount modes are covered, against one oracle: each class starts three
+Synapses with the same homeserver configuration, a twin without the module
+(native), one with the module in ``intercept`` mode (it takes leave and forget
+over on the client listener) and one in ``listener`` mode (it answers on its
+``resources: []`` listener). A scenario runs once natively and once per mount.
 
 Deliberate deviations are asserted as such, not as parity:
 
@@ -59,7 +57,7 @@ _localparts = itertools.count(1)
 
 
 def unique(prefix: str) -> str:
-    """A localpart no other test has used (both sides of listener mode share a server)."""
+    """A localpart no other test of this process has used."""
     return f"{prefix}{next(_localparts)}"
 
 
@@ -75,7 +73,7 @@ class Side:
     """One side of a comparison: a Synapse and the port serving leave/forget on it.
 
     Attributes:
-        label: ``native`` or ``module``.
+        label: ``native``, or the module's mount (``intercept``, ``listener``).
         hs: The Synapse process that owns the users and rooms of this side.
         port: Where POST/PUT leave and forget are sent on this side.
         admin: A server admin of ``hs`` (reads state through the admin API).
@@ -371,20 +369,24 @@ def guest_joined(side: Side) -> Scene:
 
 
 class TwoSidedTestCase(SynapseTestCase):
-    """A SynapseTestCase with a native side and a module side to compare.
+    """Native Synapse on one side, the module in both mount modes on the other.
 
-    In ``listener`` mode both sides are the one Synapse of the class; in
-    ``intercept`` mode native is a twin Synapse without the module, started
-    with the same homeserver configuration. The twin lives and dies with the
-    class's own Synapse (base.ClassFixtures runs setUpClass/tearDownClass).
+    The class's own Synapse runs the module in ``intercept`` mode; a second one
+    runs it in ``listener`` mode (the module on its ``resources: []``
+    listener); the oracle is a twin Synapse without the module. All three have
+    the same homeserver configuration and live and die with the class
+    (base.ClassFixtures runs setUpClass/tearDownClass). Natively a scenario
+    runs once, not once per mount.
     """
 
+    MODE = "intercept"
     EXTRA_CONFIG: ClassVar[dict[str, Any]] = BASE_CONFIG
     # Exempt the admins from rc_message (they create the rooms of the limit tests).
     EXEMPT_ADMINS: ClassVar[bool] = False
     twin: ClassVar[SynapseProcess | None] = None
+    listener_hs: ClassVar[SynapseProcess | None] = None
     native_side: ClassVar[Side]
-    module_side: ClassVar[Side]
+    module_sides: ClassVar[tuple[Side, ...]]
     _up: ClassVar[bool] = False
 
     @classmethod
@@ -395,19 +397,24 @@ class TwoSidedTestCase(SynapseTestCase):
             return
         super().setUpClass()
         try:
-            if cls.MODE == "intercept":
-                cls.twin = SynapseProcess(None, dict(cls.EXTRA_CONFIG))
-                cls.twin.start()
-                native_hs, native_port = cls.twin, cls.twin.client_port
-                module_port = cls.hs.client_port
-            else:
-                cls.twin = None
-                native_hs, native_port = cls.hs, cls.hs.client_port
-                module_port = cls.hs.module_port
-            cls.native_side = Side("native", native_hs, native_port, cls._admin(native_hs))
-            cls.module_side = Side("module", cls.hs, module_port, cls._admin(cls.hs))
+            cls.twin = SynapseProcess(None, dict(cls.EXTRA_CONFIG))
+            cls.twin.start()
+            cls.listener_hs = SynapseProcess(
+                {**cls.MODULE_CONFIG, "mount": "listener"}, dict(cls.EXTRA_CONFIG)
+            )
+            cls.listener_hs.start()
+            cls.native_side = Side("native", cls.twin, cls.twin.client_port, cls._admin(cls.twin))
+            cls.module_sides = (
+                Side("intercept", cls.hs, cls.hs.client_port, cls._admin(cls.hs)),
+                Side(
+                    "listener",
+                    cls.listener_hs,
+                    cls.listener_hs.module_port,
+                    cls._admin(cls.listener_hs),
+                ),
+            )
         except Exception:
-            cls._cleanup_twin()
+            cls._cleanup_others()
             super().tearDownClass()
             raise
         cls._up = True
@@ -417,14 +424,16 @@ class TwoSidedTestCase(SynapseTestCase):
         if not cls.__dict__.get("_up"):
             return
         cls._up = False
-        cls._cleanup_twin()
+        cls._cleanup_others()
         super().tearDownClass()
 
     @classmethod
-    def _cleanup_twin(cls) -> None:
-        if cls.twin is not None:
-            cls.twin.cleanup()
-            cls.twin = None
+    def _cleanup_others(cls) -> None:
+        for name in ("twin", "listener_hs"):
+            hs = cls.__dict__.get(name)
+            if hs is not None:
+                hs.cleanup()
+                setattr(cls, name, None)
 
     @classmethod
     def _admin(cls, hs: SynapseProcess) -> User:
@@ -454,8 +463,8 @@ class TwoSidedTestCase(SynapseTestCase):
         act: Action,
         expect: Sequence[tuple[int, str | None]] | None = None,
         label: str = "",
-    ) -> tuple[Run, Run]:
-        """Run a scenario on both sides and assert the module behaved as native did.
+    ) -> tuple[Run, list[Run]]:
+        """Run a scenario natively and on each mount; assert the module behaved as native did.
 
         Args:
             setup: Builds the situation on one side (fresh users and rooms).
@@ -465,23 +474,29 @@ class TwoSidedTestCase(SynapseTestCase):
             label: Names the case in failure messages when a test loops.
 
         Returns:
-            The native run and the module run, for further assertions.
+            The native run and the module's runs (one per mount), for further
+            assertions.
         """
         native = self.run_on(self.native_side, setup, act)
-        module = self.run_on(self.module_side, setup, act)
         if expect is not None:
             self.assertEqual(
                 [(r.status, r.errcode) for r in native.responses],
                 list(expect),
                 f"{label} native Synapse did not answer as this scenario assumes",
             )
-        self.assertEqual(
-            [outcome(r) for r in module.responses],
-            [outcome(r) for r in native.responses],
-            f"{label} the module answered differently from native Synapse",
-        )
-        self.assertEqual(module.state, native.state, f"{label} the resulting state differs")
-        return native, module
+        modules = []
+        for side in self.module_sides:
+            module = self.run_on(side, setup, act)
+            self.assertEqual(
+                [outcome(r) for r in module.responses],
+                [outcome(r) for r in native.responses],
+                f"{label} the module ({side.label}) answered differently from native Synapse",
+            )
+            self.assertEqual(
+                module.state, native.state, f"{label} the resulting state differs ({side.label})"
+            )
+            modules.append(module)
+        return native, modules
 
 
 if TYPE_CHECKING:
@@ -491,7 +506,7 @@ else:
 
 
 class ParityScenarios(_MixinBase):
-    """The scenarios, run by one concrete class per mount mode."""
+    """The scenarios (the concrete class runs them natively and on both mounts)."""
 
     # -- leave ----------------------------------------------------------
 
@@ -948,15 +963,16 @@ class ParityScenarios(_MixinBase):
         reasons: list[Any] = [5, [], {}]
         for reason in reasons:
             native = self.run_on(self.native_side, joined, leaving({"reason": reason}))
-            module = self.run_on(self.module_side, joined, leaving({"reason": reason}))
             self.assertEqual(outcome(native.responses[0]), (200, {}), repr(reason))
             self.assertEqual(native.state["content"], {"membership": "leave", "reason": reason})
-            self.assertEqual(
-                (module.responses[0].status, module.responses[0].errcode),
-                (400, "M_BAD_JSON"),
-                repr(reason),
-            )
-            self.assertEqual(module.state["content"]["membership"], "join")
+            for side in self.module_sides:
+                module = self.run_on(side, joined, leaving({"reason": reason}))
+                self.assertEqual(
+                    (module.responses[0].status, module.responses[0].errcode),
+                    (400, "M_BAD_JSON"),
+                    f"{reason!r} ({side.label})",
+                )
+                self.assertEqual(module.state["content"]["membership"], "join", side.label)
 
     def test_reason_null_is_treated_as_absent(self) -> None:
         """DEVIATION in content only: reason null is 200 on both; the module omits the key.
@@ -965,50 +981,44 @@ class ParityScenarios(_MixinBase):
         as absent, so its event has no reason key. Status and membership agree.
         """
         native = self.run_on(self.native_side, joined, lambda s: s.leave({"reason": None}))
-        module = self.run_on(self.module_side, joined, lambda s: s.leave({"reason": None}))
-        self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]))
         self.assertEqual(outcome(native.responses[0]), (200, {}))
         self.assertEqual(native.state["content"], {"membership": "leave", "reason": None})
-        self.assertEqual(module.state["content"], {"membership": "leave"})
-        self.assertEqual(module.state["sync"], native.state["sync"])
+        for side in self.module_sides:
+            module = self.run_on(side, joined, lambda s: s.leave({"reason": None}))
+            self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]), side.label)
+            self.assertEqual(module.state["content"], {"membership": "leave"}, side.label)
+            self.assertEqual(module.state["sync"], native.state["sync"], side.label)
 
     # -- audit ----------------------------------------------------------
 
     def test_leave_is_audited(self) -> None:
-        """A module leave is in the audit log with its reason and the event id it sent."""
-        side = self.module_side
-        scene = joined(side)
-        self.assertEqual(outcome(scene.leave({"reason": "for the record"})), (200, {}))
-        event_id = scene.member_event_id()
-        resp = ok(
-            side.hs.client(
-                "GET",
-                "/_synapse/client/leave_forget/v1/admin/audit?user_id="
-                + urllib.parse.quote(scene.user.user_id),
-                token=side.admin.access_token,
-            ),
-            "audit",
-        )
-        leaves = [e for e in resp.body["entries"] if e["action"] == "leave"]
-        self.assertEqual(len(leaves), 1, resp.body)
-        entry = leaves[0]
-        self.assertEqual(entry["outcome"], "ok")
-        self.assertEqual(entry["room_id"], scene.room_id)
-        self.assertEqual(entry["reason"], "for the record")
-        self.assertIsNotNone(event_id)
-        self.assertEqual(entry["event_id"], event_id)
+        """A module leave (on either mount) is in the audit log with its reason and
+        the event id it sent."""
+        for side in self.module_sides:
+            scene = joined(side)
+            self.assertEqual(outcome(scene.leave({"reason": "for the record"})), (200, {}))
+            event_id = scene.member_event_id()
+            resp = ok(
+                side.hs.client(
+                    "GET",
+                    "/_synapse/client/leave_forget/v1/admin/audit?user_id="
+                    + urllib.parse.quote(scene.user.user_id),
+                    token=side.admin.access_token,
+                ),
+                "audit",
+            )
+            leaves = [e for e in resp.body["entries"] if e["action"] == "leave"]
+            self.assertEqual(len(leaves), 1, resp.body)
+            entry = leaves[0]
+            self.assertEqual(entry["outcome"], "ok", side.label)
+            self.assertEqual(entry["room_id"], scene.room_id, side.label)
+            self.assertEqual(entry["reason"], "for the record", side.label)
+            self.assertIsNotNone(event_id, side.label)
+            self.assertEqual(entry["event_id"], event_id, side.label)
 
 
-class ListenerParityTests(ParityScenarios, TwoSidedTestCase):
-    """mount: listener — native on the client listener, module on its own listener."""
-
-    MODE = "listener"
-
-
-class InterceptParityTests(ParityScenarios, TwoSidedTestCase):
-    """mount: intercept — module on the client listener, native on a module-less twin."""
-
-    MODE = "intercept"
+class ParityTests(ParityScenarios, TwoSidedTestCase):
+    """The module on both mounts against a module-less twin."""
 
 
 # -- rate limits --------------------------------------------------------------
@@ -1057,12 +1067,12 @@ class LimitScenarios(_MixinBase):
                 for room_id in scene.rooms
             ]
 
-        native, module = self.parity(
+        native, modules = self.parity(
             lambda side: self._rooms_for(side, 3, kick=False),
             act,
             [(200, None), (200, None), (429, "M_LIMIT_EXCEEDED")],
         )
-        for run in (native, module):
+        for run in (native, *modules):
             retry = run.responses[-1].body["retry_after_ms"]
             self.assertIsInstance(retry, int)
             self.assertGreater(retry, 0)
@@ -1081,35 +1091,27 @@ class LimitScenarios(_MixinBase):
             return self._rooms_for(side, 3, kick=True)
 
         native = self.run_on(self.native_side, setup, act)
-        module = self.run_on(self.module_side, setup, act)
         self.assertEqual([outcome(r) for r in native.responses], [(200, {})] * 3)
-        self.assertEqual(
-            [(r.status, r.errcode) for r in module.responses],
-            [(200, None), (200, None), (429, "M_LIMIT_EXCEEDED")],
-        )
-        retry = module.responses[-1].body["retry_after_ms"]
-        self.assertIsInstance(retry, int)
-        self.assertGreater(retry, 0)
-        # The limited forget did nothing: the room is still listed for the user.
         self.assertEqual(native.state["sync"], [])
-        self.assertEqual(module.state["sync"], ["leave"])
-        for run in (native, module):
-            self.assertEqual(run.scene.sync_sections(run.scene.rooms[0]), [])
+        self.assertEqual(native.scene.sync_sections(native.scene.rooms[0]), [])
+        for side in self.module_sides:
+            module = self.run_on(side, setup, act)
+            self.assertEqual(
+                [(r.status, r.errcode) for r in module.responses],
+                [(200, None), (200, None), (429, "M_LIMIT_EXCEEDED")],
+                side.label,
+            )
+            retry = module.responses[-1].body["retry_after_ms"]
+            self.assertIsInstance(retry, int)
+            self.assertGreater(retry, 0)
+            # The limited forget did nothing: the room is still listed for the user.
+            self.assertEqual(module.state["sync"], ["leave"], side.label)
+            self.assertEqual(module.scene.sync_sections(module.scene.rooms[0]), [], side.label)
 
 
-class ListenerLimitTests(LimitScenarios, TwoSidedTestCase):
-    """Limits with mount: listener."""
+class LimitTests(LimitScenarios, TwoSidedTestCase):
+    """Limits, on both mounts."""
 
-    MODE = "listener"
-    MODULE_CONFIG = {"forget_rate_limit": TIGHT_LIMIT}
-    EXTRA_CONFIG = {**BASE_CONFIG, "rc_message": TIGHT_LIMIT}
-    EXEMPT_ADMINS = True
-
-
-class InterceptLimitTests(LimitScenarios, TwoSidedTestCase):
-    """Limits with mount: intercept."""
-
-    MODE = "intercept"
     MODULE_CONFIG = {"forget_rate_limit": TIGHT_LIMIT}
     EXTRA_CONFIG = {**BASE_CONFIG, "rc_message": TIGHT_LIMIT}
     EXEMPT_ADMINS = True
@@ -1134,21 +1136,14 @@ class ExperimentalContentScenarios(_MixinBase):
         from the leave body into the event; the module does the same."""
         body = {"reason": "bye", "org.matrix.msc4293.redact_events": True}
         native = self.run_on(self.native_side, joined, lambda s: s.leave(body))
-        module = self.run_on(self.module_side, joined, lambda s: s.leave(body))
-        self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]))
         self.assertEqual(native.state["content"].get("org.matrix.msc4293.redact_events"), True)
-        self.assertEqual(module.state["content"], native.state["content"])
+        for side in self.module_sides:
+            module = self.run_on(side, joined, lambda s: s.leave(body))
+            self.assertEqual(outcome(module.responses[0]), outcome(native.responses[0]), side.label)
+            self.assertEqual(module.state["content"], native.state["content"], side.label)
 
 
-class ListenerExperimentalTests(ExperimentalContentScenarios, TwoSidedTestCase):
-    """MSC4293 content with mount: listener."""
+class ExperimentalTests(ExperimentalContentScenarios, TwoSidedTestCase):
+    """MSC4293 content, on both mounts."""
 
-    MODE = "listener"
-    EXTRA_CONFIG = {**BASE_CONFIG, "experimental_features": {"msc4293_enabled": True}}
-
-
-class InterceptExperimentalTests(ExperimentalContentScenarios, TwoSidedTestCase):
-    """MSC4293 content with mount: intercept."""
-
-    MODE = "intercept"
     EXTRA_CONFIG = {**BASE_CONFIG, "experimental_features": {"msc4293_enabled": True}}
