@@ -5,8 +5,10 @@ workers of an environment run tests of the same class side by side, and each
 boots that class's Synapse (tests/integration/base.py, ``ClassFixtures``): of
 the ~100 Synapse boots of an environment, ~40 were such duplicates (about 1.7
 CPU seconds each), and the history matrix built its two servers and 48 rooms
-twice. Here a worker takes every test of a class at once; the largest classes
-go first, so that no worker is left with one at the end.
+twice. Here a worker takes every test of a class at once; the classes of the
+most tests go first (the longest-first rule of scheduling, with a class's
+test count standing for its length), so that no worker is left with a long
+one at the end.
 
 This replaces ``DistTrialRunner._driveWorker``, a private method of Twisted's
 (the same shape since Twisted 22.8). If Twisted's runner changes shape, stock
@@ -29,24 +31,23 @@ from typing import Any
 from twisted.python.failure import Failure
 from twisted.scripts import trial
 
-# A class of more tests than this starts before the others.
-LARGE_CLASS = 100
-
 # How many of the slowest classes the run's end names (on stderr), to show
 # where an environment's time goes; MLF_CLASS_TIMES=0 turns it off.
 SLOWEST_SHOWN = int(os.environ.get("MLF_CLASS_TIMES", "12"))
 
 
 def class_groups(cases: Iterable[Any]) -> deque[list[Any]]:
-    """Consecutive tests of one class, as lists; the largest classes first."""
+    """Consecutive tests of one class, as lists; the classes of most tests first.
+
+    Classes of as many tests keep the order trial found them in.
+    """
     groups: list[list[Any]] = []
     for case in cases:
         if groups and type(groups[-1][0]) is type(case):
             groups[-1].append(case)
         else:
             groups.append([case])
-    large = [g for g in groups if len(g) > LARGE_CLASS]
-    return deque(large + [g for g in groups if len(g) <= LARGE_CLASS])
+    return deque(sorted(groups, key=len, reverse=True))
 
 
 def install() -> bool:

@@ -1,4 +1,4 @@
-"""scripts/trial_by_class.py hands whole classes to trial's workers, the largest first."""
+"""scripts/trial_by_class.py hands whole classes to trial's workers, those of most tests first."""
 
 import importlib.util
 from pathlib import Path
@@ -35,14 +35,25 @@ class Other(SynchronousTestCase):
 
 
 class TrialByClassTest(SynchronousTestCase):
-    def test_groups_keep_classes_whole_and_large_ones_first(self) -> None:
-        """Tests of one class form one group, in order; a class above LARGE_CLASS leads."""
+    def test_groups_keep_classes_whole_and_most_tests_first(self) -> None:
+        """Tests of one class form one group, in order; groups of more tests go
+        first, and groups of as many tests keep the order they were found in."""
         script = load_script()
-        large = [Other("case_a") for _ in range(script.LARGE_CLASS + 1)]
-        cases = [Small("case_a"), Small("case_b"), Other("case_a"), *large]
+        cases = [
+            Small("case_a"),
+            Other("case_a"),
+            Small("case_a"),
+            Small("case_b"),
+            Small("case_a"),
+            Other("case_a"),
+            Other("case_a"),
+        ]
         groups = list(script.class_groups(cases))
-        self.assertEqual([len(g) for g in groups], [len(large) + 1, 2])
-        self.assertEqual({type(c) for c in groups[1]}, {Small})
+        self.assertEqual(
+            [(type(g[0]), len(g)) for g in groups],
+            [(Small, 3), (Other, 2), (Small, 1), (Other, 1)],
+        )
+        self.assertEqual([c._testMethodName for c in groups[0]], ["case_a", "case_b", "case_a"])
 
     def test_installs_on_this_twisted(self) -> None:
         """The Twisted the tests run on has the runner shape the script replaces."""
