@@ -62,6 +62,28 @@ def index_covers(positions: dict[str, int], stream_ordering: int) -> bool:
     return forward is not None and forward >= max(stream_ordering, positions[STREAM_MEDIA_TARGET])
 
 
+def unindexed_refs_txn(txn: LoggingTransaction) -> set[tuple[str, str]] | None:
+    """The media that events not yet in the index reference, read now; None if too many.
+
+    The index trails the stream by a run or two, so on a server that never
+    falls silent it never holds every event up to the head. A decision that
+    needs every reference up to now (a deletion) takes the index, plus what
+    this reads of the events past it, in its own transaction: everything up
+    to the head, whatever the traffic. None until the back-fill is done, or
+    while the index is more than one stretch behind (it is catching up: the
+    caller waits for it).
+    """
+    positions = MediaRefStore.positions_txn(txn)
+    forward = positions.get(STREAM_MEDIA_FORWARD)
+    if forward is None or forward < positions[STREAM_MEDIA_TARGET]:
+        return None
+    _low, head = stream_bounds_txn(txn)
+    if head - forward > BATCH_POSITIONS:
+        return None
+    rows = events_with_mxc_txn(txn, forward, head) if head > forward else []
+    return {(origin, media_id) for origin, media_id, *_ in refs_of_rows(rows)}
+
+
 def _read_stretch_txn(txn: LoggingTransaction, name: str, after: int, upto: int, to: int) -> int:
     rows = events_with_mxc_txn(txn, after, upto)
     refs = refs_of_rows(rows)

@@ -64,7 +64,12 @@ from matrix_leave_forget.db.media import (
 from matrix_leave_forget.db.media import (
     KEPT_REFERENCED_ELSEWHERE as REFERENCED,
 )
-from matrix_leave_forget.media.index import MediaIndexer, index_covers, refs_of_rows
+from matrix_leave_forget.media.index import (
+    MediaIndexer,
+    index_covers,
+    refs_of_rows,
+    unindexed_refs_txn,
+)
 from matrix_leave_forget.retention.receipt import OUTCOME_MEDIA_DELETED, encode_receipt
 from matrix_leave_forget.timestamps import now_ms
 
@@ -305,30 +310,32 @@ class MediaReaper:
         )
         if not due:
             return
-        # A reference made during the grace (a forward into another room) must
-        # be in the index before the check: wait for it to read up to now.
-        _low, head = await self._api.run_db_interaction(
-            "leave_forget_media_bounds", stream_bounds_txn
-        )
-        if not await self._index.covers(head):
-            return
         server_name = self._api.server_name
         for origin, media_id in due:
             if not await still_held():
                 logger.warning("Lost the media deletion lock: stopping until the next run")
                 return
 
+            # A reference made during the grace (a forward into another room)
+            # must be seen: the index, and the events it has not read yet,
+            # up to the head, in the check's own transaction.
             def check_txn(
                 txn: LoggingTransaction, origin: str = origin, media_id: str = media_id
-            ) -> tuple[str | None, str | None, bool]:
+            ) -> tuple[str | None, str | None, bool] | None:
+                unindexed = unindexed_refs_txn(txn)
+                if unindexed is None:
+                    return None
                 size, file_id, kept = media_facts_txn(txn, server_name, origin, media_id)
-                if referenced_elsewhere_txn(txn, origin, media_id, None):
+                if (origin, media_id) in unindexed or referenced_elsewhere_txn(
+                    txn, origin, media_id, None
+                ):
                     kept = REFERENCED
                 return kept, file_id, size is not None
 
-            kept, file_id, present = await self._api.run_db_interaction(
-                "leave_forget_media_check", check_txn
-            )
+            checked = await self._api.run_db_interaction("leave_forget_media_check", check_txn)
+            if checked is None:
+                return  # the index is catching up: the next run
+            kept, file_id, present = checked
             if kept is not None:
                 await self._settle(origin, media_id, MEDIA_KEPT, kept)
                 continue

@@ -11,9 +11,11 @@ its media.
 
 import csv
 import io
+import itertools
 import json
 import os
 import signal
+import threading
 import urllib.parse
 from typing import Any
 
@@ -23,7 +25,7 @@ from tests.integration.retention_helpers import (
     RELAXED_FORGET,
     RetentionHelpers,
 )
-from tests.support.harness import run_cli, wait_until
+from tests.support.harness import quote_room, run_cli, wait_until
 
 # Long enough that a loaded machine still reads a decision before its grace ends.
 GRACE = "8s"
@@ -187,3 +189,42 @@ class MediaDeletionTest(MediaHelpers, RetentionHelpers):
         self.assertEqual(self.thumbnail_rows(image), 0)
         self.assertFalse(os.path.exists(image_thumbs))
         self.assertEqual(len(self.media_entries(room_id)), 1)
+
+    def test_deleted_while_messages_keep_coming(self) -> None:
+        """On a server that is never silent (a message every 100 ms in another
+        room, from before the purge until the deletion), the purged room's image
+        is still deleted: the index trails the stream by a run or two, and the
+        deletion reads the events past it itself."""
+        room_id, (alice, bob) = self.joined_room(2)
+        image = self.upload(alice, 91)
+        self.send_image(alice, room_id, image)
+        chatter = self.user("chatter")
+        busy_room = self.hs.create_room(chatter, preset="private_chat")
+        stop = threading.Event()
+        sent = itertools.count()
+
+        def chat() -> None:
+            while not stop.wait(0.1):
+                resp = self.hs.client(
+                    "PUT",
+                    f"/_matrix/client/v3/rooms/{quote_room(busy_room)}/send/m.room.message/"
+                    f"c{next(sent)}",
+                    {"msgtype": "m.text", "body": "still here"},
+                    token=chatter.access_token,
+                )
+                assert resp.status == 200, resp.raw
+
+        talker = threading.Thread(target=chat, daemon=True)
+        talker.start()
+        try:
+            self.leave_and_forget([alice, bob], room_id)
+            self.wait_state(room_id, "purged")
+            receipt = self.media_entry(room_id)["media"]
+        finally:
+            stop.set()
+            talker.join(10)
+        self.assertEqual(self.decisions(room_id)[image], ("deleted", None))
+        self.assertEqual(receipt["local_items"], 1)
+        self.assertFalse(self.media_row(image))
+        # The traffic went on for the whole grace (up to 10 messages a second).
+        self.assertGreater(next(sent), 20)

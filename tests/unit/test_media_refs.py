@@ -235,3 +235,85 @@ class MediaReadPathTests(SynchronousTestCase):
             "/_matrix/client/v1/media/preview_url",
         ):
             self.assertIsNone(media_read(Request(path)), path)
+
+
+class UnindexedRefsTests(SynchronousTestCase):
+    """media/index.py ``unindexed_refs_txn``: what a deletion adds to the index, read
+    in its own transaction (on SQLite tables shaped like Synapse's and the module's)."""
+
+    def setUp(self) -> None:
+        import sqlite3
+
+        self.db = sqlite3.connect(":memory:")
+        self.db.executescript(
+            "CREATE TABLE events (stream_ordering INTEGER, event_id TEXT, room_id TEXT, type TEXT);"
+            "CREATE TABLE event_json (event_id TEXT, json TEXT);"
+            "CREATE TABLE leave_forget_stream_positions (name TEXT, stream_id INTEGER);"
+        )
+        self.addCleanup(self.db.close)
+
+    def event(self, stream: int, url: str | None) -> None:
+        content = {"msgtype": "m.image", "url": url} if url else {"body": "hi"}
+        event_id = f"$e{stream}"
+        self.db.execute(
+            "INSERT INTO events VALUES (?, ?, '!r:s', 'm.room.message')", (stream, event_id)
+        )
+        self.db.execute(
+            "INSERT INTO event_json VALUES (?, ?)",
+            (event_id, json.dumps({"type": "m.room.message", "content": content})),
+        )
+
+    def positions(self, forward: int, target: int, low: int) -> None:
+        from matrix_leave_forget.db.media import (
+            STREAM_MEDIA_FORWARD,
+            STREAM_MEDIA_LOW,
+            STREAM_MEDIA_TARGET,
+        )
+
+        for name, stream in (
+            (STREAM_MEDIA_FORWARD, forward),
+            (STREAM_MEDIA_TARGET, target),
+            (STREAM_MEDIA_LOW, low),
+        ):
+            self.db.execute(
+                "INSERT INTO leave_forget_stream_positions VALUES (?, ?)", (name, stream)
+            )
+
+    def refs(self) -> set[tuple[str, str]] | None:
+        from matrix_leave_forget.media.index import unindexed_refs_txn
+
+        return unindexed_refs_txn(self.db.cursor())  # type: ignore[arg-type]
+
+    def test_events_past_the_index_up_to_the_head(self) -> None:
+        """Only events after the index's position count, up to the newest event,
+        text ones included in the range but giving nothing."""
+        self.event(9, "mxc://s/before")
+        self.event(11, "mxc://s/after")
+        self.event(12, None)
+        self.event(13, "mxc://s/head")
+        self._positions_done(forward=10)
+        self.assertEqual(self.refs(), {("s", "after"), ("s", "head")})
+
+    def test_nothing_past_the_index(self) -> None:
+        """An index at the head: an empty set (a deletion may go on), not None."""
+        self.event(10, "mxc://s/x")
+        self._positions_done(forward=10)
+        self.assertEqual(self.refs(), set())
+
+    def test_none_until_the_index_can_answer(self) -> None:
+        """None before the index ran, during its back-fill, and while it is more
+        than a stretch behind the head: the caller must wait."""
+        from matrix_leave_forget.media.index import BATCH_POSITIONS
+
+        self.event(1, "mxc://s/x")
+        self.assertIsNone(self.refs())
+        self.positions(forward=0, target=1, low=0)
+        self.assertIsNone(self.refs())
+        self.db.execute("DELETE FROM leave_forget_stream_positions")
+        self.event(BATCH_POSITIONS + 2, "mxc://s/far")
+        self._positions_done(forward=1)
+        self.assertIsNone(self.refs())
+
+    def _positions_done(self, forward: int) -> None:
+        """Positions of an index whose back-fill is done, at ``forward``."""
+        self.positions(forward=forward, target=forward, low=0)
