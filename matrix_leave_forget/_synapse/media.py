@@ -16,7 +16,9 @@ MXC_LIKE = "%mxc://%"
 EventRow = tuple[int, str, str, str, str]
 
 
-def events_with_mxc_txn(txn: LoggingTransaction, after: int, upto: int) -> list[EventRow]:
+def events_with_mxc_txn(
+    txn: LoggingTransaction, after: int, upto: int, paramstyle: str = "?"
+) -> list[EventRow]:
     """The events in stream range (after, upto] whose JSON holds an ``mxc://`` URI.
 
     Why: no module API reads events by stream position; the module reads
@@ -28,7 +30,7 @@ def events_with_mxc_txn(txn: LoggingTransaction, after: int, upto: int) -> list[
         "SELECT e.stream_ordering, e.event_id, e.room_id, e.type, j.json"
         " FROM events AS e JOIN event_json AS j ON j.event_id = e.event_id"
         " WHERE e.stream_ordering > ? AND e.stream_ordering <= ?"
-        " AND j.json LIKE ?",
+        " AND j.json LIKE ?".replace("?", paramstyle),
         (after, upto, MXC_LIKE),
     )
     return [(int(r[0]), r[1], r[2], r[3], r[4]) for r in txn.fetchall()]

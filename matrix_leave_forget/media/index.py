@@ -62,7 +62,9 @@ def index_covers(positions: dict[str, int], stream_ordering: int) -> bool:
     return forward is not None and forward >= max(stream_ordering, positions[STREAM_MEDIA_TARGET])
 
 
-def unindexed_refs_txn(txn: LoggingTransaction) -> set[tuple[str, str]] | None:
+def unindexed_refs_txn(
+    txn: LoggingTransaction, paramstyle: str = "?"
+) -> set[tuple[str, str]] | None:
     """The media that events not yet in the index reference, read now; None if too many.
 
     The index trails the stream by a run or two, so on a server that never
@@ -71,16 +73,17 @@ def unindexed_refs_txn(txn: LoggingTransaction) -> set[tuple[str, str]] | None:
     this reads of the events past it, in its own transaction: everything up
     to the head, whatever the traffic. None until the back-fill is done, or
     while the index is more than one stretch behind (it is catching up: the
-    caller waits for it).
+    caller waits for it). Shared with the CLI (``paramstyle``: ``%s`` on a raw
+    psycopg2 cursor).
     """
-    positions = MediaRefStore.positions_txn(txn)
+    positions = MediaRefStore.positions_txn(txn, paramstyle)
     forward = positions.get(STREAM_MEDIA_FORWARD)
     if forward is None or forward < positions[STREAM_MEDIA_TARGET]:
         return None
     _low, head = stream_bounds_txn(txn)
     if head - forward > BATCH_POSITIONS:
         return None
-    rows = events_with_mxc_txn(txn, forward, head) if head > forward else []
+    rows = events_with_mxc_txn(txn, forward, head, paramstyle) if head > forward else []
     return {(origin, media_id) for origin, media_id, *_ in refs_of_rows(rows)}
 
 

@@ -38,7 +38,6 @@ from matrix_leave_forget._synapse.media import (
     media_deletion_lock,
     media_facts_txn,
     room_media_facts_txn,
-    stream_bounds_txn,
 )
 from matrix_leave_forget.audit.log import AuditFields, AuditLog
 from matrix_leave_forget.config import MEDIA_DELETE, RetentionConfig
@@ -47,6 +46,7 @@ from matrix_leave_forget.db.media import (
     KEPT_ENCRYPTED_ROOM,
     MEDIA_CANCELLED,
     MEDIA_DELETED,
+    MEDIA_DUE,
     MEDIA_KEPT,
     MediaRefStore,
     decide_room_media_txn,
@@ -126,30 +126,42 @@ def preview_txn(
     ``%s`` on a raw psycopg2 cursor).
 
     Returns:
-        ``encrypted``; ``index_ready`` (the index has read every event up to
-        now and finished its back-fill, so a reference from another room is in
-        the decisions; deletion waits for the same); ``media``: up to
+        ``encrypted``; ``index_ready`` (the index finished its back-fill,
+        read past the room's events and is at most a stretch behind the
+        head, the events past it read here: every reference of the room and
+        from elsewhere is in the decisions, as in the deletion's own check);
+        ``media``: up to
         PREVIEW_LIMIT decisions, each ``mxc``, ``decision`` (``due``: deleted
         after the grace, or ``kept``), ``reason`` and ``bytes``.
     """
-    encrypted, _max_stream, _rows = room_media_facts_txn(
+    encrypted, max_stream, _rows = room_media_facts_txn(
         txn, room_id, with_rows=False, paramstyle=paramstyle
     )
-    # Read before the decisions: an index that covers this head had every
-    # reference the decisions below could see.
-    _low, head = stream_bounds_txn(txn)
-    ready = index_covers(MediaRefStore.positions_txn(txn, paramstyle), head)
+    # Read before the decisions: the index has the room's own references once
+    # it read past the room's events; with the events past the index, it has
+    # every reference from elsewhere the decisions below could see (as
+    # MediaReaper's check before a deletion).
+    unindexed = unindexed_refs_txn(txn, paramstyle)
+    ready = unindexed is not None and index_covers(
+        MediaRefStore.positions_txn(txn, paramstyle), max_stream
+    )
     decisions = decide_room_media_txn(
         txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT, paramstyle
     )
-    return {
-        "encrypted": encrypted,
-        "index_ready": ready,
-        "media": [
-            {"mxc": f"mxc://{o}/{m}", "decision": s, "reason": r, "bytes": b}
-            for o, m, s, r, b in decisions
-        ],
-    }
+    media = []
+    for origin, media_id, decision, reason, size in decisions:
+        # Only once ready: before, the room's own newest events may be past the index.
+        if ready and decision == MEDIA_DUE and unindexed and (origin, media_id) in unindexed:
+            decision, reason = MEDIA_KEPT, REFERENCED
+        media.append(
+            {
+                "mxc": f"mxc://{origin}/{media_id}",
+                "decision": decision,
+                "reason": reason,
+                "bytes": size,
+            }
+        )
+    return {"encrypted": encrypted, "index_ready": ready, "media": media}
 
 
 class MediaReaper:
