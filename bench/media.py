@@ -696,6 +696,7 @@ def seed_events(sink: Sink, template_event: str, n: int, media_share: float) -> 
     js_cols, js_row = _template(sink, "event_json", template_event)
     start = int(sink.execute("SELECT MAX(stream_ordering) FROM events")[0][0]) + 1
     rng = random.Random(18)
+    auth_events = [_event_id(-1 - k) for k in range(3)]
     rooms = [
         f"!{hashlib.sha1(str(i).encode()).hexdigest()[:18]}:{SERVER_NAME}"
         for i in range(n // EVENTS_PER_SEEDED_ROOM + 1)
@@ -738,7 +739,7 @@ def seed_events(sink: Sink, template_event: str, n: int, media_share: float) -> 
             values["contains_url"] = bool(refs)
         ev_batch.append([values[c] for c in ev_cols])
         event = {
-            "auth_events": [_event_id(-1 - k) for k in range(3)],
+            "auth_events": auth_events,
             "content": content,
             "depth": depth,
             "hashes": {"sha256": _event_id(-10 - i)[1:]},
@@ -991,7 +992,11 @@ def report(data: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, ~2-3 minutes")
-    parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres", "both"),
+        help="default both (--quick: sqlite, to stay within a few minutes)",
+    )
     parser.add_argument("--parts", default="purge,send,index")
     parser.add_argument("--rooms", type=int, help="storm size (default 200, quick 20)")
     parser.add_argument("--per-room", type=int, help="rooms purged one at a time (default 5)")
@@ -1003,7 +1008,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="JSON file name under bench/results/")
     args = parser.parse_args(argv)
-    databases = ("sqlite", "postgres") if args.database == "both" else (args.database,)
+    database = args.database or ("sqlite" if args.quick else "both")
+    databases = ("sqlite", "postgres") if database == "both" else (database,)
     started = time.monotonic()
     info = machine()
     data = run_all(
