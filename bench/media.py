@@ -481,8 +481,14 @@ def seed_send(database: str, images: int) -> tuple[SynapseProcess, User, str, li
     return hs, user, room, contents
 
 
-def send_sides(seed_hs: SynapseProcess) -> dict[str, SynapseProcess]:
-    """The three servers, each on its own copy of the seeded database (stopped)."""
+def send_sides(seed_hs: SynapseProcess, aa: bool = False) -> dict[str, SynapseProcess]:
+    """The three servers, each on its own copy of the seeded database (stopped).
+
+    Args:
+        seed_hs: The seeded (stopped) Synapse.
+        aa: The A/A control: the ``index on`` server gets the index off too, so
+            that its ratio to ``index off`` shows how far two identical servers stray.
+    """
     seeded = Seeded(seed_hs, User("", "", ""), [], [], User("", "", ""), "")
     module = {**MODULE_BASE, "retention": SEND_RETENTION}
     index_off = {
@@ -492,7 +498,7 @@ def send_sides(seed_hs: SynapseProcess) -> dict[str, SynapseProcess]:
         ]
     }
     return {
-        "index on": copy_of(seeded, module, {}),
+        "index on": copy_of(seeded, module, index_off if aa else {}),
         "index off": copy_of(seeded, module, index_off),
         "native": copy_of(seeded, None, {}),
     }
@@ -522,10 +528,13 @@ class Sender:
             self.samples[kind].append(elapsed)
 
 
-def run_send(database: str, sends: int) -> dict[str, Any]:
-    """Alternate batches between the three servers; send p50/p95 per side and kind."""
+def run_send(database: str, sends: int, aa: bool = False) -> dict[str, Any]:
+    """Alternate batches between the three servers; send p50/p95 per side and kind.
+
+    ``aa``: the A/A control (:func:`send_sides`).
+    """
     seed_hs, user, room, images = seed_send(database, 20)
-    sides = send_sides(seed_hs)
+    sides = send_sides(seed_hs, aa)
     try:
         for hs in sides.values():
             hs.start(timeout=120)
@@ -562,7 +571,7 @@ def run_send(database: str, sends: int) -> dict[str, Any]:
             for name, hs in sides.items()
             if name != "native"
         }
-        out: dict[str, Any] = {"database": database, "sides": {}, "index_refs": refs}
+        out: dict[str, Any] = {"database": database, "aa": aa, "sides": {}, "index_refs": refs}
         for name, sender in senders.items():
             out["sides"][name] = {
                 kind: {
@@ -592,7 +601,7 @@ def send_report(results: Sequence[dict[str, Any]]) -> str:
             on, off, native = (sides[s][kind] for s in ("index on", "index off", "native"))
             rows.append(
                 [
-                    r["database"],
+                    r["database"] + (" A/A: on = off" if r.get("aa") else ""),
                     kind,
                     on["n"],
                     f"{on['p50_ms']:.2f} / {on['p95_ms']:.2f}",
@@ -948,6 +957,7 @@ def run_all(
     events: int | None = None,
     media_share: float = 0.15,
     live: bool = False,
+    aa: bool = False,
 ) -> dict[str, Any]:
     """Every part on every engine; the results by part."""
     out: dict[str, Any] = {"grace_s": GRACE_S, "period_s": PERIOD_S}
@@ -958,7 +968,7 @@ def run_all(
                 db, rooms or (20 if quick else 200), per_room or (2 if quick else 5), live
             ),
         ),
-        ("send", lambda db: run_send(db, sends or (160 if quick else 1500))),
+        ("send", lambda db: run_send(db, sends or (160 if quick else 1500), aa)),
         ("index", lambda db: run_index(db, events or (2 * 10**4 if quick else 10**6), media_share)),
     ]
     for part, step in steps:
@@ -1006,6 +1016,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--live", action="store_true", help="a live user sends every 200 ms during the storm"
     )
+    parser.add_argument(
+        "--aa",
+        action="store_true",
+        help="send's A/A control: the 'index on' server runs with the index off too",
+    )
     parser.add_argument("--out", help="JSON file name under bench/results/")
     args = parser.parse_args(argv)
     database = args.database or ("sqlite" if args.quick else "both")
@@ -1022,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.events,
         args.media_share,
         args.live,
+        args.aa,
     )
     data["machine"] = info
     data["load_average_at_end"] = os.getloadavg()
