@@ -27,7 +27,7 @@ Usage::
 
     python bench/media.py [--quick] [--database sqlite|postgres|both]
         [--parts purge,send,index] [--rooms 200] [--per-room 5]
-        [--sends 1500] [--events 1000000] [--media-share 0.15] [--live]
+        [--sends 1500] [--events 1000000] [--media-share 0.15] [--live] [--aa]
 """
 
 from __future__ import annotations
