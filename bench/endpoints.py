@@ -308,7 +308,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             lines.append(f"\nDB transactions per {action} request (Synapse's own counters)\n")
             lines.append(table(["c", "side", "transaction", "per request", "mean ms"], txn_rows))
         lines.append(
-            f"\nseal_entry (canonical JSON + SHA-256 + ed25519) in process: {res['in_process']['seal_entry_us']} µs"
+            "\nseal_entry (canonical JSON + SHA-256 + ed25519) in process: "
+            f"{res['in_process']['seal_entry_us']} µs"
         )
     return "\n".join(lines)
 

@@ -75,7 +75,9 @@ def space(hs: SynapseProcess, live_room: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for table_name in ("events", "event_json", "state_groups_state", "rooms"):
         out[table_name] = int(
-            rawdb.query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[0][0]
+            rawdb.query(hs, f"SELECT COUNT(*) FROM {table_name} WHERE room_id != ?", (live_room,))[
+                0
+            ][0]
         )
     if hs.pg_database is None:
         path = os.path.join(hs.workdir, "homeserver.db")

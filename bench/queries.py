@@ -54,7 +54,11 @@ def _busy_count(hs: SynapseProcess) -> float:
 
 
 def wait_quiet(hs: SynapseProcess, timeout: float = 600.0) -> float:
-    """Wait until the module's start-up work (and any background update) is done; returns seconds."""
+    """Wait until the module's start-up work (and any background update) is done.
+
+    Returns:
+        The seconds waited.
+    """
     started = time.monotonic()
     last = _busy_count(hs)
     quiet_since = time.monotonic()
@@ -203,7 +207,8 @@ def run(
             info["seed_memberships_s"] = round(time.monotonic() - started, 1)
             sinks.append((sink, n))
             log(
-                f"{db} {n}: {info['local_current_membership_rows']} memberships, {info['leave_forget_rooms_rows']} retention rows"
+                f"{db} {n}: {info['local_current_membership_rows']} memberships, "
+                f"{info['leave_forget_rooms_rows']} retention rows"
             )
         largest_rooms, largest_users = layout(max(sizes))
         log(f"sealing and writing {max(sizes)} audit entries")
@@ -289,14 +294,16 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             + [""]
         )
         out.append(
-            f"\nOperator queries — {db} (median over runs; HTTP round trip, and the module's DB transaction time)\n"
+            f"\nOperator queries — {db} (median over runs; HTTP round trip, "
+            "and the module's DB transaction time)\n"
         )
         out.append(table(header, rows))
         out.append(
             "\nseeded: "
             + "; ".join(
                 f"{r['size']:.0e}: {r['seed']['local_current_membership_rows']} memberships, "
-                f"{r['seed']['rooms']} rooms, {r['seed']['leave_forget_rooms_rows']} retention rows, "
+                f"{r['seed']['rooms']} rooms, "
+                f"{r['seed']['leave_forget_rooms_rows']} retention rows, "
                 f"{r['seed']['holds']} holds, {r['seed']['audit_rows']} audit entries"
                 for r in rows_db
             )

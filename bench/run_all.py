@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import endpoints, purge_storm, queries, reads, sweep  # noqa: E402
+from bench import endpoints, media, purge_storm, queries, reads, sweep  # noqa: E402
 from bench.common import RESULTS_DIR, log, machine, write_json  # noqa: E402
 
 
@@ -28,11 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument(
-        "--only", choices=("endpoints", "queries", "sweep", "purge_storm", "reads"), action="append"
+        "--only",
+        choices=("endpoints", "queries", "sweep", "purge_storm", "reads", "media"),
+        action="append",
     )
     args = parser.parse_args(argv)
     dbs = ("sqlite", "postgres") if args.database == "both" else (args.database,)
-    only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm", "reads"))
+    only = set(args.only or ("endpoints", "queries", "sweep", "purge_storm", "reads", "media"))
     started = time.monotonic()
     report: list[str] = []
     data: dict[str, Any] = {"machine": machine(), "quick": args.quick}
@@ -64,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         data["purge_storm"] = results
         report.append("## Purge storm: native vs module\n" + purge_storm.report(results))
+    if "media" in only:
+        # Quick: SQLite only, as for the other HTTP benchmarks.
+        md_dbs = ("sqlite",) if args.quick and args.database == "both" else dbs
+        results = media.run_all(md_dbs, args.quick)
+        data["media"] = results
+        report.append("## Media deletion and the reference index\n" + media.report(results))
     data["seconds"] = round(time.monotonic() - started)
     name = "run_all-quick" if args.quick else "run_all"
     path = write_json(f"{name}.json", data)

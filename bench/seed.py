@@ -103,10 +103,8 @@ class Sink:
             buf.seek(0)
             cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", buf)
         else:
-            cur.executemany(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-                rows,
-            )
+            marks = ", ".join("?" for _ in columns)
+            cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cur = self.conn.cursor()

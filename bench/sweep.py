@@ -139,7 +139,8 @@ def run(database: str, n: int, max_passes: int) -> dict[str, Any]:
                 seconds * (seeded["due"] - seeded["held"]) / decided, 1
             )
         log(
-            f"{database} {n}: {decided} decisions in {seconds:.2f}s over {len(passes)} pass(es); verify {verify}"
+            f"{database} {n}: {decided} decisions in {seconds:.2f}s over "
+            f"{len(passes)} pass(es); verify {verify}"
         )
         return result
     finally:
@@ -190,7 +191,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             keys = sorted({k for s in stats for k in s})
             agg = {k: round(sum(s.get(k, 0) for s in stats), 1) for k in keys}
             out.append(
-                f"\n{r['database']}: where the sweep's time went (ms, summed over passes): {json.dumps(agg, sort_keys=True)}"
+                f"\n{r['database']}: where the sweep's time went (ms, summed over passes): "
+                f"{json.dumps(agg, sort_keys=True)}"
             )
     return "\n".join(out)
 

@@ -46,8 +46,8 @@ from matrix_leave_forget.audit.entry import (  # noqa: E402
     verify_keys_from_signing_key,
 )
 from matrix_leave_forget.audit.log import STORED_COLUMNS  # noqa: E402
-from matrix_leave_forget.cli.verify import verify_database  # noqa: E402
 from matrix_leave_forget.cli.database import Database  # noqa: E402
+from matrix_leave_forget.cli.verify import verify_database  # noqa: E402
 from matrix_leave_forget.db.schema import MIGRATIONS  # noqa: E402
 
 ORIGIN = "test.local"
