@@ -27,6 +27,7 @@ from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.checkpoint import Checkpointer
 from matrix_leave_forget.audit.erasure import TextEraser
 from matrix_leave_forget.config import (
+    MEDIA_DELETE,
     MOUNT_INTERCEPT,
     LeaveForgetConfig,
     describe_config,
@@ -161,7 +162,9 @@ class LeaveForgetModule:
                 self._ready.wait,
                 sweeper=self.sweeper,
                 abandoned_check=why_not_abandoned_many_txn,
-                media_index=self.media_index,
+                # The index runs only where media is deleted (dry runs too:
+                # they show what would be): nothing else reads it.
+                media_index=(self.media_index if config.retention.media == MEDIA_DELETE else None),
                 media_reaper=self.media_reaper,
             ),
         )
@@ -229,9 +232,12 @@ class LeaveForgetModule:
                 self.eraser.run, _ERASE_INTERVAL_MS, desc="leave_forget_erase_text"
             )
             await self.eraser.run()
-            self._api.looping_background_call(
-                self.media_index.tick, MEDIA_INDEX_INTERVAL_MS, desc="leave_forget_media_index"
-            )
+            if self._config.retention.media == MEDIA_DELETE:
+                self._api.looping_background_call(
+                    self.media_index.tick,
+                    MEDIA_INDEX_INTERVAL_MS,
+                    desc="leave_forget_media_index",
+                )
             self._api.looping_background_call(
                 self.media_reaper.tick, MEDIA_REAPER_INTERVAL_MS, desc="leave_forget_media_reaper"
             )

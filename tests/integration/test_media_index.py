@@ -17,7 +17,11 @@ class MediaIndexTest(RetentionHelpers):
     """References land in the index live, and an emptied index is back-filled."""
 
     MODE = "intercept"
-    MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET}
+    # The index runs where media is deleted: a period long enough that nothing is.
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {"period": "1h", "media": "delete"},
+    }
 
     def send(self, user: Any, room_id: str, event_type: str, content: dict[str, Any]) -> str:
         txn = os.urandom(8).hex()
@@ -132,3 +136,25 @@ class MediaIndexTest(RetentionHelpers):
             lambda: (s := self.status())["backfill_done"] and s, what="back-fill done again"
         )
         self.assertGreaterEqual(status["backfill_target"], 1)
+
+
+class MediaIndexOffTest(RetentionHelpers):
+    """With ``retention.media: keep`` nothing reads the index, so it does not run."""
+
+    MODE = "intercept"
+    MODULE_CONFIG = {
+        "forget_rate_limit": RELAXED_FORGET,
+        "retention": {"period": "1h", "media": "keep"},
+    }
+
+    def test_no_index_when_media_is_kept(self) -> None:
+        """``media_index`` is null in ``GET …/admin/retention`` (it is an object,
+        nulls inside, wherever the index runs) and no index position is stored."""
+        body = self.admin_ok("GET", "/retention")
+        self.assertIsNone(body["media_index"])
+        rows = rawdb.query(
+            self.hs,
+            "SELECT name FROM leave_forget_stream_positions WHERE name LIKE 'media%'",
+            (),
+        )
+        self.assertEqual(rows, [])
