@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attr
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
@@ -64,7 +66,15 @@ from bench.common import (  # noqa: E402
     table,
     write_json,
 )
-from bench.purge_storm import PERIOD_S, Conn, LiveUser, Seeded, copy_of, seed_room  # noqa: E402
+from bench.purge_storm import (  # noqa: E402
+    PERIOD_S,
+    Conn,
+    LiveUser,
+    Seeded,
+    copy_of,
+    seed_room,
+    seed_with,
+)
 from bench.seed import Sink, fresh_synapse  # noqa: E402
 from tests.support import rawdb  # noqa: E402
 
@@ -181,22 +191,8 @@ def seed_media_room(args: tuple[SynapseProcess, User, int]) -> tuple[str, list[s
 
 def seed_media_rooms(database: str, n: int) -> tuple[Seeded, dict[str, list[str]]]:
     """A stopped Synapse with n rooms carrying media; each side runs on a copy."""
-    hs = SynapseProcess(MODULE_BASE, {}, database=database)
-    hs.start(timeout=120)
-    try:
-        admin = hs.register("admin", admin=True)
-        owners = [hs.register(f"owner{i}") for i in range(min(8, n))]
-        started = time.monotonic()
-        seeded = parallel(seed_media_room, [(hs, owners[i % len(owners)], i) for i in range(n)], 4)
-        log(f"{database}: seeded {n} rooms with media in {time.monotonic() - started:.0f}s")
-        live_user = hs.register("live")
-        live_room = hs.create_room(live_user)
-        hs.stop()
-    except BaseException:
-        hs.cleanup()
-        raise
-    rooms = [room for room, _ in seeded]
-    return Seeded(hs, admin, owners, rooms, live_user, live_room), dict(seeded)
+    made, seeded = seed_with(database, n, seed_media_room, MODULE_BASE)
+    return attr.evolve(made, rooms=[room for room, _ in seeded]), dict(seeded)
 
 
 def _count_in(hs: SynapseProcess, sql: str, values: Sequence[str]) -> int:

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
@@ -226,13 +226,25 @@ class Seeded:
 
 def seed(database: str, n: int) -> Seeded:
     """Create the rooms once per (database, N); each side runs on a copy."""
-    hs = SynapseProcess({"mount": "listener", "forget_rate_limit": None}, {}, database=database)
+    module = {"mount": "listener", "forget_rate_limit": None}
+    seeded, rooms = seed_with(database, n, seed_room, module)
+    return attr.evolve(seeded, rooms=rooms)
+
+
+def seed_with(
+    database: str, n: int, seeder: Callable[..., Any], module_config: dict[str, Any]
+) -> tuple[Seeded, list[Any]]:
+    """A stopped Synapse with n rooms made by ``seeder(hs, owner, i)``, and what it returned.
+
+    The Seeded's ``rooms`` is empty: what a room is depends on the seeder.
+    """
+    hs = SynapseProcess(module_config, {}, database=database)
     hs.start(timeout=120)
     try:
         admin = hs.register("admin", admin=True)
         owners = [hs.register(f"owner{i}") for i in range(min(8, n))]
         started = time.monotonic()
-        rooms = parallel(seed_room, [(hs, owners[i % len(owners)], i) for i in range(n)], 4)
+        made = parallel(seeder, [(hs, owners[i % len(owners)], i) for i in range(n)], 4)
         log(f"{database} N={n}: seeded {n} rooms in {time.monotonic() - started:.0f}s")
         live_user = hs.register("live")
         live_room = hs.create_room(live_user)
@@ -240,7 +252,7 @@ def seed(database: str, n: int) -> Seeded:
     except BaseException:
         hs.cleanup()
         raise
-    return Seeded(hs, admin, owners, rooms, live_user, live_room)
+    return Seeded(hs, admin, owners, [], live_user, live_room), made
 
 
 def copy_of(
