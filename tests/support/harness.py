@@ -253,7 +253,7 @@ def create_pg_database(template: str = "template0") -> str:
 
 # Bumped when what synapse_pg_template makes changes, so that a cluster's old
 # templates are not used.
-PG_TEMPLATE_FORMAT = 1
+PG_TEMPLATE_FORMAT = 2
 
 
 def synapse_pg_template() -> str:
@@ -263,9 +263,12 @@ def synapse_pg_template() -> str:
     second (0.9 CPU-s of PostgreSQL's, some of Synapse's); copying a database
     that has it (``CREATE DATABASE ... TEMPLATE``) a fraction of that. The
     template is made once per Synapse version in the cluster, by a Synapse
-    without the module that starts on an empty database and stops; a copy is
-    then what that Synapse would find on a restart. The module's own tables
-    are not in it: each test server creates them as on a first start.
+    without the module that starts on an empty database, runs its background
+    updates to the end and stops; a copy is then what that Synapse would find
+    on a restart. Settled, because a background update that alters a table
+    while a test's requests run can deadlock with them (PostgreSQL picks one
+    to fail, and Synapse logs it). The module's own tables are not in it:
+    each test server creates them as on a first start.
     """
     version = importlib.metadata.version("matrix-synapse")
     key = hashlib.sha256(f"{PG_TEMPLATE_FORMAT}:{version}".encode()).hexdigest()[:12]
@@ -280,9 +283,19 @@ def synapse_pg_template() -> str:
             if cur.fetchone() is None:
                 build = create_pg_database()
                 try:
-                    hs = SynapseProcess(None, database="postgres", pg_database=build)
+                    hs = SynapseProcess(
+                        None,
+                        {"background_updates": {"min_batch_size": 10000, "sleep_enabled": False}},
+                        database="postgres",
+                        pg_database=build,
+                    )
                     try:
                         hs.start()
+                        wait_until(
+                            lambda: _background_updates_done(build),
+                            120,
+                            "Synapse's background updates on the template",
+                        )
                     finally:
                         hs.pg_database = None  # kept: it becomes the template
                         hs.cleanup()
@@ -297,6 +310,16 @@ def synapse_pg_template() -> str:
     finally:
         conn.close()
     return name
+
+
+def _background_updates_done(dbname: str) -> bool:
+    conn = pg_connection(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM background_updates")
+            return bool(cur.fetchone()[0] == 0)
+    finally:
+        conn.close()
 
 
 def _renamed(cur: Any, old: str, new: str) -> bool:
