@@ -87,6 +87,9 @@ class LeaveForgetModule:
         # What the rooms' events reference, and purged rooms' media deleted
         # (docs/retention.md "Media").
         self.media_index = MediaIndexer(api, MediaRefStore(api))
+        # The index runs only where media is deleted (dry runs too: they show
+        # what would be): nothing else reads it.
+        self._indexing_media = config.retention.media == MEDIA_DELETE
         self.media_reaper = MediaReaper(api, config.retention, self.media_index, self.store.audit)
         self.sweeper = RetentionSweeper(api, config.retention, self.store, self.media_reaper)
         # Every route of leave and forget, not only the module's endpoints
@@ -162,9 +165,7 @@ class LeaveForgetModule:
                 self._ready.wait,
                 sweeper=self.sweeper,
                 abandoned_check=why_not_abandoned_many_txn,
-                # The index runs only where media is deleted (dry runs too:
-                # they show what would be): nothing else reads it.
-                media_index=(self.media_index if config.retention.media == MEDIA_DELETE else None),
+                media_index=self.media_index if self._indexing_media else None,
                 media_reaper=self.media_reaper,
             ),
         )
@@ -232,7 +233,7 @@ class LeaveForgetModule:
                 self.eraser.run, _ERASE_INTERVAL_MS, desc="leave_forget_erase_text"
             )
             await self.eraser.run()
-            if self._config.retention.media == MEDIA_DELETE:
+            if self._indexing_media:
                 self._api.looping_background_call(
                     self.media_index.tick,
                     MEDIA_INDEX_INTERVAL_MS,

@@ -63,7 +63,9 @@ def index_covers(positions: dict[str, int], stream_ordering: int) -> bool:
 
 
 def unindexed_refs_txn(
-    txn: LoggingTransaction, paramstyle: str = "?"
+    txn: LoggingTransaction,
+    paramstyle: str = "?",
+    positions: dict[str, int] | None = None,
 ) -> set[tuple[str, str]] | None:
     """The media that events not yet in the index reference, read now; None if too many.
 
@@ -75,8 +77,13 @@ def unindexed_refs_txn(
     while the index is more than one stretch behind (it is catching up: the
     caller waits for it). Shared with the CLI (``paramstyle``: ``%s`` on a raw
     psycopg2 cursor).
+
+    Args:
+        positions: The index's positions, if the caller read them already in
+            this transaction.
     """
-    positions = MediaRefStore.positions_txn(txn, paramstyle)
+    if positions is None:
+        positions = MediaRefStore.positions_txn(txn, paramstyle)
     forward = positions.get(STREAM_MEDIA_FORWARD)
     if forward is None or forward < positions[STREAM_MEDIA_TARGET]:
         return None

@@ -141,17 +141,16 @@ def preview_txn(
     # it read past the room's events; with the events past the index, it has
     # every reference from elsewhere the decisions below could see (as
     # MediaReaper's check before a deletion).
-    unindexed = unindexed_refs_txn(txn, paramstyle)
-    ready = unindexed is not None and index_covers(
-        MediaRefStore.positions_txn(txn, paramstyle), max_stream
-    )
+    positions = MediaRefStore.positions_txn(txn, paramstyle)
+    unindexed = unindexed_refs_txn(txn, paramstyle, positions)
+    ready = unindexed is not None and index_covers(positions, max_stream)
     decisions = decide_room_media_txn(
         txn, room_id, encrypted, server_name, media_facts_txn, PREVIEW_LIMIT, paramstyle
     )
     media = []
     for origin, media_id, decision, reason, size in decisions:
         # Only once ready: before, the room's own newest events may be past the index.
-        if ready and decision == MEDIA_DUE and unindexed and (origin, media_id) in unindexed:
+        if ready and decision == MEDIA_DUE and (origin, media_id) in (unindexed or ()):
             decision, reason = MEDIA_KEPT, REFERENCED
         media.append(
             {

@@ -76,8 +76,6 @@ LAZY_FILTER = {
     }
 }
 
-# Synapse runs a fresh database's background updates without its usual pauses.
-FAST_BACKGROUND_UPDATES = {"background_updates": {"sleep_enabled": False}}
 
 _txn = itertools.count(1)
 

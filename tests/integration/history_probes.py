@@ -21,7 +21,6 @@ import attr
 
 from tests.integration.history import (
     BIG_LIMIT,
-    FAST_BACKGROUND_UPDATES,
     INCLUDE_LEAVE,
     KINDS,
     LABEL,
@@ -36,7 +35,13 @@ from tests.integration.history import (
     c_path,
     qs,
 )
-from tests.support.harness import Response, SynapseProcess, User, quote_room
+from tests.support.harness import (
+    FAST_BACKGROUND_UPDATES,
+    Response,
+    SynapseProcess,
+    User,
+    quote_room,
+)
 
 
 @attr.s(auto_attribs=True, frozen=True)

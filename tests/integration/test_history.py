@@ -45,7 +45,6 @@ from typing import Any, ClassVar
 
 from tests.integration.base import SynapseTestCase
 from tests.integration.history import (
-    FAST_BACKGROUND_UPDATES,
     INCLUDE_LEAVE,
     VISIBILITIES,
     Member,
@@ -61,7 +60,7 @@ from tests.integration.history_probes import (
     read,
     sync_outcome,
 )
-from tests.support.harness import SynapseProcess, User
+from tests.support.harness import FAST_BACKGROUND_UPDATES, SynapseProcess, User
 
 _cache_users = itertools.count(1)
 

@@ -20,11 +20,11 @@ from tests.integration.guard_scenes import (
     q,
 )
 from tests.spellings import spellings
-from tests.support.harness import User, quote_room, wait_until
+from tests.support.harness import FAST_BACKGROUND_UPDATES, User, quote_room, wait_until
 
 SLIDING_CONFIG: dict[str, Any] = {
     **BASE_CONFIG,
-    "background_updates": {"sleep_enabled": False, "min_batch_size": 10000},
+    **FAST_BACKGROUND_UPDATES,
 }
 # Module, class and the methods to try, of every servlet the guard holds back.
 GUARDED = {

@@ -21,7 +21,7 @@ from tests.integration.guard_scenes import (
     names,
     q,
 )
-from tests.support.harness import User, request, wait_until
+from tests.support.harness import FAST_BACKGROUND_UPDATES, User, request, wait_until
 
 
 class AfterLeaveTests(HistoryGuardTestCase):
@@ -212,7 +212,7 @@ class SyncTests(HistoryGuardTestCase):
     # Synapse's own default: the same /sync answered from its cache for 2 minutes.
     EXTRA_CONFIG: ClassVar[dict[str, Any]] = {
         **BASE_CONFIG,
-        "background_updates": {"sleep_enabled": False, "min_batch_size": 10000},
+        **FAST_BACKGROUND_UPDATES,
     }
 
     def sync(self, user: User, since: str | None = None, include_leave: bool = False) -> Any:

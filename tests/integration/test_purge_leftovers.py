@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from tests.integration.retention_helpers import FAST_RETENTION, RELAXED_FORGET, RetentionHelpers
 from tests.support import rawdb
-from tests.support.harness import quote_room, run_cli, wait_until
+from tests.support.harness import FAST_BACKGROUND_UPDATES, quote_room, run_cli, wait_until
 
 # Unique texts, one per kind of content.
 TEXTS = {
@@ -71,7 +71,7 @@ class PurgeLeftoversTest(RetentionHelpers):
     MODULE_CONFIG = {"forget_rate_limit": RELAXED_FORGET, "retention": FAST_RETENTION}
     # The scan waits for Synapse's background updates: without their pauses
     # they finish in seconds instead of a minute.
-    EXTRA_CONFIG = {"background_updates": {"sleep_enabled": False, "min_batch_size": 10000}}
+    EXTRA_CONFIG = FAST_BACKGROUND_UPDATES
     room_id: ClassVar[str]
 
     def send(self, user: Any, room_id: str, event_type: str, content: dict[str, Any]) -> str:

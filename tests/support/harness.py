@@ -255,6 +255,15 @@ def create_pg_database(template: str = "template0") -> str:
 # templates are not used.
 PG_TEMPLATE_FORMAT = 2
 
+# Synapse runs its background updates without its usual pauses, in large
+# batches: a fresh database's finish in seconds instead of a minute.
+FAST_BACKGROUND_UPDATES: dict[str, Any] = {
+    "background_updates": {"sleep_enabled": False, "min_batch_size": 10000}
+}
+
+# The template's name, once this process has found it made.
+_pg_template: str | None = None
+
 
 def synapse_pg_template() -> str:
     """A database holding the schema a fresh Synapse creates, for test servers to copy.
@@ -270,6 +279,9 @@ def synapse_pg_template() -> str:
     to fail, and Synapse logs it). The module's own tables are not in it:
     each test server creates them as on a first start.
     """
+    global _pg_template
+    if _pg_template is not None:
+        return _pg_template
     version = importlib.metadata.version("matrix-synapse")
     key = hashlib.sha256(f"{PG_TEMPLATE_FORMAT}:{version}".encode()).hexdigest()[:12]
     name = "mlf_template_" + key
@@ -285,7 +297,7 @@ def synapse_pg_template() -> str:
                 try:
                     hs = SynapseProcess(
                         None,
-                        {"background_updates": {"min_batch_size": 10000, "sleep_enabled": False}},
+                        FAST_BACKGROUND_UPDATES,
                         database="postgres",
                         pg_database=build,
                     )
@@ -309,6 +321,7 @@ def synapse_pg_template() -> str:
                     raise
     finally:
         conn.close()
+    _pg_template = name
     return name
 
 
