@@ -23,6 +23,7 @@ from matrix_leave_forget._synapse.contexts import (
 from matrix_leave_forget._synapse.history import HistoryInternals
 from matrix_leave_forget._synapse.internals import SynapseInternals
 from matrix_leave_forget._synapse.new_events import observe_new_events
+from matrix_leave_forget._synapse.persist_hook import observe_persist_txn
 from matrix_leave_forget._synapse.routes import SynapseRoutes
 from matrix_leave_forget.audit.checkpoint import Checkpointer
 from matrix_leave_forget.audit.erasure import TextEraser
@@ -84,6 +85,10 @@ class LeaveForgetModule:
         )
         self._routes = SynapseRoutes(api)
         self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
+        # On SQLite a served leave's entry commits with its event, in the
+        # transaction that persists it (_synapse/persist_hook.py).
+        if observe_persist_txn(api, self.handler.record_in_persist_txn):
+            logger.info("Leaves served here are recorded in the transactions of their events")
         # What the rooms' events reference, and purged rooms' media deleted
         # (docs/retention.md "Media").
         self.media_index = MediaIndexer(api, MediaRefStore(api))

@@ -8,10 +8,11 @@ retention store.
 """
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attr
-from synapse.module_api import ModuleApi, Requester
+from synapse.module_api import LoggingTransaction, ModuleApi, Requester
 from synapse.module_api.errors import Codes, SynapseError
 
 from matrix_leave_forget import metrics
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     from matrix_leave_forget._synapse.internals import SynapseInternals
 
 logger = logging.getLogger(__name__)
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _ServedLeave:
+    """A leave this process's endpoint is serving."""
+
+    requester: Requester
+    reason: str | None
+    # The leave event whose entry was written with it (record_in_persist_txn),
+    # set once that transaction committed.
+    recorded_event_id: str | None = None
 
 
 class MembershipHandler:
@@ -57,9 +69,9 @@ class MembershipHandler:
         self._internals = internals
         self._store = store
         self._routes = routes
-        # (user_id, room_id) of leaves this process's endpoint is serving: it
+        # (user_id, room_id) -> leaves this process's endpoint is serving: it
         # records them itself, with the device.
-        self._serving: dict[tuple[str, str], int] = {}
+        self._serving: dict[tuple[str, str], list[_ServedLeave]] = {}
         limit = config.forget_rate_limit
         self._forget_limiter = (
             internals.new_ratelimiter(
@@ -103,29 +115,85 @@ class MembershipHandler:
         if extra_content:
             content = {**(content or {}), **extra_content}
         key = (requester.user.to_string(), room_id)
-        self._serving[key] = self._serving.get(key, 0) + 1
+        served = _ServedLeave(requester, reason)
+        self._serving.setdefault(key, []).append(served)
         try:
             try:
                 event_id = await self._internals.leave(requester, room_id, txn_id, content)
             except SynapseError as error:
                 await self._record_failure(requester, "leave", room_id, reason, error)
                 raise
-            await self._record(
-                requester,
-                AuditFields(
-                    action="leave",
-                    outcome="ok",
-                    room_id=room_id,
-                    reason=reason,
-                    event_id=event_id,
-                    via=VIA_API,
-                ),
-            )
+            if event_id is None or served.recorded_event_id != event_id:
+                await self._record(requester, _leave_fields(room_id, reason, event_id))
         finally:
-            self._serving[key] -= 1
+            self._serving[key].remove(served)
             if not self._serving[key]:
                 del self._serving[key]
         return event_id
+
+    def record_in_persist_txn(self, txn: LoggingTransaction, events: Sequence[Any]) -> None:
+        """Write the entries of served leaves in the transaction that persists their events.
+
+        Runs on Synapse's database thread, inside its transaction
+        (``_synapse.persist_hook``), once per batch of events: each leave this
+        process's endpoint is serving gets its entry (with the device, ``via
+        api``) in the same commit as its event. The endpoint then answers
+        without a record transaction of its own; any leave not written here
+        (its entry failed, or several requests served one user's leave of a
+        room at once) is recorded by the endpoint as before. Never raises:
+        Synapse's transaction is not to fail for the log's sake.
+        """
+        try:
+            claimed: list[tuple[_ServedLeave, Any]] = []
+            for event in events:
+                served = self._served_leave_of(event)
+                # One entry per request, should a batch hold two of its events.
+                if served is not None and not any(served is s for s, _ in claimed):
+                    claimed.append((served, event))
+            if not claimed:
+                return
+            # All the entries or none: a chain must not end on an unsigned
+            # entry of a group that was half written.
+            txn.execute("SAVEPOINT leave_forget_record")
+            try:
+                self._store.audit.lock_chain_txn(txn)
+                self._store.audit.append_many_txn(
+                    txn,
+                    [
+                        attr.evolve(
+                            _leave_fields(event.room_id, served.reason, event.event_id),
+                            user_id=served.requester.user.to_string(),
+                            device_id=served.requester.device_id,
+                        )
+                        for served, event in claimed
+                    ],
+                )
+            except Exception:
+                txn.execute("ROLLBACK TO SAVEPOINT leave_forget_record")
+                raise
+            finally:
+                txn.execute("RELEASE SAVEPOINT leave_forget_record")
+        except Exception:
+            logger.exception("Could not record leaves with their events; recording them apart")
+            return
+
+        def committed() -> None:
+            for served, event in claimed:
+                served.recorded_event_id = event.event_id
+
+        txn.call_after(committed)
+
+    def _served_leave_of(self, event: Any) -> _ServedLeave | None:
+        """The served leave an event is, if exactly one request is serving it."""
+        if event.type != "m.room.member" or event.state_key != event.sender:
+            return None
+        if event.content.get("membership") != "leave":
+            return None
+        # A copy: the reactor thread adds and removes served leaves meanwhile.
+        served = list(self._serving.get((event.sender, event.room_id)) or ())
+        if len(served) != 1 or served[0].recorded_event_id is not None:
+            return None
+        return served[0]
 
     async def forget(self, requester: Requester, room_id: str) -> None:
         """Forget room_id for the requester, who must have left it (or been kicked or banned).
@@ -261,6 +329,17 @@ class MembershipHandler:
                 suppressed=suppressed or None,
             ),
         )
+
+
+def _leave_fields(room_id: str, reason: str | None, event_id: str | None) -> AuditFields:
+    return AuditFields(
+        action="leave",
+        outcome="ok",
+        room_id=room_id,
+        reason=reason,
+        event_id=event_id,
+        via=VIA_API,
+    )
 
 
 def client_errcode(error: SynapseError) -> str:

@@ -31,6 +31,10 @@ from tests.support.harness import (
     wait_until,
 )
 
+_TRANSACTIONS = re.compile(
+    r'^synapse_storage_transaction_time_count(?:_total)?\{desc="([^"]+)"[^}]*\} (\S+)$', re.M
+)
+
 
 class ClientRouteTests(RouteHelpers):
     """Departures through Synapse's own client API."""
@@ -132,6 +136,31 @@ class ClientRouteTests(RouteHelpers):
         entry = self.one_entry(bob, room_id, "leave")
         self.assertEqual((entry["via"], entry["event_id"]), ("api", event_id))
         self.assertEqual(entry["device_id"], bob.device_id)
+
+    def test_module_leave_commits_with_its_event_on_sqlite(self) -> None:
+        """On SQLite a leave served by the module is written in the transaction
+        that persists its event (no record transaction of its own) and commits
+        with it; on PostgreSQL it is a record transaction after the event."""
+        room_id, (_alice, bob) = self.joined_room(2)
+        before = self.transaction_counts()
+        self.leave(bob, room_id, reason="with its event")
+        after = self.transaction_counts()
+        entry = self.one_entry(bob, room_id, "leave")
+        self.assertEqual(
+            (entry["via"], entry["device_id"], entry["reason"]),
+            ("api", bob.device_id, "with its event"),
+        )
+        self.assertEqual(entry["event_id"], self.current_event_id(room_id, bob))
+        records = after.get("leave_forget_record", 0) - before.get("leave_forget_record", 0)
+        self.assertGreaterEqual(after["persist_events"] - before["persist_events"], 1)
+        self.assertEqual(records, 0 if self.hs.database == "sqlite" else 1)
+
+    def transaction_counts(self) -> dict[str, float]:
+        """Synapse's count of transactions per description, from its metrics."""
+        counts: dict[str, float] = {}
+        for desc, value in _TRANSACTIONS.findall(self.hs.metrics()):
+            counts[desc] = counts.get(desc, 0.0) + float(value)
+        return counts
 
 
 class AccountAndAdminRouteTests(RouteHelpers):
