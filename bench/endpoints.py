@@ -52,7 +52,7 @@ from bench.common import (  # noqa: E402
 # Requests per side (module, native) at each concurrency, and the batch size.
 PLANS = {
     "quick": {1: (40, 10), 8: (64, 32), 32: (128, 64)},
-    "full": {1: (200, 25), 8: (384, 48), 32: (768, 128)},
+    "full": {1: (1000, 25), 8: (384, 48), 32: (768, 128)},
 }
 WARMUP = 16  # requests per side before measuring, per operation
 
