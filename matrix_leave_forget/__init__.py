@@ -85,8 +85,8 @@ class LeaveForgetModule:
         )
         self._routes = SynapseRoutes(api)
         self.handler = MembershipHandler(api, config, self._internals, self.store, self._routes)
-        # On SQLite a served leave's entry commits with its event, in the
-        # transaction that persists it (_synapse/persist_hook.py).
+        # A served leave's entry commits with its event, in the transaction
+        # that persists it (_synapse/persist_hook.py).
         if observe_persist_txn(api, self.handler.record_in_persist_txn):
             logger.info("Leaves served here are recorded in the transactions of their events")
         # What the rooms' events reference, and purged rooms' media deleted

@@ -18,7 +18,7 @@ from synapse.module_api.errors import Codes, SynapseError
 from matrix_leave_forget import metrics
 from matrix_leave_forget._synapse.forget import FORGET_REFUSED, SynapseForgets
 from matrix_leave_forget._synapse.routes import SynapseRoutes
-from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS
+from matrix_leave_forget._synapse.sql import LIVE_MEMBERSHIPS, is_postgres
 from matrix_leave_forget.audit.entry import VIA_API
 from matrix_leave_forget.audit.log import AuditFields
 from matrix_leave_forget.audit.refusals import RefusalBudget, refused_reason
@@ -142,7 +142,18 @@ class MembershipHandler:
         (its entry failed, or several requests served one user's leave of a
         room at once) is recorded by the endpoint as before. Never raises:
         Synapse's transaction is not to fail for the log's sake.
+
+        On PostgreSQL the chain's lock cannot be taken here (it must be a
+        transaction's first statement, so that the snapshot sees the head), so
+        this writes optimistically, and only while this process serves no
+        other leave: the head read may be stale if another writer appended
+        since the transaction began, and the entry's ``seq`` (the primary key)
+        then collides with that writer's; the savepoint undoes it and the
+        endpoint records the leave apart. The chain never forks.
         """
+        postgres = is_postgres(txn)
+        if postgres and len(self._serving) != 1:
+            return  # leaves overlap: the group commit shares their records
         try:
             claimed: list[tuple[_ServedLeave, Any]] = []
             for event in events:
@@ -156,7 +167,8 @@ class MembershipHandler:
             # entry of a group that was half written.
             txn.execute("SAVEPOINT leave_forget_record")
             try:
-                self._store.audit.lock_chain_txn(txn)
+                if not postgres:
+                    self._store.audit.lock_chain_txn(txn)
                 self._store.audit.append_many_txn(
                     txn,
                     [
@@ -173,6 +185,10 @@ class MembershipHandler:
                 raise
             finally:
                 txn.execute("RELEASE SAVEPOINT leave_forget_record")
+        except txn.database_engine.module.Error as error:
+            # On PostgreSQL, another writer appended first (see above).
+            logger.info("Leaves not recorded with their events (%s): recording them apart", error)
+            return
         except Exception:
             logger.exception("Could not record leaves with their events; recording them apart")
             return

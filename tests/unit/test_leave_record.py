@@ -1,7 +1,7 @@
 """A leave's entry written in the transaction that persists its event, in process (no Synapse).
 
 ``MembershipHandler.record_in_persist_txn`` runs inside Synapse's event-persisting
-transaction on SQLite (``_synapse/persist_hook.py``). These tests drive the handler
+transaction (``_synapse/persist_hook.py``); here on SQLite. These tests drive the handler
 with a stand-in for Synapse's leave that "persists" the event in a transaction on
 an in-memory database and calls the hook in it, then commits (running the
 after-commit callbacks) or rolls back. They prove which leaves are written with
@@ -251,3 +251,39 @@ class LeaveRecordTests(SynchronousTestCase):
         self.assertEqual([e["event_id"] for e in self.entries()], ["$alice", "$bob"])
         self.assertEqual(alice_served[0].recorded_event_id, "$alice")
         self.assert_chain_ok()
+
+    def test_stale_head_collides_and_is_recorded_apart(self) -> None:
+        """A head read from a stale snapshot (PostgreSQL, another writer appended
+        since the event's transaction began) makes the entry's seq collide with
+        that writer's: the savepoint undoes it, the leave is recorded apart, and
+        the chain does not fork."""
+        self.leave(ALICE, _Event("$alice", ROOM, ALICE, ALICE, "leave"))
+        (first,) = self.entries()
+        real_head = self.store.audit.read_head_txn
+        stale = (first["seq"] - 1, first["prev_hash"])
+
+        def stale_in_event_txn(txn: Any) -> tuple[int, str]:
+            return stale if isinstance(txn, _PersistTxn) else real_head(txn)
+
+        self.patch(self.store.audit, "read_head_txn", stale_in_event_txn)
+        self.leave(BOB, _Event("$bob", ROOM, BOB, BOB, "leave"))
+        self.assertEqual(self.appends, ["$bob"])
+        self.assertEqual([e["event_id"] for e in self.entries()], ["$alice", "$bob"])
+        self.assert_chain_ok()
+
+    def test_postgres_writes_only_a_lone_leave(self) -> None:
+        """On PostgreSQL the entry is written with its event only while this
+        process serves no other leave (the chain's lock cannot be taken in the
+        event's transaction); with two leaves in flight nothing is written."""
+
+        class _Psycopg:
+            __name__ = "psycopg2"
+            Error = Exception
+
+        txn = _PersistTxn(self.world)
+        txn.database_engine.module = _Psycopg()
+        self.handler._serving[(ALICE, ROOM)] = [_ServedLeave(requester(ALICE), None)]
+        self.handler._serving[(BOB, ROOM)] = [_ServedLeave(requester(BOB), None)]
+        leave = _Event("$bob", ROOM, BOB, BOB, "leave")
+        self.handler.record_in_persist_txn(txn, [leave])  # type: ignore[arg-type]
+        self.assertEqual((txn.statements, txn.after), ([], []))
