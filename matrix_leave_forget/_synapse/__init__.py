@@ -8,7 +8,7 @@ concern:
 * ``contexts``: logcontexts and background processes (who a callback runs for);
 * ``new_events``: every new event, observed outside its request's logcontext;
 * ``persist_hook``: rows written in the transaction that persists events (a
-  served leave's entry, on SQLite);
+  served leave's entry);
 * ``internals``: the handlers, HTTP plumbing, identity and tables a leave needs;
 * ``forget``: Synapse's forget rows and cache invalidations, and who still has a
   room (the "forgotten by all" rule), in our transactions;

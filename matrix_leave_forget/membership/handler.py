@@ -172,10 +172,9 @@ class MembershipHandler:
                 self._store.audit.append_many_txn(
                     txn,
                     [
-                        attr.evolve(
+                        _by_requester(
+                            served.requester,
                             _leave_fields(event.room_id, served.reason, event.event_id),
-                            user_id=served.requester.user.to_string(),
-                            device_id=served.requester.device_id,
                         )
                         for served, event in claimed
                     ],
@@ -301,11 +300,7 @@ class MembershipHandler:
         # A reason is kept whole (a successful action's is in its event
         # already); the store escapes what an engine cannot hold
         # (audit/entry.py escape_fields), a refusal's is cut by refused_reason.
-        fields = attr.evolve(
-            fields,
-            user_id=requester.user.to_string(),
-            device_id=requester.device_id,
-        )
+        fields = _by_requester(requester, fields)
         try:
             await self._store.audit.append(fields)
         except Exception:
@@ -345,6 +340,11 @@ class MembershipHandler:
                 suppressed=suppressed or None,
             ),
         )
+
+
+def _by_requester(requester: Requester, fields: AuditFields) -> AuditFields:
+    """fields as the requester's: their user id and the device they asked from."""
+    return attr.evolve(fields, user_id=requester.user.to_string(), device_id=requester.device_id)
 
 
 def _leave_fields(room_id: str, reason: str | None, event_id: str | None) -> AuditFields:

@@ -10,6 +10,7 @@ in-transaction write can fail still ends with exactly one entry, never half a
 group. tests/integration/test_audit_routes.py checks the same on a real Synapse.
 """
 
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ class _PersistTxn(Txn):
     """A transaction that keeps its after-commit callbacks, as Synapse's does."""
 
     def __init__(self, world: World) -> None:
-        super().__init__(world.conn.cursor(), __import__("sqlite3"))
+        super().__init__(world.conn.cursor(), sqlite3)
         self.after: list[Callable[[], None]] = []
 
     def call_after(self, fn: Callable[..., Any], *args: Any) -> None:
